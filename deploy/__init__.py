@@ -1,0 +1,1 @@
+"""Everything that runs kvrec: the local Kafka launcher, container, Kubernetes, runbook."""

@@ -1,0 +1,1 @@
+"""Pure machine learning: encoder, training, evaluation, export, retrieval. No Kafka here."""

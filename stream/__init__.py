@@ -1,0 +1,1 @@
+"""Kafka and the loops: the worker, the retrain side job, producers, schemas, the CLI."""
