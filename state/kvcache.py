@@ -1,0 +1,75 @@
+"""Per-user key/value caches in memory: least recently used first out, bounded by bytes.
+
+Entries are keyed by (user id, model version), so a model swap never mixes versions: the new
+version simply misses and refills from the user's stored window. Caches are never
+changelogged; they are rebuilt from the window on a miss (exactly, see `model.encoder`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+
+class Sized(Protocol):
+    def nbytes(self) -> int: ...
+
+
+EntryT = TypeVar("EntryT", bound=Sized)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class LruByteCache(Generic[EntryT]):
+    """An LRU map from (user id, model version) to entries whose `nbytes()` add up to a budget."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError("the key/value cache budget must be positive (bytes)")
+        self.max_bytes = max_bytes
+        self.bytes_used = 0
+        self.stats = CacheStats()
+        self._entries: OrderedDict[tuple[str, str], tuple[EntryT, int]] = OrderedDict()
+
+    def get(self, user_id: str, model_version: str) -> EntryT | None:
+        key = (user_id, model_version)
+        found = self._entries.get(key)
+        if found is None:
+            self.stats.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.stats.hits += 1
+        return found[0]
+
+    def put(self, user_id: str, model_version: str, entry: EntryT) -> None:
+        key = (user_id, model_version)
+        size = entry.nbytes()
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes_used -= old[1]
+        if size > self.max_bytes:
+            return  # larger than the whole budget: not cached
+        self._entries[key] = (entry, size)
+        self.bytes_used += size
+        while self.bytes_used > self.max_bytes:
+            _, (_, evicted_size) = self._entries.popitem(last=False)
+            self.bytes_used -= evicted_size
+            self.stats.evictions += 1
+
+    def discard(self, user_id: str, model_version: str) -> None:
+        old = self._entries.pop((user_id, model_version), None)
+        if old is not None:
+            self.bytes_used -= old[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes_used = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)

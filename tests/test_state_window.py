@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from state.kvcache import LruByteCache
+from state.store import PartitionStore
+from state.window import Window, WindowEvent
+
+
+def _event(i: int, item: str = "sku-1") -> WindowEvent:
+    return WindowEvent(f"{item}-{i}", event_type=1 + i % 4, ts=1_700_000_000_000 + i, offset=i)
+
+
+def test_window_keeps_last_capacity_events_and_round_trips() -> None:
+    window = Window(capacity=5)
+    for i in range(12):
+        assert window.apply(_event(i, item="é-ünïcode"))
+    assert [e.offset for e in window] == [7, 8, 9, 10, 11]
+    restored = Window.from_bytes(window.to_bytes(), capacity=5)
+    assert restored == window
+    assert restored.total_events == 12 and restored.last_offset == 11
+
+
+def test_window_ignores_replayed_offsets() -> None:
+    window = Window(capacity=10)
+    for i in range(4):
+        window.apply(_event(i))
+    assert not window.apply(_event(2))
+    assert not window.apply(_event(3))
+    assert window.apply(_event(4))
+    assert [e.offset for e in window] == [0, 1, 2, 3, 4]
+
+
+def test_window_read_with_smaller_capacity_keeps_newest() -> None:
+    window = Window(capacity=10)
+    for i in range(8):
+        window.apply(_event(i))
+    assert [e.offset for e in Window.from_bytes(window.to_bytes(), capacity=3)] == [5, 6, 7]
+
+
+def test_store_writes_windows_and_offset_atomically_and_persists(tmp_path: Path) -> None:
+    store = PartitionStore(tmp_path / "events-0")
+    assert store.changelog_offset() is None
+    store.write({"u1": b"one", "u2": b"two"}, changelog_offset=41)
+    store.write({"u1": b"uno"}, changelog_offset=42)
+    store.close()
+    reopened = PartitionStore(tmp_path / "events-0")
+    assert reopened.get("u1") == b"uno"
+    assert reopened.get("missing") is None
+    assert reopened.changelog_offset() == 42
+    assert dict(reopened.items()) == {"u1": b"uno", "u2": b"two"}
+    reopened.destroy()
+    assert not (tmp_path / "events-0").exists()
+
+
+class _Entry:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def nbytes(self) -> int:
+        return self.size
+
+
+def test_lru_cache_evicts_least_recent_by_bytes_and_keys_by_version() -> None:
+    cache: LruByteCache[_Entry] = LruByteCache(max_bytes=100)
+    cache.put("a", "v1", _Entry(40))
+    cache.put("b", "v1", _Entry(40))
+    assert cache.get("a", "v1") is not None  # a is now most recent
+    cache.put("c", "v1", _Entry(40))  # evicts b
+    assert cache.get("b", "v1") is None
+    assert cache.get("a", "v2") is None  # other model version never hits
+    assert cache.bytes_used == 80 and len(cache) == 2
+    assert cache.stats.evictions == 1 and cache.stats.hits == 1 and cache.stats.misses == 2
+    cache.put("huge", "v1", _Entry(1000))
+    assert cache.get("huge", "v1") is None and cache.bytes_used == 80
+    with pytest.raises(ValueError):
+        LruByteCache(0)
