@@ -1,0 +1,122 @@
+"""`kvrec worker`: load the model, build retrieval, start metrics, run the loop until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.artifact import load_artifact
+from model.backends import make_backend
+from model.errors import ConfigError
+from model.retrieval import Retriever
+from state.kvcache import LruByteCache
+from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics
+from stream.worker.inference import CacheEntry, Recommender
+from stream.worker.loop import Worker
+from stream.worker.metrics import HealthState, WorkerMetrics, serve
+from stream.worker.settings import WorkerSettings, add_worker_arguments
+
+log = logging.getLogger("kvrec.worker")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_kafka_arguments(parser)
+    add_worker_arguments(parser)
+    parser.add_argument("--log-level", default="INFO")
+
+
+def build_recommender(settings: WorkerSettings) -> Recommender:
+    """Load and verify the artifact (refused with a clear error if it fails its manifest)."""
+    artifact = load_artifact(settings.model)
+    onnx_path = settings.onnx
+    if settings.backend == "onnx-cpu" and onnx_path is None:
+        from model.export import export_step
+
+        onnx_path = settings.state_dir / f"step-{artifact.version}.onnx"
+        if not onnx_path.exists():
+            onnx_path.parent.mkdir(parents=True, exist_ok=True)
+            export_step(artifact.encoder, onnx_path)
+    backend = make_backend(settings.backend, artifact.encoder, onnx_path=onnx_path)
+    item_vectors = artifact.encoder.item_embeddings().detach().float().cpu().numpy()
+    retriever = Retriever(
+        np.ascontiguousarray(item_vectors),
+        kind=settings.retrieval,
+        approx_threshold=settings.approx_threshold,
+    )
+    log.info("retrieval: %s", retriever.build_report)
+    if settings.unavailable_items is not None:
+        ids = Path(settings.unavailable_items).read_text().split()
+        retriever.set_unavailable(artifact.item_index[i] for i in ids if i in artifact.item_index)
+    cache: LruByteCache[CacheEntry] = LruByteCache(settings.cache_bytes)
+    return Recommender(
+        artifact,
+        backend,
+        retriever,
+        cache,
+        k=settings.k,
+        exclude_seen=settings.exclude_seen,
+        because_count=settings.because,
+    )
+
+
+def resolve_window_capacity(settings: WorkerSettings, recommender: Recommender) -> WorkerSettings:
+    needed = recommender.artifact.config.history_needed
+    if settings.window_capacity and settings.window_capacity < needed:
+        raise ConfigError(
+            f"--window-capacity {settings.window_capacity} is below what exact cache refills "
+            f"need for this model (N*(W-1)+1 = {needed}); set 0 or at least {needed}"
+        )
+    from dataclasses import replace
+
+    return replace(settings, window_capacity=settings.window_capacity or needed)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = WorkerSettings.from_args(args)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    recommender = build_recommender(settings)
+    settings = resolve_window_capacity(settings, recommender)
+    kafka_config = client_config(args)
+    if args.create_topics:
+        ensure_topics(kafka_config, topic_specs(settings, args.partitions))
+    metrics = WorkerMetrics()
+    health = HealthState()
+    if settings.metrics_port >= 0:
+        server = serve(metrics, health, settings.metrics_port)
+        log.info("metrics on :%d (/metrics /health /ready)", server.server_address[1])
+    worker = Worker(settings, recommender, metrics, health, kafka_config)
+
+    def stop(signum: int, frame: object) -> None:
+        worker.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info(
+        "worker %s: model %s, %s, window %d events, %s",
+        settings.instance_id,
+        recommender.version,
+        settings.backend,
+        settings.window_capacity,
+        "exactly-once" if settings.exactly_once else "at-least-once",
+    )
+    worker.run()
+    return 0
+
+
+def topic_specs(settings: WorkerSettings, partitions: int) -> dict[str, tuple[int, dict[str, str]]]:
+    compacted = {"cleanup.policy": "compact"}
+    return {
+        settings.input_topic: (partitions, {}),
+        settings.changelog_topic: (partitions, compacted),
+        settings.output_topic: (partitions, compacted),
+        settings.dead_letter_topic: (1, {}),
+    }

@@ -1,0 +1,115 @@
+"""The checkpoint: the order in which a batch of work becomes durable.
+
+1. produce the changed windows to the changelog topic (outputs were produced as they were made);
+2. flush the producer and confirm every delivery;
+3. commit the input offsets (inside the Kafka transaction with exactly-once, which also
+   commits the outputs and changelog records atomically);
+4. write the windows to RocksDB with the changelog offset in the same WriteBatch.
+
+A crash before 3 replays the input from the last commit (outputs may repeat under
+at-least-once; the changelog records of the lost attempt carry input offsets that were never
+committed and are skipped by recovery). A crash between 3 and 4 leaves RocksDB behind its
+changelog, and recovery replays the committed changelog records.
+"""
+
+from __future__ import annotations
+
+import time
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+
+from stream.worker.partitions import PartitionStates
+
+INPUT_OFFSET_HEADER = "kvrec.input_offset"
+
+
+class DeliveryError(RuntimeError):
+    """A record could not be delivered; the checkpoint is abandoned and the worker stops."""
+
+
+class Checkpoint:
+    def __init__(
+        self,
+        consumer: Consumer,
+        producer: Producer,
+        states: PartitionStates,
+        *,
+        input_topic: str,
+        changelog_topic: str,
+        exactly_once: bool,
+        interval_s: float,
+        flush_timeout_s: float = 30.0,
+    ) -> None:
+        self.consumer = consumer
+        self.producer = producer
+        self.states = states
+        self.input_topic = input_topic
+        self.changelog_topic = changelog_topic
+        self.exactly_once = exactly_once
+        self.interval_s = interval_s
+        self.flush_timeout_s = flush_timeout_s
+        self.started = time.monotonic()
+        self.pending_offsets: dict[int, int] = {}  # partition -> last processed input offset
+        self._changelog_offsets: dict[int, int] = {}
+        self._errors: list[str] = []
+        if exactly_once:
+            self.producer.begin_transaction()
+
+    def store_offset(self, partition: int, offset: int) -> None:
+        self.pending_offsets[partition] = offset
+
+    def due(self) -> bool:
+        return bool(self.pending_offsets) and time.monotonic() - self.started >= self.interval_s
+
+    def on_delivery(self, error: object, message: Message) -> None:
+        """Delivery callback for every record the worker produces."""
+        if error is not None:
+            self._errors.append(f"{message.topic()}[{message.partition()}]: {error}")
+        elif message.topic() == self.changelog_topic:
+            partition = message.partition()
+            offset = message.offset()
+            if offset > self._changelog_offsets.get(partition, -1):
+                self._changelog_offsets[partition] = offset
+
+    def commit(self) -> None:
+        """Make everything processed so far durable, in the order described above."""
+        offsets = dict(self.pending_offsets)
+        if not offsets:
+            self.started = time.monotonic()
+            return
+        # 1. changelog records for every changed window
+        for partition, state in self.states.by_partition.items():
+            for user_id, window in state.dirty.items():
+                self.producer.produce(
+                    self.changelog_topic,
+                    key=user_id.encode(),
+                    value=window.to_bytes(),
+                    partition=partition,
+                    headers={INPUT_OFFSET_HEADER: str(window.last_offset).encode()},
+                    on_delivery=self.on_delivery,
+                )
+        # 2. flush and confirm
+        remaining = self.producer.flush(self.flush_timeout_s)
+        if remaining or self._errors:
+            errors = "; ".join(self._errors[:5]) or f"{remaining} records still in flight"
+            raise DeliveryError(f"checkpoint abandoned, deliveries failed: {errors}")
+        # 3. commit input offsets (in the transaction with exactly-once)
+        commit = [TopicPartition(self.input_topic, p, o + 1) for p, o in offsets.items()]
+        if self.exactly_once:
+            self.producer.send_offsets_to_transaction(
+                commit, self.consumer.consumer_group_metadata()
+            )
+            self.producer.commit_transaction()
+            self.producer.begin_transaction()
+        else:
+            try:
+                self.consumer.commit(offsets=commit, asynchronous=False)
+            except KafkaException as exc:
+                raise DeliveryError(f"offset commit failed: {exc}") from exc
+        # 4. windows + changelog offset into RocksDB, atomically per partition
+        for partition, state in self.states.by_partition.items():
+            windows = {user: window.to_bytes() for user, window in state.dirty.items()}
+            state.store.write(windows, self._changelog_offsets.get(partition))
+            state.dirty.clear()
+        self.pending_offsets.clear()
+        self.started = time.monotonic()

@@ -1,0 +1,65 @@
+"""The state of the input partitions this worker owns: RocksDB stores plus unflushed windows.
+
+Windows changed since the last checkpoint live in memory (`dirty`) and are what reads see
+first; a checkpoint sends them to the changelog, commits the input offsets, then writes them
+to RocksDB together with the changelog offset (see `checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from state.store import PartitionStore
+from state.window import Window
+
+
+@dataclass
+class PartitionState:
+    partition: int
+    store: PartitionStore
+    capacity: int
+    dirty: dict[str, Window] = field(default_factory=dict)
+    processed_offset: int = -1  # last input offset handled (applied or dead-lettered)
+
+    def window(self, user_id: str) -> Window:
+        window = self.dirty.get(user_id)
+        if window is not None:
+            return window
+        raw = self.store.get(user_id)
+        window = Window(self.capacity) if raw is None else Window.from_bytes(raw, self.capacity)
+        self.dirty[user_id] = window  # the caller is about to change it
+        return window
+
+
+class PartitionStates:
+    """Opens a store per assigned partition under `state_dir/<topic>-<partition>`."""
+
+    def __init__(self, state_dir: Path, topic: str, window_capacity: int) -> None:
+        self.state_dir = state_dir
+        self.topic = topic
+        self.window_capacity = window_capacity
+        self.by_partition: dict[int, PartitionState] = {}
+
+    def path(self, partition: int) -> Path:
+        return self.state_dir / f"{self.topic}-{partition}"
+
+    def open(self, partition: int) -> PartitionState:
+        state = PartitionState(partition, PartitionStore(self.path(partition)), self.window_capacity)
+        self.by_partition[partition] = state
+        return state
+
+    def close(self, partition: int) -> None:
+        state = self.by_partition.pop(partition, None)
+        if state is not None:
+            state.store.close()
+
+    def close_all(self) -> None:
+        for partition in list(self.by_partition):
+            self.close(partition)
+
+    def __getitem__(self, partition: int) -> PartitionState:
+        return self.by_partition[partition]
+
+    def __contains__(self, partition: int) -> bool:
+        return partition in self.by_partition

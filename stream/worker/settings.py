@@ -1,0 +1,154 @@
+"""Worker settings: CLI flags, each also settable as `KVREC_<FLAG>` (see `stream/cli.py`)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.errors import ConfigError
+
+DEFAULT_EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    topics = parser.add_argument_group("topics")
+    topics.add_argument("--input-topic", default="events")
+    topics.add_argument("--output-topic", default="recommendations")
+    topics.add_argument("--dead-letter-topic", default="events-dead-letter")
+    topics.add_argument(
+        "--changelog-topic", default=None, help="default: <group-id>-windows-changelog"
+    )
+    topics.add_argument("--group-id", default="kvrec-worker")
+    topics.add_argument(
+        "--instance-id",
+        default=socket.gethostname(),
+        help="stable per replica (pod name); names the transactional id with exactly-once",
+    )
+    topics.add_argument(
+        "--create-topics",
+        action="store_true",
+        help="create missing topics (input with --partitions, changelog alike, output compacted)",
+    )
+    topics.add_argument("--partitions", type=int, default=4, help="for --create-topics")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, help="model artifact directory")
+    model.add_argument("--backend", default="torch-cpu", choices=("torch-cpu", "torch-cuda", "onnx-cpu"))
+    model.add_argument("--onnx", default=None, help="ONNX file of step (onnx-cpu; default: export)")
+    model.add_argument("--k", type=int, default=10, help="recommendations per event")
+    model.add_argument(
+        "--retrieval", default="auto", choices=("auto", "exact", "ivfpq", "hnsw")
+    )
+    model.add_argument("--approx-threshold", type=int, default=50_000)
+    model.add_argument(
+        "--exclude-seen", action=argparse.BooleanOptionalAction, default=True,
+        help="leave the items in the user's window out of its recommendations",
+    )
+    model.add_argument("--unavailable-items", default=None, help="file: one item id per line")
+    model.add_argument("--because", type=int, default=3, help="events named in `because`")
+    model.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+
+    loop = parser.add_argument_group("loop and state")
+    loop.add_argument("--batch-size", type=int, default=512, help="events per micro-batch (B)")
+    loop.add_argument("--batch-wait-ms", type=int, default=10, help="wait for a batch (T)")
+    loop.add_argument("--linger-ms", type=int, default=2, help="producer linger")
+    loop.add_argument("--commit-interval-ms", type=int, default=1000)
+    loop.add_argument(
+        "--processing-guarantee",
+        default="at-least-once",
+        choices=("at-least-once", "exactly-once"),
+    )
+    loop.add_argument("--state-dir", default="./state-data")
+    loop.add_argument("--cache-bytes", type=int, default=1 << 30, help="key/value cache budget")
+    loop.add_argument(
+        "--window-capacity", type=int, default=0,
+        help="events kept per user (0 = the model's N*(W-1)+1, the least for exact refills)",
+    )
+    loop.add_argument("--event-types", default=",".join(DEFAULT_EVENT_TYPES))
+    loop.add_argument("--max-event-bytes", type=int, default=16_384)
+    loop.add_argument("--max-future-ms", type=int, default=300_000)
+    loop.add_argument("--metrics-port", type=int, default=9464, help="0 = any free port, -1 = off")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    input_topic: str
+    output_topic: str
+    dead_letter_topic: str
+    changelog_topic: str
+    group_id: str
+    instance_id: str
+    model: Path
+    backend: str
+    onnx: Path | None
+    k: int
+    retrieval: str
+    approx_threshold: int
+    exclude_seen: bool
+    unavailable_items: Path | None
+    because: int
+    batch_size: int
+    batch_wait_ms: int
+    linger_ms: int
+    commit_interval_ms: int
+    exactly_once: bool
+    state_dir: Path
+    cache_bytes: int
+    window_capacity: int  # 0 until the model is known
+    event_types: tuple[str, ...]
+    max_event_bytes: int
+    max_future_ms: int
+    metrics_port: int
+
+    @property
+    def event_type_set(self) -> frozenset[str]:
+        return frozenset(self.event_types)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> WorkerSettings:
+        positive = ("k", "batch_size", "cache_bytes", "max_event_bytes", "commit_interval_ms")
+        for name in positive:
+            if getattr(args, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if args.batch_wait_ms < 0 or args.linger_ms < 0 or args.max_future_ms < 0:
+            raise ConfigError("--batch-wait-ms, --linger-ms and --max-future-ms must be >= 0")
+        event_types = tuple(t.strip() for t in args.event_types.split(",") if t.strip())
+        if not event_types or len(set(event_types)) != len(event_types):
+            raise ConfigError("--event-types must be a comma-separated list of distinct names")
+        model = Path(args.model)
+        if not model.is_dir():
+            raise ConfigError(f"--model {model}: no such model artifact directory")
+        unavailable = Path(args.unavailable_items) if args.unavailable_items else None
+        if unavailable is not None and not unavailable.is_file():
+            raise ConfigError(f"--unavailable-items {unavailable}: no such file")
+        return cls(
+            input_topic=args.input_topic,
+            output_topic=args.output_topic,
+            dead_letter_topic=args.dead_letter_topic,
+            changelog_topic=args.changelog_topic or f"{args.group_id}-windows-changelog",
+            group_id=args.group_id,
+            instance_id=args.instance_id,
+            model=model,
+            backend=args.backend,
+            onnx=Path(args.onnx) if args.onnx else None,
+            k=args.k,
+            retrieval=args.retrieval,
+            approx_threshold=args.approx_threshold,
+            exclude_seen=args.exclude_seen,
+            unavailable_items=unavailable,
+            because=args.because,
+            batch_size=args.batch_size,
+            batch_wait_ms=args.batch_wait_ms,
+            linger_ms=args.linger_ms,
+            commit_interval_ms=args.commit_interval_ms,
+            exactly_once=args.processing_guarantee == "exactly-once",
+            state_dir=Path(args.state_dir),
+            cache_bytes=args.cache_bytes,
+            window_capacity=args.window_capacity,
+            event_types=event_types,
+            max_event_bytes=args.max_event_bytes,
+            max_future_ms=args.max_future_ms,
+            metrics_port=args.metrics_port,
+        )

@@ -1,0 +1,48 @@
+"""Small real model artifacts for worker tests (random weights, no training needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.artifact import Artifact, load_artifact, save_artifact
+from model.config import ModelConfig
+from model.encoder import Encoder
+
+EVENT_TYPES = ["view", "click", "add_to_cart", "purchase"]
+
+
+def make_artifact(
+    out_dir: Path,
+    *,
+    n_items: int = 60,
+    window: int = 4,
+    layers: int = 2,
+    d_model: int = 32,
+    seed: int = 0,
+) -> Artifact:
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        n_items=n_items,
+        n_event_types=len(EVENT_TYPES),
+        d_model=d_model,
+        n_layers=layers,
+        n_heads=2,
+        window=window,
+        dropout=0.0,
+    )
+    encoder = Encoder(config).eval()
+    item_ids = ["", *[f"sku-{i}" for i in range(1, n_items + 1)]]
+    popularity = np.zeros(n_items + 1, dtype=np.int64)
+    popularity[1:] = np.arange(n_items, 0, -1)
+    save_artifact(
+        out_dir,
+        encoder,
+        item_ids=item_ids,
+        event_types=EVENT_TYPES,
+        popularity=popularity,
+        metrics={"note": "random weights for tests"},
+    )
+    return load_artifact(out_dir)
