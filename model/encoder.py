@@ -88,9 +88,8 @@ class KVCache:
 
 def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotary angles, [..., head_dim // 2], exact for huge positions."""
-    inv_freq = 1.0 / (
-        base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
-    )
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64)
+    inv_freq = 1.0 / (base ** (exponents / head_dim))
     angles = torch.remainder(positions.to(torch.float64).unsqueeze(-1) * inv_freq, TWO_PI)
     return torch.cos(angles).float(), torch.sin(angles).float()
 
@@ -115,7 +114,8 @@ class Attention(nn.Module):
         """Rotated queries and keys and the values, each [B, H, T, D]."""
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).split(self.n_heads * self.head_dim, dim=-1)
-        q, k, v = (t.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        shape = (batch, length, self.n_heads, self.head_dim)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def merge(self, y: Tensor) -> Tensor:
