@@ -1,0 +1,70 @@
+"""Kafka client settings from flags (and so from `KVREC_*` variables), topic creation."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from model.errors import ConfigError
+
+
+def add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("kafka")
+    group.add_argument("--bootstrap-servers", default="localhost:9092")
+    group.add_argument(
+        "--security-protocol",
+        default=None,
+        choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    )
+    group.add_argument("--sasl-mechanism", default=None, help="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512")
+    group.add_argument("--sasl-username", default=None)
+    group.add_argument("--sasl-password", default=None, help="prefer KVREC_SASL_PASSWORD")
+    group.add_argument("--ssl-ca-location", default=None)
+    group.add_argument("--ssl-certificate-location", default=None)
+    group.add_argument("--ssl-key-location", default=None)
+    group.add_argument("--client-id", default="kvrec")
+
+
+def client_config(args: argparse.Namespace) -> dict[str, object]:
+    """confluent-kafka settings shared by every client of a command."""
+    config: dict[str, object] = {
+        "bootstrap.servers": args.bootstrap_servers,
+        "client.id": args.client_id,
+    }
+    optional = {
+        "security.protocol": args.security_protocol,
+        "sasl.mechanism": args.sasl_mechanism,
+        "sasl.username": args.sasl_username,
+        "sasl.password": args.sasl_password,
+        "ssl.ca.location": args.ssl_ca_location,
+        "ssl.certificate.location": args.ssl_certificate_location,
+        "ssl.key.location": args.ssl_key_location,
+    }
+    config.update({k: v for k, v in optional.items() if v})
+    if args.sasl_mechanism and not (args.sasl_username and args.sasl_password):
+        raise ConfigError("--sasl-mechanism needs --sasl-username and --sasl-password")
+    return config
+
+
+def ensure_topics(
+    config: Mapping[str, object], topics: Mapping[str, tuple[int, Mapping[str, str]]]
+) -> None:
+    """Create the missing ones of `topics` ({name: (partitions, topic config)}); keep the rest."""
+    admin = AdminClient(dict(config))
+    existing = admin.list_topics(timeout=15).topics
+    wanted = [
+        NewTopic(name, num_partitions=partitions, replication_factor=-1, config=dict(settings))
+        for name, (partitions, settings) in topics.items()
+        if name not in existing
+    ]
+    if not wanted:
+        return
+    for name, future in admin.create_topics(wanted, operation_timeout=30).items():
+        try:
+            future.result(timeout=60)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise ConfigError(f"could not create topic {name}: {exc}") from exc

@@ -1,0 +1,141 @@
+"""Wire schemas: events in, recommendations out (JSON; JSON Schema files in `schemas/`).
+
+The worker validates every input message with `parse_event`: plain Python checks, no schema
+library on the hot path. A message that fails raises `InvalidEvent` with a reason code; the
+worker sends it to the dead-letter topic with that reason. Reason codes:
+
+    oversized            the payload is larger than the configured limit
+    malformed_json       not valid UTF-8 JSON
+    not_an_object        JSON, but not an object
+    missing_field        user_id, item_id, event_type or ts is absent
+    wrong_type           a field has the wrong type (ids strings, ts integer, props object)
+    empty_id             user_id or item_id is empty or longer than 256 characters
+    unknown_event_type   event_type is not one of the configured types
+    future_ts            ts is further in the future than allowed (clock skew limit)
+    key_mismatch         the message key is present and differs from user_id
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+EVENT_SCHEMA_VERSION = "kvrec.event.v1"
+RECOMMENDATION_SCHEMA_VERSION = "kvrec.recommendation.v1"
+MAX_ID_LENGTH = 256
+REQUIRED_FIELDS = ("user_id", "item_id", "event_type", "ts")
+
+
+class InvalidEvent(ValueError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    user_id: str
+    item_id: str
+    event_type: str
+    ts: int  # epoch milliseconds
+    props: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredItem:
+    item_id: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class BecauseEvent:
+    item_id: str
+    event_type: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    user_id: str
+    items: list[ScoredItem]
+    model_version: str
+    event_ts: int  # the `ts` of the event this answers
+    emitted_ts: int  # when the worker produced it (epoch ms)
+    because: list[BecauseEvent] = field(default_factory=list)
+    cold_start: bool = False
+    source_ts: int | None = None  # Kafka timestamp of the input message (for latency)
+    schema: str = RECOMMENDATION_SCHEMA_VERSION
+
+
+def encode_event(event: Event) -> bytes:
+    data: dict[str, Any] = {
+        "user_id": event.user_id,
+        "item_id": event.item_id,
+        "event_type": event.event_type,
+        "ts": event.ts,
+    }
+    if event.props is not None:
+        data["props"] = event.props
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def encode_recommendation(recommendation: Recommendation) -> bytes:
+    return json.dumps(asdict(recommendation), separators=(",", ":")).encode()
+
+
+def decode_recommendation(raw: bytes) -> Recommendation:
+    data = json.loads(raw)
+    known = Recommendation.__dataclass_fields__
+    return Recommendation(
+        **{
+            **{k: v for k, v in data.items() if k in known},
+            "items": [ScoredItem(**i) for i in data["items"]],
+            "because": [BecauseEvent(**b) for b in data.get("because", [])],
+        }
+    )
+
+
+def parse_event(
+    raw: bytes | None,
+    key: bytes | None,
+    *,
+    event_types: frozenset[str],
+    max_bytes: int,
+    now_ms: int,
+    max_future_ms: int,
+) -> Event:
+    """Validate one input message; raise `InvalidEvent` with a reason code if it is bad."""
+    if raw is None:
+        raise InvalidEvent("malformed_json", "empty message (null value)")
+    if len(raw) > max_bytes:
+        raise InvalidEvent("oversized", f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidEvent("malformed_json", str(exc)[:200]) from None
+    if not isinstance(data, dict):
+        raise InvalidEvent("not_an_object", f"got {type(data).__name__}")
+    missing = [name for name in REQUIRED_FIELDS if name not in data]
+    if missing:
+        raise InvalidEvent("missing_field", ", ".join(missing))
+    user_id, item_id, event_type, ts = (data[name] for name in REQUIRED_FIELDS)
+    for name, value in (("user_id", user_id), ("item_id", item_id), ("event_type", event_type)):
+        if not isinstance(value, str):
+            raise InvalidEvent("wrong_type", f"{name} must be a string, got {type(value).__name__}")
+    if isinstance(ts, bool) or not isinstance(ts, int):
+        raise InvalidEvent("wrong_type", f"ts must be integer epoch ms, got {type(ts).__name__}")
+    props = data.get("props")
+    if props is not None and not isinstance(props, dict):
+        raise InvalidEvent("wrong_type", "props must be an object")
+    for name, value in (("user_id", user_id), ("item_id", item_id)):
+        if not value or len(value) > MAX_ID_LENGTH:
+            raise InvalidEvent("empty_id", f"{name} must have 1..{MAX_ID_LENGTH} characters")
+    if event_type not in event_types:
+        raise InvalidEvent("unknown_event_type", f"{event_type!r} not in {sorted(event_types)}")
+    if ts > now_ms + max_future_ms:
+        raise InvalidEvent("future_ts", f"ts {ts} is {ts - now_ms} ms in the future")
+    if key is not None and key != user_id.encode():
+        raise InvalidEvent("key_mismatch", "message key differs from user_id")
+    return Event(user_id, item_id, event_type, ts, props)
