@@ -1,0 +1,114 @@
+"""Where `encode` and `step` run: torch on CPU, torch on CUDA, or onnxruntime on CPU.
+
+Every backend takes and returns CPU torch tensors, so the worker does not care which runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.encoder import Encoder, KVCache
+from model.errors import ConfigError
+
+BACKENDS = ("torch-cpu", "torch-cuda", "onnx-cpu")
+
+
+class StepBackend(Protocol):
+    def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]: ...
+
+    def step(
+        self, cache: KVCache, items: Tensor, event_types: Tensor, return_attention: bool = False
+    ) -> tuple[Tensor, KVCache, Tensor | None]: ...
+
+
+class TorchBackend:
+    def __init__(self, encoder: Encoder, device: str = "cpu") -> None:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("backend torch-cuda: no CUDA device is available; use torch-cpu")
+        self.device = torch.device(device)
+        self.encoder = encoder.eval().to(self.device)
+
+    @torch.inference_mode()
+    def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]:
+        vectors, cache = self.encoder.encode(items.to(self.device), event_types.to(self.device))
+        return vectors.cpu(), cache.to("cpu")
+
+    @torch.inference_mode()
+    def step(
+        self, cache: KVCache, items: Tensor, event_types: Tensor, return_attention: bool = False
+    ) -> tuple[Tensor, KVCache, Tensor | None]:
+        vectors, new_cache, attention = self.encoder.step(
+            cache.to(self.device),
+            items.to(self.device),
+            event_types.to(self.device),
+            return_attention=return_attention,
+        )
+        return (
+            vectors.cpu(),
+            new_cache.to("cpu"),
+            attention.cpu() if attention is not None else None,
+        )
+
+
+class OnnxBackend:
+    """`step` in onnxruntime (exported by `model.export`); `encode` stays in torch."""
+
+    def __init__(self, encoder: Encoder, onnx_path: Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        if not Path(onnx_path).is_file():
+            raise ConfigError(f"backend onnx-cpu: {onnx_path} not found (run `kvrec export`)")
+        options = ort.SessionOptions()
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(onnx_path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ConfigError(f"backend onnx-cpu: cannot load {onnx_path}: {exc}") from exc
+        self.torch = TorchBackend(encoder, "cpu")
+
+    def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]:
+        return self.torch.encode(items, event_types)
+
+    def step(
+        self, cache: KVCache, items: Tensor, event_types: Tensor, return_attention: bool = False
+    ) -> tuple[Tensor, KVCache, Tensor | None]:
+        vectors, keys, values, positions, attention = self.session.run(
+            None,
+            {
+                "keys": cache.keys.numpy(),
+                "values": cache.values.numpy(),
+                "positions": cache.positions.numpy(),
+                "items": items.numpy().astype(np.int64),
+                "event_types": event_types.numpy().astype(np.int64),
+            },
+        )
+        new_cache = KVCache(
+            torch.from_numpy(keys), torch.from_numpy(values), torch.from_numpy(positions)
+        )
+        return (
+            torch.from_numpy(vectors),
+            new_cache,
+            torch.from_numpy(attention) if return_attention else None,
+        )
+
+
+def make_backend(
+    name: str, encoder: Encoder, *, onnx_path: Path | None = None, threads: int = 0
+) -> StepBackend:
+    if name == "torch-cpu":
+        return TorchBackend(encoder, "cpu")
+    if name == "torch-cuda":
+        return TorchBackend(encoder, "cuda")
+    if name == "onnx-cpu":
+        if onnx_path is None:
+            raise ConfigError("backend onnx-cpu needs the exported step (--onnx PATH)")
+        return OnnxBackend(encoder, onnx_path, threads)
+    raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
