@@ -24,14 +24,21 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from stream.schema import InvalidEvent, Recommendation, encode_recommendation, parse_event
+from state.window import WindowEvent
+from stream.schema import (
+    BecauseEvent,
+    InvalidEvent,
+    Recommendation,
+    ScoredItem,
+    encode_recommendation,
+    parse_event,
+)
 from stream.worker.checkpoint import Checkpoint
 from stream.worker.inference import Recommender, Scored, WaveInput
 from stream.worker.metrics import HealthState, WorkerMetrics
 from stream.worker.partitions import PartitionStates
 from stream.worker.recovery import recover_partition
 from stream.worker.settings import WorkerSettings
-from state.window import WindowEvent
 
 log = logging.getLogger(__name__)
 
@@ -251,11 +258,16 @@ class Worker:
 
     def _emit(self, source: _Valid, result: Scored) -> None:
         emitted_ms = int(time.time() * 1000)
-        recommendation = Recommendation.from_scored(
-            result,
+        _, produced_ms = source.message.timestamp()
+        recommendation = Recommendation(
+            user_id=result.user_id,
+            items=[ScoredItem(item_id, round(score, 6)) for item_id, score in result.items],
             model_version=self.recommender.version,
             event_ts=source.event_ts,
             emitted_ts=emitted_ms,
+            because=[BecauseEvent(b.item_id, b.event_type, b.weight) for b in result.because],
+            cold_start=result.cold_start,
+            source_ts=produced_ms if produced_ms > 0 else None,
         )
         self.producer.produce(
             self.settings.output_topic,
@@ -265,7 +277,6 @@ class Worker:
         )
         kind = "cold_start" if result.cold_start else "model"
         self.metrics.recommendations_out.labels(kind).inc()
-        _, produced_ms = source.message.timestamp()
         if produced_ms > 0:
             self.metrics.event_to_emit_seconds.observe(max(0, emitted_ms - produced_ms) / 1000.0)
 
