@@ -1,0 +1,175 @@
+"""Full-ranking evaluation, leave-one-out.
+
+Each user's last event is the test target, the one before it the validation target. The
+target is ranked against every item of the catalog; the items the user had before the target
+are left out of the ranking, the target itself never is. Metrics: HR@K and NDCG@K for K in
+(10, 20), for the model and for a popularity baseline (counts over the training events).
+
+    kvrec eval --model DIR --data PATH --format sasrec --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.datasets import Interaction, add_dataset_arguments, dataset_from_args, group_by_user
+from model.encoder import Encoder
+
+CUTOFFS = (10, 20)
+
+
+@dataclass
+class Split:
+    """Sequences as item/type indices. `inputs[u]` predicts `targets[u]`."""
+
+    users: list[str]
+    inputs: list[list[int]]
+    input_types: list[list[int]]
+    targets: list[int]
+
+
+@dataclass
+class Prepared:
+    train_items: list[list[int]]  # per user: the events before validation (training sequence)
+    train_types: list[list[int]]
+    validation: Split
+    test: Split
+    popularity: np.ndarray  # [n_items + 1] counts over training events
+    skipped_unknown: int = 0
+
+
+def prepare(
+    interactions: list[Interaction], item_index: dict[str, int], type_index: dict[str, int]
+) -> Prepared:
+    """Leave-one-out split. Users with fewer than 3 events only train. Events whose item the
+    vocabulary lacks are dropped and counted (`skipped_unknown`)."""
+    n_items = max(item_index.values(), default=0)
+    popularity = np.zeros(n_items + 1, dtype=np.int64)
+    train_items, train_types = [], []
+    validation = Split([], [], [], [])
+    test = Split([], [], [], [])
+    skipped = 0
+    for user, events in group_by_user(interactions).items():
+        items, types = [], []
+        for e in events:
+            if e.item_id in item_index:
+                items.append(item_index[e.item_id])
+                types.append(type_index.get(e.event_type, 0))
+            else:
+                skipped += 1
+        held_out = 2 if len(items) >= 3 else 0
+        train_part = items[: len(items) - held_out]
+        train_items.append(train_part)
+        train_types.append(types[: len(items) - held_out])
+        np.add.at(popularity, train_part, 1)
+        if held_out:
+            validation.users.append(user)
+            validation.inputs.append(items[:-2])
+            validation.input_types.append(types[:-2])
+            validation.targets.append(items[-2])
+            test.users.append(user)
+            test.inputs.append(items[:-1])
+            test.input_types.append(types[:-1])
+            test.targets.append(items[-1])
+    return Prepared(train_items, train_types, validation, test, popularity, skipped)
+
+
+def left_pad(rows: list[list[int]], max_len: int) -> torch.Tensor:
+    length = max(1, min(max_len, max((len(r) for r in rows), default=1)))
+    out = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        row = row[-length:]
+        if row:
+            out[i, length - len(row) :] = torch.tensor(row)
+    return out
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k in CUTOFFS:
+        hit = ranks < k
+        out[f"hr@{k}"] = float(hit.mean()) if len(ranks) else 0.0
+        out[f"ndcg@{k}"] = float((hit / np.log2(ranks + 2)).mean()) if len(ranks) else 0.0
+    return out
+
+
+@torch.inference_mode()
+def evaluate_split(
+    encoder: Encoder, split: Split, *, max_len: int, batch_size: int = 512, device: str = "cpu"
+) -> dict[str, float]:
+    encoder.eval()
+    all_ranks = []
+    for start in range(0, len(split.targets), batch_size):
+        stop = start + batch_size
+        items = left_pad(split.inputs[start:stop], max_len).to(device)
+        types = left_pad(split.input_types[start:stop], max_len).to(device)
+        vectors = encoder(items, types)[:, -1]
+        scores = encoder.score(vectors).float().cpu()
+        targets = torch.tensor(split.targets[start:stop])
+        all_ranks.append(rank_targets(scores, split.inputs[start:stop], targets))
+    return metrics_from_ranks(np.concatenate(all_ranks) if all_ranks else np.zeros(0))
+
+
+def rank_targets(scores: torch.Tensor, histories: list[list[int]], targets: torch.Tensor) -> np.ndarray:
+    """0-based rank of each target among all items; the user's history (never the target)
+    is left out, and so is the padding index 0."""
+    target_scores = scores.gather(1, targets.view(-1, 1)).clone()
+    scores = scores.clone()
+    scores[:, 0] = float("-inf")
+    rows = [r for r, h in enumerate(histories) for _ in h]
+    cols = [i for h in histories for i in h]
+    if rows:
+        scores[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
+    scores.scatter_(1, targets.view(-1, 1), target_scores)  # the target is never left out
+    return (scores > target_scores).sum(dim=1).numpy()
+
+
+def evaluate_popularity(popularity: np.ndarray, split: Split) -> dict[str, float]:
+    base = torch.tensor(popularity, dtype=torch.float32)
+    all_ranks = []
+    for start in range(0, len(split.targets), 2048):
+        histories = split.inputs[start : start + 2048]
+        scores = base.expand(len(histories), -1)
+        targets = torch.tensor(split.targets[start : start + 2048])
+        all_ranks.append(rank_targets(scores, histories, targets))
+    return metrics_from_ranks(np.concatenate(all_ranks) if all_ranks else np.zeros(0))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model artifact directory")
+    add_dataset_arguments(parser)
+    parser.add_argument("--split", default="test", choices=("test", "validation"))
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--max-len", type=int, default=0, help="0 = the training max length")
+
+
+def main(args: argparse.Namespace) -> int:
+    from model.artifact import load_artifact
+
+    artifact = load_artifact(args.model)
+    interactions = dataset_from_args(args)
+    type_index = {name: i + 1 for i, name in enumerate(artifact.event_types)}
+    prepared = prepare(interactions, artifact.item_index, type_index)
+    split = prepared.test if args.split == "test" else prepared.validation
+    training = json.loads((artifact.path / "config.json").read_text()).get("training", {})
+    max_len = args.max_len or int(training.get("max_len", 200))
+    result: dict[str, object] = evaluate_split(artifact.encoder, split, max_len=max_len)
+    result["popularity"] = evaluate_popularity(prepared.popularity, split)
+    result["users"] = len(split.targets)
+    result["skipped_unknown_items"] = prepared.skipped_unknown
+    result["model_version"] = artifact.version
+    result["split"] = args.split
+    if args.json:
+        print(json.dumps(result))
+    else:
+        pop = result["popularity"]
+        for key in ("hr@10", "ndcg@10", "hr@20", "ndcg@20"):
+            print(f"{key:8s} model {result[key]:.4f}   popularity {pop[key]:.4f}")  # type: ignore[index]
+        print(f"users {result['users']}  model {artifact.version}")
+    return 0
+

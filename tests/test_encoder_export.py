@@ -1,0 +1,56 @@
+"""ONNX export of `step`: parity with torch within 1e-4; backends share one contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.backends import make_backend
+from model.config import ModelConfig
+from model.encoder import Encoder
+from model.errors import ConfigError
+from model.export import export_step
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Encoder, Path]:
+    torch.manual_seed(0)
+    config = ModelConfig(n_items=50, d_model=32, n_layers=2, n_heads=2, window=6, dropout=0.0)
+    encoder = Encoder(config).eval()
+    return encoder, export_step(encoder, tmp_path_factory.mktemp("onnx") / "step.onnx")
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_onnx_step_matches_torch(exported: tuple[Encoder, Path], batch: int) -> None:
+    encoder, path = exported
+    torch_backend = make_backend("torch-cpu", encoder)
+    onnx_backend = make_backend("onnx-cpu", encoder, onnx_path=path)
+    generator = torch.Generator().manual_seed(batch)
+    items = torch.randint(1, 51, (batch, 11), generator=generator)
+    items[0, :4] = 0  # one shorter user
+    types = torch.randint(1, 5, (batch, 11), generator=generator)
+    _, cache = torch_backend.encode(items, types)
+    for step in range(3):
+        new_items = torch.randint(1, 51, (batch,), generator=generator)
+        new_types = torch.randint(1, 5, (batch,), generator=generator)
+        want = torch_backend.step(cache, new_items, new_types, return_attention=True)
+        got = onnx_backend.step(cache, new_items, new_types, return_attention=True)
+        assert (want[0] - got[0]).abs().max().item() <= 1e-4, step
+        assert (want[1].keys - got[1].keys).abs().max().item() <= 1e-4
+        assert (want[1].values - got[1].values).abs().max().item() <= 1e-4
+        assert torch.equal(want[1].positions, got[1].positions)
+        assert (want[2] - got[2]).abs().max().item() <= 1e-4
+        cache = want[1]
+
+
+def test_backend_errors_are_clear(exported: tuple[Encoder, Path], tmp_path: Path) -> None:
+    encoder, _ = exported
+    with pytest.raises(ConfigError, match="unknown backend"):
+        make_backend("tpu", encoder)
+    with pytest.raises(ConfigError, match="not found"):
+        make_backend("onnx-cpu", encoder, onnx_path=tmp_path / "missing.onnx")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            make_backend("torch-cuda", encoder)
