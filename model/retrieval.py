@@ -170,66 +170,83 @@ class Retriever:
 
 
 class TorchExactRetriever:
-    """Exact top-k by inner product in torch, on CPU or CUDA."""
+    """Exact top-k by inner product in torch, on CPU or CUDA.
+
+    Scores are computed in half precision on CUDA (fp32 on CPU) for query chunks; the catalog is
+    cut into blocks of `block` items and only the `k + margin` blocks with the highest maximum
+    score are kept. Every item of the true top-k lies in one of them (a block holding a top-k
+    item has a maximum at least the k-th score, and at most k blocks can), so re-scoring the
+    items of those blocks in fp32 and taking the top-k is exact up to half-precision ties,
+    which the margin absorbs.
+    """
 
     def __init__(
         self,
         item_vectors: np.ndarray | torch.Tensor,
         *,
         device: str = "cpu",
-        chunk: int = 262_144,
-        candidates: int = 64,
+        block: int = 128,
+        margin: int = 8,
+        query_chunk: int = 1024,
         half: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         vectors = torch.as_tensor(item_vectors, dtype=torch.float32).to(self.device)
         self.dim = vectors.shape[1]
-        self.items = vectors
+        self.n_rows = vectors.shape[0]
+        padded = -(-self.n_rows // block) * block
+        self.items = torch.zeros((padded, self.dim), device=self.device)
+        self.items[: self.n_rows] = vectors
         self.half = (self.device.type == "cuda") if half is None else half
-        self.items_half = vectors.half() if self.half else None
-        self.chunk = chunk
-        self.candidates = candidates
-        self.mask = torch.zeros(vectors.shape[0], dtype=torch.bool, device=self.device)
-        self.mask[0] = True  # padding
+        self.items_scoring = self.items.half() if self.half else self.items
+        self.block = block
+        self.margin = margin
+        self.query_chunk = query_chunk
+        self.banned = torch.zeros(padded, dtype=torch.bool, device=self.device)
+        self._reset_banned(())
 
-    def set_unavailable(self, items: Iterable[int]) -> None:
-        self.mask.zero_()
-        self.mask[0] = True
+    def _reset_banned(self, items: Iterable[int]) -> None:
+        self.banned.zero_()
+        self.banned[0] = True  # padding
+        self.banned[self.n_rows :] = True  # rows added to fill the last block
         index = torch.tensor(sorted({int(i) for i in items}), dtype=torch.long)
         if len(index):
-            self.mask[index.to(self.device)] = True
+            self.banned[index.to(self.device)] = True
+        self.penalty = torch.zeros(self.banned.shape, device=self.device)
+        self.penalty[self.banned] = float("-inf")
+
+    def set_unavailable(self, items: Iterable[int]) -> None:
+        self._reset_banned(items)
 
     @torch.inference_mode()
     def search_tensor(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k on device tensors, no exclusions beyond padding/unavailable."""
+        """Top-k (scores, item indices) of device tensors; padding/unavailable never returned."""
         queries = queries.to(self.device, torch.float32)
-        pool = max(k, self.candidates)
-        chunk_ids, chunk_scores = [], []
-        for start in range(0, self.items.shape[0], self.chunk):
-            stop = min(start + self.chunk, self.items.shape[0])
-            if self.half:
-                scores = (queries.half() @ self.items_half[start:stop].T).float()
-            else:
-                scores = queries @ self.items[start:stop].T
-            scores.masked_fill_(self.mask[start:stop], float("-inf"))
-            top = torch.topk(scores, min(pool, stop - start), dim=1)
-            chunk_ids.append(top.indices + start)
-            chunk_scores.append(top.values)
-        ids = torch.cat(chunk_ids, dim=1)
-        if self.half:  # re-score the candidates exactly in fp32
-            exact = torch.einsum("bd,bcd->bc", queries, self.items[ids])
-            exact.masked_fill_(self.mask[ids], float("-inf"))
-        else:
-            exact = torch.cat(chunk_scores, dim=1)
-        top = torch.topk(exact, k, dim=1)
-        return top.values, torch.gather(ids, 1, top.indices)
+        n_blocks = self.items.shape[0] // self.block
+        keep = min(n_blocks, k + self.margin)
+        out_scores, out_ids = [], []
+        offsets = torch.arange(self.block, device=self.device)
+        for start in range(0, queries.shape[0], self.query_chunk):
+            chunk = queries[start : start + self.query_chunk]
+            scoring = chunk.half() if self.half else chunk
+            scores = scoring @ self.items_scoring.T
+            scores = scores + self.penalty.to(scores.dtype)
+            block_max = scores.view(len(chunk), n_blocks, self.block).amax(dim=2)
+            blocks = torch.topk(block_max, keep, dim=1).indices  # [b, keep]
+            candidates = (blocks.unsqueeze(-1) * self.block + offsets).view(len(chunk), -1)
+            exact = torch.einsum("bd,bcd->bc", chunk, self.items[candidates])
+            exact = exact + self.penalty[candidates]
+            top = torch.topk(exact, min(k, exact.shape[1]), dim=1)
+            out_scores.append(top.values)
+            out_ids.append(torch.gather(candidates, 1, top.indices))
+        return torch.cat(out_scores), torch.cat(out_ids)
 
     def search(
         self, queries: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None = None
     ) -> SearchResult:
         queries = _check_queries(queries, self.dim, k)
         extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
-        fetch = min(k + extra, self.items.shape[0] - 1)
+        fetch = min(k + extra, self.n_rows - 1)
         scores, ids = self.search_tensor(torch.from_numpy(queries), fetch)
         ids_np = ids.cpu().numpy()
         scores_np = scores.cpu().numpy()

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka.admin import AdminClient, NewTopic
 
 
 def _docker_answers() -> bool:
@@ -55,6 +54,8 @@ def create_topics(
     bootstrap: str, partitions_by_topic: dict[str, int], config: dict[str, str] | None = None
 ) -> None:
     """Create topics with the partition counts asked for, and wait until they exist."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
     admin = AdminClient({"bootstrap.servers": bootstrap})
     futures = admin.create_topics(
         [

@@ -3,6 +3,8 @@ cache refilled with `encode` from the last N*(W-1)+1 events (fp32, 1e-4)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -50,7 +52,7 @@ def _full_forward_last(encoder: Encoder, sequences) -> torch.Tensor:
 def _step_batched(encoder: Encoder, sequences, cache: KVCache | None = None) -> torch.Tensor:
     """Step all users together, one event per step; users stop when their sequence ends."""
     batch = len(sequences)
-    cache = cache or KVCache.empty(encoder.config, batch)
+    cache = cache or KVCache.empty(encoder.config, batch, device=sequences[0][0].device)
     per_user = [c for c in cache.split()]
     vectors: list[torch.Tensor | None] = [None] * batch
     for t in range(max(len(s[0]) for s in sequences)):
@@ -162,3 +164,15 @@ def test_attention_weights_are_a_distribution_over_real_events() -> None:
     torch.testing.assert_close(attention.sum(dim=1), torch.ones(2))
     assert torch.all(attention[0, 2:] == 0)  # the user with 2 events: ages 0 and 1 only
     assert torch.all(attention[1] > 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_step_on_cuda_equals_full_forward() -> None:
+    cpu_encoder = _encoder(2, 8, 11)
+    sequences = _sequences([1, 8, 30, 45], 11)
+    want = _full_forward_last(cpu_encoder, sequences)
+    encoder = copy.deepcopy(cpu_encoder).cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    stepped = _step_batched(encoder, [(i.cuda(), t.cuda()) for i, t in sequences])
+    assert (stepped.cpu() - want).abs().max().item() <= TOLERANCE

@@ -1,0 +1,24 @@
+"""`kvrec bench model|retrieval|e2e`: benchmarks that write JSON (and a plot)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "model": ("bench.model", "step with the cache vs re-encoding the window"),
+    "retrieval": ("bench.retrieval", "top-k retrieval throughput and recall vs exact"),
+    "gpu": ("bench.gpu", "batched step + exact top-10 over 1M items on a GPU"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        bench_parser = sub.add_parser(name, help=help_text, description=help_text)
+        bench_parser.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(bench_parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(args._module).main(args) or 0)
