@@ -24,6 +24,8 @@ import faiss
 import numpy as np
 import torch
 
+from model.block_max import block_max
+
 KINDS = ("auto", "exact", "ivfpq", "hnsw")
 
 
@@ -187,7 +189,7 @@ class TorchExactRetriever:
         device: str = "cpu",
         block: int = 128,
         margin: int = 8,
-        query_chunk: int = 1024,
+        query_chunk: int = 4096,
         half: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
@@ -229,10 +231,8 @@ class TorchExactRetriever:
         for start in range(0, queries.shape[0], self.query_chunk):
             chunk = queries[start : start + self.query_chunk]
             scoring = chunk.half() if self.half else chunk
-            scores = scoring @ self.items_scoring.T
-            scores = scores + self.penalty.to(scores.dtype)
-            block_max = scores.view(len(chunk), n_blocks, self.block).amax(dim=2)
-            blocks = torch.topk(block_max, keep, dim=1).indices  # [b, keep]
+            maxima = block_max(scoring, self.items_scoring, self.penalty, self.block)
+            blocks = torch.topk(maxima, keep, dim=1).indices  # [b, keep]
             candidates = (blocks.unsqueeze(-1) * self.block + offsets).view(len(chunk), -1)
             exact = torch.einsum("bd,bcd->bc", chunk, self.items[candidates])
             exact = exact + self.penalty[candidates]
