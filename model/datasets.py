@@ -1,22 +1,33 @@
 """Interaction datasets: readers for the supported formats and a synthetic generator.
 
-Every reader returns interactions in global replay order (time order, ties broken by user and
-then file order), with each user's own order preserved.
+Every reader yields interactions in global replay order (time order; ties broken by user, then
+by file order), with each user's own order preserved.
 
 Formats:
-    sasrec     `user item` lines, time-ordered per user, no timestamps and no event types
-               (the SASRec preprocessing of Amazon reviews: every line is a review, so the
-               event type is "purchase"). Times are synthetic and deterministic: user u's
-               events are spread one minute apart from a start time drawn from a hash of u
-               over a 30-day span, so a replay interleaves users instead of playing them one
-               after another.
-    movielens  `ratings.dat` (`user::movie::rating::seconds`) or MovieLens CSV (header
-               `userId,movieId,rating,timestamp`); rating >= 4 -> "purchase", else "view".
-    csv        header with `user_id,item_id` and optionally `event_type` (default "view") and
-               `ts` (epoch ms; default: file order).
-    synthetic  `SyntheticSpec`: Zipf item popularity plus real sequential structure (items sit
-               on random chains; the next event follows the chain with probability 0.6), so a
-               sequence model can beat popularity on it.
+    sasrec     `user item` lines (1-based integers), time-ordered per user, no timestamps and
+               no event types (the SASRec preprocessing of Amazon reviews). Every line is a
+               review, that is a purchase, so the event type is "purchase". Times are
+               synthetic and deterministic: user u starts at BASE_TS_MS + hash(u) mod 30 days
+               (blake2b of the id) and its k-th event is k minutes later; the whole file is
+               then sorted by (time, user's first line, k). Each user's order is kept and a
+               replay interleaves users instead of playing them one after another.
+    movielens  `ratings.dat` (`user::movie::rating::seconds`) or MovieLens CSV
+               (`userId,movieId,rating,timestamp`, header optional); integer ids.
+               rating >= 4 -> "click" (liked), otherwise "view". Ties in time are broken by
+               user id (numeric), then file order.
+    csv        header naming `user_id,item_id` and optionally `event_type` (default "view")
+               and `ts` (epoch ms; without the column, rows are 1 ms apart in file order).
+               Ties in time keep file order.
+    synthetic  `SyntheticSpec`: Zipf item popularity plus real sequential structure: the items
+               sit on one random cycle (each item has exactly one successor); a user's next
+               event follows that successor with probability `follow_probability`, otherwise
+               it is a fresh Zipf-popular draw. A sequence model can learn the successors,
+               popularity cannot. Event types mix view 70%, click 20%, add_to_cart 7%,
+               purchase 3%. Users' activity is Pareto-tailed; times as for sasrec.
+
+`iter_interactions` parses eagerly (so a bad file fails at the call, naming file and line) but
+holds the data as compact integer columns and builds `Interaction` objects one at a time;
+`read_interactions` is its list.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import argparse
 import csv
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +45,12 @@ import numpy as np
 from model.errors import DataError
 
 FORMATS = ("sasrec", "movielens", "csv", "synthetic")
-BASE_TS_MS = 1_700_000_000_000
-SPAN_MS = 30 * 24 * 3600 * 1000
-GAP_MS = 60_000
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
+SYNTHETIC_TYPE_MIX = (0.7, 0.2, 0.07, 0.03)
+BASE_TS_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z, the epoch of synthetic times
+SPAN_MS = 30 * 24 * 3600 * 1000  # users' synthetic start times spread over 30 days
+GAP_MS = 60_000  # one minute between a user's consecutive synthetic events
+LIKED_RATING = 4.0  # movielens: rating >= this -> "click", else "view"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,25 +71,66 @@ class SyntheticSpec:
     zipf_exponent: float = 1.1
 
 
-def read_interactions(
+class _Columns:
+    """Interactions as integer columns plus the string tables they index, in replay order."""
+
+    def __init__(self) -> None:
+        self.users: dict[str, int] = {}
+        self.items: dict[str, int] = {}
+        self.types: dict[str, int] = {}
+        self.user: list[int] = []
+        self.item: list[int] = []
+        self.type: list[int] = []
+        self.ts: list[int] = []
+
+    def add(self, user: str, item: str, event_type: str, ts: int) -> int:
+        """Append one row; return the user's code (codes follow first appearance)."""
+        code = self.users.setdefault(user, len(self.users))
+        self.user.append(code)
+        self.item.append(self.items.setdefault(item, len(self.items)))
+        self.type.append(self.types.setdefault(event_type, len(self.types)))
+        self.ts.append(ts)
+        return code
+
+    def iterate(self, order: np.ndarray) -> Iterator[Interaction]:
+        users, items, types = list(self.users), list(self.items), list(self.types)
+        user, item, kind, ts = self.user, self.item, self.type, self.ts
+        for row in order.tolist():
+            yield Interaction(users[user[row]], items[item[row]], types[kind[row]], ts[row])
+
+
+def iter_interactions(
     path: str | Path | None, fmt: str, *, synthetic: SyntheticSpec | None = None
-) -> list[Interaction]:
+) -> Iterator[Interaction]:
+    """Interactions in replay order, built lazily from compact columns (see module doc)."""
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt == "synthetic":
         if synthetic is None:
             raise DataError("the synthetic format needs users, items and events")
-        return generate_synthetic(synthetic)
+        return _iter_synthetic(synthetic)
     if path is None:
         raise DataError(f"--data is required for --format {fmt}")
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{file}: no such file")
     reader = {"sasrec": _read_sasrec, "movielens": _read_movielens, "csv": _read_csv}[fmt]
-    interactions = reader(file)
-    if not interactions:
+    try:
+        columns, order = reader(file)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise DataError(f"{file}: {exc.strerror or exc}") from None
+    if not len(order):
         raise DataError(f"{file}: no interactions")
-    return interactions
+    return columns.iterate(order)
+
+
+def read_interactions(
+    path: str | Path | None, fmt: str, *, synthetic: SyntheticSpec | None = None
+) -> list[Interaction]:
+    """All interactions in replay order; `DataError` names the file and line of a bad one."""
+    return list(iter_interactions(path, fmt, synthetic=synthetic))
 
 
 def group_by_user(interactions: Iterable[Interaction]) -> dict[str, list[Interaction]]:
@@ -87,133 +141,163 @@ def group_by_user(interactions: Iterable[Interaction]) -> dict[str, list[Interac
     return dict(users)
 
 
-def _sort(records: list[tuple[int, int, int, Interaction]]) -> list[Interaction]:
-    records.sort(key=lambda r: (r[0], r[1], r[2]))
-    return [r[3] for r in records]
-
-
 def _user_start(user_id: str) -> int:
+    """A user's synthetic start offset in [0, SPAN_MS): deterministic, spreads users out."""
     digest = hashlib.blake2b(user_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % SPAN_MS
 
 
-def _read_sasrec(file: Path) -> list[Interaction]:
-    per_user: dict[str, list[str]] = defaultdict(list)
-    with file.open() as lines:
+def _read_sasrec(file: Path) -> tuple[_Columns, np.ndarray]:
+    columns = _Columns()
+    position: list[int] = []  # k: index of the row within its user's sequence
+    seen: list[int] = []  # events so far per user code
+    with file.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             parts = line.split()
             if not parts:
                 continue
             if len(parts) != 2 or not (parts[0].isdigit() and parts[1].isdigit()):
                 raise DataError(f"{file}:{number}: expected `user item` integers, got {line!r}")
-            per_user[parts[0]].append(parts[1])
-    records = []
-    for rank, (user, items) in enumerate(per_user.items()):
-        start = BASE_TS_MS + _user_start(user)
-        for k, item in enumerate(items):
-            ts = start + k * GAP_MS
-            records.append((ts, rank, k, Interaction(user, item, "purchase", ts)))
-    return _sort(records)
+            code = columns.add(parts[0], parts[1], "purchase", 0)
+            if code == len(seen):
+                seen.append(0)
+            position.append(seen[code])
+            seen[code] += 1
+    starts = np.array([_user_start(u) for u in columns.users], dtype=np.int64)
+    user = np.asarray(columns.user, dtype=np.int64)
+    k = np.asarray(position, dtype=np.int64)
+    ts = BASE_TS_MS + starts[user] + k * GAP_MS
+    columns.ts = ts.tolist()
+    return columns, np.lexsort((k, user, ts))
 
 
-def _read_movielens(file: Path) -> list[Interaction]:
-    records = []
-    with file.open(newline="") as lines:
-        first = lines.readline()
-        csv_mode = "," in first
-        if not (csv_mode and first.lower().startswith("userid")):
-            lines.seek(0)
-        for number, line in enumerate(lines, start=1 if not csv_mode else 2):
-            if not line.strip():
+def _read_movielens(file: Path) -> tuple[_Columns, np.ndarray]:
+    columns = _Columns()
+    user_number: list[int] = []
+    with file.open(encoding="utf-8", newline="") as lines:
+        separator = None
+        for number, line in enumerate(lines, start=1):
+            text = line.strip()
+            if not text:
                 continue
-            parts = line.strip().split("," if csv_mode else "::")
+            if separator is None:
+                separator = "::" if "::" in text else ","
+                if separator == "," and text.lower().startswith("userid"):
+                    continue  # the MovieLens CSV header
+            parts = text.split(separator)
             try:
-                user, movie, rating, seconds = parts[0], parts[1], float(parts[2]), int(parts[3])
-            except (IndexError, ValueError):
-                raise DataError(
-                    f"{file}:{number}: expected user{',' if csv_mode else '::'}movie"
-                    f"{',' if csv_mode else '::'}rating{',' if csv_mode else '::'}timestamp, "
-                    f"got {line.strip()!r}"
-                ) from None
-            event_type = "purchase" if rating >= 4 else "view"
-            interaction = Interaction(user, movie, event_type, seconds * 1000)
-            records.append((interaction.ts, int(user), number, interaction))
-    return _sort(records)
+                if len(parts) != 4:
+                    raise ValueError
+                user, movie = int(parts[0]), int(parts[1])
+                rating, seconds = float(parts[2]), int(parts[3])
+            except ValueError:
+                fields = separator.join(("user", "movie", "rating", "timestamp"))
+                raise DataError(f"{file}:{number}: expected {fields}, got {text!r}") from None
+            event_type = "click" if rating >= LIKED_RATING else "view"
+            columns.add(str(user), str(movie), event_type, seconds * 1000)
+            user_number.append(user)
+    order = np.lexsort((np.asarray(user_number, dtype=np.int64), np.asarray(columns.ts)))
+    return columns, order
 
 
-def _read_csv(file: Path) -> list[Interaction]:
-    records = []
-    with file.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields = set(reader.fieldnames or [])
-        if not {"user_id", "item_id"} <= fields:
+def _read_csv(file: Path) -> tuple[_Columns, np.ndarray]:
+    columns = _Columns()
+    with file.open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        header = [name.strip() for name in next(reader, [])]
+        if not {"user_id", "item_id"} <= set(header):
             raise DataError(
                 f"{file}:1: the header must name user_id and item_id (and may name event_type, ts)"
             )
-        for number, row in enumerate(reader, start=2):
-            user, item = (row.get("user_id") or "").strip(), (row.get("item_id") or "").strip()
+        where = {name: header.index(name) for name in ("user_id", "item_id", "event_type", "ts")
+                 if name in header}
+        for row in reader:
+            number = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{file}:{number}: expected {len(header)} fields, got {len(row)}")
+            user, item = row[where["user_id"]].strip(), row[where["item_id"]].strip()
             if not user or not item:
                 raise DataError(f"{file}:{number}: empty user_id or item_id")
-            event_type = (row.get("event_type") or "view").strip()
-            try:
-                ts = int(row["ts"]) if row.get("ts") else BASE_TS_MS + number
-            except ValueError:
-                raise DataError(
-                    f"{file}:{number}: ts must be integer epoch ms, got {row['ts']!r}"
-                ) from None
-            records.append((ts, 0, number, Interaction(user, item, event_type, ts)))
-    return _sort(records)
+            event_type = row[where["event_type"]].strip() if "event_type" in where else ""
+            if "ts" in where:
+                raw_ts = row[where["ts"]].strip()
+                try:
+                    ts = int(raw_ts)
+                except ValueError:
+                    raise DataError(
+                        f"{file}:{number}: ts must be integer epoch ms, got {raw_ts!r}"
+                    ) from None
+            else:
+                ts = BASE_TS_MS + len(columns.ts)
+            columns.add(user, item, event_type or "view", ts)
+    return columns, np.argsort(np.asarray(columns.ts, dtype=np.int64), kind="stable")
 
 
 def generate_synthetic(spec: SyntheticSpec) -> list[Interaction]:
+    """The synthetic dataset of `spec` in replay order (deterministic for a seed)."""
+    return list(_iter_synthetic(spec))
+
+
+def _iter_synthetic(spec: SyntheticSpec) -> Iterator[Interaction]:
     if spec.users < 1 or spec.items < 2 or spec.events < 1:
         raise DataError("synthetic data needs users >= 1, items >= 2 and events >= 1")
+    if not 0.0 <= spec.follow_probability <= 1.0:
+        raise DataError("synthetic follow_probability must be in [0, 1]")
     rng = np.random.default_rng(spec.seed)
     ranks = np.arange(1, spec.items + 1, dtype=np.float64)
-    popularity = ranks ** -spec.zipf_exponent
+    popularity = ranks**-spec.zipf_exponent
     popularity /= popularity.sum()
     item_of_rank = rng.permutation(spec.items) + 1  # popular ranks land on random item ids
-    successor = np.empty(spec.items + 1, dtype=np.int64)
-    chain = rng.permutation(spec.items) + 1
-    successor[chain] = np.roll(chain, -1)
+    chain = rng.permutation(spec.items) + 1  # successor of chain[j] is chain[j + 1] (a cycle)
+    place_in_chain = np.empty(spec.items + 1, dtype=np.int64)
+    place_in_chain[chain] = np.arange(spec.items)
     # events per user: a long tail, every user at least one event
     weights = rng.pareto(1.5, spec.users) + 1.0
     counts = np.maximum(1, np.floor(weights / weights.sum() * spec.events)).astype(np.int64)
     counts[np.argmax(counts)] += max(0, spec.events - int(counts.sum()))
-    popular_draws = item_of_rank[rng.choice(spec.items, size=int(counts.sum()), p=popularity)]
-    follow = rng.random(int(counts.sum())) < spec.follow_probability
-    types = rng.choice(len(EVENT_TYPES), size=int(counts.sum()), p=(0.7, 0.2, 0.07, 0.03))
-    records = []
-    position = 0
-    for user in range(spec.users):
-        user_id = f"u{user}"
-        start = BASE_TS_MS + _user_start(user_id)
-        current = int(popular_draws[position])
-        for k in range(int(counts[user])):
-            if k > 0:
-                chained = follow[position]
-                current = int(successor[current] if chained else popular_draws[position])
-            event_type = EVENT_TYPES[types[position]]
-            interaction = Interaction(user_id, f"i{current}", event_type, start + k * GAP_MS)
-            records.append((interaction.ts, user, k, interaction))
-            position += 1
-    return _sort(records)[: spec.events]
+    total = int(counts.sum())
+    popular_draws = item_of_rank[rng.choice(spec.items, size=total, p=popularity)]
+    follow = rng.random(total) < spec.follow_probability
+    types = rng.choice(len(EVENT_TYPES), size=total, p=SYNTHETIC_TYPE_MIX)
+
+    row = np.arange(total, dtype=np.int64)
+    user = np.repeat(np.arange(spec.users, dtype=np.int64), counts)
+    k = row - np.repeat(np.cumsum(counts) - counts, counts)  # index within the user's sequence
+    # a run starts at a user's first event or a fresh draw, then walks the chain step by step
+    run_start = np.maximum.accumulate(np.where(~follow | (k == 0), row, 0))
+    steps = row - run_start
+    item = chain[(place_in_chain[popular_draws[run_start]] + steps) % spec.items]
+
+    user_ids = [f"u{u}" for u in range(spec.users)]
+    starts = np.array([_user_start(u) for u in user_ids], dtype=np.int64)
+    ts = BASE_TS_MS + starts[user] + k * GAP_MS
+    order = np.lexsort((k, user, ts))[: spec.events]
+    columns = [a[order].tolist() for a in (user, item, types, ts)]
+
+    def rows() -> Iterator[Interaction]:
+        for u, i, t, stamp in zip(*columns, strict=True):
+            yield Interaction(user_ids[u], f"i{i}", EVENT_TYPES[t], stamp)
+
+    return rows()
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("dataset")
     group.add_argument("--data", default=None, help="dataset file (not for synthetic)")
-    group.add_argument("--format", default="sasrec", choices=FORMATS)
+    group.add_argument("--format", default="sasrec", choices=FORMATS, help="dataset format")
     group.add_argument("--synthetic-users", type=int, default=2_000)
     group.add_argument("--synthetic-items", type=int, default=1_000)
     group.add_argument("--synthetic-events", type=int, default=50_000)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0, help="synthetic data (and training) seed")
+
+
+def spec_from_args(args: argparse.Namespace) -> SyntheticSpec | None:
+    if args.format != "synthetic":
+        return None
+    return SyntheticSpec(args.synthetic_users, args.synthetic_items, args.synthetic_events, args.seed)
 
 
 def dataset_from_args(args: argparse.Namespace) -> list[Interaction]:
-    spec = None
-    if args.format == "synthetic":
-        spec = SyntheticSpec(
-            args.synthetic_users, args.synthetic_items, args.synthetic_events, args.seed
-        )
-    return read_interactions(args.data, args.format, synthetic=spec)
+    return read_interactions(args.data, args.format, synthetic=spec_from_args(args))
