@@ -109,8 +109,8 @@ def evaluate_split(
         items = left_pad(split.inputs[start:stop], max_len).to(device)
         types = left_pad(split.input_types[start:stop], max_len).to(device)
         vectors = encoder(items, types)[:, -1]
-        scores = encoder.score(vectors).float().cpu()
-        targets = torch.tensor(split.targets[start:stop])
+        scores = encoder.score(vectors).float()
+        targets = torch.tensor(split.targets[start:stop], device=scores.device)
         all_ranks.append(rank_targets(scores, split.inputs[start:stop], targets))
     return metrics_from_ranks(np.concatenate(all_ranks) if all_ranks else np.zeros(0))
 
@@ -124,9 +124,10 @@ def rank_targets(scores: torch.Tensor, histories: list[list[int]], targets: torc
     rows = [r for r, h in enumerate(histories) for _ in h]
     cols = [i for h in histories for i in h]
     if rows:
-        scores[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
+        device = scores.device
+        scores[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = float("-inf")
     scores.scatter_(1, targets.view(-1, 1), target_scores)  # the target is never left out
-    return (scores > target_scores).sum(dim=1).numpy()
+    return (scores > target_scores).sum(dim=1).cpu().numpy()
 
 
 def evaluate_popularity(popularity: np.ndarray, split: Split) -> dict[str, float]:
