@@ -5,10 +5,11 @@ library on the hot path. A message that fails raises `InvalidEvent` with a reaso
 worker sends it to the dead-letter topic with that reason. Reason codes:
 
     oversized            the payload is larger than the configured limit
-    malformed_json       not valid UTF-8 JSON
+    malformed_json       not valid UTF-8 JSON (also: a null value, nesting too deep)
     not_an_object        JSON, but not an object
     missing_field        user_id, item_id, event_type or ts is absent
-    wrong_type           a field has the wrong type (ids strings, ts integer, props object)
+    wrong_type           a field has the wrong type (ids and event_type strings, ts an integer
+                         (not a float, not a boolean), props an object)
     empty_id             user_id or item_id is empty or longer than 256 characters
     unknown_event_type   event_type is not one of the configured types
     future_ts            ts is further in the future than allowed (clock skew limit)
@@ -28,6 +29,8 @@ REQUIRED_FIELDS = ("user_id", "item_id", "event_type", "ts")
 
 
 class InvalidEvent(ValueError):
+    """A message the worker cannot apply; `reason` is one of the codes above."""
+
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
@@ -86,15 +89,24 @@ def encode_recommendation(recommendation: Recommendation) -> bytes:
 
 
 def decode_recommendation(raw: bytes) -> Recommendation:
+    """Parse a recommendation; unknown fields are ignored. `ValueError` if it is not one."""
     data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError(f"a recommendation is a JSON object, got {type(data).__name__}")
     known = Recommendation.__dataclass_fields__
-    return Recommendation(
-        **{
-            **{k: v for k, v in data.items() if k in known},
-            "items": [ScoredItem(**i) for i in data["items"]],
-            "because": [BecauseEvent(**b) for b in data.get("because", [])],
-        }
-    )
+    try:
+        return Recommendation(
+            **{
+                **{k: v for k, v in data.items() if k in known},
+                "items": [ScoredItem(i["item_id"], i["score"]) for i in data["items"]],
+                "because": [
+                    BecauseEvent(b["item_id"], b["event_type"], b["weight"])
+                    for b in data.get("because", [])
+                ],
+            }
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a recommendation: {exc!r}") from None
 
 
 def parse_event(
@@ -112,8 +124,8 @@ def parse_event(
     if len(raw) > max_bytes:
         raise InvalidEvent("oversized", f"{len(raw)} bytes > limit {max_bytes}")
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise InvalidEvent("malformed_json", str(exc)[:200]) from None
     if not isinstance(data, dict):
         raise InvalidEvent("not_an_object", f"got {type(data).__name__}")
