@@ -115,7 +115,9 @@ def evaluate_split(
     return metrics_from_ranks(np.concatenate(all_ranks) if all_ranks else np.zeros(0))
 
 
-def rank_targets(scores: torch.Tensor, histories: list[list[int]], targets: torch.Tensor) -> np.ndarray:
+def rank_targets(
+    scores: torch.Tensor, histories: list[list[int]], targets: torch.Tensor
+) -> np.ndarray:
     """0-based rank of each target among all items; the user's history (never the target)
     is left out, and so is the padding index 0."""
     target_scores = scores.gather(1, targets.view(-1, 1)).clone()
@@ -170,7 +172,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         pop = result["popularity"]
         for key in ("hr@10", "ndcg@10", "hr@20", "ndcg@20"):
-            print(f"{key:8s} model {result[key]:.4f}   popularity {pop[key]:.4f}")  # type: ignore[index]
+            model_value = float(result[key])  # type: ignore[arg-type]
+            pop_value = float(pop[key])  # type: ignore[index]
+            print(f"{key:8s} model {model_value:.4f}   popularity {pop_value:.4f}")
         print(f"users {result['users']}  model {artifact.version}")
     return 0
 

@@ -121,49 +121,59 @@ def train(
     best_ndcg, best_state, best_epoch, waited = -1.0, None, 0, 0
     started = time.perf_counter()
     rng = random.Random(settings.seed)
-    for epoch in range(1, settings.epochs + 1):
-        encoder.train()
-        order = list(range(len(sequences)))
-        rng.shuffle(order)
-        total, count = 0.0, 0
-        batches = range(0, len(order), settings.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
-        for start in bar:
-            chosen = [sequences[i] for i in order[start : start + settings.batch_size]]
-            items = left_pad([s[0][:-1] for s in chosen], settings.max_len).to(device)
-            types = left_pad([s[1][:-1] for s in chosen], settings.max_len).to(device)
-            targets = left_pad([s[0][1:] for s in chosen], settings.max_len).to(device)
-            hidden = encoder(items, types)
-            real = targets != 0
-            loss = _loss(encoder, hidden[real], targets[real], settings)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * int(real.sum())
-            count += int(real.sum())
-            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-        record = {"epoch": epoch, "loss": total / max(count, 1), "seconds": time.perf_counter() - started}
-        if epoch % settings.eval_every == 0 or epoch == settings.epochs:
-            validation = evaluate_split(
-                encoder, prepared.validation, max_len=settings.max_len, device=str(device)
+    try:  # Ctrl-C stops training early and still publishes the best weights so far
+        for epoch in range(1, settings.epochs + 1):
+            encoder.train()
+            order = list(range(len(sequences)))
+            rng.shuffle(order)
+            total, count = 0.0, 0
+            batches = range(0, len(order), settings.batch_size)
+            bar = tqdm(
+                batches, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch"
             )
-            record.update({f"val_{k}": v for k, v in validation.items()})
-            if validation["ndcg@10"] > best_ndcg:
-                best_ndcg, best_epoch, waited = validation["ndcg@10"], epoch, 0
-                best_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
-            else:
-                waited += 1
-        history.append(record)
-        if progress:
-            shown = ", ".join(
-                f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds")
-            )
-            tqdm.write(f"epoch {epoch:3d} ({record['seconds']:.0f}s): {shown}")
-        if waited >= settings.patience:
-            break
+            for start in bar:
+                chosen = [sequences[i] for i in order[start : start + settings.batch_size]]
+                items = left_pad([s[0][:-1] for s in chosen], settings.max_len).to(device)
+                types = left_pad([s[1][:-1] for s in chosen], settings.max_len).to(device)
+                targets = left_pad([s[0][1:] for s in chosen], settings.max_len).to(device)
+                hidden = encoder(items, types)
+                real = targets != 0
+                loss = _loss(encoder, hidden[real], targets[real], settings)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * int(real.sum())
+                count += int(real.sum())
+                bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+            record = {
+                "epoch": epoch,
+                "loss": total / max(count, 1),
+                "seconds": time.perf_counter() - started,
+            }
+            if epoch % settings.eval_every == 0 or epoch == settings.epochs:
+                validation = evaluate_split(
+                    encoder, prepared.validation, max_len=settings.max_len, device=str(device)
+                )
+                record.update({f"val_{k}": v for k, v in validation.items()})
+                if validation["ndcg@10"] > best_ndcg:
+                    best_ndcg, best_epoch, waited = validation["ndcg@10"], epoch, 0
+                    best_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+                else:
+                    waited += 1
+            history.append(record)
+            if progress:
+                shown = ", ".join(
+                    f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds")
+                )
+                tqdm.write(f"epoch {epoch:3d} ({record['seconds']:.0f}s): {shown}")
+            if waited >= settings.patience:
+                break
+    except KeyboardInterrupt:
+        tqdm.write("interrupted: stopping early with the best weights so far")
+    if best_state is None:
+        raise ConfigError("training stopped before the first validation: nothing to save")
     train_seconds = time.perf_counter() - started
-    if best_state is not None:
-        encoder.load_state_dict(best_state)
+    encoder.load_state_dict(best_state)
     encoder = encoder.cpu().eval()
     test = evaluate_split(encoder, prepared.test, max_len=settings.max_len)
     metrics = {

@@ -23,7 +23,8 @@ SMALL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "window": 8, "dropout": 0.1
 def _train(out: Path, seed: int = 0, epochs: int = 4) -> dict:
     data = generate_synthetic(SyntheticSpec(users=300, items=120, events=6000, seed=1))
     settings = TrainSettings(epochs=epochs, batch_size=64, max_len=30, seed=seed, patience=10)
-    return train(data, SMALL, settings, out, plot_path=out.parent / f"{out.name}.png", progress=False)
+    plot = out.parent / f"{out.name}.png"
+    return train(data, SMALL, settings, out, plot_path=plot, progress=False)
 
 
 @pytest.fixture(scope="module")
