@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from bench.machine import machine_info
-from model.backends import make_backend
+from model.backends import BACKENDS, make_backend
 from model.config import ModelConfig
 from model.encoder import Encoder
+from model.errors import ConfigError
 from model.export import export_step
 
 
@@ -135,12 +136,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds (CI smoke)")
 
 
+def _positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} wants a comma list of positive integers, got {text!r}")
+    return values
+
+
 def main(args: argparse.Namespace) -> int:
-    windows = [int(w) for w in args.windows.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
+    windows = _positive_ints(args.windows, "--windows")
+    batches = _positive_ints(args.batches, "--batches")
     backends = ["torch-cpu", "onnx-cpu"] + (["torch-cuda"] if torch.cuda.is_available() else [])
     if args.backends != "auto":
-        backends = args.backends.split(",")
+        backends = [name.strip() for name in args.backends.split(",") if name.strip()]
+        unknown = sorted(set(backends) - set(BACKENDS))
+        if unknown or not backends:
+            raise ConfigError(f"--backends: unknown {unknown}; choose from {', '.join(BACKENDS)}")
     n_items, min_seconds = 100_000, args.min_seconds
     if args.quick:
         windows, batches, n_items, min_seconds = [8], [1, 16], 1000, 0.05
