@@ -107,6 +107,13 @@ def train(
     config = ModelConfig(
         n_items=len(item_ids) - 1, n_event_types=len(event_types), **config_overrides
     ).validate()
+    reach = config.history_needed
+    if settings.max_len < reach:
+        raise ConfigError(
+            f"--max-len {settings.max_len} is shorter than the history the model can use "
+            f"({config.n_layers} layers x (window {config.window} - 1) + 1 = {reach} events): "
+            f"use --max-len {reach} or more, or a smaller --window"
+        )
     device = torch.device(settings.device)
     encoder = Encoder(config).to(device)
     optimizer = torch.optim.AdamW(

@@ -13,7 +13,7 @@ import torch
 
 from model.artifact import load_artifact
 from model.datasets import SyntheticSpec, generate_synthetic
-from model.errors import ArtifactError
+from model.errors import ArtifactError, ConfigError
 from model.evaluate import metrics_from_ranks, rank_targets
 from model.train import TrainSettings, train
 
@@ -111,3 +111,10 @@ def test_full_ranking_excludes_history_but_never_the_target() -> None:
     metrics = metrics_from_ranks(np.array([0, 0, 5, 30]))
     assert metrics["hr@10"] == 0.75
     assert metrics["ndcg@10"] == pytest.approx((1 + 1 + 1 / np.log2(7)) / 4)
+
+
+def test_max_len_shorter_than_the_model_reach_is_refused(tmp_path: Path) -> None:
+    data = generate_synthetic(SyntheticSpec(users=20, items=10, events=200, seed=1))
+    settings = TrainSettings(epochs=1, max_len=10)  # 2 layers x (8 - 1) + 1 = 15 > 10
+    with pytest.raises(ConfigError, match="--max-len 15"):
+        train(data, SMALL, settings, tmp_path / "m", progress=False)
