@@ -7,10 +7,12 @@ Formats:
     sasrec     `user item` lines (1-based integers), time-ordered per user, no timestamps and
                no event types (the SASRec preprocessing of Amazon reviews). Every line is a
                review, that is a purchase, so the event type is "purchase". Times are
-               synthetic and deterministic: user u starts at BASE_TS_MS + hash(u) mod 30 days
-               (blake2b of the id) and its k-th event is k minutes later; the whole file is
-               then sorted by (time, user's first line, k). Each user's order is kept and a
-               replay interleaves users instead of playing them one after another.
+               synthetic and deterministic, one session per user: user u's k-th event is at
+               BASE_TS_MS + start(u) + k minutes, where start(u) = blake2b(u) mod span and
+               span = events x 1 minute / CONCURRENT_USERS, so that about CONCURRENT_USERS
+               users are mid-session at any moment whatever the file's size. The file is then
+               sorted by (time, user's first line, k): each user's order is kept and a replay
+               interleaves many users instead of playing them one after another.
     movielens  `ratings.dat` (`user::movie::rating::seconds`) or MovieLens CSV
                (`userId,movieId,rating,timestamp`, header optional); integer ids.
                rating >= 4 -> "click" (liked), otherwise "view". Ties in time are broken by
@@ -48,8 +50,8 @@ FORMATS = ("sasrec", "movielens", "csv", "synthetic")
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 SYNTHETIC_TYPE_MIX = (0.7, 0.2, 0.07, 0.03)
 BASE_TS_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z, the epoch of synthetic times
-SPAN_MS = 30 * 24 * 3600 * 1000  # users' synthetic start times spread over 30 days
 GAP_MS = 60_000  # one minute between a user's consecutive synthetic events
+CONCURRENT_USERS = 100  # synthetic times: about this many users mid-session at any moment
 LIKED_RATING = 4.0  # movielens: rating >= this -> "click", else "view"
 
 
@@ -141,10 +143,15 @@ def group_by_user(interactions: Iterable[Interaction]) -> dict[str, list[Interac
     return dict(users)
 
 
-def _user_start(user_id: str) -> int:
-    """A user's synthetic start offset in [0, SPAN_MS): deterministic, spreads users out."""
-    digest = hashlib.blake2b(user_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % SPAN_MS
+def _session_starts(user_ids: Iterable[str], total_events: int) -> np.ndarray:
+    """Each user's synthetic start offset (ms): a hash of the id, spread over a span sized so
+    that about CONCURRENT_USERS one-event-a-minute sessions overlap at any moment."""
+    span = max(GAP_MS, total_events * GAP_MS // CONCURRENT_USERS)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") % span
+         for u in user_ids],
+        dtype=np.int64,
+    )
 
 
 def _read_sasrec(file: Path) -> tuple[_Columns, np.ndarray]:
@@ -163,7 +170,7 @@ def _read_sasrec(file: Path) -> tuple[_Columns, np.ndarray]:
                 seen.append(0)
             position.append(seen[code])
             seen[code] += 1
-    starts = np.array([_user_start(u) for u in columns.users], dtype=np.int64)
+    starts = _session_starts(columns.users, len(columns.user))
     user = np.asarray(columns.user, dtype=np.int64)
     k = np.asarray(position, dtype=np.int64)
     ts = BASE_TS_MS + starts[user] + k * GAP_MS
@@ -271,7 +278,7 @@ def _iter_synthetic(spec: SyntheticSpec) -> Iterator[Interaction]:
     item = chain[(place_in_chain[popular_draws[run_start]] + steps) % spec.items]
 
     user_ids = [f"u{u}" for u in range(spec.users)]
-    starts = np.array([_user_start(u) for u in user_ids], dtype=np.int64)
+    starts = _session_starts(user_ids, total)
     ts = BASE_TS_MS + starts[user] + k * GAP_MS
     order = np.lexsort((k, user, ts))[: spec.events]
     columns = [a[order].tolist() for a in (user, item, types, ts)]

@@ -49,12 +49,21 @@ def client_config(args: argparse.Namespace) -> dict[str, object]:
     return config
 
 
+def topic_names(config: Mapping[str, object]) -> set[str]:
+    """The cluster's topic names; `ConfigError` if the settings are wrong or nobody answers."""
+    try:
+        return set(AdminClient(dict(config)).list_topics(timeout=15).topics)
+    except KafkaException as exc:
+        raise ConfigError(
+            f"cannot reach Kafka at {config.get('bootstrap.servers')}: {exc.args[0]}"
+        ) from None
+
+
 def ensure_topics(
     config: Mapping[str, object], topics: Mapping[str, tuple[int, Mapping[str, str]]]
 ) -> None:
     """Create the missing ones of `topics` ({name: (partitions, topic config)}); keep the rest."""
-    admin = AdminClient(dict(config))
-    existing = admin.list_topics(timeout=15).topics
+    existing = topic_names(config)
     wanted = [
         NewTopic(name, num_partitions=partitions, replication_factor=-1, config=dict(settings))
         for name, (partitions, settings) in topics.items()
@@ -62,6 +71,7 @@ def ensure_topics(
     ]
     if not wanted:
         return
+    admin = AdminClient(dict(config))
     for name, future in admin.create_topics(wanted, operation_timeout=30).items():
         try:
             future.result(timeout=60)

@@ -1,167 +1,92 @@
-"""Datasets, schemas, `kvrec replay` and `kvrec tail`: the edges of the product."""
+"""`kvrec replay` / `kvrec tail` flags and user-facing errors: one line, exit 2, no traceback."""
 
 from __future__ import annotations
 
-import itertools
-import json
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
 
-from model.datasets import SyntheticSpec, generate_synthetic, group_by_user, read_interactions
-from model.errors import DataError
+from model.errors import ConfigError
 from stream.cli import main as kvrec
-from stream.schema import (
-    InvalidEvent,
-    Recommendation,
-    ScoredItem,
-    decode_recommendation,
-    encode_recommendation,
-    parse_event,
-)
-from tests.conftest import create_topics, unique_topic
+from stream.kafka_config import add_kafka_arguments, client_config
 
-TYPES = frozenset({"view", "click", "add_to_cart", "purchase"})
-NOW = 1_800_000_000_000
+KVREC = Path(sys.executable).with_name("kvrec")
 
 
-def _parse(raw: bytes | None, key: bytes | None = b"u1"):
-    return parse_event(raw, key, event_types=TYPES, max_bytes=2000, now_ms=NOW, max_future_ms=60_000)
+def _run_kvrec(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "stream.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
-@pytest.mark.parametrize(
-    ("raw", "reason"),
-    [
-        (b"x" * 3000, "oversized"),
-        (b"{nope", "malformed_json"),
-        (b"\xff\xfe", "malformed_json"),
-        (None, "malformed_json"),
-        (b"[]", "not_an_object"),
-        (b'{"user_id": "u1", "item_id": "a", "event_type": "view"}', "missing_field"),
-        (b'{"user_id": "u1", "item_id": 3, "event_type": "view", "ts": 1}', "wrong_type"),
-        (b'{"user_id": "u1", "item_id": "a", "event_type": "view", "ts": 1.5}', "wrong_type"),
-        (b'{"user_id": "u1", "item_id": "a", "event_type": "view", "ts": true}', "wrong_type"),
-        (b'{"user_id": "u1", "item_id": "a", "event_type": "view", "ts": 1, "props": 3}', "wrong_type"),
-        (b'{"user_id": "u1", "item_id": "", "event_type": "view", "ts": 1}', "empty_id"),
-        (b'{"user_id": "u1", "item_id": "a", "event_type": "like", "ts": 1}', "unknown_event_type"),
-        (b'{"user_id": "u1", "item_id": "a", "event_type": "view", "ts": 1800000070000}', "future_ts"),
-        (b'{"user_id": "u2", "item_id": "a", "event_type": "view", "ts": 1}', "key_mismatch"),
-    ],
-)
-def test_every_reason_code_is_raised(raw: bytes | None, reason: str) -> None:
-    with pytest.raises(InvalidEvent) as caught:
-        _parse(raw)
-    assert caught.value.reason == reason and caught.value.detail
-
-
-def test_valid_events_pass_and_match_the_json_schema_required_fields() -> None:
-    event = _parse(b'{"user_id": "u1", "item_id": "sku-9", "event_type": "click", "ts": 5, "props": {}}')
-    assert (event.user_id, event.item_id, event.event_type, event.ts) == ("u1", "sku-9", "click", 5)
-    assert _parse(b'{"user_id": "u1", "item_id": "a", "event_type": "view", "ts": 1}', key=None)
-    schemas = Path(__file__).resolve().parent.parent / "stream" / "schemas"
-    event_schema = json.loads((schemas / "event.v1.json").read_text())
-    assert set(event_schema["required"]) == {"user_id", "item_id", "event_type", "ts"}
-    assert set(event_schema["properties"]["event_type"]["enum"]) == TYPES
-    rec_schema = json.loads((schemas / "recommendation.v1.json").read_text())
-    rec = Recommendation("u1", [ScoredItem("a", 0.5)], "v1", 1, 2)
-    encoded = json.loads(encode_recommendation(rec))
-    assert set(rec_schema["required"]) <= set(encoded)
-    assert encoded["schema"] == rec_schema["properties"]["schema"]["const"]
-    assert decode_recommendation(encode_recommendation(rec)) == rec
-
-
-def test_dataset_readers_keep_per_user_order_and_name_bad_lines(tmp_path: Path) -> None:
-    sasrec = tmp_path / "seq.txt"
-    sasrec.write_text("1 10\n1 11\n2 10\n1 12\n2 13\n")
-    data = read_interactions(sasrec, "sasrec")
-    assert [i.item_id for i in group_by_user(data)["1"]] == ["10", "11", "12"]
-    assert all(a.ts <= b.ts for a, b in itertools.pairwise(data))
-    sasrec.write_text("1 10\n1 eleven\n")
-    with pytest.raises(DataError, match=r"seq\.txt:2"):
-        read_interactions(sasrec, "sasrec")
-    movielens = tmp_path / "ratings.dat"
-    movielens.write_text("1::5::4::100\n2::6::2::50\n")
-    assert [(i.user_id, i.event_type) for i in read_interactions(movielens, "movielens")] == [
-        ("2", "view"), ("1", "purchase"),
-    ]
-    with pytest.raises(DataError, match="no such file"):
-        read_interactions(tmp_path / "missing.txt", "sasrec")
-
-
-def test_synthetic_data_is_deterministic_and_sequential() -> None:
-    spec = SyntheticSpec(users=50, items=100, events=3000, seed=4)
-    first, second = generate_synthetic(spec), generate_synthetic(spec)
-    assert first == second and len(first) == 3000
-    # chains: the same item is followed by the same successor far more often than by chance
-    pairs: dict[str, dict[str, int]] = {}
-    for events in group_by_user(first).values():
-        for a, b in itertools.pairwise(events):
-            pairs.setdefault(a.item_id, {}).setdefault(b.item_id, 0)
-            pairs[a.item_id][b.item_id] += 1
-    top_share = sum(max(n.values()) for n in pairs.values()) / sum(sum(n.values()) for n in pairs.values())
-    assert top_share > 0.4
+def test_malformed_dataset_line_is_one_line_from_the_installed_command(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 2\n3\n")
+    result = _run_kvrec("replay", "--data", str(bad))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"kvrec: error: {bad}:2: expected `user item` integers, got '3\\n'\n"
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["replay", "--format", "sasrec", "--data", "/nonexistent/file.txt"], "no such file"),
-        (["train", "--format", "sasrec", "--out", "/tmp/x", "--data", "BAD"], "no such file"),
-        (["replay", "--no-such-flag"], "unrecognized arguments"),
+        (["replay", "--format", "sasrec", "--data", "/nonexistent/file.txt"],
+         "kvrec: error: /nonexistent/file.txt: no such file"),
+        (["replay", "--format", "movielens"], "kvrec: error: --data is required for --format movielens"),
+        (["replay", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["replay", "--format", "parquet"], "invalid choice: 'parquet'"),
+        (["replay", "--format", "synthetic", "--rate", "-1"], "kvrec: error: --rate and --limit"),
+        (["replay", "--format", "synthetic", "--synthetic-users", "0"], "kvrec: error: synthetic data"),
+        (["tail", "--max-messages", "-3"], "kvrec: error: --max-messages and --timeout must be >= 0"),
+        (["tail", "--sasl-mechanism", "PLAIN"], "kvrec: error: --sasl-mechanism needs"),
     ],
 )
-def test_cli_errors_are_one_line_without_traceback(args: list[str], message: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-
-
-def test_malformed_dataset_line_is_a_one_line_error(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.txt"
-    bad.write_text("1 2\n3\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "replay", "--data", str(bad)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"kvrec: error: {bad}:2: expected `user item` integers, got '3\\n'"
-
-
-@pytest.mark.kafka
-def test_replay_publishes_the_dataset_and_tail_prints_recommendations(
-    kafka_bootstrap: str, capsys: pytest.CaptureFixture[str]
+def test_bad_input_is_one_line_and_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    events_topic, recs_topic = unique_topic("replay"), unique_topic("recs")
-    create_topics(kafka_bootstrap, {events_topic: 2, recs_topic: 1})
-    args = ["--format", "synthetic", "--synthetic-users", "20", "--synthetic-items", "30",
-            "--synthetic-events", "400", "--seed", "2"]
-    assert kvrec(["replay", *args, "--bootstrap-servers", kafka_bootstrap, "--topic", events_topic]) == 0
-    assert "replayed 400 events" in capsys.readouterr().out
-    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": unique_topic("g"),
-                         "auto.offset.reset": "earliest"})
-    consumer.subscribe([events_topic])
-    received = []
-    while len(received) < 400:
-        batch = consumer.consume(500, timeout=5)
-        assert batch, "replayed events did not arrive"
-        received += [json.loads(m.value()) for m in batch]
-    consumer.close()
-    expected = generate_synthetic(SyntheticSpec(20, 30, 400, 2))
-    assert sorted((e["user_id"], e["item_id"], e["ts"]) for e in received) == sorted(
-        (i.user_id, i.item_id, i.ts) for i in expected
-    )
-    from confluent_kafka import Producer
+    try:
+        code = kvrec(args)
+    except SystemExit as exit_:  # argparse's own errors (unknown flag, bad choice)
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    assert message in err.strip().splitlines()[-1]  # the error itself is one line (after usage)
+    if message.startswith("kvrec: error:"):
+        assert err.count("\n") == 1
 
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
-    rec = Recommendation("u7", [ScoredItem("sku-1", 0.9)], "v-test", 10, 15, source_ts=12)
-    producer.produce(recs_topic, key=b"u7", value=encode_recommendation(rec))
-    producer.flush(10)
-    assert kvrec(["tail", "--bootstrap-servers", kafka_bootstrap, "--topic", recs_topic,
-                  "--from-beginning", "--max-messages", "1", "--timeout", "20"]) == 0
-    line = capsys.readouterr().out.strip()
-    assert line.startswith("user u7  [sku-1:0.900]") and "model v-test" in line and "3 ms" in line
+
+def test_unknown_flag_from_the_installed_command_has_no_traceback() -> None:
+    result = _run_kvrec("tail", "--no-such-flag")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --no-such-flag" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_kafka_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = argparse.ArgumentParser()
+    add_kafka_arguments(parser)
+    args = parser.parse_args([])
+    assert client_config(args) == {"bootstrap.servers": "localhost:9092", "client.id": "kvrec"}
+    args = parser.parse_args([
+        "--bootstrap-servers", "b1:9093,b2:9093", "--security-protocol", "SASL_SSL",
+        "--sasl-mechanism", "SCRAM-SHA-512", "--sasl-username", "app", "--sasl-password", "secret",
+        "--ssl-ca-location", "/etc/ca.pem", "--client-id", "replayer",
+    ])
+    assert client_config(args) == {
+        "bootstrap.servers": "b1:9093,b2:9093", "client.id": "replayer",
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "app", "sasl.password": "secret", "ssl.ca.location": "/etc/ca.pem",
+    }
+    with pytest.raises(ConfigError):
+        client_config(parser.parse_args(["--sasl-mechanism", "PLAIN", "--sasl-username", "a"]))
+    from stream.cli import build_parser
+
+    monkeypatch.setenv("KVREC_SASL_PASSWORD", "from-env")
+    monkeypatch.setenv("KVREC_BOOTSTRAP_SERVERS", "envhost:1")
+    argv = ["tail", "--sasl-mechanism", "PLAIN", "--sasl-username", "u"]
+    config = client_config(build_parser(argv).parse_args(argv))
+    assert config["sasl.password"] == "from-env" and config["bootstrap.servers"] == "envhost:1"
