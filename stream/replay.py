@@ -1,6 +1,10 @@
 """`kvrec replay`: publish a dataset to the events topic, paced or as fast as possible.
 
     kvrec replay --data ../shared/datasets/amazon-games.txt --format sasrec --rate 5000
+
+Events are JSON (`stream/schemas/event.v1.json`) keyed by user id, so a user's events land on
+one partition in replay order. Pacing is a token bucket (`--rate` tokens per second, a burst of
+at most `BURST_SECONDS` of tokens); `--rate 0` sends as fast as the producer takes them.
 """
 
 from __future__ import annotations
@@ -15,19 +19,50 @@ from tqdm import tqdm
 
 from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
 from model.errors import ConfigError
-from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics
+from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics, topic_names
 from stream.schema import Event, encode_event
+
+# throughput settings; anything in the caller's config wins
+PRODUCER_DEFAULTS: dict[str, object] = {
+    "linger.ms": 20,
+    "batch.num.messages": 10_000,
+    "batch.size": 1_000_000,
+    "compression.type": "lz4",
+    "queue.buffering.max.messages": 500_000,
+    "enable.idempotence": True,  # no duplicates or reordering on retries
+}
+BURST_SECONDS = 0.05
+FLUSH_SECONDS = 60.0
 
 
 @dataclass
 class ReplayStats:
-    sent: int
-    failed: int
+    sent: int  # acknowledged by the broker
+    failed: int  # delivery failed, or still unacknowledged after the final flush
     seconds: float
+    interrupted: bool = False
 
     @property
     def rate(self) -> float:
         return self.sent / self.seconds if self.seconds > 0 else 0.0
+
+
+class TokenBucket:
+    """`rate` tokens per second, at most `burst` banked; `take()` sleeps until one is there."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.capacity = rate, max(1.0, burst)
+        self.tokens, self.last = 1.0, time.perf_counter()
+
+    def take(self) -> None:
+        while True:
+            now = time.perf_counter()
+            self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                return
+            time.sleep((1.0 - self.tokens) / self.rate)
 
 
 def replay_events(
@@ -37,50 +72,52 @@ def replay_events(
     rate: float = 0.0,
     progress: bool = True,
 ) -> ReplayStats:
-    """Produce `interactions` as JSON events keyed by user id; `rate` events/s (0 = max)."""
-    failures: list[str] = []
+    """Produce `interactions` as JSON events keyed by user id; `rate` events/s (0 = max).
 
-    def on_delivery(error: object, message: object) -> None:
-        if error is not None:
-            failures.append(str(error))
+    Ctrl-C stops sending, flushes what was queued and returns (`interrupted=True`).
+    """
+    outcome = {"delivered": 0, "failed": 0}
 
-    producer = Producer(
-        {"linger.ms": 20, "batch.num.messages": 10_000, "compression.type": "lz4",
-         **producer_config}
-    )
+    def on_delivery(error: object, _message: object) -> None:
+        outcome["failed" if error is not None else "delivered"] += 1
+
+    producer = Producer({**PRODUCER_DEFAULTS, **producer_config})
+    bucket = TokenBucket(rate, rate * BURST_SECONDS) if rate > 0 else None
     started = time.perf_counter()
-    sent = 0
+    queued = 0
+    interrupted = False
     bar = tqdm(total=len(interactions), unit="ev", disable=not progress, smoothing=0.1)
     try:
         for interaction in interactions:
-            if rate > 0:
-                due = started + sent / rate
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
+            if bucket is not None:
+                bucket.take()
             value = encode_event(
                 Event(interaction.user_id, interaction.item_id, interaction.event_type, interaction.ts)
             )
+            key = interaction.user_id.encode()
             while True:
                 try:
-                    producer.produce(
-                        topic, key=interaction.user_id.encode(), value=value, on_delivery=on_delivery
-                    )
+                    producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
                     break
                 except BufferError:  # local queue full: let deliveries drain
                     producer.poll(0.05)
-            sent += 1
-            if sent % 1000 == 0:
+            queued += 1
+            if queued % 1000 == 0:
                 producer.poll(0)
-                bar.update(1000)
+                bar.update(queued - bar.n)
     except KeyboardInterrupt:
-        pass
+        interrupted = True
     finally:
-        remaining = producer.flush(60)
-        bar.update(sent - bar.n)
+        remaining = producer.flush(FLUSH_SECONDS)
+        bar.update(queued - bar.n)
         bar.close()
     seconds = time.perf_counter() - started
-    return ReplayStats(sent=sent - remaining, failed=len(failures) + remaining, seconds=seconds)
+    return ReplayStats(
+        sent=outcome["delivered"],
+        failed=outcome["failed"] + remaining,
+        seconds=seconds,
+        interrupted=interrupted,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,20 +131,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.rate < 0 or args.limit < 0:
-        raise ConfigError("--rate and --limit must be >= 0")
+    if args.rate < 0 or args.limit < 0 or args.partitions < 1:
+        raise ConfigError("--rate and --limit must be >= 0, --partitions >= 1")
     interactions = dataset_from_args(args)
     if args.limit:
         interactions = interactions[: args.limit]
     config = client_config(args)
     if args.create_topic:
         ensure_topics(config, {args.topic: (args.partitions, {})})
+    elif args.topic not in topic_names(config):
+        raise ConfigError(f"topic {args.topic!r} does not exist (add --create-topic to create it)")
     try:
         stats = replay_events(config, args.topic, interactions, args.rate)
     except KafkaException as exc:
-        raise ConfigError(f"Kafka: {exc}") from exc
+        raise ConfigError(f"Kafka: {exc.args[0]}") from None
     print(
         f"replayed {stats.sent} events in {stats.seconds:.1f} s ({stats.rate:,.0f} events/s)"
         + (f", {stats.failed} FAILED" if stats.failed else "")
+        + (" (interrupted)" if stats.interrupted else "")
     )
+    if stats.interrupted:
+        return 130
     return 1 if stats.failed else 0

@@ -2,19 +2,28 @@
 
     kvrec tail --from-beginning            # human-readable, one line per message
     kvrec tail --json --max-messages 10    # the raw JSON values
+
+A human-readable line reads
+    user u7  [sku-1:0.912 sku-9:0.871 ...]  because sku-3 (click 0.41)  model 20261123-ab12  8 ms
+where the last figure is event -> emit latency (the worker's emit time minus the Kafka timestamp
+of the input event), shown when the recommendation carries `source_ts`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import Consumer, KafkaError, KafkaException
 
+from model.errors import ConfigError
 from stream.kafka_config import add_kafka_arguments, client_config
 from stream.schema import decode_recommendation
+
+SHOWN_ITEMS = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,33 +36,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def describe(value: bytes) -> str:
+    """One human-readable line for a recommendation message value."""
     rec = decode_recommendation(value)
-    items = " ".join(f"{i.item_id}:{i.score:.3f}" for i in rec.items[:5])
+    items = " ".join(f"{i.item_id}:{i.score:.3f}" for i in rec.items[:SHOWN_ITEMS])
+    more = " ..." if len(rec.items) > SHOWN_ITEMS else ""
     because = ", ".join(f"{b.item_id} ({b.event_type} {b.weight:.2f})" for b in rec.because)
-    latency = rec.emitted_ts - rec.source_ts if rec.source_ts else None
-    parts = [f"user {rec.user_id}", f"[{items}{' ...' if len(rec.items) > 5 else ''}]"]
+    parts = [f"user {rec.user_id}", f"[{items}{more}]"]
     if rec.cold_start:
         parts.append("cold start (popular items)")
     if because:
         parts.append(f"because {because}")
     parts.append(f"model {rec.model_version}")
-    if latency is not None:
-        parts.append(f"{latency} ms after the event")
+    if rec.source_ts:
+        parts.append(f"{rec.emitted_ts - rec.source_ts} ms after the event")
     return "  ".join(parts)
 
 
+def render(key: bytes | None, value: bytes | None, as_json: bool) -> str:
+    if value is None:  # a tombstone on the compacted topic: the user's list was deleted
+        user = key.decode(errors="replace") if key else "?"
+        return json.dumps({"user_id": user, "deleted": True}) if as_json else f"user {user}  (deleted)"
+    try:
+        return value.decode() if as_json else describe(value)
+    except ValueError as exc:  # includes UnicodeDecodeError and json's errors
+        return f"(not a recommendation: {exc}) {value[:200]!r}"
+
+
 def main(args: argparse.Namespace) -> int:
-    consumer = Consumer(
-        {
-            **client_config(args),
-            "group.id": f"kvrec-tail-{os.getpid()}-{time.time_ns()}",
-            "auto.offset.reset": "earliest" if args.from_beginning else "latest",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
+    if args.max_messages < 0 or args.timeout < 0:
+        raise ConfigError("--max-messages and --timeout must be >= 0")
+    try:
+        consumer = Consumer(
+            {
+                **client_config(args),
+                "group.id": f"kvrec-tail-{os.getpid()}-{time.time_ns()}",
+                "auto.offset.reset": "earliest" if args.from_beginning else "latest",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
+    except KafkaException as exc:
+        raise ConfigError(f"Kafka: {exc.args[0]}") from None
     consumer.subscribe([args.topic])
     shown = 0
+    reported: set[str] = set()
     idle_since = time.monotonic()
     try:
         while not args.max_messages or shown < args.max_messages:
@@ -62,19 +88,19 @@ def main(args: argparse.Namespace) -> int:
                 if args.timeout and time.monotonic() - idle_since > args.timeout:
                     break
                 continue
-            if message.error() is not None:
-                if message.error().code() != KafkaError._PARTITION_EOF:
-                    print(f"kvrec tail: {message.error()}", file=sys.stderr)
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF and str(error) not in reported:
+                    reported.add(str(error))  # say each distinct problem once
+                    print(f"kvrec tail: {error}", file=sys.stderr)
                 continue
             idle_since = time.monotonic()
-            try:
-                line = message.value().decode() if args.json else describe(message.value())
-            except (ValueError, KeyError, TypeError) as exc:
-                line = f"(not a recommendation: {exc}) {message.value()[:200]!r}"
-            print(line, flush=True)
+            print(render(message.key(), message.value(), args.json), flush=True)
             shown += 1
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:  # `kvrec tail | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's final flush
     finally:
         consumer.close()
     return 0
