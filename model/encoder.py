@@ -250,21 +250,31 @@ class Encoder(nn.Module):
         slots = torch.arange(cfg.window, device=items.device)
         age = torch.remainder(positions.view(-1, 1) - slots.view(1, -1), cfg.window)  # [B, W]
         valid = (age <= positions.view(-1, 1)).view(-1, 1, 1, cfg.window)
-        write = (age == 0).view(-1, 1, cfg.window, 1)  # the slot of this event
+        write = (age == 0).view(-1, 1, 1, cfg.window)  # the slot this event overwrites
+        older = valid & ~write  # cached events still inside the window
         x = self.embed(items.view(-1, 1), event_types.view(-1, 1))  # [B, 1, d]
-        new_keys, new_values = [], []
+        step_keys, step_values = [], []
         weights = torch.empty(0)
+        scale = 1.0 / math.sqrt(cfg.head_dim)
         for layer, block in enumerate(self.blocks):
             q, k, v = block.attention.project(block.attention_norm(x), cos, sin)  # [B, H, 1, D]
-            keys = torch.where(write, k, cache.keys[layer])
-            values = torch.where(write, v, cache.values[layer])
-            new_keys.append(keys)
-            new_values.append(values)
-            scores = (q @ keys.transpose(-1, -2)) / math.sqrt(cfg.head_dim)  # [B, H, 1, W]
-            weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
-            x = x + block.attention.merge(weights @ values)
+            step_keys.append(k)
+            step_values.append(v)
+            # attend to the older cached events and to this event itself (not yet in the cache)
+            cached = (q @ cache.keys[layer].transpose(-1, -2)) * scale  # [B, H, 1, W]
+            own = (q * k).sum(dim=-1, keepdim=True) * scale  # [B, H, 1, 1]
+            both = torch.cat([cached.masked_fill(~older, float("-inf")), own], dim=-1)
+            probabilities = torch.softmax(both, dim=-1)
+            p_cached, p_own = probabilities[..., :-1], probabilities[..., -1:]
+            x = x + block.attention.merge(p_cached @ cache.values[layer] + p_own * v)
             x = x + block.ffn(block.ffn_norm(x))
-        new_cache = KVCache(torch.stack(new_keys), torch.stack(new_values), positions + 1)
+            weights = torch.where(write, p_own, p_cached)  # by slot, as if written first
+        # one copy of the cache (the caller's stays valid) with each user's slot overwritten
+        slot = torch.remainder(positions, cfg.window).view(1, -1, 1, 1, 1)
+        index = slot.expand(cfg.n_layers, -1, cfg.n_heads, 1, cfg.head_dim)
+        new_keys = cache.keys.scatter(3, index, torch.stack(step_keys))
+        new_values = cache.values.scatter(3, index, torch.stack(step_values))
+        new_cache = KVCache(new_keys, new_values, positions + 1)
         attention = None
         if return_attention:
             by_slot = weights.mean(dim=1).squeeze(1)  # [B, W]
