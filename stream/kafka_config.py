@@ -49,13 +49,23 @@ def client_config(args: argparse.Namespace) -> dict[str, object]:
     return config
 
 
+METADATA_TIMEOUT_S = 10.0
+
+
+def kafka_error_text(exc: KafkaException) -> str:
+    """The readable part of a KafkaException (its KafkaError's text)."""
+    error = exc.args[0] if exc.args else exc
+    return error.str() if hasattr(error, "str") else str(error)
+
+
 def topic_names(config: Mapping[str, object]) -> set[str]:
     """The cluster's topic names; `ConfigError` if the settings are wrong or nobody answers."""
+    quiet = {**config, "log_level": 0}  # one error line instead of librdkafka's retry log
     try:
-        return set(AdminClient(dict(config)).list_topics(timeout=15).topics)
+        return set(AdminClient(quiet).list_topics(timeout=METADATA_TIMEOUT_S).topics)
     except KafkaException as exc:
         raise ConfigError(
-            f"cannot reach Kafka at {config.get('bootstrap.servers')}: {exc.args[0]}"
+            f"cannot reach Kafka at {config.get('bootstrap.servers')}: {kafka_error_text(exc)}"
         ) from None
 
 
@@ -77,4 +87,6 @@ def ensure_topics(
             future.result(timeout=60)
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise ConfigError(f"could not create topic {name}: {exc}") from exc
+                raise ConfigError(
+                    f"could not create topic {name}: {kafka_error_text(exc)}"
+                ) from None

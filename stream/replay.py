@@ -19,7 +19,13 @@ from tqdm import tqdm
 
 from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
 from model.errors import ConfigError
-from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics, topic_names
+from stream.kafka_config import (
+    add_kafka_arguments,
+    client_config,
+    ensure_topics,
+    kafka_error_text,
+    topic_names,
+)
 from stream.schema import Event, encode_event
 
 # throughput settings; anything in the caller's config wins
@@ -144,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         stats = replay_events(config, args.topic, interactions, args.rate)
     except KafkaException as exc:
-        raise ConfigError(f"Kafka: {exc.args[0]}") from None
+        raise ConfigError(f"Kafka: {kafka_error_text(exc)}") from None
     print(
         f"replayed {stats.sent} events in {stats.seconds:.1f} s ({stats.rate:,.0f} events/s)"
         + (f", {stats.failed} FAILED" if stats.failed else "")

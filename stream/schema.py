@@ -105,8 +105,10 @@ def decode_recommendation(raw: bytes) -> Recommendation:
                 ],
             }
         )
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"not a recommendation: {exc!r}") from None
+    except KeyError as exc:
+        raise ValueError(f"missing field {exc}") from None
+    except TypeError as exc:
+        raise ValueError(f"malformed field ({exc})") from None
 
 
 def parse_event(

@@ -20,7 +20,7 @@ import time
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from model.errors import ConfigError
-from stream.kafka_config import add_kafka_arguments, client_config
+from stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text
 from stream.schema import decode_recommendation
 
 SHOWN_ITEMS = 5
@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
             }
         )
     except KafkaException as exc:
-        raise ConfigError(f"Kafka: {exc.args[0]}") from None
+        raise ConfigError(f"Kafka: {kafka_error_text(exc)}") from None
     consumer.subscribe([args.topic])
     shown = 0
     reported: set[str] = set()
@@ -90,9 +90,9 @@ def main(args: argparse.Namespace) -> int:
                 continue
             error = message.error()
             if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF and str(error) not in reported:
-                    reported.add(str(error))  # say each distinct problem once
-                    print(f"kvrec tail: {error}", file=sys.stderr)
+                if error.code() != KafkaError._PARTITION_EOF and error.str() not in reported:
+                    reported.add(error.str())  # say each distinct problem once
+                    print(f"kvrec tail: {error.str()}", file=sys.stderr)
                 continue
             idle_since = time.monotonic()
             print(render(message.key(), message.value(), args.json), flush=True)
