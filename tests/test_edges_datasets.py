@@ -87,7 +87,7 @@ def test_malformed_files_name_file_and_line(tmp_path: Path, fmt: str, text: str,
 
 
 def test_missing_file_unknown_format_and_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="missing.txt: no such file"):
+    with pytest.raises(DataError, match=r"missing\.txt: no such file"):
         read_interactions(tmp_path / "missing.txt", "sasrec")
     with pytest.raises(DataError, match="no such file"):
         read_interactions(tmp_path, "csv")  # a directory
