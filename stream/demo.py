@@ -61,10 +61,12 @@ def _broker(bootstrap: str | None, workdir: Path) -> Iterator[str]:
 def _train(args: argparse.Namespace, workdir: Path) -> Path:
     out = workdir / "model"
     command = [
-        sys.executable, "-m", "stream.cli", "train",
-        "--data", str(args.data), "--format", args.format,
-        "--out", str(out), "--epochs", str(args.train_epochs),
+        sys.executable, "-m", "stream.cli", "train", "--format", args.format,
+        "--out", str(out), "--epochs", str(args.train_epochs), "--loss", "sampled",
+        "--max-len", "100", "--seed", str(args.seed),
     ]
+    if args.data:
+        command += ["--data", str(args.data)]
     if args.format == "synthetic":
         command += [
             "--synthetic-users", str(args.synthetic_users),
@@ -72,7 +74,8 @@ def _train(args: argparse.Namespace, workdir: Path) -> Path:
             "--synthetic-events", str(args.synthetic_events),
         ]
     print(f"demo: training a small model: {' '.join(command[3:])}", flush=True)
-    subprocess.run(command, check=True)
+    if subprocess.run(command).returncode != 0:
+        raise ConfigError("training the demo model failed (see above)")
     return out
 
 

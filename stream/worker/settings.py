@@ -48,7 +48,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--unavailable-items", default=None, help="file: one item id per line")
     model.add_argument("--because", type=int, default=3, help="events named in `because`")
-    model.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    model.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads; 1 avoids spin-wait contention on small machines (0 = torch default)",
+    )
 
     loop = parser.add_argument_group("loop and state")
     loop.add_argument("--batch-size", type=int, default=512, help="events per micro-batch (B)")
