@@ -1,20 +1,33 @@
 """Top-k items by inner product with a user vector, leaving out seen and unavailable items.
 
-`Retriever` uses faiss: exact inner product below `approx_threshold` items; above it, HNSW
-(the default) or an IVF index with 4-bit fast-scan product quantization whose candidates are
-re-ranked with exact scores (`IVF...,PQ...x4fs,RFlat`). An approximate index measures its
-recall@10 against exact search when it is built, widening the search (`efSearch`, or `nprobe`
-and the re-rank factor) until the recall target holds, and reports it in `build_report`.
+`Retriever` (CPU) has four kinds of index:
 
-`TorchExactRetriever` is exact top-k in torch (CPU or CUDA), for GPU serving: a half-precision
-score pass picks candidates per chunk of the catalog, and the candidates are re-scored in fp32.
+- `exact`: a torch matrix product over the whole catalog, with excluded items masked before top-k.
+- `ivfflat`: faiss inverted lists of raw vectors (`IVF{nlist},Flat`); scores are exact for the
+  items it visits, only the lists it probes are approximate.
+- `ivfpq`: faiss inverted lists with 4-bit fast-scan product quantization, candidates re-ranked
+  with exact scores (`IVF{nlist},PQ{d}x4fs,RFlat`).
+- `hnsw`: a faiss HNSW graph of raw vectors (`HNSW32,Flat`).
 
-Row 0 of the item matrix is padding and is never returned. Exclusions are exact: an excluded
-or unavailable item is never returned; where fewer than k items remain, indices are -1.
+`auto` is exact below `approx_threshold` items and `ivfpq` above (the fastest measured at
+100k items). Building an approximate index measures recall@10 against exact search on sample
+queries for a ladder of search settings (nprobe, re-rank factor, efSearch) and keeps the fastest
+setting that reaches `recall_target`; what it chose and measured is in `build_report`.
+
+Exclusions are exact: padding (row 0), unavailable items and each query's own excluded items are
+never returned. Unavailable items are skipped inside the faiss search (an ID selector); a query's
+excluded items are filtered out of an over-fetched candidate list, and the rare query left with
+fewer than k candidates is searched again wider, then exactly. Where fewer than k items remain,
+indices are -1 and scores -inf.
+
+`TorchExactRetriever` is exact top-k in torch (CPU or CUDA) for GPU serving: per-block score
+maxima pick the blocks of the catalog that can hold the top-k (half precision on CUDA), and only
+their items are scored in fp32.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,160 +39,399 @@ import torch
 
 from model.block_max import block_max
 
-KINDS = ("auto", "exact", "ivfpq", "hnsw")
+KINDS = ("auto", "exact", "ivfflat", "ivfpq", "hnsw")
+RECALL_K = 10
+_SCORE_BYTES = 64 << 20  # largest query-by-item score matrix the exact path materializes at once
 
 
 @dataclass
 class SearchResult:
-    scores: np.ndarray  # [B, k] float32, descending
+    scores: np.ndarray  # [B, k] float32, descending; -inf where fewer than k remain
     indices: np.ndarray  # [B, k] int64 item indices (>= 1); -1 where fewer than k remain
 
 
-def _check_queries(queries: np.ndarray, dim: int, k: int) -> np.ndarray:
-    if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
-    if queries.ndim != 2 or queries.shape[1] != dim:
-        raise ValueError(f"queries must be [batch, {dim}], got {list(queries.shape)}")
-    return np.ascontiguousarray(queries, dtype=np.float32)
+def check_queries(queries: Any, dim: int, k: int) -> np.ndarray:
+    """Queries as a contiguous float32 [B, dim] array; ValueError with the reason otherwise."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    array = np.asarray(queries)
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise ValueError(f"queries must have shape [batch, {dim}], got {list(array.shape)}")
+    if not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"queries must be numeric, got dtype {array.dtype}")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError("queries contain NaN or infinite values")
+    return array
 
 
-def _filter(
-    scores: np.ndarray, ids: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None
-) -> SearchResult:
-    out_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
-    out_ids = np.full((len(ids), k), -1, dtype=np.int64)
-    for row in range(len(ids)):
-        banned = set(exclude[row]) if exclude is not None else ()
-        pairs = zip(scores[row], ids[row], strict=True)
-        kept = [(s, i) for s, i in pairs if i > 0 and i not in banned][:k]
-        if kept:
-            out_scores[row, : len(kept)] = [s for s, _ in kept]
-            out_ids[row, : len(kept)] = [i for _, i in kept]
-    return SearchResult(out_scores, out_ids)
+def check_item_vectors(item_vectors: Any) -> np.ndarray:
+    array = np.asarray(item_vectors)
+    if array.ndim != 2 or array.shape[0] < 2 or array.shape[1] < 1:
+        raise ValueError(
+            f"item_vectors must be [n_items + 1, d] with row 0 = padding, got {list(array.shape)}"
+        )
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError("item_vectors contain NaN or infinite values")
+    return array
+
+
+class Exclusions:
+    """Per-query excluded items of one batch, flattened to keys `row * n_rows + item`."""
+
+    def __init__(self, exclude: Sequence[Sequence[int]], n_queries: int, n_rows: int) -> None:
+        if len(exclude) != n_queries:
+            raise ValueError(f"exclude has {len(exclude)} lists for {n_queries} queries")
+        self.lengths = np.fromiter(map(len, exclude), dtype=np.int64, count=n_queries)
+        total = int(self.lengths.sum())
+        items = np.fromiter(itertools.chain.from_iterable(exclude), dtype=np.int64, count=total)
+        rows = np.repeat(np.arange(n_queries, dtype=np.int64), self.lengths)
+        keep = (items >= 0) & (items < n_rows)  # anything else can never be returned anyway
+        self.n_rows = n_rows
+        self.rows = rows[keep]
+        self.items = items[keep]
+        self.keys = self.rows * n_rows + self.items
+        self.max_length = int(self.lengths.max(initial=0))
+
+    def contains(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Boolean mask like `ids`: is ids[r, j] excluded for query rows[r]?
+
+        The candidates (few) are sorted and every exclusion key (many) is looked up among them,
+        so the exclusions are never sorted.
+        """
+        hit = np.zeros(ids.size, dtype=bool)
+        if len(self.keys) and ids.size:
+            keys = (rows[:, None] * self.n_rows + ids).ravel()
+            order = np.argsort(keys)
+            ordered = keys[order]
+            at = np.minimum(np.searchsorted(ordered, self.keys), len(ordered) - 1)
+            found = ordered[at] == self.keys
+            hit[order[at[found]]] = True
+        return hit.reshape(ids.shape)
+
+    def of_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position within `rows`, item) pairs of the exclusions of those query rows."""
+        lookup = np.full(len(self.lengths), -1, dtype=np.int64)
+        lookup[rows] = np.arange(len(rows))
+        position = lookup[self.rows]
+        mine = position >= 0
+        return position[mine], self.items[mine]
+
+
+def first_valid(scores: np.ndarray, ids: np.ndarray, valid: np.ndarray, k: int) -> SearchResult:
+    """The first k valid (score, id) pairs of each row, in order; -inf/-1 fill the rest."""
+    order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
+    kept = np.take_along_axis(valid, order, axis=1)
+    out_scores = np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf)
+    out_ids = np.where(kept, np.take_along_axis(ids, order, axis=1), -1)
+    if out_ids.shape[1] < k:  # the candidate list was shorter than k
+        pad = k - out_ids.shape[1]
+        out_scores = np.pad(out_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)
+    return SearchResult(out_scores.astype(np.float32), out_ids.astype(np.int64))
 
 
 class Retriever:
+    """Top-k by inner product over `item_vectors` (row 0 = padding), with exact exclusions."""
+
     def __init__(
         self,
         item_vectors: np.ndarray,
         *,
         kind: str = "auto",
         approx_threshold: int = 50_000,
-        recall_target: float = 0.95,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        k_factor: int | None = None,
+        nlist: int | None = None,
+        recall_target: float = 0.96,
         sample_queries: np.ndarray | None = None,
+        threads: int | None = None,
         seed: int = 0,
+        progress: bool = False,
     ) -> None:
+        """Build the index; approximate kinds are tuned to `recall_target` (recall@10 vs exact).
+
+        `nprobe` / `ef_search` / `k_factor` fix a search setting instead of tuning it (recall is
+        still measured). `sample_queries` [S, d] are used for tuning; without them, perturbed item
+        vectors are. `threads` sets faiss's OpenMP threads (process-wide); None keeps faiss's.
+        """
         if kind not in KINDS:
-            raise ValueError(f"unknown retrieval kind {kind!r}; choose from {KINDS}")
-        if item_vectors.ndim != 2 or item_vectors.shape[0] < 2:
-            raise ValueError("item_vectors must be [n_items + 1, d] with row 0 = padding")
-        self.vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
-        self.dim = self.vectors.shape[1]
-        n_items = self.vectors.shape[0] - 1
-        self.kind = kind if kind != "auto" else ("exact" if n_items < approx_threshold else "hnsw")
+            raise ValueError(f"unknown retrieval kind {kind!r}; choose from {', '.join(KINDS)}")
+        if not 0.0 < recall_target <= 1.0:
+            raise ValueError(f"recall_target must be in (0, 1], got {recall_target}")
+        self.vectors = check_item_vectors(item_vectors)
+        self.n_rows, self.dim = self.vectors.shape
+        self.n_items = self.n_rows - 1
+        self.kind = kind if kind != "auto" else (
+            "exact" if self.n_items < approx_threshold else "ivfpq"
+        )
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            faiss.omp_set_num_threads(threads)
         self.recall_target = recall_target
-        self.sample_queries = sample_queries
         self.seed = seed
-        self.unavailable: set[int] = set()
+        self.progress = progress
+        self._fixed = {"nprobe": nprobe, "efSearch": ef_search, "k_factor": k_factor}
+        self._nlist = nlist
+        self._sample_queries = sample_queries
+        self._torch_items = torch.from_numpy(self.vectors)
+        self._banned = np.zeros(self.n_rows, dtype=bool)
+        self._banned[0] = True
+        self._bias = torch.zeros(self.n_rows)
+        self._bias[0] = float("-inf")
+        self._selector: Any = None
+        self._selector_bits: np.ndarray | None = None
+        self._params: dict[str, int] = {}
         self.build_report: dict[str, Any] = {}
+        self._index: Any = None
         self._build()
 
-    def _available_ids(self) -> np.ndarray:
-        ids = np.arange(1, self.vectors.shape[0], dtype=np.int64)
-        if self.unavailable:
-            ids = ids[~np.isin(ids, np.fromiter(self.unavailable, dtype=np.int64))]
-        return ids
-
+    # ---------------------------------------------------------------- building and tuning
     def _build(self) -> None:
         started = time.perf_counter()
-        self._ids = self._available_ids()
-        data = self.vectors[self._ids]
-        self._exact = faiss.IndexFlatIP(self.dim)
-        self._exact.add(data)
-        self._index: Any = self._exact
-        params: dict[str, Any] = {}
-        if self.kind == "ivfpq":
-            nlist = int(max(16, min(4096, 4 * np.sqrt(len(data)))))
-            subquantizers = self.dim // 2 if self.dim % 2 == 0 else self.dim
-            spec = f"IVF{nlist},PQ{subquantizers}x4fs,RFlat"
-            self._index = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
-            self._index.train(data)
-            self._index.add(data)
-            params = {"factory": spec, "nlist": nlist}
-        elif self.kind == "hnsw":
-            self._index = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
-            self._index.hnsw.efConstruction = 80
-            self._index.add(data)
-            params = {"factory": "HNSW32,Flat"}
-        report: dict[str, Any] = {"kind": self.kind, "items": len(data), **params}
-        if self.kind != "exact":
-            report.update(self._tune(data))
+        report: dict[str, Any] = {"kind": self.kind, "items": self.n_items, "dim": self.dim}
+        if self.kind == "exact":
+            report["factory"] = "torch matmul + masked top-k"
+        else:
+            report["factory"] = self._build_index()
+            report["index_seconds"] = round(time.perf_counter() - started, 3)
+            report.update(self._tune())
         report["build_seconds"] = round(time.perf_counter() - started, 3)
         self.build_report = report
 
-    def _tune(self, data: np.ndarray) -> dict[str, Any]:
-        """Raise the search breadth until recall@10 against exact reaches the target."""
-        rng = np.random.default_rng(self.seed)
-        if self.sample_queries is not None:
-            queries = np.ascontiguousarray(self.sample_queries, dtype=np.float32)
-        else:  # item vectors, perturbed: queries that live where the catalog lives
-            picks = data[rng.integers(0, len(data), size=min(1000, len(data)))]
-            noise = rng.standard_normal(picks.shape).astype(np.float32)
-            queries = picks + 0.5 * noise * picks.std(axis=0, keepdims=True)
-        _, truth = self._exact.search(queries, 10)
-        recall, chosen = 0.0, (0, 0)
-        for breadth, refine in self._breadths():
-            self._set_breadth(breadth, refine)
-            _, found = self._index.search(queries, 10)
-            pairs = zip(found, truth, strict=True)
-            recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in pairs]))
-            chosen = (breadth, refine)
-            if recall >= self.recall_target:
-                break
-        if self.kind == "ivfpq":
-            tuned = {"nprobe": chosen[0], "k_factor": chosen[1]}
-        else:
-            tuned = {"efSearch": chosen[0]}
-        return {**tuned, "recall@10": round(recall, 4), "recall_queries": len(queries)}
-
-    def _breadths(self) -> list[tuple[int, int]]:
-        """Search settings from cheapest to broadest."""
+    def _build_index(self) -> str:
+        """Build the faiss index over all rows (position = item index; row 0 filtered later)."""
+        n = self.n_rows
         if self.kind == "hnsw":
-            return [(ef, 0) for ef in (16, 32, 64, 128, 256, 512)]
-        return [(p, f) for p in (8, 16, 32, 64, 128) for f in (8, 16, 32)]
-
-    def _set_breadth(self, breadth: int, refine: int) -> None:
-        if self.kind == "ivfpq":
-            faiss.extract_index_ivf(self._index).nprobe = breadth
-            self._index.k_factor = refine
+            self._index = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
+            self._index.hnsw.efConstruction = 40
+            self._index.add(self.vectors)
+            return "HNSW32,Flat (efConstruction 40)"
+        # ~0.8 sqrt(n) lists (a power of two): measured fastest at recall 0.95 on clustered catalogs
+        nlist = self._nlist or int(np.clip(2 ** round(np.log2(0.8 * np.sqrt(n))), 16, 4096))
+        nlist = max(1, min(nlist, n // 39))
+        if self.kind == "ivfflat":
+            spec = f"IVF{nlist},Flat"
+        elif self.kind == "ivfpq":
+            spec = f"IVF{nlist},PQ{self.dim}x4fs,RFlat"
         else:
-            self._index.hnsw.efSearch = breadth
+            raise AssertionError(self.kind)
+        self._index = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(self._index)
+        ivf.cp.niter = 10
+        rng = np.random.default_rng(self.seed)
+        train_size = min(n, 64 * nlist)
+        sample = self.vectors[np.sort(rng.choice(n, size=train_size, replace=False))]
+        self._index.train(sample)
+        self._index.add(self.vectors)
+        self._nlist = nlist
+        return spec
 
+    def _tuning_queries(self) -> np.ndarray:
+        if self._sample_queries is not None:
+            return check_queries(self._sample_queries, self.dim, RECALL_K)
+        rng = np.random.default_rng(self.seed)
+        picks = self.vectors[rng.integers(1, self.n_rows, size=min(2000, self.n_items))]
+        noise = rng.standard_normal(picks.shape).astype(np.float32)
+        return picks + 0.5 * noise * self.vectors[1:].std(axis=0, keepdims=True)
+
+    def _ladder(self) -> list[list[dict[str, int]]]:
+        """Search settings to try: groups of growing breadth, each of growing re-rank depth."""
+        if self.kind == "hnsw":
+            groups = [[{"efSearch": ef}] for ef in (16, 24, 32, 48, 64, 96, 128, 256, 512)]
+        else:
+            probes = [p for p in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256) if p <= self._nlist]
+            factors = (2, 4, 8, 16) if self.kind == "ivfpq" else (0,)
+            groups = [[{"nprobe": p, "k_factor": f} for f in factors] for p in probes]
+            if self.kind == "ivfflat":
+                groups = [[{"nprobe": g[0]["nprobe"]}] for g in groups]
+        fixed = {name: value for name, value in self._fixed.items() if value is not None}
+        if fixed:
+            seen: set[tuple[tuple[str, int], ...]] = set()
+            pinned = []
+            for group in groups:
+                members = []
+                for setting in group:
+                    merged = {**setting, **{n: v for n, v in fixed.items() if n in setting}}
+                    key = tuple(sorted(merged.items()))
+                    if key not in seen:
+                        seen.add(key)
+                        members.append(merged)
+                if members:
+                    pinned.append(members)
+            groups = pinned
+        return groups
+
+    def _tune(self) -> dict[str, Any]:
+        """Keep the fastest setting whose recall@10 against exact reaches the target."""
+        queries = self._tuning_queries()
+        truth = self._exact_search(queries, RECALL_K, None).indices
+        trials: list[tuple[float, float, dict[str, int]]] = []  # (recall, seconds, setting)
+        fastest_meeting = float("inf")
+        for group in self._ladder():
+            for position, setting in enumerate(group):
+                self._params = setting
+                self._index.search(queries[:64], RECALL_K, params=self._search_params())  # warm-up
+                started = time.perf_counter()
+                found = self.search(queries, RECALL_K).indices
+                seconds = time.perf_counter() - started
+                recall = recall_at_k(found, truth)
+                trials.append((recall, seconds, setting))
+                if position == 0 and seconds > fastest_meeting:
+                    break  # this breadth is already slower than a setting that met the target
+                if recall >= self.recall_target:
+                    fastest_meeting = min(fastest_meeting, seconds)
+                    break  # deeper re-ranking at this breadth only costs more
+            if fastest_meeting < float("inf") and self.kind != "ivfpq":
+                break
+        meeting = [t for t in trials if t[0] >= self.recall_target]
+        recall, seconds, chosen = (
+            min(meeting, key=lambda t: t[1]) if meeting else max(trials, key=lambda t: t[0])
+        )
+        self._params = chosen
+        return {
+            **chosen,
+            **({"nlist": self._nlist} if self.kind != "hnsw" else {}),
+            "recall@10": round(recall, 4),
+            "recall_target": self.recall_target,
+            "meets_target": recall >= self.recall_target,
+            "recall_queries": len(queries),
+            "tuning_queries_per_s": round(len(queries) / seconds),
+            "settings_tried": len(trials),
+        }
+
+    def _search_params(self) -> Any:
+        selector = self._selector
+        if self.kind == "hnsw":
+            return faiss.SearchParametersHNSW(efSearch=self._params["efSearch"], sel=selector)
+        ivf = faiss.SearchParametersIVF(nprobe=self._params["nprobe"], sel=selector)
+        if self.kind == "ivfpq":
+            return faiss.IndexRefineSearchParameters(
+                k_factor=self._params["k_factor"], base_index_params=ivf
+            )
+        return ivf
+
+    # ---------------------------------------------------------------- unavailable items
     def set_unavailable(self, items: Iterable[int]) -> None:
-        """Items never to return (out of stock, withdrawn); rebuilds the index."""
-        self.unavailable = {int(i) for i in items}
-        self._build()
+        """Replace the set of items never to return (out of stock, withdrawn); no rebuild."""
+        ids = np.unique(np.fromiter((int(i) for i in items), dtype=np.int64))
+        if len(ids) and (ids[0] < 1 or ids[-1] > self.n_items):
+            bad = ids[0] if ids[0] < 1 else ids[-1]
+            raise ValueError(f"unavailable item {bad} is outside 1..{self.n_items}")
+        self._banned[:] = False
+        self._banned[0] = True
+        self._banned[ids] = True
+        self._bias = torch.where(
+            torch.from_numpy(self._banned), float("-inf"), 0.0
+        ).to(torch.float32)
+        if len(ids):
+            allowed = np.packbits(~self._banned, bitorder="little")
+            self._selector_bits = allowed  # faiss keeps a raw pointer: hold the array
+            self._selector = faiss.IDSelectorBitmap(self.n_rows, faiss.swig_ptr(allowed))
+        else:
+            self._selector = self._selector_bits = None
 
+    @property
+    def unavailable(self) -> set[int]:
+        return {int(i) for i in np.nonzero(self._banned)[0] if i > 0}
+
+    # ---------------------------------------------------------------- search
     def search(
         self, queries: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None = None
     ) -> SearchResult:
-        queries = _check_queries(queries, self.dim, k)
-        extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
-        fetch = min(k + extra, len(self._ids))
-        scores, positions = self._index.search(queries, fetch)
-        ids = np.where(positions >= 0, self._ids[np.clip(positions, 0, None)], -1)
-        return _filter(scores, ids, k, exclude)
+        """Top-k per query, best first, never padding, unavailable or the query's excluded items."""
+        queries = check_queries(queries, self.dim, k)
+        excl = Exclusions(exclude, len(queries), self.n_rows) if exclude is not None else None
+        if self.kind == "exact":
+            return self._exact_search(queries, k, excl)
+        return self._approximate_search(queries, k, excl)
+
+    def _exact_search(
+        self, queries: np.ndarray, k: int, excl: Exclusions | None, rows: np.ndarray | None = None
+    ) -> SearchResult:
+        """Masked exact top-k; `rows` are the queries' positions in the batch `excl` describes."""
+        rows = np.arange(len(queries)) if rows is None else rows
+        take = min(k, self.n_rows)
+        chunk = max(1, _SCORE_BYTES // (4 * self.n_rows))
+        out_scores, out_ids = [], []
+        with torch.inference_mode():
+            for start in range(0, len(queries), chunk):
+                block = torch.from_numpy(queries[start : start + chunk])
+                scores = block @ self._torch_items.T
+                scores += self._bias
+                if excl is not None:
+                    at, items = excl.of_rows(rows[start : start + chunk])
+                    flat = torch.from_numpy(at * self.n_rows + items)
+                    scores.view(-1).index_fill_(0, flat, float("-inf"))
+                top = torch.topk(scores, take, dim=1)
+                out_scores.append(top.values.numpy())
+                out_ids.append(top.indices.numpy())
+        scores_np = np.concatenate(out_scores)
+        ids_np = np.concatenate(out_ids).astype(np.int64)
+        return first_valid(scores_np, ids_np, np.isfinite(scores_np), k)
+
+    def _candidates(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self._index.search(queries, fetch, params=self._search_params())
+        return scores, ids.astype(np.int64)
+
+    def _approximate_search(self, queries: np.ndarray, k: int, excl: Exclusions | None) -> SearchResult:
+        rows = np.arange(len(queries))
+        # over-fetch a little: padding, and a few of the query's own excluded items near the top
+        extra = 1 + (min(excl.max_length, max(k, 16)) if excl is not None else 0)
+        fetch = min(k + extra, self.n_rows)
+        scores, ids = self._candidates(queries, fetch)
+        result, short = self._filter(scores, ids, rows, k, excl)
+        if short.any():  # excluded items filled the list: fetch past all of them
+            wide = min(k + 1 + int(excl.lengths[short].max()) if excl else fetch * 2, self.n_rows)
+            if wide > fetch:
+                scores, ids = self._candidates(queries[short], wide)
+                again, still = self._filter(scores, ids, rows[short], k, excl)
+                self._merge(result, again, np.nonzero(short)[0])
+                short[np.nonzero(short)[0]] = still
+        if short.any():  # the index reached too few items (small lists, many unavailable)
+            exact = self._exact_search(queries[short], k, excl, rows[short])
+            exact_rows = np.nonzero(short)[0]
+            self._merge(result, exact, exact_rows)
+        return result
+
+    def _filter(
+        self, scores: np.ndarray, ids: np.ndarray, rows: np.ndarray, k: int, excl: Exclusions | None
+    ) -> tuple[SearchResult, np.ndarray]:
+        valid = (ids >= 0) & ~self._banned[np.clip(ids, 0, None)]
+        if excl is not None:
+            valid &= ~excl.contains(rows, ids)
+        result = first_valid(scores, ids, valid, k)
+        short = valid.sum(axis=1) < k
+        return result, short
+
+    @staticmethod
+    def _merge(into: SearchResult, part: SearchResult, rows: np.ndarray) -> None:
+        into.scores[rows] = part.scores
+        into.indices[rows] = part.indices
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each row of `truth` (ignoring -1) that appears in the same row of `found`."""
+    hits, total = 0, 0
+    for got, want in zip(found.tolist(), truth.tolist(), strict=True):
+        wanted = {i for i in want if i >= 0}
+        hits += len(wanted.intersection(got))
+        total += len(wanted)
+    return hits / total if total else 1.0
 
 
 class TorchExactRetriever:
-    """Exact top-k by inner product in torch, on CPU or CUDA.
+    """Exact top-k by inner product in torch, on CPU or CUDA; same `search` contract as Retriever.
 
-    Scores are computed in half precision on CUDA (fp32 on CPU) for query chunks; the catalog is
-    cut into blocks of `block` items and only the `k + margin` blocks with the highest maximum
-    score are kept. Every item of the true top-k lies in one of them (a block holding a top-k
-    item has a maximum at least the k-th score, and at most k blocks can), so re-scoring the
-    items of those blocks in fp32 and taking the top-k is exact up to half-precision ties,
-    which the margin absorbs.
+    The catalog is cut into blocks of `block` items. Block maxima of the scores (half precision
+    on CUDA, fp32 on CPU) pick the `k + margin` best blocks per query: every item of the true
+    top-k lies in one of them (a block holding a top-k item has a maximum at least the k-th
+    score, and at most k blocks can), so re-scoring those blocks' items in fp32 and taking the
+    top-k is exact up to half-precision ties, which the margin absorbs. Unavailable items and
+    padding are masked before the maxima; a query's excluded items by over-fetching past them.
     """
 
     def __init__(
@@ -193,9 +445,10 @@ class TorchExactRetriever:
         half: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
-        vectors = torch.as_tensor(item_vectors, dtype=torch.float32).to(self.device)
-        self.dim = vectors.shape[1]
-        self.n_rows = vectors.shape[0]
+        if isinstance(item_vectors, torch.Tensor):
+            item_vectors = item_vectors.detach().float().cpu().numpy()
+        vectors = torch.from_numpy(check_item_vectors(item_vectors)).to(self.device)
+        self.n_rows, self.dim = vectors.shape
         padded = -(-self.n_rows // block) * block
         self.items = torch.zeros((padded, self.dim), device=self.device)
         self.items[: self.n_rows] = vectors
@@ -204,28 +457,28 @@ class TorchExactRetriever:
         self.block = block
         self.margin = margin
         self.query_chunk = query_chunk
-        self.banned = torch.zeros(padded, dtype=torch.bool, device=self.device)
-        self._reset_banned(())
-
-    def _reset_banned(self, items: Iterable[int]) -> None:
-        self.banned.zero_()
-        self.banned[0] = True  # padding
-        self.banned[self.n_rows :] = True  # rows added to fill the last block
-        index = torch.tensor(sorted({int(i) for i in items}), dtype=torch.long)
-        if len(index):
-            self.banned[index.to(self.device)] = True
-        self.penalty = torch.zeros(self.banned.shape, device=self.device)
-        self.penalty[self.banned] = float("-inf")
+        self.penalty = torch.zeros(padded, device=self.device)
+        self.set_unavailable(())
 
     def set_unavailable(self, items: Iterable[int]) -> None:
-        self._reset_banned(items)
+        """Replace the set of items never to return."""
+        ids = torch.tensor(sorted({int(i) for i in items}), dtype=torch.long)
+        if len(ids) and (ids[0] < 1 or ids[-1] >= self.n_rows):
+            bad = int(ids[0]) if ids[0] < 1 else int(ids[-1])
+            raise ValueError(f"unavailable item {bad} is outside 1..{self.n_rows - 1}")
+        self.penalty.zero_()
+        self.penalty[0] = float("-inf")  # padding
+        self.penalty[self.n_rows :] = float("-inf")  # rows that fill the last block
+        if len(ids):
+            self.penalty[ids.to(self.device)] = float("-inf")
 
     @torch.inference_mode()
     def search_tensor(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores, item indices) of device tensors; padding/unavailable never returned."""
+        """Top-k (scores, item indices) of device tensors; -inf scores where fewer remain."""
         queries = queries.to(self.device, torch.float32)
         n_blocks = self.items.shape[0] // self.block
         keep = min(n_blocks, k + self.margin)
+        take = min(k, keep * self.block)
         out_scores, out_ids = [], []
         offsets = torch.arange(self.block, device=self.device)
         for start in range(0, queries.shape[0], self.query_chunk):
@@ -236,7 +489,7 @@ class TorchExactRetriever:
             candidates = (blocks.unsqueeze(-1) * self.block + offsets).view(len(chunk), -1)
             exact = torch.einsum("bd,bcd->bc", chunk, self.items[candidates])
             exact = exact + self.penalty[candidates]
-            top = torch.topk(exact, min(k, exact.shape[1]), dim=1)
+            top = torch.topk(exact, take, dim=1)
             out_scores.append(top.values)
             out_ids.append(torch.gather(candidates, 1, top.indices))
         return torch.cat(out_scores), torch.cat(out_ids)
@@ -244,11 +497,13 @@ class TorchExactRetriever:
     def search(
         self, queries: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None = None
     ) -> SearchResult:
-        queries = _check_queries(queries, self.dim, k)
-        extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
-        fetch = min(k + extra, self.n_rows - 1)
+        queries = check_queries(queries, self.dim, k)
+        excl = Exclusions(exclude, len(queries), self.n_rows) if exclude is not None else None
+        fetch = min(k + (excl.max_length if excl is not None else 0), self.n_rows)
         scores, ids = self.search_tensor(torch.from_numpy(queries), fetch)
-        ids_np = ids.cpu().numpy()
         scores_np = scores.cpu().numpy()
-        ids_np = np.where(np.isfinite(scores_np), ids_np, -1)
-        return _filter(scores_np, ids_np, k, exclude)
+        ids_np = ids.cpu().numpy().astype(np.int64)
+        valid = np.isfinite(scores_np)
+        if excl is not None:
+            valid &= ~excl.contains(np.arange(len(queries)), ids_np)
+        return first_valid(scores_np, ids_np, valid, k)
