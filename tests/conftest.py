@@ -2,7 +2,8 @@
 
 `kafka_bootstrap` yields bootstrap servers from, in order:
 1. `KAFKA_BOOTSTRAP_SERVERS`, an existing cluster;
-2. testcontainers' Kafka container, when a Docker daemon answers;
+2. testcontainers' Kafka container (KRaft; `KVREC_KAFKA_IMAGE` picks the image), when a Docker
+   daemon answers;
 3. the project's local launcher (`deploy/kafka/launcher.py`): a real KRaft broker from the
    Apache Kafka jars.
 The broker starts only when a test asks for it, once per session.
@@ -34,14 +35,23 @@ def kafka_bootstrap() -> Iterator[str]:
         yield external
         return
     if _docker_answers():
-        from testcontainers.kafka import KafkaContainer
+        from testcontainers.community.kafka import KafkaContainer
 
-        with KafkaContainer().with_kraft() as container:
+        image = os.environ.get("KVREC_KAFKA_IMAGE", "confluentinc/cp-kafka:7.6.0")
+        container = (
+            KafkaContainer(image)
+            .with_kraft()
+            .with_env("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1")
+            .with_env("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1")
+            .with_env("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false")
+        )
+        with container:
             yield container.get_bootstrap_server()
         return
     from deploy.kafka.launcher import LocalKafka
 
-    with LocalKafka() as kafka:
+    # die_with_parent: a pytest killed with SIGKILL takes its broker with it
+    with LocalKafka(die_with_parent=True) as kafka:
         yield kafka.bootstrap_servers
 
 

@@ -2,14 +2,15 @@
 
 The broker's jars come from Maven Central through `deploy/kafka/pom.xml`, copied once into a
 git-ignored cache keyed by the pom's hash (`KVREC_KAFKA_CACHE` overrides where). The launcher
-formats a fresh log directory, starts `kafka.Kafka` on free loopback ports, waits until the
-broker answers a metadata request, and stops it cleanly: SIGTERM to its process group, then
-SIGKILL after a grace period, so no Java process is left behind.
+formats a fresh log directory, starts `kafka.Kafka` on loopback ports, waits until the broker
+answers a metadata request, and stops it cleanly: SIGTERM to its process group, then SIGKILL
+after a grace period, so no Java process is left behind.
 
     with LocalKafka() as kafka:
         print(kafka.bootstrap_servers)
 
-    python -m deploy.kafka.launcher          # or: kvrec broker
+    kvrec broker                              # foreground; Ctrl-C stops it
+    python -m deploy.kafka.launcher start     # background; then `status`, `stop`
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ import argparse
 import atexit
 import base64
 import contextlib
+import ctypes
+import fcntl
 import hashlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,48 +38,65 @@ from model.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"
+JAVA_HINT = "a Java 17+ runtime (e.g. apt-get install openjdk-17-jre-headless)"
+MAVEN_HINT = "Maven (e.g. apt-get install maven)"
+RECORD = "broker.json"  # in the data dir of a detached broker: pid and address
 
 
 def _require(tool: str, package: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        raise ConfigError(f"`{tool}` not found: install {package} to run the local Kafka broker")
+        raise ConfigError(
+            f"`{tool}` not found on PATH: install {package} to run the local Kafka broker"
+        )
     return path
 
 
 def jar_cache_dir() -> Path:
+    """Where this pom's jars live: `<cache>/jars-<pom sha256 prefix>`."""
     digest = hashlib.sha256(POM.read_bytes()).hexdigest()[:12]
-    root = Path(os.environ.get("KVREC_KAFKA_CACHE", HERE / "cache"))
+    root = Path(os.environ.get("KVREC_KAFKA_CACHE") or HERE / "cache")
     return root / f"jars-{digest}"
 
 
 def ensure_jars() -> Path:
-    """The folder of broker jars, fetched with Maven the first time (Maven's ~/.m2 caches too)."""
+    """The folder of broker jars, fetched with Maven when missing (Maven's ~/.m2 caches too).
+
+    Safe to call from several processes at once: a file lock lets one fetch while the others
+    wait, and the folder appears by an atomic rename only once complete.
+    """
     target = jar_cache_dir()
     if (target / ".complete").exists():
         return target
-    mvn = _require("mvn", "Maven (apt-get install maven)")
-    _require("java", "a Java 17+ runtime (apt-get install openjdk-17-jre-headless)")
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    result = subprocess.run(
-        [
-            mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-            f"-DoutputDirectory={partial}", "-DincludeScope=runtime",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
-        raise ConfigError("fetching the Kafka jars with Maven failed:\n" + "\n".join(tail))
-    (partial / ".complete").touch()
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
+    _require("java", JAVA_HINT)
+    mvn = _require("mvn", MAVEN_HINT)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / ".complete").exists():  # another process fetched while we waited
+            return target
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        result = subprocess.run(
+            [
+                mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+                f"-DoutputDirectory={partial}", "-DincludeScope=runtime",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
+            raise ConfigError("fetching the Kafka jars with Maven failed:\n" + "\n".join(tail))
+        (partial / ".complete").touch()
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
     return target
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -93,23 +115,39 @@ logger.kafka.name = kafka
 logger.kafka.level = WARN
 logger.apache.name = org.apache.kafka
 logger.apache.level = WARN
+logger.started.name = kafka.server.KafkaRaftServer
+logger.started.level = INFO
 """
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class LocalKafka:
-    """One broker process; a context manager that starts and stops it."""
+    """One broker process; a context manager that starts and stops it.
+
+    `port=0` picks a free loopback port at start. With no `data_dir`, a temporary one is used
+    and removed at stop. `die_with_parent` (Linux) makes the broker exit if the Python process
+    (more exactly: the thread) that started it dies, even by SIGKILL; leave it off for a broker
+    started from a short-lived thread or meant to outlive this process.
+    """
 
     def __init__(
         self,
         data_dir: Path | str | None = None,
         port: int = 0,
         heap: str = "512m",
+        die_with_parent: bool = False,
     ) -> None:
         self._own_dir = data_dir is None
-        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvrec-kafka-"))
-        self.port = port or free_port()
-        self.controller_port = free_port()
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.port = port
+        self.controller_port = 0
         self.heap = heap
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
         self.start_seconds: float | None = None
         self.stop_seconds: float | None = None
@@ -119,10 +157,16 @@ class LocalKafka:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
     def log_file(self) -> Path:
+        assert self.data_dir is not None, "not started"
         return self.data_dir / "broker.log"
 
     def _write_config(self) -> Path:
+        assert self.data_dir is not None
         logs = self.data_dir / "logs"
         shutil.rmtree(logs, ignore_errors=True)
         settings = {
@@ -149,19 +193,24 @@ class LocalKafka:
             "group.initial.rebalance.delay.ms": "0",
             "log.segment.bytes": str(64 * 1024 * 1024),
             "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+            "background.threads": "2",
         }
         path = self.data_dir / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         (self.data_dir / "log4j2.properties").write_text(LOG4J2.format(log=self.log_file))
         return path
 
-    def _java(self, jars: Path, main: str, *args: str, **popen: object) -> list[str]:
+    def _java(self, jars: Path, main: str, *args: str) -> list[str]:
+        assert self.data_dir is not None
         return [
-            _require("java", "a Java 17+ runtime (apt-get install openjdk-17-jre-headless)"),
+            _require("java", JAVA_HINT),
             f"-Xmx{self.heap}",
             f"-Xms{self.heap}",
             "-XX:+UseG1GC",
-            "-XX:TieredStopAtLevel=1",
+            "-XX:TieredStopAtLevel=1",  # C1 only: starts faster, plenty for a test broker
+            "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
             f"-Dkafka.logs.dir={self.data_dir}",
             "-cp",
@@ -171,33 +220,43 @@ class LocalKafka:
         ]
 
     def start(self, timeout: float = 90.0) -> LocalKafka:
+        """Format storage, start the broker, return once it answers a metadata request."""
+        if self.process is not None:
+            raise ConfigError(f"this broker is already running at {self.bootstrap_servers}")
         started = time.monotonic()
+        _require("java", JAVA_HINT)
         jars = ensure_jars()
+        if self.data_dir is None:
+            self.data_dir = Path(tempfile.mkdtemp(prefix="kvrec-kafka-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self.controller_port = free_port()
         config = self._write_config()
-        cluster_id = _random_cluster_id()
         formatted = subprocess.run(
             self._java(
-                jars, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)
+                jars, "kafka.tools.StorageTool", "format",
+                "-t", _random_cluster_id(), "-c", str(config),
             ),
             capture_output=True,
             text=True,
         )
         if formatted.returncode != 0:
-            detail = formatted.stderr.strip()[-2000:]
+            detail = (formatted.stdout + formatted.stderr).strip()[-2000:]
             raise ConfigError(f"formatting Kafka storage failed: {detail}")
-        stdout = open(self.data_dir / "broker.out", "wb")  # noqa: SIM115 (lives with the process)
-        self.process = subprocess.Popen(
-            self._java(jars, "kafka.Kafka", str(config)),
-            stdout=stdout,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(self.data_dir / "broker.out", "wb") as out:
+            self.process = subprocess.Popen(
+                self._java(jars, "kafka.Kafka", str(config)),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() signals all of it
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+            )
         atexit.register(self.stop)
         try:
             self._wait_ready(started + timeout)
         except BaseException:
-            self.stop()
+            self.stop()  # the error carries the log tail; nothing of the broker is left
             raise
         self.start_seconds = time.monotonic() - started
         return self
@@ -208,40 +267,55 @@ class LocalKafka:
         admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 0})
         while True:
             if self.process is not None and self.process.poll() is not None:
-                raise ConfigError(f"the Kafka broker exited at start:\n{self._log_tail()}")
-            try:
-                metadata = admin.list_topics(timeout=1.0)
-                if metadata.brokers:
+                raise ConfigError(
+                    f"the Kafka broker exited at start (code {self.process.returncode}); "
+                    f"log tail:\n{self._log_tail()}"
+                )
+            with contextlib.suppress(Exception):  # not up yet
+                if admin.list_topics(timeout=1.0).brokers:
                     return
-            except Exception:  # not up yet
-                pass
             if time.monotonic() > deadline:
-                raise ConfigError(f"the Kafka broker did not answer in time:\n{self._log_tail()}")
+                raise ConfigError(
+                    f"the Kafka broker did not answer in time; log tail:\n{self._log_tail()}"
+                )
             time.sleep(0.2)
 
     def _log_tail(self, lines: int = 20) -> str:
         text = ""
         for name in ("broker.out", "broker.log"):
-            path = self.data_dir / name
-            if path.exists():
+            path = self.data_dir / name if self.data_dir else None
+            if path is not None and path.exists():
                 text += "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
         return text.strip()
 
-    def stop(self, grace: float = 20.0) -> None:
+    def stop(self, grace: float = 20.0, keep_dir: bool = False) -> None:
+        """SIGTERM the broker's process group, SIGKILL after `grace` seconds; idempotent."""
+        atexit.unregister(self.stop)
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
+        if process is not None:
             started = time.monotonic()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            _stop_group(process.pid, grace, wait=process.wait)
             self.stop_seconds = time.monotonic() - started
-        if self._own_dir:
+        if self._own_dir and not keep_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def detach(self) -> Path:
+        """Leave the broker running after this process exits; returns its record file."""
+        if self.process is None or self.data_dir is None:
+            raise ConfigError("the broker is not running")
+        if self.die_with_parent:
+            raise ConfigError("a broker started with die_with_parent cannot be detached")
+        atexit.unregister(self.stop)
+        record = self.data_dir / RECORD
+        record.write_text(json.dumps({
+            "pid": self.process.pid,
+            "bootstrap_servers": self.bootstrap_servers,
+            "started_at": time.time(),
+            "log": str(self.log_file),
+        }))
+        self.process = None
+        self._own_dir = False
+        return record
 
     def __enter__(self) -> LocalKafka:
         return self.start()
@@ -255,39 +329,159 @@ class LocalKafka:
         self.stop()
 
 
+def _stop_group(pid: int, grace: float, wait: object = None) -> None:
+    """SIGTERM process group `pid`, wait up to `grace` s for its leader, then SIGKILL the group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    if callable(wait):  # our own child: reap it
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            wait(timeout=grace)
+    else:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)  # whatever is left of the group
+    if callable(wait):
+        wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
+    return True
+
+
 def _random_cluster_id() -> str:
     """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 characters)."""
     return base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
 
 
+# ---- a detached broker, found again through the record in its data dir ----------------------
+
+def default_data_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"kvrec-kafka-{os.getuid()}"
+
+
+def running_broker(data_dir: Path) -> dict | None:
+    """The record of the detached broker of `data_dir` if its process is alive, else None."""
+    try:
+        record = json.loads((data_dir / RECORD).read_text())
+        pid = int(record["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not _alive(pid):
+        return None
+    with contextlib.suppress(OSError):  # a recycled pid is not our broker
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"kafka.Kafka" not in cmdline or str(data_dir).encode() not in cmdline:
+            return None
+    return record
+
+
+def start_detached(data_dir: Path, port: int, heap: str, timeout: float = 90.0) -> dict:
+    if (record := running_broker(data_dir)) is not None:
+        raise ConfigError(
+            f"a broker is already running from {data_dir} at {record['bootstrap_servers']} "
+            f"(pid {record['pid']}); stop it first"
+        )
+    kafka = LocalKafka(data_dir=data_dir, port=port, heap=heap).start(timeout=timeout)
+    seconds = kafka.start_seconds
+    kafka.detach()
+    record = json.loads((data_dir / RECORD).read_text())
+    record["start_seconds"] = seconds
+    return record
+
+
+def stop_detached(data_dir: Path, grace: float = 20.0) -> dict | None:
+    """Stop the detached broker of `data_dir`; its record, or None if none was running."""
+    record = running_broker(data_dir)
+    if record is not None:
+        _stop_group(int(record["pid"]), grace)
+    with contextlib.suppress(OSError):
+        (data_dir / RECORD).unlink()
+    return record
+
+
+# ---- command line: `kvrec broker [run|start|stop|status]`, `python -m deploy.kafka.launcher` ---
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=9092, help="client port on 127.0.0.1")
-    parser.add_argument("--data-dir", default=None, help="default: a temporary directory")
-    parser.add_argument("--heap", default="512m")
+    parser.add_argument(
+        "action", nargs="?", default="run", choices=["run", "start", "stop", "status"],
+        help="run: in the foreground until Ctrl-C (default); start: in the background; "
+             "stop/status: the background broker of --data-dir",
+    )
+    parser.add_argument(
+        "--port", type=int, default=9092, help="client port on 127.0.0.1 (0: any free port)"
+    )
+    parser.add_argument(
+        "--data-dir", default=None,
+        help="broker state and logs (formatted afresh at each start); default for run: a "
+             f"temporary folder removed at exit; for start/stop/status: {default_data_dir()}",
+    )
+    parser.add_argument("--heap", default="512m", help="JVM heap (-Xmx)")
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for it to answer")
 
 
 def main(args: argparse.Namespace) -> int:
-    kafka = LocalKafka(data_dir=args.data_dir, port=args.port, heap=args.heap)
-    kafka.start()
-    print(f"kafka: {kafka.bootstrap_servers} (started in {kafka.start_seconds:.1f}s; Ctrl-C stops)")
-    stop = False
+    if args.action != "run":
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+        if args.action == "start":
+            record = start_detached(data_dir, args.port, args.heap, args.timeout)
+            print(f"kafka: {record['bootstrap_servers']} (pid {record['pid']}, started in "
+                  f"{record['start_seconds']:.1f}s; log {record['log']})")
+        elif args.action == "stop":
+            record = stop_detached(data_dir)
+            print("kafka: stopped" if record else f"kafka: no broker running from {data_dir}")
+        else:
+            record = running_broker(data_dir)
+            if record is None:
+                print(f"kafka: not running (data dir {data_dir})")
+                return 1
+            print(f"kafka: running at {record['bootstrap_servers']} (pid {record['pid']})")
+        return 0
+    kafka = LocalKafka(data_dir=args.data_dir, port=args.port, heap=args.heap, die_with_parent=True)
+    kafka.start(timeout=args.timeout)
+    print(f"kafka: {kafka.bootstrap_servers} (started in {kafka.start_seconds:.1f}s; Ctrl-C stops)",
+          flush=True)
+    stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
+        nonlocal stopping
+        stopping = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while not stop and kafka.process is not None and kafka.process.poll() is None:
+        while not stopping and kafka.process is not None and kafka.process.poll() is None:
             time.sleep(0.5)
+        if not stopping:
+            raise ConfigError(f"the Kafka broker exited on its own; log tail:\n{kafka._log_tail()}")
     finally:
         kafka.stop()
-        print(f"kafka: stopped in {kafka.stop_seconds or 0:.1f}s")
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    print(f"kafka: stopped in {kafka.stop_seconds or 0:.1f}s")
     return 0
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m deploy.kafka.launcher")
+def _cli() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.kafka.launcher", description=__doc__.split("\n")[0]
+    )
     add_arguments(parser)
-    raise SystemExit(main(parser.parse_args()))
+    try:
+        return main(parser.parse_args())
+    except ConfigError as exc:
+        print(f"kafka: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli())
