@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--bootstrap-servers", default=None, help="default: start a local broker")
     parser.add_argument("--model", default=None, help="an artifact; default: train one now")
-    parser.add_argument("--train-epochs", type=int, default=3)
+    parser.add_argument("--train-epochs", type=int, default=2)
     parser.add_argument("--rate", type=float, default=3000.0, help="replayed events/s (0 = max)")
     parser.add_argument("--events", type=int, default=60_000, help="events to replay")
     parser.add_argument("--partitions", type=int, default=4)
@@ -63,7 +63,7 @@ def _train(args: argparse.Namespace, workdir: Path) -> Path:
     command = [
         sys.executable, "-m", "stream.cli", "train", "--format", args.format,
         "--out", str(out), "--epochs", str(args.train_epochs), "--loss", "sampled",
-        "--max-len", "100", "--seed", str(args.seed),
+        "--max-len", "100", "--seed", str(args.seed), "--threads", "1",
     ]
     if args.data:
         command += ["--data", str(args.data)]
