@@ -39,9 +39,21 @@ def env_name(option: str) -> str:
     return ENV_PREFIX + option.lstrip("-").replace("-", "_").upper()
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end as one line, `kvrec: error: ...`, exit 2 (like every other error)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise KvrecError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
-    """Let `KVREC_*` variables set the default of every long option of `parser`."""
+    """Let `KVREC_*` variables set the default of every long option of `parser` (and of its
+    sub-commands, e.g. `kvrec bench model`)."""
     for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                apply_env_defaults(child)
+            continue
         long_options = [o for o in action.option_strings if o.startswith("--")]
         if not long_options or action.dest in ("help", "version"):
             continue
@@ -67,7 +79,7 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvrec", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="kvrec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in COMMANDS.items():
