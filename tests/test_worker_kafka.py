@@ -6,9 +6,11 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -99,7 +101,13 @@ def _consume(
 
 
 def _start_worker(
-    bootstrap: str, topics: Topics, model: Path, state_dir: Path, instance: str, guarantee: str
+    bootstrap: str,
+    topics: Topics,
+    model: Path,
+    state_dir: Path,
+    instance: str,
+    guarantee: str,
+    metrics_port: int = -1,
 ) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "stream.cli", "worker",
@@ -116,10 +124,21 @@ def _start_worker(
         "--batch-size", "64",
         "--commit-interval-ms", "200",
         "--processing-guarantee", guarantee,
-        "--metrics-port", "-1",
+        "--metrics-port", str(metrics_port),
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return response.read().decode()
 
 
 def _stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> str:
@@ -191,13 +210,20 @@ def test_end_to_end_recommendations_equal_offline_computation(kafka_bootstrap, a
     topics = Topics(kafka_bootstrap, "e2e")
     events = _events(400, users=25, items=60, seed=1)
     _produce_events(kafka_bootstrap, topics.events, events)
+    port = _free_port()
     worker = _start_worker(
-        kafka_bootstrap, topics, artifact.path, tmp_path / "state", "w1", "at-least-once"
+        kafka_bootstrap, topics, artifact.path, tmp_path / "state", "w1", "at-least-once", port
     )
     try:
         messages = _consume(kafka_bootstrap, topics.recommendations, expected=len(events))
+        metrics = _get(port, "/metrics")
+        assert _get(port, "/health") == "ok\n" and _get(port, "/ready") == "ready\n"
     finally:
         stderr = _stop(worker)
+    assert f"kvrec_events_in_total {float(len(events))}" in metrics
+    assert f'kvrec_recommendations_out_total{{kind="model"}} {float(len(events))}' in metrics
+    assert f'kvrec_model_info{{version="{artifact.version}"}} 1.0' in metrics
+    assert "kvrec_event_to_emit_seconds_bucket" in metrics and "kvrec_cache_misses_total" in metrics
     assert len(messages) == len(events), stderr[-3000:]
     got_by_user = defaultdict(list)
     for message in messages:
