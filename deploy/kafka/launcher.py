@@ -102,6 +102,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 LOG4J2 = """\
 status = warn
 appender.file.type = File
@@ -130,9 +139,10 @@ class LocalKafka:
     """One broker process; a context manager that starts and stops it.
 
     `port=0` picks a free loopback port at start. With no `data_dir`, a temporary one is used
-    and removed at stop. `die_with_parent` (Linux) makes the broker exit if the Python process
-    (more exactly: the thread) that started it dies, even by SIGKILL; leave it off for a broker
-    started from a short-lived thread or meant to outlive this process.
+    and removed at stop. `overrides` adds or replaces `server.properties` settings.
+    `die_with_parent` (Linux) makes the broker exit if the Python process (more exactly: the
+    thread) that started it dies, even by SIGKILL; leave it off for a broker started from a
+    short-lived thread or meant to outlive this process.
     """
 
     def __init__(
@@ -141,8 +151,10 @@ class LocalKafka:
         port: int = 0,
         heap: str = "512m",
         die_with_parent: bool = False,
+        overrides: dict[str, str] | None = None,
     ) -> None:
         self._own_dir = data_dir is None
+        self.overrides = dict(overrides or {})
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.port = port
         self.controller_port = 0
@@ -196,6 +208,7 @@ class LocalKafka:
             "num.network.threads": "2",
             "num.io.threads": "2",
             "background.threads": "2",
+            **self.overrides,
         }
         path = self.data_dir / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
@@ -226,9 +239,25 @@ class LocalKafka:
         started = time.monotonic()
         _require("java", JAVA_HINT)
         jars = ensure_jars()
+        if self.port and not _port_is_free(self.port):
+            raise ConfigError(
+                f"port {self.port} on 127.0.0.1 is in use: stop what listens there or pick "
+                "another port (--port 0 picks a free one)"
+            )
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="kvrec-kafka-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._launch(jars)
+            self._wait_ready(started + timeout)
+        except BaseException:
+            self.stop()  # the error carries the log tail; nothing of the broker is left
+            raise
+        self.start_seconds = time.monotonic() - started
+        return self
+
+    def _launch(self, jars: Path) -> None:
+        assert self.data_dir is not None
         self.port = self.port or free_port()
         self.controller_port = free_port()
         config = self._write_config()
@@ -241,8 +270,9 @@ class LocalKafka:
             text=True,
         )
         if formatted.returncode != 0:
-            detail = (formatted.stdout + formatted.stderr).strip()[-2000:]
-            raise ConfigError(f"formatting Kafka storage failed: {detail}")
+            raise ConfigError(
+                "formatting Kafka storage failed: " + _without_stack_frames(formatted.stderr)[-2000:]
+            )
         with open(self.data_dir / "broker.out", "wb") as out:
             self.process = subprocess.Popen(
                 self._java(jars, "kafka.Kafka", str(config)),
@@ -253,13 +283,6 @@ class LocalKafka:
                 preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         atexit.register(self.stop)
-        try:
-            self._wait_ready(started + timeout)
-        except BaseException:
-            self.stop()  # the error carries the log tail; nothing of the broker is left
-            raise
-        self.start_seconds = time.monotonic() - started
-        return self
 
     def _wait_ready(self, deadline: float) -> None:
         from confluent_kafka.admin import AdminClient
@@ -280,13 +303,14 @@ class LocalKafka:
                 )
             time.sleep(0.2)
 
-    def _log_tail(self, lines: int = 20) -> str:
-        text = ""
+    def _log_tail(self, lines: int = 15) -> str:
+        """The last lines of the broker's output and log, stack frames left out."""
+        text = []
         for name in ("broker.out", "broker.log"):
             path = self.data_dir / name if self.data_dir else None
             if path is not None and path.exists():
-                text += "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
-        return text.strip()
+                text += _without_stack_frames(path.read_text(errors="replace")).splitlines()[-lines:]
+        return "\n".join(text)
 
     def stop(self, grace: float = 20.0, keep_dir: bool = False) -> None:
         """SIGTERM the broker's process group, SIGKILL after `grace` seconds; idempotent."""
@@ -344,6 +368,13 @@ def _stop_group(pid: int, grace: float, wait: object = None) -> None:
         os.killpg(pid, signal.SIGKILL)  # whatever is left of the group
     if callable(wait):
         wait()
+
+
+def _without_stack_frames(text: str) -> str:
+    return "\n".join(
+        line for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith(("at ", "... "))
+    )
 
 
 def _alive(pid: int) -> bool:
