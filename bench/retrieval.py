@@ -79,28 +79,26 @@ def run_retrieval_bench(
     device: str = "cpu",
     exclude: int = 0,
     seconds: float = 2.0,
-    threads: int | None = None,
+    threads: int = 1,
     json_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Measure queries/s and recall@k vs exact per catalog size and kind; write JSON if asked."""
     unknown = [kind for kind in kinds if kind not in BENCH_KINDS]
     if unknown:
         raise ValueError(f"unknown kinds {unknown}; choose from {', '.join(BENCH_KINDS)}")
-    if threads is not None:
-        faiss.omp_set_num_threads(threads)
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     rows = []
     progress = tqdm(total=len(n_items_list) * len(kinds), desc="retrieval bench", unit="index")
     for n_items in n_items_list:
         items = clustered_catalog(n_items, d)
         queries, windows = bench_queries(items, batch, exclude)
-        truth = Retriever(items, kind="exact").search(queries, k, windows).indices
+        truth = Retriever(items, kind="exact", threads=threads).search(queries, k, windows).indices
         for kind in kinds:
             started = time.perf_counter()
             if kind == "torch-exact":
                 index: Any = TorchExactRetriever(items, device=device)
             else:
-                index = Retriever(items, kind=kind, approx_threshold=0)
+                index = Retriever(items, kind=kind, approx_threshold=0, threads=threads)
             build_seconds = time.perf_counter() - started
             budget = seconds if n_items * batch < 5e8 or kind != "exact" else min(seconds, 0.5)
             rate, found = _rate(index.search, queries, k, windows, budget)
@@ -142,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--exclude", type=int, default=0, help="excluded items per query")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
-    parser.add_argument("--threads", type=int, default=None, help="faiss and torch threads")
+    parser.add_argument("--threads", type=int, default=1, help="faiss and torch threads")
     parser.add_argument("--device", default="cpu", help="device of torch-exact (cpu, cuda)")
     parser.add_argument("--quick", action="store_true", help="one small catalog, short timings")
 
@@ -155,8 +153,11 @@ def main(args: argparse.Namespace) -> int:
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
     if any(kind not in BENCH_KINDS for kind in kinds):
         raise ConfigError(f"--kinds: choose from {', '.join(BENCH_KINDS)}, got {args.kinds}")
-    if min(sizes) < 100 or args.batch < 1 or args.k < 1 or args.exclude < 0 or args.seconds <= 0:
-        raise ConfigError("--sizes >= 100, --batch >= 1, --k >= 1, --exclude >= 0, --seconds > 0")
+    if min(sizes) < 100 or args.batch < 1 or args.k < 1 or args.exclude < 0 or args.seconds <= 0 \
+            or args.threads < 1:
+        raise ConfigError(
+            "need --sizes >= 100, --batch >= 1, --k >= 1, --exclude >= 0, --seconds > 0, --threads >= 1"
+        )
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here")
     seconds = args.seconds
