@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap-servers", default=None, help="default: start a local broker")
     parser.add_argument("--model", default=None, help="an artifact; default: train one now")
     parser.add_argument("--train-epochs", type=int, default=2)
-    parser.add_argument("--rate", type=float, default=3000.0, help="replayed events/s (0 = max)")
+    parser.add_argument("--rate", type=float, default=2000.0, help="replayed events/s (0 = max)")
     parser.add_argument("--events", type=int, default=60_000, help="events to replay")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
@@ -62,7 +62,7 @@ def _train(args: argparse.Namespace, workdir: Path) -> Path:
     out = workdir / "model"
     command = [
         sys.executable, "-m", "stream.cli", "train", "--format", args.format,
-        "--out", str(out), "--epochs", str(args.train_epochs), "--loss", "sampled",
+        "--out", str(out), "--epochs", str(args.train_epochs), "--loss", "ce",
         "--max-len", "100", "--seed", str(args.seed), "--threads", "1",
     ]
     if args.data:
