@@ -63,7 +63,7 @@ def _train(args: argparse.Namespace, workdir: Path) -> Path:
     command = [
         sys.executable, "-m", "stream.cli", "train", "--format", args.format,
         "--out", str(out), "--epochs", str(args.train_epochs), "--loss", "ce",
-        "--max-len", "100", "--seed", str(args.seed), "--threads", "1",
+        "--max-len", "100", "--seed", str(args.seed),
     ]
     if args.data:
         command += ["--data", str(args.data)]
