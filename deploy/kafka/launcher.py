@@ -77,6 +77,7 @@ def ensure_jars() -> Path:
             return target
         partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
+        print(f"kafka: fetching the broker jars with Maven into {target} (once)", file=sys.stderr)
         result = subprocess.run(
             [
                 mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
