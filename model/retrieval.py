@@ -249,7 +249,9 @@ class Retriever:
         if self._sample_queries is not None:
             return check_queries(self._sample_queries, self.dim, RECALL_K)
         rng = np.random.default_rng(self.seed)
-        picks = self.vectors[rng.integers(1, self.n_rows, size=min(2000, self.n_items))]
+        # 2,000 queries, fewer above 500k items: exact ground truth is the cost of tuning
+        size = min(self.n_items, int(np.clip(1e9 / self.n_rows, 1000, 2000)))
+        picks = self.vectors[rng.integers(1, self.n_rows, size=size)]
         noise = rng.standard_normal(picks.shape).astype(np.float32)
         return picks + 0.5 * noise * self.vectors[1:].std(axis=0, keepdims=True)
 
@@ -496,8 +498,12 @@ class TorchExactRetriever:
         take = min(k, keep * self.block)
         out_scores, out_ids = [], []
         offsets = torch.arange(self.block, device=self.device)
-        for start in range(0, queries.shape[0], self.query_chunk):
-            chunk = queries[start : start + self.query_chunk]
+        # the gathered candidate vectors [chunk, keep * block, dim] must fit the gather budget
+        budget = (4 << 30) if self.device.type == "cuda" else (256 << 20)
+        per_query = keep * self.block * self.dim * 4
+        step = max(1, min(self.query_chunk, budget // per_query))
+        for start in range(0, queries.shape[0], step):
+            chunk = queries[start : start + step]
             scoring = chunk.half() if self.half else chunk
             maxima = block_max(scoring, self.items_scoring, self.penalty, self.block)
             blocks = torch.topk(maxima, keep, dim=1).indices  # [b, keep]
