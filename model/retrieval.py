@@ -36,6 +36,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from model.block_max import block_max
 
@@ -167,10 +168,11 @@ class Retriever:
         """Build the index; approximate kinds are tuned to `recall_target` (recall@10 vs exact).
 
         `nprobe` / `ef_search` / `k_factor` fix a search setting instead of tuning it (recall is
-        still measured). `sample_queries` [S, d] are used for tuning; without them, perturbed item
-        vectors are. `threads` sets faiss's OpenMP threads (process-wide; None keeps faiss's). One is
-        the default: on a few shared cores OpenMP's spinning barriers cost more than a second
-        thread gains (measured 2.4x faster search, 20-70x faster PQ training, on 2 busy cores).
+        still measured). `sample_queries` [S, d] are used for tuning; without them, perturbed
+        item vectors are. `progress` shows tqdm bars while adding items and tuning. `threads`
+        sets faiss's OpenMP threads (process-wide; None keeps faiss's). One is the default: on a
+        few shared cores OpenMP's spinning barriers cost more than a second thread gains
+        (measured 2.4x faster search, 20-70x faster PQ training, on 2 busy cores).
         """
         if kind not in KINDS:
             raise ValueError(f"unknown retrieval kind {kind!r}; choose from {', '.join(KINDS)}")
@@ -223,7 +225,7 @@ class Retriever:
         if self.kind == "hnsw":
             self._index = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
             self._index.hnsw.efConstruction = 40
-            self._index.add(self.vectors)
+            self._add_all()
             return "HNSW32,Flat (efConstruction 40)"
         # ~0.8 sqrt(n) lists (a power of two): measured fastest at recall 0.95 on clustered catalogs
         nlist = self._nlist or int(np.clip(2 ** round(np.log2(0.8 * np.sqrt(n))), 16, 4096))
@@ -241,9 +243,18 @@ class Retriever:
         train_size = min(n, 64 * nlist)
         sample = self.vectors[np.sort(rng.choice(n, size=train_size, replace=False))]
         self._index.train(sample)
-        self._index.add(self.vectors)
+        self._add_all()
         self._nlist = nlist
         return spec
+
+    def _add_all(self) -> None:
+        """Add every row to the index, in chunks behind a progress bar when asked."""
+        step = 50_000
+        with tqdm(total=self.n_rows, desc=f"{self.kind} index", unit="item",
+                  disable=not self.progress) as bar:
+            for start in range(0, self.n_rows, step):
+                self._index.add(self.vectors[start : start + step])
+                bar.update(min(step, self.n_rows - start))
 
     def _tuning_queries(self) -> np.ndarray:
         if self._sample_queries is not None:
@@ -288,7 +299,9 @@ class Retriever:
         truth = self._exact_search(queries, RECALL_K, None).indices
         trials: list[tuple[float, float, dict[str, int]]] = []  # (recall, seconds, setting)
         fastest_meeting = float("inf")
-        for group in self._ladder():
+        ladder = self._ladder()
+        for group in tqdm(ladder, desc=f"tuning {self.kind}", disable=not self.progress):
+            slower = False
             for position, setting in enumerate(group):
                 self._params = setting
                 self._index.search(queries[:64], RECALL_K, params=self._search_params())  # warm-up
@@ -297,12 +310,15 @@ class Retriever:
                 seconds = time.perf_counter() - started
                 recall = recall_at_k(found, truth)
                 trials.append((recall, seconds, setting))
-                if position == 0 and seconds > fastest_meeting:
-                    break  # this breadth is already slower than a setting that met the target
+                if position == 0 and seconds > 1.2 * fastest_meeting:
+                    slower = True  # the cheapest setting at this breadth loses already
+                    break
                 if recall >= self.recall_target:
                     fastest_meeting = min(fastest_meeting, seconds)
                     break  # deeper re-ranking at this breadth only costs more
-            if fastest_meeting < float("inf") and self.kind != "ivfpq":
+            # broader groups cost more: stop once one met the target (single-setting groups)
+            # or once a whole breadth is slower than the best setting found
+            if slower or (fastest_meeting < float("inf") and len(group) == 1):
                 break
         meeting = [t for t in trials if t[0] >= self.recall_target]
         recall, seconds, chosen = (
