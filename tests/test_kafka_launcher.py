@@ -155,3 +155,9 @@ def test_the_jar_cache_is_keyed_on_the_pom(monkeypatch: pytest.MonkeyPatch, tmp_
     assert before.parent == tmp_path / "cache"
     pom.write_text(pom.read_text().replace("<kafka.version>", "<kafka.version>9"))
     assert jar_cache_dir() != before  # another Kafka version: another folder, fetched afresh
+
+
+def test_cluster_ids_never_look_like_an_option() -> None:
+    ids = [launcher._random_cluster_id() for _ in range(3000)]  # ~47 would start with "-" unfixed
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)
+    assert len(set(ids)) == len(ids)
