@@ -77,8 +77,10 @@ def test_replay_rate_is_paced(kafka_bootstrap: str) -> None:
     stats = replay_events({"bootstrap.servers": kafka_bootstrap}, topic, data, rate=500, progress=False)
     assert (stats.sent, stats.failed) == (300, 0)
     assert stats.seconds >= (300 - 25) / 500 * 0.95  # the bucket holds a 25-event burst at most
+    # rate 0 (no pacing) is not timed here: under load it can be as slow as the paced run,
+    # and speed belongs in benchmarks, not in tests
     fast = replay_events({"bootstrap.servers": kafka_bootstrap}, topic, data, rate=0, progress=False)
-    assert fast.sent == 300 and fast.seconds < stats.seconds
+    assert (fast.sent, fast.failed) == (300, 0)
 
 
 def test_ctrl_c_flushes_what_was_sent_and_reports_it(kafka_bootstrap: str) -> None:
