@@ -23,5 +23,11 @@ if [ ! -f "$venv/.complete" ]; then
     touch "$venv/.complete"
 fi
 # The project itself, editable, pointing at this checkout (a few seconds).
-"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$repo"
+log="$(mktemp)"
+if ! "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$repo" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    exit 1
+fi
+rm -f "$log"
 ln -sfn "$venv" "$repo/.venv"
