@@ -524,6 +524,14 @@ class TorchExactRetriever:
         budget = (4 << 30) if self.device.type == "cuda" else (256 << 20)
         per_query = keep * self.block * self.dim * 4
         step = max(1, min(self.query_chunk, budget // per_query))
+        if keep * 2 > n_blocks:  # pruning would keep most of the catalog: score it all in fp32
+            step = max(1, min(self.query_chunk, budget // (self.items.shape[0] * 4)))
+            for start in range(0, queries.shape[0], step):
+                scores = queries[start : start + step] @ self.items.T + self.penalty
+                top = torch.topk(scores, take, dim=1)
+                out_scores.append(top.values)
+                out_ids.append(top.indices)
+            return torch.cat(out_scores), torch.cat(out_ids)
         for start in range(0, queries.shape[0], step):
             chunk = queries[start : start + step]
             scoring = chunk.half() if self.half else chunk

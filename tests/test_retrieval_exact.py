@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from model.retrieval import Retriever, TorchExactRetriever, recall_at_k
 
@@ -128,3 +129,18 @@ def test_bad_construction_is_value_error():
 def test_recall_at_k_counts_overlap():
     truth = np.array([[1, 2, 3], [4, 5, -1]])
     assert recall_at_k(np.array([[3, 2, 9], [5, 4, 7]]), truth) == pytest.approx(4 / 5)
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_torch_block_pruning_is_exact(catalog, block):
+    """Few blocks kept of many (the pruned path), with unavailable items and short windows."""
+    items, queries, _, unavailable = catalog
+    retriever = TorchExactRetriever(items, block=block)
+    assert (10 + retriever.margin) * 2 <= retriever.items.shape[0] // block  # really pruning
+    retriever.set_unavailable(unavailable)
+    truth = brute_force(items, queries, 12, unavailable=unavailable)
+    windows = [row[:2].tolist() for row in truth]  # exclude each query's best two
+    found = retriever.search(queries, 10, exclude=windows)
+    assert np.array_equal(found.indices, truth[:, 2:])
+    _, ids = retriever.search_tensor(torch.from_numpy(queries), 10)
+    assert np.array_equal(ids.numpy(), truth[:, :10])
