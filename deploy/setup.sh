@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Sets up the Python environment kvrec runs in, once per machine and lock file.
+# Sets up the Python environment kvrec runs in.
 #
-# The virtual environment lives outside the checkout, under ${KVREC_CACHE:-~/.cache/kvrec},
-# named after the hash of deploy/requirements.lock, so that torch (several GB with its CUDA
-# libraries) is installed once per machine and every clone (CI's fresh clones included)
-# reuses it. pip's own cache makes a rebuild cheap too. `.venv` in the checkout is a link to it.
+# The dependencies live in one virtual environment per machine and lock file, outside the
+# checkout, under ${KVREC_CACHE:-~/.cache/kvrec}/venv-<hash of deploy/requirements.lock>, so that
+# torch (several GB with its CUDA libraries) is installed once and every clone (CI's fresh clones
+# included) reuses it; pip's own cache makes a rebuild cheap too.
+#
+# Each checkout gets its own small `.venv` with no packages of its own: two .pth files put the
+# shared dependencies and this checkout on its path, and `.venv/bin/kvrec` runs the CLI. Clones
+# never step on each other (nothing of a checkout is installed into the shared environment).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${KVREC_CACHE:-$HOME/.cache/kvrec}"
@@ -12,22 +16,30 @@ python="${KVREC_PYTHON:-python3}"
 lock="$repo/deploy/requirements.lock"
 command -v "$python" >/dev/null || { echo "kvrec setup: $python not found; install Python 3.11" >&2; exit 1; }
 key="$("$python" -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest()[:12])' "$lock")"
-venv="$cache/venv-$key"
-if [ ! -f "$venv/.complete" ]; then
-    echo "kvrec setup: creating $venv (first time on this machine: downloads torch, several minutes)" >&2
-    rm -rf "$venv"
+deps="$cache/venv-$key"
+if [ ! -f "$deps/.complete" ]; then
+    echo "kvrec setup: creating $deps (first time on this machine: downloads torch, several minutes)" >&2
+    rm -rf "$deps"
     mkdir -p "$cache"
-    "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip
-    "$venv/bin/python" -m pip install -q -r "$lock"
-    touch "$venv/.complete"
+    "$python" -m venv "$deps"
+    "$deps/bin/python" -m pip install -q --upgrade pip
+    "$deps/bin/python" -m pip install -q -r "$lock"
+    touch "$deps/.complete"
 fi
-# The project itself, editable, pointing at this checkout (a few seconds).
-log="$(mktemp)"
-if ! "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$repo" >"$log" 2>&1; then
-    cat "$log" >&2
-    rm -f "$log"
-    exit 1
+# An older setup installed checkouts into the shared environment (editable); undo that.
+if [ -e "$deps/bin/kvrec" ]; then
+    "$deps/bin/python" -m pip uninstall -q -y kvrec >/dev/null 2>&1 || true
 fi
-rm -f "$log"
-ln -sfn "$venv" "$repo/.venv"
+
+venv="$repo/.venv"
+if [ -L "$venv" ] || [ "$(cat "$venv/.kvrec-deps" 2>/dev/null)" != "$deps" ]; then
+    rm -rf "$venv"
+    "$deps/bin/python" -m venv --without-pip "$venv"
+    site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    deps_site="$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    echo "$deps_site" >"$site/kvrec-deps.pth"
+    echo "$repo" >"$site/kvrec-src.pth"
+    printf '#!%s\nimport sys\n\nfrom stream.cli import main\n\nsys.exit(main())\n' "$venv/bin/python" >"$venv/bin/kvrec"
+    chmod +x "$venv/bin/kvrec"
+    echo "$deps" >"$venv/.kvrec-deps"
+fi

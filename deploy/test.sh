@@ -5,5 +5,5 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 bash deploy/setup.sh
-.venv/bin/ruff check .
+.venv/bin/python -m ruff check .
 exec .venv/bin/python -m pytest -q "$@"
