@@ -47,6 +47,7 @@ def build_recommender(settings: WorkerSettings) -> Recommender:
         np.ascontiguousarray(item_vectors),
         kind=settings.retrieval,
         approx_threshold=settings.approx_threshold,
+        progress=True,
     )
     log.info("retrieval: %s", retriever.build_report)
     if settings.unavailable_items is not None:
