@@ -9,6 +9,7 @@ BENCHMARKS = {
     "model": ("bench.model", "step with the cache vs re-encoding the window"),
     "retrieval": ("bench.retrieval", "top-k retrieval throughput and recall vs exact"),
     "gpu": ("bench.gpu", "batched step + exact top-10 over 1M items on a GPU"),
+    "e2e": ("bench.e2e", "end to end through Kafka: kvrec vs no cache vs plain relays"),
 }
 
 
