@@ -123,13 +123,38 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
 
 
+class Dropout(nn.Module):
+    """`nn.Dropout` with the keep mask drawn by `torch.rand`: the same distribution, and on CPU
+    2-3x faster than `bernoulli_`, which took half of a training step's time."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    if not training or p == 0.0:
+        return x
+    return x * (torch.rand_like(x) >= p) * (1.0 / (1.0 - p))
+
+
+def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, p: float) -> Tensor:
+    """What `scaled_dot_product_attention` computes with `dropout_p=p`, with the fast mask."""
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return dropout(weights, p, training=True) @ v
+
+
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden = config.mlp_ratio * config.d_model
         self.up = nn.Linear(config.d_model, hidden)
         self.down = nn.Linear(hidden, config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.down(self.dropout(F.gelu(self.up(x)))))
@@ -142,7 +167,7 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = nn.LayerNorm(config.d_model)
         self.ffn = FeedForward(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
 
 class Encoder(nn.Module):
@@ -151,7 +176,7 @@ class Encoder(nn.Module):
         self.config = config.validate()
         self.item_embedding = nn.Embedding(config.n_items + 1, config.d_model, padding_idx=0)
         self.type_embedding = nn.Embedding(config.n_event_types + 1, config.d_model, padding_idx=0)
-        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.embedding_dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(config.d_model)
         self.apply(self._init_weights)
@@ -197,9 +222,10 @@ class Encoder(nn.Module):
             q, k, v = block.attention.project(block.attention_norm(x), cos, sin)
             if keep_cache:
                 per_layer.append((k, v))
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=block.attention.dropout if self.training else 0.0
-            )
+            if self.training and block.attention.dropout > 0.0:
+                y = attention_with_dropout(q, k, v, mask, block.attention.dropout)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             x = x + block.dropout(block.attention.merge(y))
             x = x + block.ffn(block.ffn_norm(x))
         return self.norm(x), per_layer

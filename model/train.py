@@ -4,7 +4,8 @@
 
 Losses (`--loss`):
     ce       full-softmax cross-entropy over the whole catalog (the default; what makes SASRec
-             strong, Klenitskiy & Vasilev 2023); logits only at non-padding positions
+             strong, Klenitskiy & Vasilev 2023); logits only at non-padding positions, a block
+             of rows at a time (model/losses.py)
     bce      SASRec's original loss: one uniformly sampled negative per position
     sampled  sampled softmax: `--negatives` uniform negatives shared by the batch, for
              catalogs too large for the full softmax
@@ -31,6 +32,7 @@ from model.datasets import EVENT_TYPES, add_dataset_arguments, dataset_from_args
 from model.encoder import Encoder
 from model.errors import ConfigError, DataError
 from model.evaluate import evaluate_popularity, evaluate_split, left_pad, prepare
+from model.losses import softmax_cross_entropy
 
 
 @dataclass
@@ -61,9 +63,7 @@ def _loss(
     embeddings = encoder.item_embeddings()
     n_items = embeddings.shape[0] - 1
     if settings.loss == "ce":
-        logits = hidden @ embeddings.T
-        logits[:, 0] = float("-inf")
-        return F.cross_entropy(logits, targets)
+        return softmax_cross_entropy(hidden, embeddings, targets)
     if settings.loss == "bce":
         negatives = torch.randint(1, n_items + 1, targets.shape, device=targets.device)
         positive = (hidden * embeddings[targets]).sum(-1)

@@ -88,8 +88,10 @@ def test_ctrl_c_flushes_what_was_sent_and_reports_it(kafka_bootstrap: str) -> No
     create_topics(kafka_bootstrap, {topic: 2})
     kvrec_command = Path(sys.executable).with_name("kvrec")
     process = subprocess.Popen(
-        [str(kvrec_command), "replay", *SYNTHETIC, "--rate", "100", "--bootstrap-servers",
-         kafka_bootstrap, "--topic", topic],
+        # 20,000 events at 100/s: still running (for minutes) whenever the interrupt lands,
+        # however slowly a loaded machine gets the consumer below going
+        [str(kvrec_command), "replay", *SYNTHETIC[:-4], "--synthetic-events", "20000",
+         "--seed", "2", "--rate", "100", "--bootstrap-servers", kafka_bootstrap, "--topic", topic],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -110,7 +112,7 @@ def test_ctrl_c_flushes_what_was_sent_and_reports_it(kafka_bootstrap: str) -> No
     line = out.strip().splitlines()[-1]
     assert line.startswith("replayed ") and line.endswith("(interrupted)")
     sent = int(line.split()[1])
-    assert 0 < sent < 400
+    assert 0 < sent < 20000
     assert len(_consume(kafka_bootstrap, topic, sent + 1, timeout=8)) == sent
 
 

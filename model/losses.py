@@ -1,0 +1,65 @@
+"""Full-softmax cross-entropy over the catalog without materialising the whole logit matrix.
+
+`F.cross_entropy(hidden @ items.T, targets)` on a batch of ~1,000 positions and a catalog of
+~24,000 items allocates ~100 MB of logits, another ~100 MB for their gradient, and streams both
+through memory several times; on a CPU the fresh allocations alone (page faults) cost more than
+the matrix products. The loss is a sum over positions, so it can be computed a block of rows
+at a time: each block's logits stay in cache, and its gradient (softmax - one-hot) is turned
+into the gradients of `hidden` and `items` at once, during the forward pass (as fused
+linear-cross-entropy kernels do). The backward pass only scales the stored gradients.
+The result equals `F.cross_entropy(hidden @ items.T, targets)` with column 0 (padding)
+excluded, up to float rounding (tests/test_losses.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: Tensor, items: Tensor, targets: Tensor, block_rows: int
+    ) -> Tensor:
+        count = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden)
+        grad_items = torch.zeros_like(items)
+        total = hidden.new_zeros(())
+        for start in range(0, count, block_rows):
+            rows = slice(start, start + block_rows)
+            block, block_targets = hidden[rows], targets[rows]
+            logits = block @ items.T  # [rows, n_items + 1]
+            logits[:, 0] = float("-inf")  # row 0 of `items` is padding, never a candidate
+            log_normalizer = torch.logsumexp(logits, dim=1, keepdim=True)
+            picked = logits.gather(1, block_targets.view(-1, 1))
+            total += (log_normalizer - picked).sum()
+            # d(sum of losses)/d(logits) = softmax - one-hot, computed in place
+            probabilities = logits.sub_(log_normalizer).exp_()
+            probabilities.scatter_add_(
+                1, block_targets.view(-1, 1), probabilities.new_full((len(block_targets), 1), -1.0)
+            )
+            torch.mm(probabilities, items, out=grad_hidden[rows])
+            grad_items.addmm_(probabilities.T, block)
+        scale = 1.0 / max(count, 1)
+        ctx.save_for_backward(grad_hidden, grad_items)
+        ctx.scale = scale
+        return total * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
+        grad_hidden, grad_items = ctx.saved_tensors
+        factor = grad_output * ctx.scale
+        return grad_hidden * factor, grad_items * factor, None, None
+
+
+def softmax_cross_entropy(
+    hidden: Tensor, items: Tensor, targets: Tensor, block_rows: int = 128
+) -> Tensor:
+    """Mean cross-entropy of `targets` [N] under softmax(hidden [N, d] @ items [V + 1, d].T),
+    with column 0 (padding) left out of the softmax."""
+    if hidden.shape[0] == 0:
+        return (hidden.sum() + items.sum()) * 0.0
+    return _ChunkedSoftmaxCrossEntropy.apply(hidden, items, targets, block_rows)

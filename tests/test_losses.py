@@ -1,0 +1,49 @@
+"""The block-wise fused cross-entropy equals the plain full-softmax cross-entropy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from model.losses import softmax_cross_entropy
+
+
+def _reference(hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = hidden @ items.T
+    logits[:, 0] = float("-inf")
+    return F.cross_entropy(logits, targets)
+
+
+@pytest.mark.parametrize("count, block_rows", [(1, 128), (37, 8), (300, 128), (256, 256)])
+def test_loss_and_gradients_equal_plain_cross_entropy(count: int, block_rows: int) -> None:
+    generator = torch.Generator().manual_seed(count)
+    hidden = torch.randn(count, 16, generator=generator)
+    items = torch.randn(501, 16, generator=generator)
+    targets = torch.randint(1, 501, (count,), generator=generator)
+    leaves = [hidden.clone().requires_grad_(), items.clone().requires_grad_()]
+    reference_leaves = [hidden.clone().requires_grad_(), items.clone().requires_grad_()]
+    loss = softmax_cross_entropy(*leaves, targets, block_rows=block_rows)
+    reference = _reference(*reference_leaves, targets)
+    (loss * 3.0).backward()
+    (reference * 3.0).backward()
+    assert torch.allclose(loss, reference, atol=1e-5, rtol=1e-5)
+    for mine, theirs in zip(leaves, reference_leaves, strict=True):
+        assert torch.allclose(mine.grad, theirs.grad, atol=1e-6, rtol=1e-4)
+    assert torch.count_nonzero(leaves[1].grad[0]) == 0  # padding row gets no gradient
+
+
+def test_a_wrong_target_changes_the_loss() -> None:
+    hidden, items = torch.randn(4, 8), torch.randn(20, 8)
+    targets = torch.tensor([1, 2, 3, 4])
+    moved = torch.tensor([1, 2, 3, 5])
+    assert not torch.allclose(softmax_cross_entropy(hidden, items, targets),
+                              softmax_cross_entropy(hidden, items, moved))
+
+
+def test_no_positions_gives_zero_loss_with_gradients() -> None:
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    items = torch.randn(10, 8, requires_grad=True)
+    loss = softmax_cross_entropy(hidden, items, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and items.grad is not None
