@@ -54,9 +54,33 @@ class TorchBackend:
             attention.cpu() if attention is not None else None,
         )
 
+    @torch.inference_mode()
+    def extend(
+        self,
+        cache: KVCache,
+        items: Tensor,
+        event_types: Tensor,
+        counts: Tensor,
+        return_attention: bool = False,
+    ) -> tuple[Tensor, KVCache, Tensor | None]:
+        """Several new events per user in one pass (see `Encoder.extend`)."""
+        vectors, new_cache, attention = self.encoder.extend(
+            cache.to(self.device),
+            items.to(self.device),
+            event_types.to(self.device),
+            counts.to(self.device),
+            return_attention=return_attention,
+        )
+        return (
+            vectors.cpu(),
+            new_cache.to("cpu"),
+            attention.cpu() if attention is not None else None,
+        )
+
 
 class OnnxBackend:
-    """`step` in onnxruntime (exported by `model.export`); `encode` stays in torch."""
+    """`step` in onnxruntime (exported by `model.export`); `encode` stays in torch. No
+    `extend`: the worker gives it one event per user per wave."""
 
     def __init__(self, encoder: Encoder, onnx_path: Path, threads: int = 0) -> None:
         import onnxruntime as ort

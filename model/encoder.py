@@ -258,6 +258,83 @@ class Encoder(nn.Module):
         values = torch.stack([torch.gather(v, 2, gather) * keep for _, v in per_layer])
         return hidden[:, -1], KVCache(keys, values, lengths.clone())
 
+    # --- several new events per user against the cache ---------------------------------------------
+    def extend(
+        self,
+        cache: KVCache,
+        items: Tensor,
+        event_types: Tensor,
+        counts: Tensor,
+        return_attention: bool = False,
+    ) -> tuple[Tensor, KVCache, Tensor | None]:
+        """Advance user b by its `counts[b]` new events `items[b, :counts[b]]` (right-padded,
+        1 <= counts[b] <= T <= W) in one pass: user vectors after each new event [B, T, d]
+        (garbage past counts[b]), the new cache, and optionally the last layer's attention
+        after each new event [B, T, W] by age (index 0 = that event), as `step` gives it.
+
+        Equal to `counts[b]` calls of `step`; what a consumer batch with several events of the
+        same user needs (a chunked prefill against the rolling cache)."""
+        cfg = self.config
+        batch, length = items.shape
+        window = cfg.window
+        if length > window:
+            raise ValueError(f"extend takes at most W={window} new events per user, got {length}")
+        device = items.device
+        start = cache.positions  # [B]: position of each user's first new event
+        offsets = torch.arange(length, device=device)
+        positions = start.view(-1, 1) + offsets.view(1, -1)  # [B, T]
+        real = offsets.view(1, -1) < counts.view(-1, 1)  # [B, T]
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_base)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D/2]
+        slots = torch.arange(window, device=device)
+        # the position each slot holds: the newest p < start with p % W == slot (< 0: empty)
+        slot_positions = start.view(-1, 1) - 1 - torch.remainder(
+            start.view(-1, 1) - 1 - slots.view(1, -1), window
+        )  # [B, W]
+        distance_to_slot = positions.view(batch, length, 1) - slot_positions.view(batch, 1, window)
+        sees_cached = (slot_positions.view(batch, 1, window) >= 0) & (distance_to_slot < window)
+        distance = offsets.view(-1, 1) - offsets.view(1, -1)  # new query t - new key t'
+        sees_new = ((distance >= 0) & (distance < window)).view(1, length, length) & real.view(
+            batch, 1, length
+        )
+        sees_new = sees_new | torch.eye(length, dtype=torch.bool, device=device)  # pads: self
+        mask = torch.cat([sees_cached, sees_new], dim=-1).unsqueeze(1)  # [B, 1, T, W + T]
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        x = self.embed(items, event_types)  # [B, T, d]
+        new_keys, new_values = [], []
+        probabilities = torch.empty(0)
+        for layer, block in enumerate(self.blocks):
+            q, k, v = block.attention.project(block.attention_norm(x), cos, sin)  # [B, H, T, D]
+            keys = torch.cat([cache.keys[layer], k], dim=2)  # [B, H, W + T, D]
+            values = torch.cat([cache.values[layer], v], dim=2)
+            scores = (q @ keys.transpose(-1, -2)) * scale
+            probabilities = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+            x = x + block.attention.merge(probabilities @ values)
+            x = x + block.ffn(block.ffn_norm(x))
+            new_keys.append(keys)
+            new_values.append(values)
+        # each slot's new content: the newest new event with that slot, else what it held
+        age_in_chunk = torch.remainder(slots.view(1, -1) - start.view(-1, 1), window)  # t of slot
+        written = age_in_chunk < counts.view(-1, 1)  # [B, W]
+        source = torch.where(written, window + age_in_chunk, slots.view(1, -1))  # into W + T
+        gather = source.view(batch, 1, window, 1).expand(batch, cfg.n_heads, window, cfg.head_dim)
+        new_cache = KVCache(
+            torch.stack([torch.gather(k, 2, gather) for k in new_keys]),
+            torch.stack([torch.gather(v, 2, gather) for v in new_values]),
+            start + counts,
+        )
+        attention = None
+        if return_attention:
+            by_key = probabilities.mean(dim=1)  # [B, T, W + T]
+            ages = torch.arange(window, device=device)
+            key_offset = offsets.view(1, -1, 1) - ages.view(1, 1, -1)  # [1, T, W]: t - age
+            key_position = positions.view(batch, length, 1) - ages.view(1, 1, -1)
+            index = torch.where(
+                key_offset >= 0, window + key_offset, torch.remainder(key_position, window)
+            )
+            attention = torch.gather(by_key, 2, index) * (key_position >= 0)
+        return self.norm(x), new_cache, attention
+
     # --- one event per user against the cache ----------------------------------------------------
     def step(
         self,

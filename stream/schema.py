@@ -19,7 +19,7 @@ worker sends it to the dead-letter topic with that reason. Reason codes:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 EVENT_SCHEMA_VERSION = "kvrec.event.v1"
@@ -85,7 +85,30 @@ def encode_event(event: Event) -> bytes:
 
 
 def encode_recommendation(recommendation: Recommendation) -> bytes:
-    return json.dumps(asdict(recommendation), separators=(",", ":")).encode()
+    # field by field: `dataclasses.asdict` deep-copies and was a fifth of the worker's time
+    r = recommendation
+    data = {
+        "user_id": r.user_id,
+        "items": [{"item_id": i.item_id, "score": i.score} for i in r.items],
+        "model_version": r.model_version,
+        "event_ts": r.event_ts,
+        "emitted_ts": r.emitted_ts,
+        "because": [
+            {"item_id": b.item_id, "event_type": b.event_type, "weight": b.weight}
+            for b in r.because
+        ],
+        "cold_start": r.cold_start,
+        "source_ts": r.source_ts,
+        "schema": r.schema,
+    }
+    return _compact_json(data)
+
+
+_compact_json_encoder = json.JSONEncoder(separators=(",", ":"))
+
+
+def _compact_json(data: dict[str, Any]) -> bytes:
+    return _compact_json_encoder.encode(data).encode()
 
 
 def decode_recommendation(raw: bytes) -> Recommendation:

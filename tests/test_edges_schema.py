@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,7 @@ def test_recommendations_match_their_schema_file_and_round_trip() -> None:
         encoded = encode_recommendation(rec)
         assert schema_errors(json.loads(encoded), schema) == []
         assert decode_recommendation(encoded) == rec
+        assert json.loads(encoded) == dataclasses.asdict(rec)  # every field, none invented
     data = json.loads(encode_recommendation(_full_recommendation()))
     for broken in ({**data, "items": [{"item_id": "a", "score": "high"}]},
                    {k: v for k, v in data.items() if k != "model_version"},

@@ -37,34 +37,59 @@ def _stream(n_users: int, n_events: int, n_items: int, seed: int, unknown_share:
         yield ReferenceEvent(f"user-{rng.randrange(n_users)}", item, rng.randint(1, 4))
 
 
-def _run(recommender: Recommender, events, capacity: int, wave_size: int, drop_cache_every=0):
+def _run(recommender: Recommender, events, capacity: int, wave_size: int, drop_cache_every=0,
+         per_user: int = 1):
+    """Feed `events` in waves of `wave_size`, at most `per_user` events of a user per wave (a
+    user's next one starts a new wave), as the worker does."""
     windows: dict[str, Window] = {}
     got = []
+
+    def flush(wave: dict[str, WaveInput]) -> None:
+        results = recommender.recommend(list(wave.values()))  # by user, then by event
+        offsets = [event.offset for user in wave.values() for event in user.events]
+        got.extend(result for _, result in sorted(zip(offsets, results, strict=True),
+                                                  key=lambda pair: pair[0]))
+        wave.clear()
+
     for start in range(0, len(events), wave_size):
-        chunk = events[start : start + wave_size]
-        seen: set[str] = set()
-        wave: list[WaveInput] = []
-        for offset, e in enumerate(chunk, start=start):
-            if e.user_id in seen:  # one event per user per wave, as the worker does
-                got.extend(recommender.recommend(wave))
-                wave, seen = [], set()
+        wave: dict[str, WaveInput] = {}
+        for offset, e in enumerate(events[start : start + wave_size], start=start):
+            if e.user_id in wave and len(wave[e.user_id].events) >= per_user:
+                flush(wave)
             window = windows.setdefault(e.user_id, Window(capacity))
+            if e.user_id not in wave:
+                wave[e.user_id] = WaveInput(e.user_id, list(window.events), [], capacity)
             event = WindowEvent(e.item_id, e.event_type, 1_000 + offset, offset)
             window.apply(event)
-            wave.append(WaveInput(e.user_id, window, event))
-            seen.add(e.user_id)
-        got.extend(recommender.recommend(wave))
+            wave[e.user_id].events.append(event)
+        flush(wave)
         if drop_cache_every and (start // wave_size) % drop_cache_every == 0:
             recommender.cache.clear()
     return got
 
 
-@pytest.mark.parametrize(("layers", "wave_size", "unknown"), [(2, 1, 0.0), (2, 7, 0.0), (3, 5, 0.1)])
-def test_worker_matches_full_forward_reference(tmp_path: Path, layers, wave_size, unknown) -> None:
+@pytest.mark.parametrize(
+    ("layers", "wave_size", "unknown", "per_user", "drop"),
+    [(2, 1, 0.0, 1, 0), (2, 7, 0.0, 1, 0), (3, 5, 0.1, 1, 0), (2, 30, 0.0, 4, 0), (2, 30, 0.2, 4, 2),
+     (3, 50, 0.3, 3, 1)],
+)
+def test_worker_matches_full_forward_reference(
+    tmp_path: Path, layers, wave_size, unknown, per_user, drop
+) -> None:
     artifact = make_artifact(tmp_path / "model", layers=layers, window=4)
     capacity = artifact.config.history_needed
     events = list(_stream(n_users=6, n_events=150, n_items=60, seed=layers, unknown_share=unknown))
-    got = _run(_recommender(artifact), events, capacity, wave_size)
+    recommender = _recommender(artifact)
+    extend_calls = []
+    real_extend = recommender.backend.extend
+
+    def counted_extend(*args, **kwargs):
+        extend_calls.append(args[1].shape)
+        return real_extend(*args, **kwargs)
+
+    recommender.backend.extend = counted_extend
+    got = _run(recommender, events, capacity, wave_size, drop_cache_every=drop, per_user=per_user)
+    assert (len(extend_calls) > 0) == (per_user > 1)  # several events of a user in one pass
     want = reference_recommendations(artifact, events, k=5, window_capacity=capacity)
     assert len(got) == len(want) == len(events)
     for g, w in zip(got, want, strict=True):
@@ -80,7 +105,8 @@ def test_recommendations_same_with_warm_or_refilled_cache(tmp_path: Path) -> Non
     events = list(_stream(n_users=4, n_events=120, n_items=60, seed=7))
     warm = _run(_recommender(artifact), events, capacity, wave_size=3)
     refilled_recommender = _recommender(artifact)
-    refilled = _run(refilled_recommender, events, capacity, wave_size=3, drop_cache_every=1)
+    refilled = _run(refilled_recommender, events, capacity, wave_size=9, drop_cache_every=1,
+                    per_user=3)
     assert refilled_recommender.cache.stats.misses > 20  # the refill path really ran
     for a, b in zip(warm, refilled, strict=True):
         assert [i for i, _ in a.items] == [i for i, _ in b.items]
@@ -104,6 +130,6 @@ def test_cold_start_user_gets_popular_items(tmp_path: Path) -> None:
     window = Window(artifact.config.history_needed)
     event = WindowEvent("brand-new-item", 1, 1, 0)
     window.apply(event)
-    (result,) = recommender.recommend([WaveInput("u", window, event)])
+    (result,) = recommender.recommend([WaveInput("u", [], [event], window.capacity)])
     assert result.cold_start and result.unknown_item
     assert [i for i, _ in result.items] == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-5"]

@@ -1,20 +1,24 @@
 """Micro-batched inference: windows + new events in, recommendations out.
 
-For each event of a wave (at most one event per user), the user's key/value cache is looked
-up by (user, model version). A cache entry is valid only if it was built from exactly the
-events now in the window before the new one (it records the input offset of the last event it
-encoded); anything else is a miss. A miss refills the cache with `encode` over the window's
-last N*(W-1) known events, which is exact, so a user's recommendation is the same whether the
-cache was warm or refilled. Then one batched `step` advances every user of the wave by its new
-event, and one batched retrieval finds each user's top-k.
+A wave holds, for each of its users, the stored window before the wave and the user's new
+events (up to W of them, in order). The user's key/value cache is looked up by (user, model
+version); it is valid only if it was built from exactly the known events before the new ones
+(it records the input offset of the last event it encoded); anything else is a miss. A miss
+refills the cache with `encode` over the last N*(W-1) known events before the new ones, which
+is exact, so a recommendation is the same whether the cache was warm or refilled. Then
+`extend` advances every user by all its new events in one pass (users grouped by how many
+they have; `step` where each has one), and one batched retrieval finds the top-k of every
+event: one recommendation per event, as if the events had come one by one.
 
 Events whose item the model does not know (a new product) stay in the window but are skipped
-by the encoder: the user's recommendation is the one of its latest known event. A user with no
+by the encoder: the recommendation is the one of the user's latest known event. A user with no
 known event at all gets the artifact's popular items, marked `cold_start`.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +30,7 @@ from model.backends import StepBackend
 from model.encoder import KVCache
 from model.retrieval import Retriever
 from state.kvcache import LruByteCache
-from state.window import Window, WindowEvent
+from state.window import WindowEvent
 
 
 @dataclass
@@ -62,13 +66,37 @@ class Scored:
 
 @dataclass(frozen=True)
 class WaveInput:
+    """One user's new events of a wave, with the window as it was before them."""
+
     user_id: str
-    window: Window  # already holds `event` as its newest entry
-    event: WindowEvent
+    previous: list[WindowEvent]  # the stored window before this wave's events, oldest first
+    events: list[WindowEvent]  # this wave's events of the user, oldest first
+    capacity: int  # the stored window's capacity (a recommendation leaves out what is in it)
+
+
+@dataclass
+class _UserPlan:
+    """What one user of a wave needs: its known events and where each answer comes from."""
+
+    known: list[tuple[int, int, WindowEvent]]  # (place in previous + events, item index, event)
+    n_previous: int  # how many of `known` come before the wave
+    answered_by: list[int]  # per new event: index into the new known events, -1 = before them
+    kv: KVCache | None = None  # cache before the new known events (None: refill)
+    vectors: torch.Tensor | None = None  # [new known, d], after `extend`
+    attention: torch.Tensor | None = None  # [new known, W]
+    previous_vector: torch.Tensor | None = None  # the answer before the wave's known events
+
+    @property
+    def new_known(self) -> list[tuple[int, int, WindowEvent]]:
+        return self.known[self.n_previous :]
+
+    @property
+    def previous_known(self) -> list[tuple[int, int, WindowEvent]]:
+        return self.known[: self.n_previous]
 
 
 class Recommender:
-    """Runs `step` and retrieval for waves of events against one model artifact."""
+    """Runs `extend`/`step` and retrieval for waves of events against one model artifact."""
 
     def __init__(
         self,
@@ -98,80 +126,183 @@ class Recommender:
     def version(self) -> str:
         return self.artifact.version
 
-    def _known(self, events: Sequence[WindowEvent]) -> list[tuple[WindowEvent, int]]:
-        index = self.artifact.item_index
-        return [(e, index[e.item_id]) for e in events if e.item_id in index]
+    @property
+    def max_events_per_user(self) -> int:
+        """How many events of one user a wave may hold (what one `extend` advances)."""
+        return self.artifact.config.window if hasattr(self.backend, "extend") else 1
 
     def recommend(self, wave: Sequence[WaveInput]) -> list[Scored]:
-        """Recommendations for a wave of events, at most one per user, in the wave's order."""
-        results: list[Scored | None] = [None] * len(wave)
-        steps: list[int] = []  # positions in `wave` that run `step`
-        step_caches: list[KVCache] = []
-        refill_rows: list[tuple[int, list[int], list[int]]] = []  # (step slot, items, types)
-        vectors_no_step: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        histories: dict[int, list[tuple[WindowEvent, int]]] = {}
-
-        for position, entry_input in enumerate(wave):
-            known = self._known(entry_input.window.events)
-            histories[position] = known
-            new_is_known = bool(known) and known[-1][0] is entry_input.event
-            previous = known[:-1] if new_is_known else known
-            previous_offset = previous[-1][0].offset if previous else -1
-            cached = self.cache.get(entry_input.user_id, self.version)
-            if cached is not None and cached.encoded_offset != previous_offset:
-                cached = None  # built from other events (e.g. before a rebalance): refill
-            if not new_is_known:
-                self.unknown_items += 1
-                if not previous:
-                    results[position] = self._cold_start(entry_input.user_id, unknown=True)
-                elif cached is not None:
-                    vectors_no_step[position] = (cached.vector, cached.attention)
-                else:  # refill: the vector at the last known event, exact from N*(W-1)+1 events
-                    tail = previous[-self.history :]
-                    vector, kv = self._encode([[i for _, i in tail]], [[e.event_type for e, _ in tail]])
-                    self.cache.put(
-                        entry_input.user_id,
-                        self.version,
-                        CacheEntry(kv.split()[0], vector[0], previous_offset, None),
-                    )
-                    vectors_no_step[position] = (vector[0], None)
-                continue
-            slot = len(steps)
-            steps.append(position)
-            if cached is not None:
-                step_caches.append(cached.kv)
-            else:
-                tail = previous[-(self.history - 1) :] if self.history > 1 else []
-                step_caches.append(None)  # type: ignore[arg-type]  # filled below
-                refill_rows.append((slot, [i for _, i in tail], [e.event_type for e, _ in tail]))
-
-        self._refill(refill_rows, step_caches)
-        vectors: list[torch.Tensor] = []
-        attentions: list[torch.Tensor | None] = []
-        order: list[int] = []
-        if steps:
-            items = torch.tensor([histories[p][-1][1] for p in steps], dtype=torch.long)
-            types = torch.tensor([wave[p].event.event_type for p in steps], dtype=torch.long)
-            step_vectors, new_cache, attention = self.backend.step(
-                KVCache.cat(step_caches), items, types, return_attention=True
-            )
-            for slot, (position, kv) in enumerate(zip(steps, new_cache.split(), strict=True)):
-                row_attention = attention[slot] if attention is not None else None
+        """One recommendation per event: users in the wave's order, each user's in order."""
+        plans = [self._plan(user) for user in wave]
+        to_refill = [p for p in plans if p.new_known and p.kv is None]
+        self._refill_caches(to_refill)
+        self._advance([p for p in plans if p.new_known])
+        self._refill_previous_vectors([
+            (user.user_id, plan) for user, plan in zip(wave, plans, strict=True)
+            if plan.previous_known and plan.previous_vector is None and min(plan.answered_by) < 0
+        ])
+        for user, plan in zip(wave, plans, strict=True):
+            if plan.vectors is not None:
                 self.cache.put(
-                    wave[position].user_id,
+                    user.user_id,
                     self.version,
-                    CacheEntry(kv, step_vectors[slot], wave[position].event.offset, row_attention),
+                    CacheEntry(
+                        plan.kv,  # type: ignore[arg-type]
+                        plan.vectors[-1],
+                        plan.new_known[-1][2].offset,
+                        plan.attention[-1] if plan.attention is not None else None,
+                    ),
                 )
-                vectors.append(step_vectors[slot])
-                attentions.append(row_attention)
-                order.append(position)
-        for position, (vector, attention) in vectors_no_step.items():
-            vectors.append(vector)
-            attentions.append(attention)
-            order.append(position)
-        if order:
-            self._retrieve(wave, order, vectors, attentions, histories, results)
-        return [r for r in results if r is not None]
+        return self._retrieve(wave, plans)
+
+    def _plan(self, user: WaveInput) -> _UserPlan:
+        index = self.artifact.item_index
+        n_previous = len(user.previous)
+        known = [
+            (at, index[e.item_id], e)
+            for at, e in enumerate(user.previous + user.events)
+            if e.item_id in index
+        ]
+        previous_known = sum(1 for at, _, _ in known if at < n_previous)
+        answered_by, j = [], -1
+        new_places = [at for at, _, _ in known[previous_known:]]
+        for at in range(n_previous, n_previous + len(user.events)):
+            if j + 1 < len(new_places) and new_places[j + 1] == at:
+                j += 1
+            answered_by.append(j)
+        self.unknown_items += len(user.events) - len(new_places)
+        plan = _UserPlan(known, previous_known, answered_by)
+        previous_offset = known[previous_known - 1][2].offset if previous_known else -1
+        cached = self.cache.get(user.user_id, self.version)
+        if cached is not None and cached.encoded_offset == previous_offset:
+            plan.kv, plan.previous_vector = cached.kv, cached.vector
+        elif not previous_known:
+            plan.kv = KVCache.empty(self.artifact.config, 1)  # the user's first known events
+        return plan
+
+    def _refill_caches(self, plans: list[_UserPlan]) -> None:
+        """Rebuild missing caches from the stored events: one batched `encode`."""
+        if not plans:
+            return
+        tails = [p.previous_known[-(self.history - 1) :] for p in plans]
+        vectors, kv = self._encode(
+            [[i for _, i, _ in tail] for tail in tails],
+            [[e.event_type for _, _, e in tail] for tail in tails],
+        )
+        for plan, user_kv, vector in zip(plans, kv.split(), vectors, strict=True):
+            plan.kv, plan.previous_vector = user_kv, vector
+
+    def _refill_previous_vectors(self, users: list[tuple[str, _UserPlan]]) -> None:
+        """Users whose wave has no known item before some event, with a cold cache: their
+        answer there is the vector after their last stored known event (exact from N*(W-1)+1)."""
+        for user_id, plan in users:
+            tail = plan.previous_known[-self.history :]
+            vector, kv = self._encode([[i for _, i, _ in tail]], [[e.event_type for _, _, e in tail]])
+            plan.previous_vector = vector[0]
+            if not plan.new_known:  # nothing newer will be cached for this user
+                self.cache.put(
+                    user_id, self.version, CacheEntry(kv.split()[0], vector[0], tail[-1][2].offset, None)
+                )
+
+    def _advance(self, plans: list[_UserPlan]) -> None:
+        """Run the new known events through the model, users grouped by how many they have
+        (powers of two), so that one heavy user does not pad everyone else's batch."""
+        groups: dict[int, list[_UserPlan]] = defaultdict(list)
+        for plan in plans:
+            groups[1 << (len(plan.new_known) - 1).bit_length()].append(plan)
+        for length, group in sorted(groups.items()):
+            caches = KVCache.cat([plan.kv for plan in group])  # type: ignore[misc]
+            if length == 1 or not hasattr(self.backend, "extend"):
+                items = torch.tensor([p.new_known[0][1] for p in group], dtype=torch.long)
+                types = torch.tensor([p.new_known[0][2].event_type for p in group], dtype=torch.long)
+                vectors, new_cache, attention = self.backend.step(
+                    caches, items, types, return_attention=True
+                )
+                vectors = vectors.unsqueeze(1)
+                attention = attention.unsqueeze(1) if attention is not None else None
+            else:
+                items = torch.zeros((len(group), length), dtype=torch.long)
+                types = torch.zeros((len(group), length), dtype=torch.long)
+                for r, plan in enumerate(group):
+                    new = plan.new_known
+                    items[r, : len(new)] = torch.tensor([i for _, i, _ in new])
+                    types[r, : len(new)] = torch.tensor([e.event_type for _, _, e in new])
+                counts = torch.tensor([len(p.new_known) for p in group])
+                vectors, new_cache, attention = self.backend.extend(  # type: ignore[attr-defined]
+                    caches, items, types, counts, return_attention=True
+                )
+            for r, (plan, kv) in enumerate(zip(group, new_cache.split(), strict=True)):
+                count = len(plan.new_known)
+                plan.kv = kv
+                plan.vectors = vectors[r, :count]
+                plan.attention = attention[r, :count] if attention is not None else None
+
+    def _retrieve(self, wave: Sequence[WaveInput], plans: list[_UserPlan]) -> list[Scored]:
+        results: list[Scored] = []
+        queries: list[torch.Tensor] = []
+        exclude: list[list[int]] = []
+        attentions: list[torch.Tensor | None] = []
+        newest_first: list[list[WindowEvent]] = []
+        query_results: list[Scored] = []
+        for user, plan in zip(wave, plans, strict=True):
+            places = [at for at, _, _ in plan.known]
+            for offset, j in enumerate(plan.answered_by):
+                at = len(user.previous) + offset  # place in previous + events
+                own = j >= 0 and plan.new_known[j][0] == at  # this event's item is known
+                if j >= 0 and plan.vectors is not None:
+                    vector = plan.vectors[j]
+                elif plan.previous_vector is not None:
+                    vector = plan.previous_vector
+                else:  # no known event at all yet: popular items
+                    results.append(self._cold_start(user.user_id, unknown=True))
+                    continue
+                upto = bisect_right(places, at)  # known events up to this one
+                first = bisect_left(places, at + 1 - user.capacity)  # the window at this event
+                exclude.append([plan.known[m][1] for m in range(first, upto)])
+                queries.append(vector)
+                attentions.append(plan.attention[j] if own and plan.attention is not None else None)
+                newest_first.append([plan.known[m][2] for m in range(upto - 1, -1, -1)])
+                scored = Scored(user.user_id, [], unknown_item=not own)
+                query_results.append(scored)
+                results.append(scored)
+        if not queries:
+            return results
+        found = self.retriever.search(
+            torch.stack(queries).float().cpu().numpy(),
+            self.k,
+            exclude=exclude if self.exclude_seen else None,
+        )
+        because = self._because(attentions, newest_first)
+        item_ids = self.artifact.item_ids
+        for q, scored in enumerate(query_results):
+            scored.items = [
+                (item_ids[i], s)
+                for i, s in zip(found.indices[q].tolist(), found.scores[q].tolist(), strict=True)
+                if i > 0
+            ]
+            scored.because = because[q]
+        return results
+
+    def _because(
+        self, attentions: list[torch.Tensor | None], newest_first: list[list[WindowEvent]]
+    ) -> list[list[Because]]:
+        """The recent events that weighed most in the last layer's attention (index 0 = the
+        event itself); none when the event's item is unknown (the attention is an older one's)."""
+        out: list[list[Because]] = [[] for _ in attentions]
+        rows = [q for q, a in enumerate(attentions) if a is not None]
+        if not rows or self.because_count <= 0:
+            return out
+        weights = torch.stack([attentions[q] for q in rows]).float().cpu()  # type: ignore[misc]
+        top = torch.topk(weights, min(self.because_count, weights.shape[1]), dim=1)
+        names = self.artifact.event_types
+        for q, values, ages in zip(rows, top.values.tolist(), top.indices.tolist(), strict=True):
+            events = newest_first[q]
+            out[q] = [
+                Because(events[a].item_id, _event_type_name(names, events[a].event_type), round(w, 4))
+                for w, a in zip(values, ages, strict=True)
+                if w > 0.0 and a < len(events)
+            ]
+        return out
 
     def _encode(self, items: list[list[int]], types: list[list[int]]) -> tuple[torch.Tensor, KVCache]:
         length = max(len(row) for row in items)
@@ -182,70 +313,6 @@ class Recommender:
                 padded_items[row, length - len(row_items) :] = torch.tensor(row_items)
                 padded_types[row, length - len(row_types) :] = torch.tensor(row_types)
         return self.backend.encode(padded_items, padded_types)
-
-    def _refill(self, rows: list[tuple[int, list[int], list[int]]], caches: list[KVCache]) -> None:
-        """Fill the missing caches of a wave: one batched `encode` for all users with history."""
-        with_history = [row for row in rows if row[1]]
-        for slot, items, _ in rows:
-            if not items:  # the new event is the user's first known one
-                caches[slot] = KVCache.empty(self.artifact.config, 1)
-        if with_history:
-            _, kv = self._encode([r[1] for r in with_history], [r[2] for r in with_history])
-            for (slot, _, _), user_kv in zip(with_history, kv.split(), strict=True):
-                caches[slot] = user_kv
-
-    def _retrieve(
-        self,
-        wave: Sequence[WaveInput],
-        order: list[int],
-        vectors: list[torch.Tensor],
-        attentions: list[torch.Tensor | None],
-        histories: dict[int, list[tuple[WindowEvent, int]]],
-        results: list[Scored | None],
-    ) -> None:
-        queries = torch.stack(vectors).float().cpu().numpy()
-        exclude = [[i for _, i in histories[p]] for p in order] if self.exclude_seen else None
-        found = self.retriever.search(queries, self.k, exclude=exclude)
-        item_ids = self.artifact.item_ids
-        for row, position in enumerate(order):
-            items = [
-                (item_ids[int(i)], float(s))
-                for i, s in zip(found.indices[row], found.scores[row], strict=True)
-                if i > 0
-            ]
-            results[position] = Scored(
-                user_id=wave[position].user_id,
-                items=items,
-                because=self._because(attentions[row], histories[position], wave[position].event),
-                unknown_item=histories[position][-1][0] is not wave[position].event
-                if histories[position]
-                else True,
-            )
-
-    def _because(
-        self,
-        attention: torch.Tensor | None,
-        known: list[tuple[WindowEvent, int]],
-        event: WindowEvent,
-    ) -> list[Because]:
-        """The recent events that weighed most in the last layer's attention (index 0 = newest)."""
-        if attention is None or self.because_count <= 0:
-            return []
-        newest_first = known[::-1]
-        if not newest_first or newest_first[0][0] is not event:
-            return []  # attention belongs to an earlier step; do not misattribute it
-        weights = attention[: len(newest_first)].float().cpu()
-        top = torch.argsort(weights, descending=True)[: self.because_count]
-        names = self.artifact.event_types
-        return [
-            Because(
-                item_id=newest_first[int(i)][0].item_id,
-                event_type=_event_type_name(names, newest_first[int(i)][0].event_type),
-                weight=round(float(weights[int(i)]), 4),
-            )
-            for i in top
-            if float(weights[int(i)]) > 0.0
-        ]
 
     def _cold_start(self, user_id: str, *, unknown: bool) -> Scored:
         top = self._popular[: self.k]

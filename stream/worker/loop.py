@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from state.window import WindowEvent
+from state.window import Window, WindowEvent
 from stream.schema import (
     BecauseEvent,
     InvalidEvent,
@@ -222,27 +222,36 @@ class Worker:
             )
             valid.append(_Valid(message, event.user_id, window_event, event.ts))
         self.metrics.batch_size.observe(len(messages))
-        for wave in _waves(valid):
+        for wave in _waves(valid, self.recommender.max_events_per_user):
             self._process_wave(wave)
         for item in valid:
             self.checkpoint.store_offset(item.message.partition(), item.message.offset())
 
     def _process_wave(self, wave: list[_Valid]) -> None:
+        """Apply the wave's events to their windows and emit one recommendation per event."""
         inputs: list[WaveInput] = []
         sources: list[_Valid] = []
+        by_user: dict[str, tuple[list[WindowEvent], list[WindowEvent], Window]] = {}
         for item in wave:
             window = self.states[item.message.partition()].window(item.user_id)
             newest_ts = window.events[-1].ts if window.events else None
+            if item.user_id not in by_user:
+                by_user[item.user_id] = (list(window.events), [], window)
             if not window.apply(item.event):
                 self.metrics.events_duplicate.inc()
                 continue
             if newest_ts is not None and item.event.ts < newest_ts:
                 self.metrics.events_out_of_order.inc()
-            self.metrics.events_applied.inc()
-            inputs.append(WaveInput(item.user_id, window, item.event))
+            by_user[item.user_id][1].append(item.event)
             sources.append(item)
+        self.metrics.events_applied.inc(len(sources))
+        for user_id, (previous, events, window) in by_user.items():
+            if events:
+                inputs.append(WaveInput(user_id, previous, events, window.capacity))
         if not inputs:
             return
+        by_position = {id(item.event): item for item in sources}
+        ordered = [by_position[id(e)] for user in inputs for e in user.events]
         hits_before = self.recommender.cache.stats.hits
         misses_before = self.recommender.cache.stats.misses
         unknown_before = self.recommender.unknown_items
@@ -253,7 +262,7 @@ class Worker:
         self.metrics.cache_misses.inc(self.recommender.cache.stats.misses - misses_before)
         self.metrics.unknown_items.inc(self.recommender.unknown_items - unknown_before)
         self.metrics.cache_bytes.set(self.recommender.cache.bytes_used)
-        for source, result in zip(sources, scored, strict=True):
+        for source, result in zip(ordered, scored, strict=True):
             self._emit(source, result)
 
     def _emit(self, source: _Valid, result: Scored) -> None:
@@ -297,10 +306,14 @@ class Worker:
         )
 
 
-def _waves(valid: list[_Valid]) -> list[list[_Valid]]:
-    """Split a batch so that each wave holds at most one event per user, in per-user order."""
-    per_user: dict[str, list[_Valid]] = defaultdict(list)
+def _waves(valid: list[_Valid], per_user: int) -> list[list[_Valid]]:
+    """Split a batch so that each wave holds at most `per_user` events of each user, keeping
+    every user's order (the model advances a user by all its events of a wave at once)."""
+    by_user: dict[str, list[_Valid]] = defaultdict(list)
     for item in valid:
-        per_user[item.user_id].append(item)
-    depth = max((len(events) for events in per_user.values()), default=0)
-    return [[events[i] for events in per_user.values() if i < len(events)] for i in range(depth)]
+        by_user[item.user_id].append(item)
+    depth = max((len(events) for events in by_user.values()), default=0)
+    return [
+        [e for events in by_user.values() for e in events[start : start + per_user]]
+        for start in range(0, depth, per_user)
+    ]
