@@ -69,14 +69,14 @@ def _run(recommender: Recommender, events, capacity: int, wave_size: int, drop_c
 
 
 @pytest.mark.parametrize(
-    ("layers", "wave_size", "unknown", "per_user", "drop"),
-    [(2, 1, 0.0, 1, 0), (2, 7, 0.0, 1, 0), (3, 5, 0.1, 1, 0), (2, 30, 0.0, 4, 0), (2, 30, 0.2, 4, 2),
-     (3, 50, 0.3, 3, 1)],
+    ("layers", "window", "wave_size", "unknown", "per_user", "drop"),
+    [(2, 4, 1, 0.0, 1, 0), (2, 4, 7, 0.0, 1, 0), (3, 4, 5, 0.1, 1, 0), (2, 4, 30, 0.0, 4, 0),
+     (2, 4, 30, 0.2, 4, 2), (3, 4, 50, 0.3, 3, 1), (2, 5, 60, 0.0, 5, 0)],
 )
 def test_worker_matches_full_forward_reference(
-    tmp_path: Path, layers, wave_size, unknown, per_user, drop
+    tmp_path: Path, layers, window, wave_size, unknown, per_user, drop
 ) -> None:
-    artifact = make_artifact(tmp_path / "model", layers=layers, window=4)
+    artifact = make_artifact(tmp_path / "model", layers=layers, window=window)
     capacity = artifact.config.history_needed
     events = list(_stream(n_users=6, n_events=150, n_items=60, seed=layers, unknown_share=unknown))
     recommender = _recommender(artifact)

@@ -210,8 +210,9 @@ class Recommender:
         groups: dict[int, list[_UserPlan]] = defaultdict(list)
         for plan in plans:
             groups[1 << (len(plan.new_known) - 1).bit_length()].append(plan)
-        for length, group in sorted(groups.items()):
+        for _, group in sorted(groups.items()):
             caches = KVCache.cat([plan.kv for plan in group])  # type: ignore[misc]
+            length = max(len(plan.new_known) for plan in group)
             if length == 1 or not hasattr(self.backend, "extend"):
                 items = torch.tensor([p.new_known[0][1] for p in group], dtype=torch.long)
                 types = torch.tensor([p.new_known[0][2].event_type for p in group], dtype=torch.long)
