@@ -243,10 +243,12 @@ class Recommender:
         queries: list[torch.Tensor] = []
         exclude: list[list[int]] = []
         attentions: list[torch.Tensor | None] = []
-        newest_first: list[list[WindowEvent]] = []
+        history: list[tuple[list[WindowEvent], int]] = []  # (known events, how many so far)
         query_results: list[Scored] = []
         for user, plan in zip(wave, plans, strict=True):
             places = [at for at, _, _ in plan.known]
+            known_items = [i for _, i, _ in plan.known]
+            known_events = [e for _, _, e in plan.known]
             for offset, j in enumerate(plan.answered_by):
                 at = len(user.previous) + offset  # place in previous + events
                 own = j >= 0 and plan.new_known[j][0] == at  # this event's item is known
@@ -259,10 +261,10 @@ class Recommender:
                     continue
                 upto = bisect_right(places, at)  # known events up to this one
                 first = bisect_left(places, at + 1 - user.capacity)  # the window at this event
-                exclude.append([plan.known[m][1] for m in range(first, upto)])
+                exclude.append(known_items[first:upto])
                 queries.append(vector)
                 attentions.append(plan.attention[j] if own and plan.attention is not None else None)
-                newest_first.append([plan.known[m][2] for m in range(upto - 1, -1, -1)])
+                history.append((known_events, upto))
                 scored = Scored(user.user_id, [], unknown_item=not own)
                 query_results.append(scored)
                 results.append(scored)
@@ -273,22 +275,21 @@ class Recommender:
             self.k,
             exclude=exclude if self.exclude_seen else None,
         )
-        because = self._because(attentions, newest_first)
+        because = self._because(attentions, history)
         item_ids = self.artifact.item_ids
-        for q, scored in enumerate(query_results):
-            scored.items = [
-                (item_ids[i], s)
-                for i, s in zip(found.indices[q].tolist(), found.scores[q].tolist(), strict=True)
-                if i > 0
-            ]
-            scored.because = because[q]
+        scores = np.round(found.scores.astype(np.float64), 6).tolist()
+        for scored, ids, row_scores, row_because in zip(
+            query_results, found.indices.tolist(), scores, because, strict=True
+        ):
+            scored.items = [(item_ids[i], s) for i, s in zip(ids, row_scores, strict=True) if i > 0]
+            scored.because = row_because
         return results
 
     def _because(
-        self, attentions: list[torch.Tensor | None], newest_first: list[list[WindowEvent]]
+        self, attentions: list[torch.Tensor | None], history: list[tuple[list[WindowEvent], int]]
     ) -> list[list[Because]]:
-        """The recent events that weighed most in the last layer's attention (index 0 = the
-        event itself); none when the event's item is unknown (the attention is an older one's)."""
+        """The recent events that weighed most in the last layer's attention (age 0 = the event
+        itself); none when the event's item is unknown (the attention is an older one's)."""
         out: list[list[Because]] = [[] for _ in attentions]
         rows = [q for q, a in enumerate(attentions) if a is not None]
         if not rows or self.because_count <= 0:
@@ -297,11 +298,15 @@ class Recommender:
         top = torch.topk(weights, min(self.because_count, weights.shape[1]), dim=1)
         names = self.artifact.event_types
         for q, values, ages in zip(rows, top.values.tolist(), top.indices.tolist(), strict=True):
-            events = newest_first[q]
+            events, upto = history[q]
             out[q] = [
-                Because(events[a].item_id, _event_type_name(names, events[a].event_type), round(w, 4))
+                Because(
+                    events[upto - 1 - a].item_id,
+                    _event_type_name(names, events[upto - 1 - a].event_type),
+                    round(w, 4),
+                )
                 for w, a in zip(values, ages, strict=True)
-                if w > 0.0 and a < len(events)
+                if w > 0.0 and a < upto
             ]
         return out
 

@@ -270,7 +270,7 @@ class Worker:
         _, produced_ms = source.message.timestamp()
         recommendation = Recommendation(
             user_id=result.user_id,
-            items=[ScoredItem(item_id, round(score, 6)) for item_id, score in result.items],
+            items=[ScoredItem(item_id, score) for item_id, score in result.items],  # rounded to 6 places
             model_version=self.recommender.version,
             event_ts=source.event_ts,
             emitted_ts=emitted_ms,
