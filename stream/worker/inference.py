@@ -249,9 +249,10 @@ class Recommender:
             places = [at for at, _, _ in plan.known]
             known_items = [i for _, i, _ in plan.known]
             known_events = [e for _, _, e in plan.known]
+            new_places = places[plan.n_previous :]
             for offset, j in enumerate(plan.answered_by):
                 at = len(user.previous) + offset  # place in previous + events
-                own = j >= 0 and plan.new_known[j][0] == at  # this event's item is known
+                own = j >= 0 and new_places[j] == at  # this event's item is known
                 if j >= 0 and plan.vectors is not None:
                     vector = plan.vectors[j]
                 elif plan.previous_vector is not None:
