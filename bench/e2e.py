@@ -23,6 +23,7 @@ consume-produce loop) and `faust-passthrough` (`bench/faust_passthrough.py`, a F
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -219,60 +220,81 @@ def _input_timestamps(bootstrap: str, topic: str, partitions: int, expected: int
 def measure(
     run: Run, peak_events: Sequence[Interaction], rate_events: Sequence[Interaction], *,
     model: Path, state_dir: Path, worker_args: Sequence[str], seconds: float,
-    rate_fraction: float, max_rate: float, timeout: float,
+    rate_fractions: Sequence[float], max_rate: float, timeout: float,
 ) -> dict[str, Any]:
+    """Peak throughput on a backlog, then one fixed-rate phase per fraction of that peak
+    (none when `rate_fractions` is empty). Each phase uses the next events of `rate_events`."""
     # uncompressed for every system: aiokafka (Faust) has no lz4 codec installed here
     producer_config = {"bootstrap.servers": run.bootstrap, "compression.type": "none"}
     stats = replay_events(producer_config, run.events, peak_events, 0.0, progress=False)
     if stats.failed:
         raise RuntimeError(f"{run.name}: {stats.failed} events not delivered")
     consumer = _reader(run.bootstrap, run.outputs, run.partitions)
-    # connected before the rate phase, so no event waits for a connection
+    # connected before the rate phases, so no event waits for a connection
     paced = Producer({**producer_config, "linger.ms": 2})
     paced.list_topics(run.events, timeout=10)
     run.start(model, state_dir, worker_args)
+    phases: list[dict[str, Any]] = []
     try:
         times = sorted(_drain(consumer, len(peak_events), timeout, run))
         # + 1 ms: append times have millisecond resolution (and one per producer batch)
         span = times[-1] - times[0] + 0.001
         peak = len(times) / span
-        offered = min(max_rate, peak * rate_fraction)
-        count = min(len(rate_events), max(1, int(offered * seconds)))
-        phase = rate_events[:count]
-        read_ms: dict[tuple[str, int], float] = {}
+        used = 0
+        for fraction in rate_fractions:
+            offered = min(max_rate, peak * fraction)
+            count = min(len(rate_events) - used, max(1, int(offered * seconds)))
+            phase = rate_events[used : used + count]
+            used += count
+            read_ms: dict[tuple[str, int], float] = {}
 
-        def on_message(value: bytes, now: float) -> None:
-            read_ms[_event_key(run.name, value)] = now * 1000.0
+            def on_message(value: bytes, now: float, read_ms: dict = read_ms) -> None:
+                read_ms[_event_key(run.name, value)] = now * 1000.0
 
-        producer = threading.Thread(
-            target=produce_paced, args=(paced, run.events, phase, offered), daemon=True
-        )
-        producer.start()
-        _drain(consumer, count, timeout + seconds, run, on_message)
-        producer.join()
+            producer = threading.Thread(
+                target=produce_paced, args=(paced, run.events, phase, offered), daemon=True
+            )
+            producer.start()
+            _drain(consumer, count, timeout + seconds, run, on_message)
+            producer.join()
+            phases.append({"fraction": fraction, "offered_rate": offered, "count": count,
+                           "read_ms": read_ms})
     finally:
         consumer.close()
         run.stop()
-    stamps = _input_timestamps(run.bootstrap, run.events, run.partitions, len(peak_events) + count)
-    latencies = np.array([read_ms[k] - stamps[k] for k in read_ms if k in stamps])
-    if len(latencies) < count:
-        raise RuntimeError(f"{run.name}: matched {len(latencies)} of {count} outputs to inputs")
-    percentiles = {f"p{q}": float(np.percentile(latencies, q)) for q in (50, 95, 99)}
-    result = {
-        "events": len(times),
-        "peak_seconds": span,
-        "peak_events_per_s": peak,
-        "offered_rate": offered,
-        "rate_phase_events": count,
-        "latency_ms": {**percentiles, "max": float(latencies.max())},
-        "latencies_ms": [round(float(x), 2) for x in latencies],
+    result: dict[str, Any] = {
+        "events": len(times), "peak_seconds": span, "peak_events_per_s": peak, "phases": [],
     }
-    print(
-        f"{run.name:22s} peak {peak:9,.0f} ev/s   at {offered:7,.0f} ev/s: latency p50 "
-        f"{percentiles['p50']:7.1f}  p95 {percentiles['p95']:7.1f}  p99 {percentiles['p99']:7.1f}"
-        f"  max {result['latency_ms']['max']:7.1f} ms",
-        flush=True,
-    )
+    line = f"{run.name:22s} peak {peak:9,.0f} ev/s"
+    if phases:
+        total = len(peak_events) + sum(p["count"] for p in phases)
+        stamps = _input_timestamps(run.bootstrap, run.events, run.partitions, total)
+        for phase in phases:
+            read_ms = phase.pop("read_ms")
+            latencies = np.array([read_ms[k] - stamps[k] for k in read_ms if k in stamps])
+            if len(latencies) < phase["count"]:
+                raise RuntimeError(
+                    f"{run.name}: matched {len(latencies)} of {phase['count']} outputs to inputs"
+                )
+            first_input = min(stamps[k] for k in read_ms)
+            achieved = phase["count"] / max(1e-3, (max(read_ms.values()) - first_input) / 1000.0)
+            percentiles = {f"p{q}": float(np.percentile(latencies, q)) for q in (50, 95, 99)}
+            phase.update(
+                achieved_events_per_s=achieved,
+                latency_ms={**percentiles, "max": float(latencies.max())},
+                latencies_ms=[round(float(x), 2) for x in latencies],
+            )
+            result["phases"].append(phase)
+            line += (f"\n{'':22s}   at {phase['offered_rate']:7,.0f} ev/s: latency p50 "
+                     f"{percentiles['p50']:7.1f}  p95 {percentiles['p95']:7.1f}  p99 "
+                     f"{percentiles['p99']:7.1f}  max {phase['latency_ms']['max']:7.1f} ms")
+        # the headline phase: the one at half the peak (else the middle one)
+        headline = min(result["phases"], key=lambda p: abs(p["fraction"] - 0.5))
+        result.update(
+            offered_rate=headline["offered_rate"], rate_phase_events=headline["count"],
+            latency_ms=headline["latency_ms"], latencies_ms=headline["latencies_ms"],
+        )
+    print(line, flush=True)
     return result
 
 
@@ -294,7 +316,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     systems = report["systems"]
-    figure, (cdf, bars) = plt.subplots(1, 2, figsize=(13, 4.5))
+    figure, (cdf, bars, rates) = plt.subplots(1, 3, figsize=(18, 4.5))
+    for index, (name, result) in enumerate(systems.items()):
+        phases = result.get("phases", [])
+        if phases:
+            rates.plot([p["offered_rate"] for p in phases],
+                       [p["achieved_events_per_s"] for p in phases], marker="o",
+                       color=f"C{index}", label=name)
+    rates.set_xlabel("offered events/s")
+    rates.set_ylabel("delivered events/s")
+    rates.set_title("throughput against offered rate")
+    rates.legend(fontsize=8)
     for name, result in systems.items():
         values = np.sort(np.array(result["latencies_ms"]))
         cdf.plot(values, np.arange(1, len(values) + 1) / len(values),
@@ -321,6 +353,95 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def _retrieval_report(log_path: Path) -> dict[str, Any] | None:
+    """The worker's logged retrieval build report (kind, settings, measured recall@10)."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if " retrieval: {" in line:
+            return ast.literal_eval(line.split(" retrieval: ", 1)[1])
+    return None
+
+
+SWEEP_WINDOWS = (20, 50, 200)
+SWEEP_ITEMS = (10_000, 100_000, 1_000_000)
+SWEEP_BATCHES = (64, 256, 512, 2048)
+
+
+def sweep_points(items: int, window: int) -> list[dict[str, Any]]:
+    """Peak-throughput points: kvrec against W, catalog size and batch size (the others at
+    the defaults), and the no-cache worker at each W."""
+    points = [{"system": "kvrec", "window": w, "items": items, "batch_size": 512}
+              for w in SWEEP_WINDOWS]
+    points += [{"system": "kvrec", "window": window, "items": n, "batch_size": 512}
+               for n in SWEEP_ITEMS if n != items]
+    points += [{"system": "kvrec", "window": window, "items": items, "batch_size": b}
+               for b in SWEEP_BATCHES if b != 512]
+    points += [{"system": "kvrec-no-cache", "window": w, "items": items, "batch_size": 512}
+               for w in SWEEP_WINDOWS]
+    return points
+
+
+def run_sweep(args: argparse.Namespace, bootstrap: str, workdir: Path) -> list[dict[str, Any]]:
+    results = []
+    points = sweep_points(args.items, args.window)
+    for number, point in enumerate(points, start=1):
+        # the no-cache worker re-encodes N*(W-1)+1 events per event: a shorter backlog
+        events = args.events if point["system"] == "kvrec" else max(1000, args.events // 5)
+        interactions = generate_synthetic(
+            SyntheticSpec(users=args.users, items=point["items"], events=events)
+        )
+        model = workdir / f"model-{point['items']}-{point['window']}"
+        if not model.exists():
+            build_artifact(model, n_items=point["items"], window=point["window"])
+        tag = f"{point['system']}-w{point['window']}-n{point['items']}-b{point['batch_size']}"
+        run = Run(point["system"], bootstrap, args.partitions, workdir / f"sweep-{tag}.log")
+        print(f"[{number}/{len(points)}] {tag}", flush=True)
+        result = measure(
+            run, interactions, [], model=model, state_dir=workdir / f"state-{tag}",
+            worker_args=["--batch-size", str(point["batch_size"]), "--log-level", "INFO"],
+            seconds=1.0, rate_fractions=[], max_rate=args.max_rate, timeout=args.timeout,
+        )
+        retrieval = _retrieval_report(run.log_path) or {}
+        results.append({
+            **point, "events": events, "peak_events_per_s": result["peak_events_per_s"],
+            "retrieval": {k: retrieval.get(k) for k in ("kind", "factory", "nprobe", "k_factor",
+                                                        "recall@10", "build_seconds")},
+        })
+    return results
+
+
+def plot_sweep(sweep: list[dict[str, Any]], items: int, window: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for system, marker in (("kvrec", "o"), ("kvrec-no-cache", "s")):
+        by_window = sorted((p["window"], p["peak_events_per_s"]) for p in sweep
+                           if p["system"] == system and p["items"] == items and p["batch_size"] == 512)
+        axes[0].plot(*zip(*by_window, strict=True), marker=marker, label=system)
+    by_items = sorted((p["items"], p["peak_events_per_s"]) for p in sweep if p["system"] == "kvrec"
+                      and p["window"] == window and p["batch_size"] == 512)
+    by_batch = sorted((p["batch_size"], p["peak_events_per_s"]) for p in sweep
+                      if p["system"] == "kvrec" and p["window"] == window and p["items"] == items)
+    axes[1].plot(*zip(*by_items, strict=True), marker="o", color="C0")
+    axes[2].plot(*zip(*by_batch, strict=True), marker="o", color="C0")
+    for axis, label in zip(axes, ("window W (events)", "catalog items", "batch size (events)"),
+                           strict=True):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel(label)
+        axis.set_ylabel("peak events/s")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title(f"against W ({items:,} items)")
+    axes[1].set_title(f"against catalog size (W={window})")
+    axes[2].set_title(f"against batch size (W={window}, {items:,} items)")
+    figure.suptitle("kvrec bench e2e --sweep: one worker draining a backlog")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", required=True, help="output JSON")
     parser.add_argument("--plot", default=None, help="output PNG")
@@ -332,27 +453,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--users", type=int, default=5_000)
     parser.add_argument("--seconds", type=float, default=20.0, help="fixed-rate phase")
-    parser.add_argument("--rate-fraction", type=float, default=0.5,
-                        help="offered rate = this share of the system's measured peak")
+    parser.add_argument("--rate-fractions", default="0.25,0.5,0.75",
+                        help="fixed-rate phases: offered rate = these shares of the measured peak")
     parser.add_argument("--max-rate", type=float, default=20_000.0, help="offered rate cap, ev/s")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--timeout", type=float, default=600.0, help="per phase, seconds")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also: kvrec peak against W (20, 50, 200), catalog (10k, 100k, 1M) and "
+                             "batch size (64..2048), no-cache peak against W; plot to <plot>-sweep.png")
+    parser.add_argument("--sweep-events", type=int, default=20_000, help="backlog per sweep point")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.events, args.items, args.window, args.seconds = 2000, 2000, 8, 3.0
         args.users, args.max_rate, args.timeout = min(args.users, 500), min(args.max_rate, 5000.0), 60.0
+        args.rate_fractions = "0.5"
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not systems or set(systems) - set(SYSTEMS):
         raise ConfigError(f"--systems: choose from {', '.join(SYSTEMS)}")
     if min(args.events, args.window, args.users, args.partitions) < 1 or args.items < 2:
         raise ConfigError("--events, --window, --users, --partitions must be >= 1, --items >= 2")
-    if not 0 < args.rate_fraction <= 1 or args.seconds <= 0 or args.max_rate <= 0:
-        raise ConfigError("--rate-fraction in (0, 1], --seconds and --max-rate > 0")
-    rate_events = int(args.max_rate * args.seconds) + 1
+    try:
+        fractions = [float(f) for f in args.rate_fractions.split(",") if f.strip()]
+    except ValueError:
+        raise ConfigError(f"--rate-fractions: numbers and commas, got {args.rate_fractions!r}") from None
+    if not all(0 < f <= 1 for f in fractions) or args.seconds <= 0 or args.max_rate <= 0:
+        raise ConfigError("--rate-fractions in (0, 1], --seconds and --max-rate > 0")
+    rate_events = int(args.max_rate * args.seconds * len(fractions)) + 1
     interactions = generate_synthetic(
         SyntheticSpec(users=args.users, items=args.items, events=args.events + rate_events)
     )
@@ -362,12 +492,16 @@ def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     model = build_artifact(workdir / "model", n_items=args.items, window=args.window)
     results: dict[str, Any] = {}
+    sweep: list[dict[str, Any]] = []
     with _broker(args.bootstrap_servers, workdir) as bootstrap:
+        if args.sweep:
+            sweep_args = argparse.Namespace(**{**vars(args), "events": args.sweep_events})
+            sweep = run_sweep(sweep_args, bootstrap, workdir)
         for name in systems:
             run = Run(name, bootstrap, args.partitions, workdir / f"{name}.log")
             results[name] = measure(
                 run, peak_events, tail, model=model, state_dir=workdir / "state",
-                worker_args=[], seconds=args.seconds, rate_fraction=args.rate_fraction,
+                worker_args=[], seconds=args.seconds, rate_fractions=fractions,
                 max_rate=args.max_rate, timeout=args.timeout,
             )
     report: dict[str, Any] = {
@@ -376,7 +510,7 @@ def main(args: argparse.Namespace) -> int:
         "settings": {
             "events": args.events, "items": args.items, "window": args.window, "d_model": 64,
             "layers": 2, "users": args.users, "seconds": args.seconds,
-            "rate_fraction": args.rate_fraction, "max_rate": args.max_rate,
+            "rate_fractions": fractions, "max_rate": args.max_rate,
             "partitions": args.partitions, "systems": systems, "quick": args.quick,
             "broker": "given" if args.bootstrap_servers else "local launcher",
             "worker": "torch-cpu, --retrieval auto, at-least-once, default batch settings",
@@ -385,6 +519,14 @@ def main(args: argparse.Namespace) -> int:
         "systems": results,
         "seconds_total": time.monotonic() - started,
     }
+    if sweep:
+        report["sweep"] = sweep
+        cached = {p["window"]: p["peak_events_per_s"] for p in sweep
+                  if p["system"] == "kvrec" and p["items"] == args.items and p["batch_size"] == 512}
+        naive = {p["window"]: p["peak_events_per_s"] for p in sweep if p["system"] == "kvrec-no-cache"}
+        report["sweep_kvrec_over_no_cache"] = {
+            str(w): cached[w] / naive[w] for w in sorted(cached) if w in naive
+        }
     if "kvrec" in results and "kvrec-no-cache" in results:
         report["kvrec_over_no_cache"] = {
             "peak_events_per_s": results["kvrec"]["peak_events_per_s"]
@@ -396,4 +538,7 @@ def main(args: argparse.Namespace) -> int:
     Path(args.json).write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(report, Path(args.plot))
+        if sweep:
+            plot_sweep(sweep, args.items, args.window,
+                       Path(args.plot).with_name(Path(args.plot).stem + "-sweep.png"))
     return 0

@@ -35,4 +35,18 @@ def test_bench_e2e_quick_measures_every_system(kafka_bootstrap, tmp_path: Path) 
         assert 0 <= latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"], name
         assert latency["max"] < 30_000, name
         assert len(result["latencies_ms"]) == result["rate_phase_events"] > 0, name
+        (phase,) = result["phases"]  # quick: one phase at half the peak
+        assert phase["fraction"] == 0.5 and phase["achieved_events_per_s"] > 0, name
     assert report["kvrec_over_no_cache"]["peak_events_per_s"] > 0
+
+
+def test_sweep_covers_every_axis_and_the_no_cache_worker() -> None:
+    from bench.e2e import SWEEP_BATCHES, SWEEP_ITEMS, SWEEP_WINDOWS, sweep_points
+
+    points = sweep_points(100_000, 50)
+    kvrec = [p for p in points if p["system"] == "kvrec"]
+    assert {p["window"] for p in kvrec} == set(SWEEP_WINDOWS)
+    assert {p["items"] for p in kvrec} == set(SWEEP_ITEMS)
+    assert {p["batch_size"] for p in kvrec} == set(SWEEP_BATCHES)
+    assert len({tuple(sorted(p.items())) for p in points}) == len(points)  # no point twice
+    assert {p["window"] for p in points if p["system"] == "kvrec-no-cache"} == set(SWEEP_WINDOWS)
