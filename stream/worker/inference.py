@@ -85,14 +85,12 @@ class _UserPlan:
     vectors: torch.Tensor | None = None  # [new known, d], after `extend`
     attention: torch.Tensor | None = None  # [new known, W]
     previous_vector: torch.Tensor | None = None  # the answer before the wave's known events
+    new_known: list[tuple[int, int, WindowEvent]] = field(init=False)  # known[n_previous:]
+    previous_known: list[tuple[int, int, WindowEvent]] = field(init=False)  # the others
 
-    @property
-    def new_known(self) -> list[tuple[int, int, WindowEvent]]:
-        return self.known[self.n_previous :]
-
-    @property
-    def previous_known(self) -> list[tuple[int, int, WindowEvent]]:
-        return self.known[: self.n_previous]
+    def __post_init__(self) -> None:
+        self.new_known = self.known[self.n_previous :]
+        self.previous_known = self.known[: self.n_previous]
 
 
 class Recommender:
