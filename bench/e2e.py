@@ -15,7 +15,7 @@ For each system, on fresh topics of one broker:
    every producer here sends uncompressed (aiokafka, under Faust, has no lz4 codec installed).
 
 Systems: `kvrec` (the worker, `--retrieval auto`), `kvrec-no-cache` (the worker with
-`--cache-bytes 1`: every event misses and re-encodes the user's window, what a system without
+`--no-kv-cache`: every event re-encodes the user's stored window, what a system without
 the key/value cache pays), `confluent-passthrough` (`bench/passthrough.py`, a confluent-kafka
 consume-produce loop) and `faust-passthrough` (`bench/faust_passthrough.py`, a Faust agent).
 """
@@ -119,7 +119,7 @@ class Run:
                 "--metrics-port", "-1", "--log-level", "WARNING", *worker_args,
             ]
             if self.name == "kvrec-no-cache":
-                command += ["--cache-bytes", "1"]
+                command += ["--no-kv-cache"]
             return command, env
         if self.name == "confluent-passthrough":
             return [sys.executable, "-m", "bench.passthrough", self.bootstrap, self.events,

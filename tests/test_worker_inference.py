@@ -17,7 +17,7 @@ from tests.worker_fixtures import make_artifact
 from tests.worker_reference import ReferenceEvent, assert_same_ranking, reference_recommendations
 
 
-def _recommender(artifact, cache_bytes: int = 1 << 26) -> Recommender:
+def _recommender(artifact, cache_bytes: int = 1 << 26, reuse_cache: bool = True) -> Recommender:
     vectors = artifact.encoder.item_embeddings().detach().float().numpy()
     return Recommender(
         artifact,
@@ -25,6 +25,7 @@ def _recommender(artifact, cache_bytes: int = 1 << 26) -> Recommender:
         Retriever(np.ascontiguousarray(vectors), kind="exact"),
         LruByteCache[CacheEntry](cache_bytes),
         k=5,
+        reuse_cache=reuse_cache,
     )
 
 
@@ -133,3 +134,22 @@ def test_cold_start_user_gets_popular_items(tmp_path: Path) -> None:
     (result,) = recommender.recommend([WaveInput("u", [], [event], window.capacity)])
     assert result.cold_start and result.unknown_item
     assert [i for i, _ in result.items] == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-5"]
+
+
+def test_no_cache_baseline_gives_the_same_answers_by_re_encoding(tmp_path: Path) -> None:
+    artifact = make_artifact(tmp_path / "model", layers=2, window=4)
+    capacity = artifact.config.history_needed
+    events = list(_stream(n_users=5, n_events=100, n_items=60, seed=11, unknown_share=0.1))
+    baseline = _recommender(artifact, reuse_cache=False)
+    assert baseline.max_events_per_user == 1
+    encodes = []
+    real_encode = baseline.backend.encode
+    baseline.backend.encode = lambda *a: encodes.append(1) or real_encode(*a)
+    got = _run(baseline, events, capacity, wave_size=20)
+    assert len(baseline.cache) == 0
+    assert len(encodes) >= 20  # a re-encode in every wave
+    want = reference_recommendations(artifact, events, k=5, window_capacity=capacity)
+    for g, w in zip(got, want, strict=True):
+        assert g.cold_start == w.cold_start
+        if not w.cold_start:
+            assert_same_ranking([i for i, _ in g.items], [s for _, s in g.items], w)

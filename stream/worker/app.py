@@ -62,6 +62,7 @@ def build_recommender(settings: WorkerSettings) -> Recommender:
         k=settings.k,
         exclude_seen=settings.exclude_seen,
         because_count=settings.because,
+        reuse_cache=settings.reuse_kv_cache,
     )
 
 

@@ -106,8 +106,12 @@ class Recommender:
         k: int = 10,
         exclude_seen: bool = True,
         because_count: int = 3,
+        reuse_cache: bool = True,
     ) -> None:
+        """`reuse_cache=False` is the no-cache baseline: every event is its own wave entry and
+        re-encodes the user's stored window (same answers, the cost a cache saves)."""
         self.artifact = artifact
+        self.reuse_cache = reuse_cache
         self.backend = backend
         self.retriever = retriever
         self.cache = cache
@@ -127,7 +131,9 @@ class Recommender:
     @property
     def max_events_per_user(self) -> int:
         """How many events of one user a wave may hold (what one `extend` advances)."""
-        return self.artifact.config.window if hasattr(self.backend, "extend") else 1
+        if not self.reuse_cache or not hasattr(self.backend, "extend"):
+            return 1
+        return self.artifact.config.window
 
     def recommend(self, wave: Sequence[WaveInput]) -> list[Scored]:
         """One recommendation per event: users in the wave's order, each user's in order."""
@@ -140,7 +146,7 @@ class Recommender:
             if plan.previous_known and plan.previous_vector is None and min(plan.answered_by) < 0
         ])
         for user, plan in zip(wave, plans, strict=True):
-            if plan.vectors is not None:
+            if plan.vectors is not None and self.reuse_cache:
                 self.cache.put(
                     user.user_id,
                     self.version,
@@ -171,7 +177,7 @@ class Recommender:
         self.unknown_items += len(user.events) - len(new_places)
         plan = _UserPlan(known, previous_known, answered_by)
         previous_offset = known[previous_known - 1][2].offset if previous_known else -1
-        cached = self.cache.get(user.user_id, self.version)
+        cached = self.cache.get(user.user_id, self.version) if self.reuse_cache else None
         if cached is not None and cached.encoded_offset == previous_offset:
             plan.kv, plan.previous_vector = cached.kv, cached.vector
         elif not previous_known:
@@ -197,7 +203,7 @@ class Recommender:
             tail = plan.previous_known[-self.history :]
             vector, kv = self._encode([[i for _, i, _ in tail]], [[e.event_type for _, _, e in tail]])
             plan.previous_vector = vector[0]
-            if not plan.new_known:  # nothing newer will be cached for this user
+            if not plan.new_known and self.reuse_cache:  # nothing newer will be cached
                 self.cache.put(
                     user_id, self.version, CacheEntry(kv.split()[0], vector[0], tail[-1][2].offset, None)
                 )

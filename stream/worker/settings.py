@@ -70,6 +70,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--state-dir", default="./state-data")
     loop.add_argument("--cache-bytes", type=int, default=1 << 30, help="key/value cache budget")
     loop.add_argument(
+        "--no-kv-cache", action="store_true",
+        help="re-encode the user's window for every event (the baseline `kvrec bench e2e` "
+             "compares against; same answers, no cache reuse)",
+    )
+    loop.add_argument(
         "--window-capacity", type=int, default=0,
         help="events kept per user (0 = the model's N*(W-1)+1, the least for exact refills)",
     )
@@ -103,6 +108,7 @@ class WorkerSettings:
     exactly_once: bool
     state_dir: Path
     cache_bytes: int
+    reuse_kv_cache: bool
     window_capacity: int  # 0 until the model is known
     event_types: tuple[str, ...]
     max_event_bytes: int
@@ -153,6 +159,7 @@ class WorkerSettings:
             exactly_once=args.processing_guarantee == "exactly-once",
             state_dir=Path(args.state_dir),
             cache_bytes=args.cache_bytes,
+            reuse_kv_cache=not args.no_kv_cache,
             window_capacity=args.window_capacity,
             event_types=event_types,
             max_event_bytes=args.max_event_bytes,
