@@ -42,7 +42,7 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from bench.machine import machine_info
-from model.datasets import Interaction, SyntheticSpec, generate_synthetic
+from model.datasets import BASE_TS_MS, Interaction, SyntheticSpec, generate_synthetic
 from model.errors import ConfigError
 from stream.kafka_config import ensure_topics
 from stream.replay import BURST_SECONDS, TokenBucket, replay_events
@@ -86,6 +86,21 @@ def build_artifact(out_dir: Path, *, n_items: int, window: int, d_model: int = 6
     return out_dir
 
 
+def warmup_history(users: int, items: int, per_user: int, seed: int = 7) -> list[Interaction]:
+    """`per_user` events for each of `users` users (ids "u0".., as `generate_synthetic`
+    names them), users interleaved, Zipf-popular items, all before the synthetic stream's
+    times: what fills every stored window before the timed phases."""
+    rng = np.random.default_rng(seed)
+    popularity = np.arange(1, items + 1, dtype=np.float64) ** -1.1
+    drawn = rng.choice(items, size=(per_user, users), p=popularity / popularity.sum()) + 1
+    return [
+        Interaction(f"u{user}", f"i{drawn[round_, user]}", "view",
+                    BASE_TS_MS - (per_user - round_) * 60_000)
+        for round_ in range(per_user)
+        for user in range(users)
+    ]
+
+
 class Run:
     """One system's topics, its subprocess and what the bench read from it."""
 
@@ -107,9 +122,11 @@ class Run:
         self.process: subprocess.Popen | None = None
         self.log_path = log_path
 
-    def command(self, model: Path, state_dir: Path, worker_args: Sequence[str]) -> tuple[list[str], dict]:
+    def command(self, model: Path, state_dir: Path, worker_args: Sequence[str],
+                system: str | None = None) -> tuple[list[str], dict]:
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-        if self.name.startswith("kvrec"):
+        system = system or self.name
+        if system.startswith("kvrec"):
             command = [
                 sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", self.bootstrap,
                 "--input-topic", self.events, "--output-topic", self.outputs,
@@ -118,10 +135,10 @@ class Run:
                 "--state-dir", str(state_dir / self.name), "--retrieval", "auto",
                 "--metrics-port", "-1", "--log-level", "WARNING", *worker_args,
             ]
-            if self.name == "kvrec-no-cache":
+            if system == "kvrec-no-cache":
                 command += ["--no-kv-cache"]
             return command, env
-        if self.name == "confluent-passthrough":
+        if system == "confluent-passthrough":
             return [sys.executable, "-m", "bench.passthrough", self.bootstrap, self.events,
                     self.outputs, self.group], env
         env.update(
@@ -131,9 +148,10 @@ class Run:
         )
         return [sys.executable, "-m", "bench.faust_passthrough"], env
 
-    def start(self, model: Path, state_dir: Path, worker_args: Sequence[str]) -> None:
-        command, env = self.command(model, state_dir, worker_args)
-        with open(self.log_path, "wb") as log:
+    def start(self, model: Path, state_dir: Path, worker_args: Sequence[str],
+              system: str | None = None) -> None:
+        command, env = self.command(model, state_dir, worker_args, system)
+        with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -153,6 +171,12 @@ class Run:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
+
+
+def _replay(producer_config: dict, run: Run, events: Sequence[Interaction]) -> None:
+    stats = replay_events(producer_config, run.events, events, 0.0, progress=False)
+    if stats.failed:
+        raise RuntimeError(f"{run.name}: {stats.failed} events not delivered")
 
 
 def _reader(bootstrap: str, topic: str, partitions: int) -> Consumer:
@@ -221,15 +245,26 @@ def measure(
     run: Run, peak_events: Sequence[Interaction], rate_events: Sequence[Interaction], *,
     model: Path, state_dir: Path, worker_args: Sequence[str], seconds: float,
     rate_fractions: Sequence[float], max_rate: float, timeout: float,
+    warmup: Sequence[Interaction] = (),
 ) -> dict[str, Any]:
     """Peak throughput on a backlog, then one fixed-rate phase per fraction of that peak
-    (none when `rate_fractions` is empty). Each phase uses the next events of `rate_events`."""
+    (none when `rate_fractions` is empty). Each phase uses the next events of `rate_events`.
+
+    For the kvrec systems, `warmup` events first go through a kvrec worker of the same group
+    and state directory, which then stops (checkpointing): the system under test starts with
+    every stored window full, as a worker does in steady state, and a cold key/value cache."""
     # uncompressed for every system: aiokafka (Faust) has no lz4 codec installed here
     producer_config = {"bootstrap.servers": run.bootstrap, "compression.type": "none"}
-    stats = replay_events(producer_config, run.events, peak_events, 0.0, progress=False)
-    if stats.failed:
-        raise RuntimeError(f"{run.name}: {stats.failed} events not delivered")
     consumer = _reader(run.bootstrap, run.outputs, run.partitions)
+    warmup = warmup if run.name.startswith("kvrec") else ()
+    if warmup:
+        _replay(producer_config, run, warmup)
+        run.start(model, state_dir, worker_args, system="kvrec")
+        try:
+            _drain(consumer, len(warmup), timeout, run)
+        finally:
+            run.stop()
+    _replay(producer_config, run, peak_events)
     # connected before the rate phases, so no event waits for a connection
     paced = Producer({**producer_config, "linger.ms": 2})
     paced.list_topics(run.events, timeout=10)
@@ -264,10 +299,11 @@ def measure(
         run.stop()
     result: dict[str, Any] = {
         "events": len(times), "peak_seconds": span, "peak_events_per_s": peak, "phases": [],
+        "warmup_events": len(warmup),
     }
     line = f"{run.name:22s} peak {peak:9,.0f} ev/s"
     if phases:
-        total = len(peak_events) + sum(p["count"] for p in phases)
+        total = len(warmup) + len(peak_events) + sum(p["count"] for p in phases)
         stamps = _input_timestamps(run.bootstrap, run.events, run.partitions, total)
         for phase in phases:
             read_ms = phase.pop("read_ms")
@@ -361,6 +397,10 @@ def _retrieval_report(log_path: Path) -> dict[str, Any] | None:
     return None
 
 
+def history_per_user(history: int, window: int, layers: int = 2) -> int:
+    return layers * (window - 1) + 1 if history < 0 else history
+
+
 SWEEP_WINDOWS = (20, 50, 200)
 SWEEP_ITEMS = (10_000, 100_000, 1_000_000)
 SWEEP_BATCHES = (64, 256, 512, 2048)
@@ -385,10 +425,12 @@ def run_sweep(args: argparse.Namespace, bootstrap: str, workdir: Path) -> list[d
     points = sweep_points(args.items, args.window)
     for number, point in enumerate(points, start=1):
         # the no-cache worker re-encodes N*(W-1)+1 events per event: a shorter backlog
-        events = args.events if point["system"] == "kvrec" else max(1000, args.events // 5)
+        events = args.events if point["system"] == "kvrec" else max(1000, args.events // 10)
         interactions = generate_synthetic(
-            SyntheticSpec(users=args.users, items=point["items"], events=events)
+            SyntheticSpec(users=args.sweep_users, items=point["items"], events=events)
         )
+        warmup = warmup_history(args.sweep_users, point["items"],
+                                history_per_user(args.history, point["window"]))
         model = workdir / f"model-{point['items']}-{point['window']}"
         if not model.exists():
             build_artifact(model, n_items=point["items"], window=point["window"])
@@ -399,10 +441,12 @@ def run_sweep(args: argparse.Namespace, bootstrap: str, workdir: Path) -> list[d
             run, interactions, [], model=model, state_dir=workdir / f"state-{tag}",
             worker_args=["--batch-size", str(point["batch_size"]), "--log-level", "INFO"],
             seconds=1.0, rate_fractions=[], max_rate=args.max_rate, timeout=args.timeout,
+            warmup=warmup,
         )
         retrieval = _retrieval_report(run.log_path) or {}
         results.append({
-            **point, "events": events, "peak_events_per_s": result["peak_events_per_s"],
+            **point, "events": events, "users": args.sweep_users, "warmup_events": len(warmup),
+            "peak_events_per_s": result["peak_events_per_s"],
             "retrieval": {k: retrieval.get(k) for k in ("kind", "factory", "nprobe", "k_factor",
                                                         "recall@10", "build_seconds")},
         })
@@ -451,7 +495,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=int, default=50_000, help="backlog for the peak phase")
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--window", type=int, default=50)
-    parser.add_argument("--users", type=int, default=5_000)
+    parser.add_argument("--users", type=int, default=1_000)
+    parser.add_argument("--history", type=int, default=-1,
+                        help="events per user stored before the timed phases, by a kvrec worker "
+                             "(-1: fill each window, N*(W-1)+1; 0: none)")
     parser.add_argument("--seconds", type=float, default=20.0, help="fixed-rate phase")
     parser.add_argument("--rate-fractions", default="0.25,0.5,0.75",
                         help="fixed-rate phases: offered rate = these shares of the measured peak")
@@ -464,12 +511,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also: kvrec peak against W (20, 50, 200), catalog (10k, 100k, 1M) and "
                              "batch size (64..2048), no-cache peak against W; plot to <plot>-sweep.png")
     parser.add_argument("--sweep-events", type=int, default=20_000, help="backlog per sweep point")
+    parser.add_argument("--sweep-users", type=int, default=500, help="users per sweep point")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.events, args.items, args.window, args.seconds = 2000, 2000, 8, 3.0
-        args.users, args.max_rate, args.timeout = min(args.users, 500), min(args.max_rate, 5000.0), 60.0
+        args.users, args.max_rate, args.timeout = min(args.users, 200), min(args.max_rate, 5000.0), 60.0
         args.rate_fractions = "0.5"
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not systems or set(systems) - set(SYSTEMS):
@@ -491,6 +539,7 @@ def main(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     model = build_artifact(workdir / "model", n_items=args.items, window=args.window)
+    warmup = warmup_history(args.users, args.items, history_per_user(args.history, args.window))
     results: dict[str, Any] = {}
     sweep: list[dict[str, Any]] = []
     with _broker(args.bootstrap_servers, workdir) as bootstrap:
@@ -502,7 +551,7 @@ def main(args: argparse.Namespace) -> int:
             results[name] = measure(
                 run, peak_events, tail, model=model, state_dir=workdir / "state",
                 worker_args=[], seconds=args.seconds, rate_fractions=fractions,
-                max_rate=args.max_rate, timeout=args.timeout,
+                max_rate=args.max_rate, timeout=args.timeout, warmup=warmup,
             )
     report: dict[str, Any] = {
         "benchmark": "end to end through Kafka",
@@ -510,6 +559,8 @@ def main(args: argparse.Namespace) -> int:
         "settings": {
             "events": args.events, "items": args.items, "window": args.window, "d_model": 64,
             "layers": 2, "users": args.users, "seconds": args.seconds,
+            "history_per_user": history_per_user(args.history, args.window),
+            "sweep_users": args.sweep_users if args.sweep else None,
             "rate_fractions": fractions, "max_rate": args.max_rate,
             "partitions": args.partitions, "systems": systems, "quick": args.quick,
             "broker": "given" if args.bootstrap_servers else "local launcher",
