@@ -35,20 +35,35 @@ class WindowEvent:
     offset: int  # input topic offset that brought the event
 
 
+def _pack(event: WindowEvent) -> bytes:
+    item = event.item_id.encode()
+    return _ENTRY.pack(event.event_type, event.ts, event.offset, len(item)) + item
+
+
 @dataclass(slots=True)
 class Window:
     capacity: int
     events: list[WindowEvent] = field(default_factory=list)
     last_offset: int = -1
     total_events: int = 0
+    # each event's binary entry, packed once when it arrives: a checkpoint serialises every
+    # changed window, and re-packing ~100 entries per window stalled the loop every second
+    packed: list[bytes] = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.packed) != len(self.events):
+            self.packed = [_pack(event) for event in self.events]
 
     def apply(self, event: WindowEvent) -> bool:
         """Append `event` unless its offset was already applied; return whether it was."""
         if event.offset <= self.last_offset:
             return False
         self.events.append(event)
+        self.packed.append(_pack(event))
         if len(self.events) > self.capacity:
-            del self.events[: len(self.events) - self.capacity]
+            excess = len(self.events) - self.capacity
+            del self.events[:excess]
+            del self.packed[:excess]
         self.last_offset = event.offset
         self.total_events += 1
         return True
@@ -61,12 +76,7 @@ class Window:
 
     def to_bytes(self) -> bytes:
         header = _HEADER.pack(FORMAT_VERSION, len(self.events), self.last_offset, self.total_events)
-        parts = [header]
-        for event in self.events:
-            item = event.item_id.encode()
-            parts.append(_ENTRY.pack(event.event_type, event.ts, event.offset, len(item)))
-            parts.append(item)
-        return b"".join(parts)
+        return header + b"".join(self.packed)
 
     @classmethod
     def from_bytes(cls, data: bytes, capacity: int) -> Window:
@@ -75,12 +85,16 @@ class Window:
             raise ValueError(f"window format version {version} is not supported")
         position = _HEADER.size
         events: list[WindowEvent] = []
+        packed: list[bytes] = []
         for _ in range(count):
+            start = position
             event_type, ts, offset, item_len = _ENTRY.unpack_from(data, position)
             position += _ENTRY.size
             item = data[position : position + item_len].decode()
             position += item_len
             events.append(WindowEvent(item, event_type, ts, offset))
+            packed.append(bytes(data[start:position]))
         if len(events) > capacity:  # a smaller capacity than when it was written
             events = events[len(events) - capacity :]
-        return cls(capacity, events, last_offset, total_events)
+            packed = packed[len(packed) - capacity :]
+        return cls(capacity, events, last_offset, total_events, packed)

@@ -75,3 +75,16 @@ def test_lru_cache_evicts_least_recent_by_bytes_and_keys_by_version() -> None:
     assert cache.get("huge", "v1") is None and cache.bytes_used == 80
     with pytest.raises(ValueError):
         LruByteCache(0)
+
+
+def test_packed_entries_follow_the_events_through_trimming_and_round_trips() -> None:
+    window = Window(capacity=3)
+    for offset in range(7):
+        window.apply(WindowEvent(f"sku-{offset}", 1 + offset % 4, 1_000 + offset, offset))
+        restored = Window.from_bytes(window.to_bytes(), 3)
+        assert restored == window and restored.packed == window.packed
+    rebuilt = Window(3, list(window.events), window.last_offset, window.total_events)
+    assert rebuilt.to_bytes() == window.to_bytes()  # packed recomputed when not given
+    smaller = Window.from_bytes(window.to_bytes(), 2)
+    assert [e.offset for e in smaller.events] == [5, 6] and len(smaller.packed) == 2
+    assert smaller.to_bytes() == Window(2, smaller.events[:], 6, 7).to_bytes()

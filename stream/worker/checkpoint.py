@@ -77,13 +77,17 @@ class Checkpoint:
         if not offsets:
             self.started = time.monotonic()
             return
-        # 1. changelog records for every changed window
+        # 1. changelog records for every changed window (serialised once, for both stores)
+        serialised = {
+            partition: {user: window.to_bytes() for user, window in state.dirty.items()}
+            for partition, state in self.states.by_partition.items()
+        }
         for partition, state in self.states.by_partition.items():
             for user_id, window in state.dirty.items():
                 self.producer.produce(
                     self.changelog_topic,
                     key=user_id.encode(),
-                    value=window.to_bytes(),
+                    value=serialised[partition][user_id],
                     partition=partition,
                     headers={INPUT_OFFSET_HEADER: str(window.last_offset).encode()},
                     on_delivery=self.on_delivery,
@@ -108,8 +112,7 @@ class Checkpoint:
                 raise DeliveryError(f"offset commit failed: {exc}") from exc
         # 4. windows + changelog offset into RocksDB, atomically per partition
         for partition, state in self.states.by_partition.items():
-            windows = {user: window.to_bytes() for user, window in state.dirty.items()}
-            state.store.write(windows, self._changelog_offsets.get(partition))
+            state.store.write(serialised[partition], self._changelog_offsets.get(partition))
             state.dirty.clear()
         self.pending_offsets.clear()
         self.started = time.monotonic()
