@@ -48,6 +48,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     eval_every: int = 1
+    init_from: Path | None = None  # continue from this artifact's weights (same data, config)
 
 
 def seed_everything(seed: int) -> None:
@@ -115,7 +116,11 @@ def train(
             f"use --max-len {reach} or more, or a smaller --window"
         )
     device = torch.device(settings.device)
-    encoder = Encoder(config).to(device)
+    encoder = Encoder(config)
+    earlier_seconds = 0.0
+    if settings.init_from is not None:
+        earlier_seconds = _warm_start(encoder, settings.init_from, item_ids, config)
+    encoder = encoder.to(device)
     optimizer = torch.optim.AdamW(
         encoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
@@ -191,10 +196,16 @@ def train(
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "train_seconds": round(train_seconds, 1),
+        "train_seconds_with_earlier_runs": round(train_seconds + earlier_seconds, 1),
+        "init_from": str(settings.init_from) if settings.init_from else None,
         "history": history,
         "users": len(prepared.test.targets),
     }
-    training = {**vars(settings), "torch_threads": torch.get_num_threads()}
+    training = {
+        **vars(settings),
+        "init_from": str(settings.init_from) if settings.init_from else None,
+        "torch_threads": torch.get_num_threads(),
+    }
     save_artifact(
         out_dir,
         encoder,
@@ -207,6 +218,25 @@ def train(
     if plot_path is not None:
         plot_training_curve(history, plot_path)
     return metrics
+
+
+def _warm_start(encoder: Encoder, source: Path, item_ids: list[str], config: ModelConfig) -> float:
+    """Load the weights of an earlier artifact trained on the same catalog with the same shape
+    (dropout may differ); return its recorded training seconds."""
+    from model.artifact import load_artifact
+
+    earlier = load_artifact(source)
+    if earlier.item_ids != item_ids:
+        raise ConfigError(f"--init-from {source}: its item vocabulary differs from this dataset's")
+    shape = ("n_items", "n_event_types", "d_model", "n_layers", "n_heads", "window", "mlp_ratio")
+    differs = [n for n in shape if getattr(earlier.config, n) != getattr(config, n)]
+    if differs:
+        raise ConfigError(
+            f"--init-from {source}: model shape differs ({', '.join(differs)}); use its flags"
+        )
+    encoder.load_state_dict(earlier.encoder.state_dict())
+    metrics = earlier.metrics
+    return float(metrics.get("train_seconds_with_earlier_runs", metrics.get("train_seconds", 0.0)))
 
 
 def plot_training_curve(history: list[dict[str, float]], path: Path) -> None:
@@ -254,6 +284,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--plot", default=None, help="default: <out>/training_curve.png")
+    parser.add_argument("--init-from", default=None,
+                        help="start from this artifact's weights (same data and model shape), "
+                             "e.g. a second phase at a lower --lr")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -270,6 +303,7 @@ def main(args: argparse.Namespace) -> int:
         loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, max_len=args.max_len, patience=args.patience,
         negatives=args.negatives, seed=args.seed, device=args.device, eval_every=args.eval_every,
+        init_from=Path(args.init_from) if args.init_from else None,
     )
     overrides = {
         "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,

@@ -118,3 +118,17 @@ def test_max_len_shorter_than_the_model_reach_is_refused(tmp_path: Path) -> None
     settings = TrainSettings(epochs=1, max_len=10)  # 2 layers x (8 - 1) + 1 = 15 > 10
     with pytest.raises(ConfigError, match="--max-len 15"):
         train(data, SMALL, settings, tmp_path / "m", progress=False)
+
+
+def test_init_from_continues_from_the_earlier_weights(trained: tuple[Path, dict], tmp_path: Path) -> None:
+    out, metrics = trained
+    data = generate_synthetic(SyntheticSpec(users=300, items=120, events=6000, seed=1))
+    frozen = TrainSettings(epochs=1, batch_size=64, max_len=30, lr=0.0, init_from=out)
+    again = train(data, SMALL, frozen, tmp_path / "again", progress=False)
+    assert again["test"] == metrics["test"]  # lr 0: exactly the earlier model
+    assert again["train_seconds_with_earlier_runs"] > metrics["train_seconds"]
+    other = generate_synthetic(SyntheticSpec(users=300, items=150, events=6000, seed=2))
+    with pytest.raises(ConfigError, match="item vocabulary differs"):
+        train(other, SMALL, frozen, tmp_path / "other", progress=False)
+    with pytest.raises(ConfigError, match="model shape differs \\(d_model\\)"):
+        train(data, {**SMALL, "d_model": 16}, frozen, tmp_path / "shape", progress=False)
