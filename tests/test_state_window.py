@@ -88,3 +88,21 @@ def test_packed_entries_follow_the_events_through_trimming_and_round_trips() -> 
     smaller = Window.from_bytes(window.to_bytes(), 2)
     assert [e.offset for e in smaller.events] == [5, 6] and len(smaller.packed) == 2
     assert smaller.to_bytes() == Window(2, smaller.events[:], 6, 7).to_bytes()
+
+
+def test_checkpointed_windows_stay_in_memory_up_to_the_limit(tmp_path: Path) -> None:
+    from stream.worker.partitions import PartitionStates
+
+    states = PartitionStates(tmp_path, "events", window_capacity=4, keep_in_memory=2)
+    state = states.open(0)
+    for n, user in enumerate(("a", "b", "c")):
+        state.window(user).apply(WindowEvent(f"sku-{n}", 1, 1_000 + n, n))
+    windows = {user: w.to_bytes() for user, w in state.dirty.items()}
+    state.store.write(windows, changelog_offset=7)
+    state.written()
+    assert not state.dirty and list(state.clean) == ["b", "c"]  # "a" was least recent
+    kept = state.clean["c"]
+    assert state.window("c") is kept and "c" in state.dirty  # no RocksDB read for "c"
+    reread = state.window("a")  # evicted: read back from RocksDB, equal to what was written
+    assert reread.to_bytes() == windows["a"] and reread is not None
+    states.close_all()

@@ -59,7 +59,8 @@ def _run(recommender: Recommender, events, capacity: int, wave_size: int, drop_c
                 flush(wave)
             window = windows.setdefault(e.user_id, Window(capacity))
             if e.user_id not in wave:
-                wave[e.user_id] = WaveInput(e.user_id, list(window.events), [], capacity)
+                wave[e.user_id] = WaveInput(e.user_id, list(window.events), [], capacity,
+                                            window.total_events - len(window.events))
             event = WindowEvent(e.item_id, e.event_type, 1_000 + offset, offset)
             window.apply(event)
             wave[e.user_id].events.append(event)
@@ -104,7 +105,10 @@ def test_recommendations_same_with_warm_or_refilled_cache(tmp_path: Path) -> Non
     artifact = make_artifact(tmp_path / "model", layers=2, window=5)
     capacity = artifact.config.history_needed
     events = list(_stream(n_users=4, n_events=120, n_items=60, seed=7))
-    warm = _run(_recommender(artifact), events, capacity, wave_size=3)
+    warm_recommender = _recommender(artifact)
+    warm = _run(warm_recommender, events, capacity, wave_size=3)
+    # every user's next wave continues from its cache (misses: each user's first wave only)
+    assert warm_recommender.cache.stats.misses <= 4 < warm_recommender.cache.stats.hits
     refilled_recommender = _recommender(artifact)
     refilled = _run(refilled_recommender, events, capacity, wave_size=9, drop_cache_every=1,
                     per_user=3)
@@ -131,7 +135,7 @@ def test_cold_start_user_gets_popular_items(tmp_path: Path) -> None:
     window = Window(artifact.config.history_needed)
     event = WindowEvent("brand-new-item", 1, 1, 0)
     window.apply(event)
-    (result,) = recommender.recommend([WaveInput("u", [], [event], window.capacity)])
+    (result,) = recommender.recommend([WaveInput("u", [], [event], window.capacity, 0)])
     assert result.cold_start and result.unknown_item
     assert [i for i, _ in result.items] == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-5"]
 

@@ -113,6 +113,6 @@ class Checkpoint:
         # 4. windows + changelog offset into RocksDB, atomically per partition
         for partition, state in self.states.by_partition.items():
             state.store.write(serialised[partition], self._changelog_offsets.get(partition))
-            state.dirty.clear()
+            state.written()
         self.pending_offsets.clear()
         self.started = time.monotonic()

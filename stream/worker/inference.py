@@ -17,7 +17,7 @@ known event at all gets the artifact's popular items, marked `cold_start`.
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,15 +35,20 @@ from state.window import WindowEvent
 
 @dataclass
 class CacheEntry:
-    """What the worker keeps in memory for a user between events."""
+    """What the worker keeps in memory for a user between waves: the key/value cache after
+    the user's last known event, and the window's known events with their item indices, so
+    that the next wave needs no pass over the stored window."""
 
     kv: KVCache  # batch of one
-    vector: torch.Tensor  # [d]: the user vector after the last encoded event
-    encoded_offset: int  # input offset of the last event encoded into `kv`
-    attention: torch.Tensor | None  # [W] last layer's attention of that step (index 0 = newest)
+    vector: torch.Tensor  # [d]: the user vector after the last known event
+    window_end_offset: int  # input offset of the window's newest event when this was made
+    known_at: list[int]  # the window's known events: their index in the user's whole history
+    known_items: list[int]  # ... their item indices
+    known_events: list[WindowEvent]  # ... the events
 
     def nbytes(self) -> int:
-        return self.kv.nbytes() + self.vector.numel() * self.vector.element_size() + 256
+        vector = self.vector.numel() * self.vector.element_size()
+        return self.kv.nbytes() + vector + 256 + 120 * len(self.known_at)
 
 
 @dataclass(frozen=True)
@@ -72,25 +77,26 @@ class WaveInput:
     previous: list[WindowEvent]  # the stored window before this wave's events, oldest first
     events: list[WindowEvent]  # this wave's events of the user, oldest first
     capacity: int  # the stored window's capacity (a recommendation leaves out what is in it)
+    first_index: int  # index of previous[0] in the user's whole history (events ever seen)
 
 
 @dataclass
 class _UserPlan:
     """What one user of a wave needs: its known events and where each answer comes from."""
 
-    known: list[tuple[int, int, WindowEvent]]  # (place in previous + events, item index, event)
-    n_previous: int  # how many of `known` come before the wave
+    known_at: list[int]  # known events of previous + events: index in the user's history
+    known_items: list[int]  # ... their item indices
+    known_events: list[WindowEvent]  # ... the events
+    n_previous: int  # how many of them come before the wave
     answered_by: list[int]  # per new event: index into the new known events, -1 = before them
     kv: KVCache | None = None  # cache before the new known events (None: refill)
     vectors: torch.Tensor | None = None  # [new known, d], after `extend`
     attention: torch.Tensor | None = None  # [new known, W]
     previous_vector: torch.Tensor | None = None  # the answer before the wave's known events
-    new_known: list[tuple[int, int, WindowEvent]] = field(init=False)  # known[n_previous:]
-    previous_known: list[tuple[int, int, WindowEvent]] = field(init=False)  # the others
 
-    def __post_init__(self) -> None:
-        self.new_known = self.known[self.n_previous :]
-        self.previous_known = self.known[: self.n_previous]
+    @property
+    def new_count(self) -> int:
+        return len(self.known_at) - self.n_previous
 
 
 class Recommender:
@@ -138,88 +144,103 @@ class Recommender:
     def recommend(self, wave: Sequence[WaveInput]) -> list[Scored]:
         """One recommendation per event: users in the wave's order, each user's in order."""
         plans = [self._plan(user) for user in wave]
-        to_refill = [p for p in plans if p.new_known and p.kv is None]
-        self._refill_caches(to_refill)
-        self._advance([p for p in plans if p.new_known])
+        self._refill_caches([p for p in plans if p.new_count and p.kv is None])
+        self._advance([p for p in plans if p.new_count])
         self._refill_previous_vectors([
-            (user.user_id, plan) for user, plan in zip(wave, plans, strict=True)
-            if plan.previous_known and plan.previous_vector is None and min(plan.answered_by) < 0
+            p for p in plans
+            if p.n_previous and p.previous_vector is None and min(p.answered_by) < 0
         ])
-        for user, plan in zip(wave, plans, strict=True):
-            if plan.vectors is not None and self.reuse_cache:
-                self.cache.put(
-                    user.user_id,
-                    self.version,
-                    CacheEntry(
-                        plan.kv,  # type: ignore[arg-type]
-                        plan.vectors[-1],
-                        plan.new_known[-1][2].offset,
-                        plan.attention[-1] if plan.attention is not None else None,
-                    ),
-                )
+        if self.reuse_cache:
+            for user, plan in zip(wave, plans, strict=True):
+                self._keep(user, plan)
         return self._retrieve(wave, plans)
 
     def _plan(self, user: WaveInput) -> _UserPlan:
         index = self.artifact.item_index
-        n_previous = len(user.previous)
-        known = [
-            (at, index[e.item_id], e)
-            for at, e in enumerate(user.previous + user.events)
-            if e.item_id in index
-        ]
-        previous_known = sum(1 for at, _, _ in known if at < n_previous)
-        answered_by, j = [], -1
-        new_places = [at for at, _, _ in known[previous_known:]]
-        for at in range(n_previous, n_previous + len(user.events)):
-            if j + 1 < len(new_places) and new_places[j + 1] == at:
-                j += 1
-            answered_by.append(j)
-        self.unknown_items += len(user.events) - len(new_places)
-        plan = _UserPlan(known, previous_known, answered_by)
-        previous_offset = known[previous_known - 1][2].offset if previous_known else -1
+        n_window = len(user.previous)
+        start = user.first_index + n_window  # history index of the wave's first event
         cached = self.cache.get(user.user_id, self.version) if self.reuse_cache else None
-        if cached is not None and cached.encoded_offset == previous_offset:
+        window_end = user.previous[-1].offset if user.previous else -1
+        if cached is not None and cached.window_end_offset == window_end:
+            known_at, items = cached.known_at, cached.known_items
+            events = cached.known_events
+        else:  # a cold or stale cache: one pass over the stored window
+            cached = None
+            known_at, items, events = [], [], []
+            for at, event in enumerate(user.previous, start=user.first_index):
+                item = index.get(event.item_id)
+                if item is not None:
+                    known_at.append(at)
+                    items.append(item)
+                    events.append(event)
+        n_previous = len(known_at)
+        new_at, new_items, new_events, answered_by = [], [], [], []
+        for at, event in enumerate(user.events, start=start):
+            item = index.get(event.item_id)
+            if item is not None:
+                new_at.append(at)
+                new_items.append(item)
+                new_events.append(event)
+            answered_by.append(len(new_at) - 1)
+        self.unknown_items += len(user.events) - len(new_at)
+        plan = _UserPlan(known_at + new_at, items + new_items, events + new_events, n_previous,
+                         answered_by)
+        if cached is not None:
             plan.kv, plan.previous_vector = cached.kv, cached.vector
-        elif not previous_known:
+        elif not n_previous:
             plan.kv = KVCache.empty(self.artifact.config, 1)  # the user's first known events
         return plan
+
+    def _keep(self, user: WaveInput, plan: _UserPlan) -> None:
+        """Cache what the user's next wave needs, trimmed to the window after this one."""
+        vector = plan.vectors[-1] if plan.vectors is not None else plan.previous_vector
+        if vector is None or plan.kv is None:
+            return  # no known event yet: nothing to continue from
+        total = user.first_index + len(user.previous) + len(user.events)
+        first = total - min(user.capacity, len(user.previous) + len(user.events))
+        cut = bisect_left(plan.known_at, first)
+        self.cache.put(user.user_id, self.version, CacheEntry(
+            plan.kv, vector, user.events[-1].offset, plan.known_at[cut:], plan.known_items[cut:],
+            plan.known_events[cut:],
+        ))
 
     def _refill_caches(self, plans: list[_UserPlan]) -> None:
         """Rebuild missing caches from the stored events: one batched `encode`."""
         if not plans:
             return
-        tails = [p.previous_known[-(self.history - 1) :] for p in plans]
+        keep = self.history - 1
         vectors, kv = self._encode(
-            [[i for _, i, _ in tail] for tail in tails],
-            [[e.event_type for _, _, e in tail] for tail in tails],
+            [p.known_items[: p.n_previous][-keep:] for p in plans],
+            [[e.event_type for e in p.known_events[: p.n_previous][-keep:]] for p in plans],
         )
         for plan, user_kv, vector in zip(plans, kv.split(), vectors, strict=True):
             plan.kv, plan.previous_vector = user_kv, vector
 
-    def _refill_previous_vectors(self, users: list[tuple[str, _UserPlan]]) -> None:
+    def _refill_previous_vectors(self, plans: list[_UserPlan]) -> None:
         """Users whose wave has no known item before some event, with a cold cache: their
         answer there is the vector after their last stored known event (exact from N*(W-1)+1)."""
-        for user_id, plan in users:
-            tail = plan.previous_known[-self.history :]
-            vector, kv = self._encode([[i for _, i, _ in tail]], [[e.event_type for _, _, e in tail]])
+        for plan in plans:
+            items = plan.known_items[: plan.n_previous][-self.history :]
+            types = [e.event_type for e in plan.known_events[: plan.n_previous][-self.history :]]
+            vector, kv = self._encode([items], [types])
             plan.previous_vector = vector[0]
-            if not plan.new_known and self.reuse_cache:  # nothing newer will be cached
-                self.cache.put(
-                    user_id, self.version, CacheEntry(kv.split()[0], vector[0], tail[-1][2].offset, None)
-                )
+            if not plan.new_count:
+                plan.kv = kv.split()[0]  # kept for the next wave (a stepped one replaces it)
 
     def _advance(self, plans: list[_UserPlan]) -> None:
         """Run the new known events through the model, users grouped by how many they have
         (powers of two), so that one heavy user does not pad everyone else's batch."""
         groups: dict[int, list[_UserPlan]] = defaultdict(list)
         for plan in plans:
-            groups[1 << (len(plan.new_known) - 1).bit_length()].append(plan)
+            groups[1 << (plan.new_count - 1).bit_length()].append(plan)
         for _, group in sorted(groups.items()):
             caches = KVCache.cat([plan.kv for plan in group])  # type: ignore[misc]
-            length = max(len(plan.new_known) for plan in group)
+            length = max(plan.new_count for plan in group)
             if length == 1 or not hasattr(self.backend, "extend"):
-                items = torch.tensor([p.new_known[0][1] for p in group], dtype=torch.long)
-                types = torch.tensor([p.new_known[0][2].event_type for p in group], dtype=torch.long)
+                items = torch.tensor([p.known_items[p.n_previous] for p in group], dtype=torch.long)
+                types = torch.tensor(
+                    [p.known_events[p.n_previous].event_type for p in group], dtype=torch.long
+                )
                 vectors, new_cache, attention = self.backend.step(
                     caches, items, types, return_attention=True
                 )
@@ -229,15 +250,16 @@ class Recommender:
                 items = torch.zeros((len(group), length), dtype=torch.long)
                 types = torch.zeros((len(group), length), dtype=torch.long)
                 for r, plan in enumerate(group):
-                    new = plan.new_known
-                    items[r, : len(new)] = torch.tensor([i for _, i, _ in new])
-                    types[r, : len(new)] = torch.tensor([e.event_type for _, _, e in new])
-                counts = torch.tensor([len(p.new_known) for p in group])
+                    items[r, : plan.new_count] = torch.tensor(plan.known_items[plan.n_previous :])
+                    types[r, : plan.new_count] = torch.tensor(
+                        [e.event_type for e in plan.known_events[plan.n_previous :]]
+                    )
+                counts = torch.tensor([p.new_count for p in group])
                 vectors, new_cache, attention = self.backend.extend(  # type: ignore[attr-defined]
                     caches, items, types, counts, return_attention=True
                 )
             for r, (plan, kv) in enumerate(zip(group, new_cache.split(), strict=True)):
-                count = len(plan.new_known)
+                count = plan.new_count
                 plan.kv = kv
                 plan.vectors = vectors[r, :count]
                 plan.attention = attention[r, :count] if attention is not None else None
@@ -250,13 +272,11 @@ class Recommender:
         history: list[tuple[list[WindowEvent], int]] = []  # (known events, how many so far)
         query_results: list[Scored] = []
         for user, plan in zip(wave, plans, strict=True):
-            places = [at for at, _, _ in plan.known]
-            known_items = [i for _, i, _ in plan.known]
-            known_events = [e for _, _, e in plan.known]
-            new_places = places[plan.n_previous :]
+            start = user.first_index + len(user.previous)  # history index of the first event
             for offset, j in enumerate(plan.answered_by):
-                at = len(user.previous) + offset  # place in previous + events
-                own = j >= 0 and new_places[j] == at  # this event's item is known
+                at = start + offset
+                # this event's item is known: the newest known event is the event itself
+                own = j >= 0 and plan.known_at[plan.n_previous + j] == at
                 if j >= 0 and plan.vectors is not None:
                     vector = plan.vectors[j]
                 elif plan.previous_vector is not None:
@@ -264,12 +284,12 @@ class Recommender:
                 else:  # no known event at all yet: popular items
                     results.append(self._cold_start(user.user_id, unknown=True))
                     continue
-                upto = bisect_right(places, at)  # known events up to this one
-                first = bisect_left(places, at + 1 - user.capacity)  # the window at this event
-                exclude.append(known_items[first:upto])
+                upto = plan.n_previous + j + 1  # known events up to this one
+                first = bisect_left(plan.known_at, at + 1 - user.capacity)  # its stored window
+                exclude.append(plan.known_items[first:upto])
                 queries.append(vector)
                 attentions.append(plan.attention[j] if own and plan.attention is not None else None)
-                history.append((known_events, upto))
+                history.append((plan.known_events, upto))
                 scored = Scored(user.user_id, [], unknown_item=not own)
                 query_results.append(scored)
                 results.append(scored)

@@ -101,7 +101,8 @@ class Worker:
         if settings.exactly_once:
             self.producer.init_transactions(30.0)
         self.states = PartitionStates(
-            settings.state_dir, settings.input_topic, settings.window_capacity
+            settings.state_dir, settings.input_topic, settings.window_capacity,
+            settings.windows_in_memory,
         )
         self.checkpoint = Checkpoint(
             self.consumer,
@@ -231,12 +232,13 @@ class Worker:
         """Apply the wave's events to their windows and emit one recommendation per event."""
         inputs: list[WaveInput] = []
         sources: list[_Valid] = []
-        by_user: dict[str, tuple[list[WindowEvent], list[WindowEvent], Window]] = {}
+        by_user: dict[str, tuple[list[WindowEvent], list[WindowEvent], Window, int]] = {}
         for item in wave:
             window = self.states[item.message.partition()].window(item.user_id)
             newest_ts = window.events[-1].ts if window.events else None
             if item.user_id not in by_user:
-                by_user[item.user_id] = (list(window.events), [], window)
+                first_index = window.total_events - len(window.events)
+                by_user[item.user_id] = (list(window.events), [], window, first_index)
             if not window.apply(item.event):
                 self.metrics.events_duplicate.inc()
                 continue
@@ -245,9 +247,9 @@ class Worker:
             by_user[item.user_id][1].append(item.event)
             sources.append(item)
         self.metrics.events_applied.inc(len(sources))
-        for user_id, (previous, events, window) in by_user.items():
+        for user_id, (previous, events, window, first_index) in by_user.items():
             if events:
-                inputs.append(WaveInput(user_id, previous, events, window.capacity))
+                inputs.append(WaveInput(user_id, previous, events, window.capacity, first_index))
         if not inputs:
             return
         by_position = {id(item.event): item for item in sources}

@@ -2,11 +2,14 @@
 
 Windows changed since the last checkpoint live in memory (`dirty`) and are what reads see
 first; a checkpoint sends them to the changelog, commits the input offsets, then writes them
-to RocksDB together with the changelog offset (see `checkpoint.py`).
+to RocksDB together with the changelog offset (see `checkpoint.py`), and keeps up to
+`keep_in_memory` of them per partition (least recently used out) as `clean`: equal to what
+RocksDB holds, so an active user's next event does not read and parse its window again.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,33 +22,50 @@ class PartitionState:
     partition: int
     store: PartitionStore
     capacity: int
+    keep_in_memory: int = 10_000
     dirty: dict[str, Window] = field(default_factory=dict)
+    clean: OrderedDict[str, Window] = field(default_factory=OrderedDict)
     processed_offset: int = -1  # last input offset handled (applied or dead-lettered)
 
     def window(self, user_id: str) -> Window:
         window = self.dirty.get(user_id)
         if window is not None:
             return window
-        raw = self.store.get(user_id)
-        window = Window(self.capacity) if raw is None else Window.from_bytes(raw, self.capacity)
+        window = self.clean.pop(user_id, None)
+        if window is None:
+            raw = self.store.get(user_id)
+            window = Window(self.capacity) if raw is None else Window.from_bytes(raw, self.capacity)
         self.dirty[user_id] = window  # the caller is about to change it
         return window
+
+    def written(self) -> None:
+        """The dirty windows are in RocksDB now: keep the most recent in memory as clean."""
+        self.clean.update(self.dirty)
+        self.dirty.clear()
+        while len(self.clean) > self.keep_in_memory:
+            self.clean.popitem(last=False)
 
 
 class PartitionStates:
     """Opens a store per assigned partition under `state_dir/<topic>-<partition>`."""
 
-    def __init__(self, state_dir: Path, topic: str, window_capacity: int) -> None:
+    def __init__(
+        self, state_dir: Path, topic: str, window_capacity: int, keep_in_memory: int = 10_000
+    ) -> None:
         self.state_dir = state_dir
         self.topic = topic
         self.window_capacity = window_capacity
+        self.keep_in_memory = keep_in_memory
         self.by_partition: dict[int, PartitionState] = {}
 
     def path(self, partition: int) -> Path:
         return self.state_dir / f"{self.topic}-{partition}"
 
     def open(self, partition: int) -> PartitionState:
-        state = PartitionState(partition, PartitionStore(self.path(partition)), self.window_capacity)
+        state = PartitionState(
+            partition, PartitionStore(self.path(partition)), self.window_capacity,
+            self.keep_in_memory,
+        )
         self.by_partition[partition] = state
         return state
 

@@ -70,6 +70,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--state-dir", default="./state-data")
     loop.add_argument("--cache-bytes", type=int, default=1 << 30, help="key/value cache budget")
     loop.add_argument(
+        "--windows-in-memory", type=int, default=10_000,
+        help="checkpointed windows kept in memory per partition (least recently used out)",
+    )
+    loop.add_argument(
         "--no-kv-cache", action="store_true",
         help="re-encode the user's window for every event (the baseline `kvrec bench e2e` "
              "compares against; same answers, no cache reuse)",
@@ -109,6 +113,7 @@ class WorkerSettings:
     state_dir: Path
     cache_bytes: int
     reuse_kv_cache: bool
+    windows_in_memory: int
     window_capacity: int  # 0 until the model is known
     event_types: tuple[str, ...]
     max_event_bytes: int
@@ -127,6 +132,8 @@ class WorkerSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if args.batch_wait_ms < 0 or args.linger_ms < 0 or args.max_future_ms < 0:
             raise ConfigError("--batch-wait-ms, --linger-ms and --max-future-ms must be >= 0")
+        if args.windows_in_memory < 0:
+            raise ConfigError("--windows-in-memory must be >= 0")
         event_types = tuple(t.strip() for t in args.event_types.split(",") if t.strip())
         if not event_types or len(set(event_types)) != len(event_types):
             raise ConfigError("--event-types must be a comma-separated list of distinct names")
@@ -160,6 +167,7 @@ class WorkerSettings:
             state_dir=Path(args.state_dir),
             cache_bytes=args.cache_bytes,
             reuse_kv_cache=not args.no_kv_cache,
+            windows_in_memory=args.windows_in_memory,
             window_capacity=args.window_capacity,
             event_types=event_types,
             max_event_bytes=args.max_event_bytes,
