@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -96,6 +97,12 @@ def main(args: argparse.Namespace) -> int:
         server = serve(metrics, health, settings.metrics_port)
         log.info("metrics on :%d (/metrics /health /ready)", server.server_address[1])
     worker = Worker(settings, recommender, metrics, health, kafka_config)
+    # the model, the index and the stored windows are long-lived: keep them out of the cyclic
+    # collector's scans, and collect the young generation less often (a full collection over
+    # the windows' objects stalled the loop for ~250 ms in a profile at 1,600 events/s)
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
     def stop(signum: int, frame: object) -> None:
         worker.running = False

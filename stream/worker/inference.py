@@ -231,8 +231,13 @@ class Recommender:
         """Run the new known events through the model, users grouped by how many they have
         (powers of two), so that one heavy user does not pad everyone else's batch."""
         groups: dict[int, list[_UserPlan]] = defaultdict(list)
-        for plan in plans:
-            groups[1 << (plan.new_count - 1).bit_length()].append(plan)
+        longest = max((plan.new_count for plan in plans), default=1)
+        padded = longest * len(plans)
+        if longest > 1 and padded <= 2 * sum(plan.new_count for plan in plans):
+            groups[longest] = list(plans)  # little padding: one call beats several
+        else:
+            for plan in plans:
+                groups[1 << (plan.new_count - 1).bit_length()].append(plan)
         for _, group in sorted(groups.items()):
             caches = KVCache.cat([plan.kv for plan in group])  # type: ignore[misc]
             length = max(plan.new_count for plan in group)
