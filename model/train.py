@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,7 +290,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "e.g. a second phase at a lower --lr")
 
 
+def _stop_early(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(args: argparse.Namespace) -> int:
+    # Ctrl-C, and SIGTERM (what Kubernetes and `kill` send), stop training early and still
+    # publish the best weights so far; SIGINT also when a non-interactive shell started this
+    # in the background with it ignored
+    signal.signal(signal.SIGTERM, _stop_early)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -132,3 +132,32 @@ def test_init_from_continues_from_the_earlier_weights(trained: tuple[Path, dict]
         train(other, SMALL, frozen, tmp_path / "other", progress=False)
     with pytest.raises(ConfigError, match="model shape differs \\(d_model\\)"):
         train(data, {**SMALL, "d_model": 16}, frozen, tmp_path / "shape", progress=False)
+
+
+def test_sigterm_stops_training_and_still_publishes_the_best_weights(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "model"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", "train", "--format", "synthetic",
+         "--synthetic-users", "300", "--synthetic-items", "120", "--synthetic-events", "6000",
+         "--d-model", "16", "--window", "8", "--max-len", "30", "--epochs", "500",
+         "--patience", "500", "--threads", "1", "--out", str(out)],
+        cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    lines = []
+    while time.monotonic() < deadline:  # wait for the first validated epoch
+        line = process.stdout.readline()
+        lines.append(line)
+        if "val_ndcg@10" in line or not line:
+            break
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert process.returncode == 0, output
+    assert "interrupted: stopping early" in output
+    summary = json.loads(output.strip().splitlines()[-1])
+    assert summary["best_epoch"] >= 1 and load_artifact(out).metrics["epochs_run"] < 500
