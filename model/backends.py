@@ -42,17 +42,12 @@ class TorchBackend:
     def step(
         self, cache: KVCache, items: Tensor, event_types: Tensor, return_attention: bool = False
     ) -> tuple[Tensor, KVCache, Tensor | None]:
-        vectors, new_cache, attention = self.encoder.step(
+        return _on_host(self.encoder.step(
             cache.to(self.device),
             items.to(self.device),
             event_types.to(self.device),
             return_attention=return_attention,
-        )
-        return (
-            vectors.cpu(),
-            new_cache.to("cpu"),
-            attention.cpu() if attention is not None else None,
-        )
+        ))
 
     @torch.inference_mode()
     def extend(
@@ -64,18 +59,20 @@ class TorchBackend:
         return_attention: bool = False,
     ) -> tuple[Tensor, KVCache, Tensor | None]:
         """Several new events per user in one pass (see `Encoder.extend`)."""
-        vectors, new_cache, attention = self.encoder.extend(
+        return _on_host(self.encoder.extend(
             cache.to(self.device),
             items.to(self.device),
             event_types.to(self.device),
             counts.to(self.device),
             return_attention=return_attention,
-        )
-        return (
-            vectors.cpu(),
-            new_cache.to("cpu"),
-            attention.cpu() if attention is not None else None,
-        )
+        ))
+
+
+def _on_host(
+    result: tuple[Tensor, KVCache, Tensor | None],
+) -> tuple[Tensor, KVCache, Tensor | None]:
+    vectors, cache, attention = result
+    return vectors.cpu(), cache.to("cpu"), attention.cpu() if attention is not None else None
 
 
 class OnnxBackend:
