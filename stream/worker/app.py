@@ -117,7 +117,10 @@ def main(args: argparse.Namespace) -> int:
         settings.window_capacity,
         "exactly-once" if settings.exactly_once else "at-least-once",
     )
-    worker.run()
+    try:
+        worker.run()
+    finally:
+        gc.unfreeze()  # hand the long-lived objects back to the collector for a clean exit
     return 0
 
 
