@@ -103,15 +103,19 @@ def evaluate_split(
     encoder: Encoder, split: Split, *, max_len: int, batch_size: int = 512, device: str = "cpu"
 ) -> dict[str, float]:
     encoder.eval()
+    # users of similar length share a batch, so little of it is padding (the metrics are means
+    # over users: the order does not change them)
+    order = sorted(range(len(split.targets)), key=lambda u: len(split.inputs[u]))
     all_ranks = []
-    for start in range(0, len(split.targets), batch_size):
-        stop = start + batch_size
-        items = left_pad(split.inputs[start:stop], max_len).to(device)
-        types = left_pad(split.input_types[start:stop], max_len).to(device)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        inputs = [split.inputs[u] for u in chosen]
+        items = left_pad(inputs, max_len).to(device)
+        types = left_pad([split.input_types[u] for u in chosen], max_len).to(device)
         vectors = encoder(items, types)[:, -1]
         scores = encoder.score(vectors).float()
-        targets = torch.tensor(split.targets[start:stop], device=scores.device)
-        all_ranks.append(rank_targets(scores, split.inputs[start:stop], targets))
+        targets = torch.tensor([split.targets[u] for u in chosen], device=scores.device)
+        all_ranks.append(rank_targets(scores, inputs, targets))
     return metrics_from_ranks(np.concatenate(all_ranks) if all_ranks else np.zeros(0))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import signal
 import time
@@ -50,6 +51,61 @@ class TrainSettings:
     device: str = "cpu"
     eval_every: int = 1
     init_from: Path | None = None  # continue from this artifact's weights (same data, config)
+    lr_schedule: str = "constant"  # or "cosine": warm up, then decay to min_lr_ratio * lr
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.01
+    batching: str = "length"  # or "random": a shuffled batch_size users at a time
+
+
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, rng: random.Random, pool_batches: int = 50
+) -> list[list[int]]:
+    """Batches of users of similar length, each about `batch_size` x (mean length) positions.
+
+    The users are shuffled, taken `pool_batches` batches' worth at a time, sorted by length
+    within that pool and cut into batches of a fixed budget of positions; the batches are then
+    shuffled. A batch is then mostly real events, not padding (the transformer costs half as
+    much on this data), while each position keeps about the weight it has in random batches of
+    `batch_size` users and an epoch takes about as many steps."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    budget = batch_size * sum(lengths) / max(1, len(lengths))
+    batches: list[list[int]] = []
+    pool_size = batch_size * pool_batches
+    for pool_start in range(0, len(order), pool_size):
+        pool = sorted(order[pool_start : pool_start + pool_size], key=lengths.__getitem__)
+        batch: list[int] = []
+        positions = 0
+        for user in pool:
+            if batch and positions + lengths[user] > budget:
+                batches.append(batch)
+                batch, positions = [], 0
+            batch.append(user)
+            positions += lengths[user]
+        if batch:
+            batches.append(batch)
+    rng.shuffle(batches)
+    return batches
+
+
+def random_batches(count: int, batch_size: int, rng: random.Random) -> list[list[int]]:
+    order = list(range(count))
+    rng.shuffle(order)
+    return [order[start : start + batch_size] for start in range(0, count, batch_size)]
+
+
+def lr_factor(epochs_done: float, settings: TrainSettings) -> float:
+    """The learning rate, as a fraction of `settings.lr`, for the step that ends `epochs_done`
+    epochs into training (fractional): a linear warm-up over `warmup_epochs`, then constant,
+    or a cosine decay that reaches `min_lr_ratio` at the end of the last epoch."""
+    if epochs_done < settings.warmup_epochs:
+        return epochs_done / settings.warmup_epochs
+    if settings.lr_schedule == "constant":
+        return 1.0
+    decay_epochs = settings.epochs - settings.warmup_epochs
+    progress = min(1.0, (epochs_done - settings.warmup_epochs) / max(decay_epochs, 1e-9))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return settings.min_lr_ratio + (1.0 - settings.min_lr_ratio) * cosine
 
 
 def seed_everything(seed: int) -> None:
@@ -130,6 +186,7 @@ def train(
         for items, types in zip(prepared.train_items, prepared.train_types, strict=True)
         if len(items) >= 2
     ]
+    lengths = [len(items) - 1 for items, _ in sequences]  # positions with a target
     history: list[dict[str, float]] = []
     best_ndcg, best_state, best_epoch, waited = -1.0, None, 0, 0
     started = time.perf_counter()
@@ -137,15 +194,19 @@ def train(
     try:  # Ctrl-C stops training early and still publishes the best weights so far
         for epoch in range(1, settings.epochs + 1):
             encoder.train()
-            order = list(range(len(sequences)))
-            rng.shuffle(order)
+            if settings.batching == "length":
+                batches = length_grouped_batches(lengths, settings.batch_size, rng)
+            else:
+                batches = random_batches(len(sequences), settings.batch_size, rng)
             total, count = 0.0, 0
-            batches = range(0, len(order), settings.batch_size)
             bar = tqdm(
                 batches, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch"
             )
-            for start in bar:
-                chosen = [sequences[i] for i in order[start : start + settings.batch_size]]
+            for batch_number, batch in enumerate(bar, start=1):
+                done = epoch - 1 + batch_number / len(batches)
+                for group in optimizer.param_groups:
+                    group["lr"] = settings.lr * lr_factor(done, settings)
+                chosen = [sequences[i] for i in batch]
                 items = left_pad([s[0][:-1] for s in chosen], settings.max_len).to(device)
                 types = left_pad([s[1][:-1] for s in chosen], settings.max_len).to(device)
                 targets = left_pad([s[0][1:] for s in chosen], settings.max_len).to(device)
@@ -161,6 +222,7 @@ def train(
             record = {
                 "epoch": epoch,
                 "loss": total / max(count, 1),
+                "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - started,
             }
             if epoch % settings.eval_every == 0 or epoch == settings.epochs:
@@ -176,7 +238,7 @@ def train(
             history.append(record)
             if progress:
                 shown = ", ".join(
-                    f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds")
+                    f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds", "lr")
                 )
                 tqdm.write(f"epoch {epoch:3d} ({record['seconds']:.0f}s): {shown}")
             if waited >= settings.patience:
@@ -271,7 +333,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", default="ce", choices=("ce", "bce", "sampled"))
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--batching", default="length", choices=("length", "random"),
+                        help="length: users of similar length batched together, about "
+                             "--batch-size x (mean length) positions a batch (less padding); "
+                             "random: --batch-size shuffled users a batch")
+    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+                        help="cosine: decay from --lr to --min-lr-ratio x --lr over --epochs")
+    parser.add_argument("--warmup-epochs", type=float, default=0.0,
+                        help="linear learning-rate warm-up over this many epochs")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.01,
+                        help="the cosine schedule's final learning rate, as a fraction of --lr")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
@@ -307,6 +379,10 @@ def main(args: argparse.Namespace) -> int:
     for name in ("epochs", "batch_size", "max_len", "patience", "negatives", "eval_every"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+        raise ConfigError("--warmup-epochs must be between 0 and --epochs")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise ConfigError("--min-lr-ratio must be between 0 and 1")
     interactions = dataset_from_args(args)
     out = Path(args.out)
     settings = TrainSettings(
@@ -314,6 +390,8 @@ def main(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, max_len=args.max_len, patience=args.patience,
         negatives=args.negatives, seed=args.seed, device=args.device, eval_every=args.eval_every,
         init_from=Path(args.init_from) if args.init_from else None,
+        lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
+        min_lr_ratio=args.min_lr_ratio, batching=args.batching,
     )
     overrides = {
         "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
