@@ -1,4 +1,4 @@
-"""`kvrec bench model|retrieval|e2e`: benchmarks that write JSON (and a plot)."""
+"""`kvrec bench model|retrieval|gpu|e2e|train`: benchmarks that write JSON (and a plot)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ BENCHMARKS = {
     "retrieval": ("bench.retrieval", "top-k retrieval throughput and recall vs exact"),
     "gpu": ("bench.gpu", "batched step + exact top-10 over 1M items on a GPU"),
     "e2e": ("bench.e2e", "end to end through Kafka: kvrec vs no cache vs plain relays"),
+    "train": ("bench.train", "trained models side by side: test metrics, time, curves"),
 }
 
 
