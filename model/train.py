@@ -35,6 +35,9 @@ from model.encoder import Encoder
 from model.errors import ConfigError, DataError
 from model.evaluate import evaluate_popularity, evaluate_split, left_pad, prepare
 from model.losses import softmax_cross_entropy
+from model.memory import release_free_memory
+
+TRIM_EVERY_STEPS = 50  # hand freed heap memory back to the OS this often (model/memory.py)
 
 
 @dataclass
@@ -219,6 +222,8 @@ def train(
                 total += loss.item() * int(real.sum())
                 count += int(real.sum())
                 bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+                if batch_number % TRIM_EVERY_STEPS == 0:
+                    release_free_memory()
             record = {
                 "epoch": epoch,
                 "loss": total / max(count, 1),
@@ -230,6 +235,7 @@ def train(
                     encoder, prepared.validation, max_len=settings.max_len, device=str(device)
                 )
                 record.update({f"val_{k}": v for k, v in validation.items()})
+                release_free_memory()
                 if validation["ndcg@10"] > best_ndcg:
                     best_ndcg, best_epoch, waited = validation["ndcg@10"], epoch, 0
                     best_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
