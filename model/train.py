@@ -9,6 +9,11 @@ Losses (`--loss`):
     bce      SASRec's original loss: one uniformly sampled negative per position
     sampled  sampled softmax: `--negatives` uniform negatives shared by the batch, for
              catalogs too large for the full softmax
+
+Learning rate (`--lr-schedule`): constant, or a cosine decay from `--lr` to
+`--min-lr-ratio` x `--lr` over `--epochs`, either after a linear `--warmup-epochs`. Batches
+(`--batching`): users of similar length together with a fixed budget of positions (the
+default; little padding), or shuffled users. docs/quality.md has the measured recipe.
 """
 
 from __future__ import annotations
