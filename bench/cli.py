@@ -1,4 +1,4 @@
-"""`kvrec bench model|retrieval|gpu|e2e|train`: benchmarks that write JSON (and a plot)."""
+"""`kvrec bench model|retrieval|gpu|e2e|train|restore`: benchmarks that write JSON (and a plot)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ BENCHMARKS = {
     "gpu": ("bench.gpu", "batched step + exact top-10 over 1M items on a GPU"),
     "e2e": ("bench.e2e", "end to end through Kafka: kvrec vs no cache vs plain relays"),
     "train": ("bench.train", "trained models side by side: test metrics, time, curves"),
+    "restore": ("bench.restore", "restoring windows from the changelog: windows/s against size"),
 }
 
 

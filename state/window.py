@@ -25,6 +25,12 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<BIqq")
 _ENTRY = struct.Struct("<BqqH")
 MAX_ITEM_ID_BYTES = 0xFFFF
+MAX_EVENT_TYPE = 0xFF
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class CorruptWindow(ValueError):
+    """Stored bytes that do not decode to a window (the caller quarantines them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +41,27 @@ class WindowEvent:
     offset: int  # input topic offset that brought the event
 
 
-def _pack(event: WindowEvent) -> bytes:
-    item = event.item_id.encode()
-    return _ENTRY.pack(event.event_type, event.ts, event.offset, len(item)) + item
+def pack_event(event: WindowEvent) -> bytes:
+    """The event's binary entry; `ValueError` (nothing changed anywhere) if it has none: an
+    item id that is not valid Unicode or longer than 65,535 UTF-8 bytes, a number out of range."""
+    try:
+        item = event.item_id.encode()
+        return _ENTRY.pack(event.event_type, event.ts, event.offset, len(item)) + item
+    except (UnicodeEncodeError, struct.error) as exc:
+        raise ValueError(f"event cannot be stored in a window: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSnapshot:
+    events: list[WindowEvent]
+    packed: list[bytes]
+    last_offset: int
+    total_events: int
+
+    @property
+    def first_index(self) -> int:
+        """Index of `events[0]` in the user's whole history."""
+        return self.total_events - len(self.events)
 
 
 @dataclass(slots=True)
@@ -52,14 +76,18 @@ class Window:
 
     def __post_init__(self) -> None:
         if len(self.packed) != len(self.events):
-            self.packed = [_pack(event) for event in self.events]
+            self.packed = [pack_event(event) for event in self.events]
 
     def apply(self, event: WindowEvent) -> bool:
-        """Append `event` unless its offset was already applied; return whether it was."""
+        """Append `event` unless its offset was already applied; return whether it was.
+
+        All or nothing: the entry is packed before anything changes, so an event that cannot
+        be stored raises `ValueError` and leaves the window as it was."""
         if event.offset <= self.last_offset:
             return False
+        entry = pack_event(event)
         self.events.append(event)
-        self.packed.append(_pack(event))
+        self.packed.append(entry)
         if len(self.events) > self.capacity:
             excess = len(self.events) - self.capacity
             del self.events[:excess]
@@ -78,11 +106,34 @@ class Window:
         header = _HEADER.pack(FORMAT_VERSION, len(self.events), self.last_offset, self.total_events)
         return header + b"".join(self.packed)
 
+    def snapshot(self) -> WindowSnapshot:
+        """The window as it is now, for `restore` to undo the applies made after this call."""
+        return WindowSnapshot(list(self.events), list(self.packed), self.last_offset,
+                              self.total_events)
+
+    def restore(self, snapshot: WindowSnapshot) -> None:
+        self.events = list(snapshot.events)
+        self.packed = list(snapshot.packed)
+        self.last_offset = snapshot.last_offset
+        self.total_events = snapshot.total_events
+
     @classmethod
     def from_bytes(cls, data: bytes, capacity: int) -> Window:
+        """Decode a stored window; `CorruptWindow` for anything that is not exactly one."""
+        try:
+            return cls._decode(data, capacity)
+        except CorruptWindow:
+            raise
+        except (struct.error, UnicodeDecodeError, ValueError) as exc:
+            raise CorruptWindow(f"undecodable window ({len(data)} bytes): {exc}") from None
+
+    @classmethod
+    def _decode(cls, data: bytes, capacity: int) -> Window:
         version, count, last_offset, total_events = _HEADER.unpack_from(data, 0)
         if version != FORMAT_VERSION:
-            raise ValueError(f"window format version {version} is not supported")
+            raise CorruptWindow(f"window format version {version} is not supported")
+        if total_events < count:
+            raise CorruptWindow(f"header counts {total_events} events in all but holds {count}")
         position = _HEADER.size
         events: list[WindowEvent] = []
         packed: list[bytes] = []
@@ -90,10 +141,16 @@ class Window:
             start = position
             event_type, ts, offset, item_len = _ENTRY.unpack_from(data, position)
             position += _ENTRY.size
+            if position + item_len > len(data):
+                raise CorruptWindow(f"an entry runs past the end ({len(data)} bytes)")
             item = data[position : position + item_len].decode()
             position += item_len
+            if offset > last_offset:
+                raise CorruptWindow(f"an entry's offset {offset} is after the last {last_offset}")
             events.append(WindowEvent(item, event_type, ts, offset))
             packed.append(bytes(data[start:position]))
+        if position != len(data):
+            raise CorruptWindow(f"{len(data) - position} bytes after the last of {count} entries")
         if len(events) > capacity:  # a smaller capacity than when it was written
             events = events[len(events) - capacity :]
             packed = packed[len(packed) - capacity :]

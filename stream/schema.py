@@ -11,9 +11,17 @@ worker sends it to the dead-letter topic with that reason. Reason codes:
     wrong_type           a field has the wrong type (ids and event_type strings, ts an integer
                          (not a float, not a boolean), props an object)
     empty_id             user_id or item_id is empty or longer than 256 characters
+    invalid_unicode      a string holds a lone surrogate escape such as "\\ud800" (JSON allows
+                         it, but it is not text: it cannot be encoded, stored or sent on)
     unknown_event_type   event_type is not one of the configured types
+    ts_out_of_range      ts is negative or beyond a signed 64-bit integer
     future_ts            ts is further in the future than allowed (clock skew limit)
-    key_mismatch         the message key is present and differs from user_id
+    missing_key          the message has no key (a keyless message lands on any partition, and
+                         would split the user's window over several partitions' stores)
+    key_mismatch         the message key differs from user_id
+
+Besides these, the worker dead-letters a message with `processing_error` when any later stage
+raises on it (see `stream/worker/loop.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any
 EVENT_SCHEMA_VERSION = "kvrec.event.v1"
 RECOMMENDATION_SCHEMA_VERSION = "kvrec.recommendation.v1"
 MAX_ID_LENGTH = 256
+MAX_TS = 2**63 - 1  # epoch ms are stored as signed 64-bit integers
 REQUIRED_FIELDS = ("user_id", "item_id", "event_type", "ts")
 
 
@@ -142,8 +151,12 @@ def parse_event(
     max_bytes: int,
     now_ms: int,
     max_future_ms: int,
+    require_key: bool = True,
 ) -> Event:
-    """Validate one input message; raise `InvalidEvent` with a reason code if it is bad."""
+    """Validate one input message; raise `InvalidEvent` with a reason code if it is bad.
+
+    What passes is within everything later stages accept: ids are encodable text of bounded
+    length, `ts` fits a signed 64-bit integer. `require_key=False` checks the value alone."""
     if raw is None:
         raise InvalidEvent("malformed_json", "empty message (null value)")
     if len(raw) > max_bytes:
@@ -169,10 +182,21 @@ def parse_event(
     for name, value in (("user_id", user_id), ("item_id", item_id)):
         if not value or len(value) > MAX_ID_LENGTH:
             raise InvalidEvent("empty_id", f"{name} must have 1..{MAX_ID_LENGTH} characters")
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidEvent("invalid_unicode", f"{name}: {exc.reason} at {exc.start}") from None
     if event_type not in event_types:
-        raise InvalidEvent("unknown_event_type", f"{event_type!r} not in {sorted(event_types)}")
+        raise InvalidEvent(
+            "unknown_event_type", f"{event_type[:100]!r} not in {sorted(event_types)}"
+        )
+    if not 0 <= ts <= MAX_TS:
+        raise InvalidEvent("ts_out_of_range", f"ts must be in 0..{MAX_TS} epoch ms, got {ts}")
     if ts > now_ms + max_future_ms:
         raise InvalidEvent("future_ts", f"ts {ts} is {ts - now_ms} ms in the future")
-    if key is not None and key != user_id.encode():
+    if key is None:
+        if require_key:
+            raise InvalidEvent("missing_key", "the message has no key; key it by user_id")
+    elif key != user_id.encode():
         raise InvalidEvent("key_mismatch", "message key differs from user_id")
     return Event(user_id, item_id, event_type, ts, props)

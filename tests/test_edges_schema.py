@@ -25,13 +25,17 @@ TYPES = frozenset({"view", "click", "add_to_cart", "purchase"})
 NOW = 1_800_000_000_000
 SCHEMAS = Path(__file__).resolve().parent.parent / "stream" / "schemas"
 REASONS = {"oversized", "malformed_json", "not_an_object", "missing_field", "wrong_type",
-           "empty_id", "unknown_event_type", "future_ts", "key_mismatch"}
-# reasons about the transport or the clock, which a JSON Schema of the value cannot express
-TRANSPORT_REASONS = {"oversized", "malformed_json", "future_ts", "key_mismatch"}
+           "empty_id", "invalid_unicode", "unknown_event_type", "ts_out_of_range", "future_ts",
+           "missing_key", "key_mismatch"}
+# reasons about the transport, the clock or the text encoding, which a JSON Schema of the value
+# cannot express
+TRANSPORT_REASONS = {"oversized", "malformed_json", "invalid_unicode", "future_ts", "missing_key",
+                     "key_mismatch"}
 
 
-def _parse(raw: bytes | None, key: bytes | None = b"u1") -> Event:
-    return parse_event(raw, key, event_types=TYPES, max_bytes=2000, now_ms=NOW, max_future_ms=60_000)
+def _parse(raw: bytes | None, key: bytes | None = b"u1", *, require_key: bool = True) -> Event:
+    return parse_event(raw, key, event_types=TYPES, max_bytes=2000, now_ms=NOW, max_future_ms=60_000,
+                       require_key=require_key)
 
 
 def _event(**fields: Any) -> bytes:
@@ -63,6 +67,12 @@ BAD_EVENTS = [
     (_event(user_id="u" * 257), "empty_id"),
     (_event(event_type="like"), "unknown_event_type"),
     (_event(event_type="VIEW"), "unknown_event_type"),
+    (_event(user_id="\ud800"), "invalid_unicode"),
+    (_event(item_id="a\udfff"), "invalid_unicode"),
+    (b'{"user_id": "u1", "item_id": "\\udc80x", "event_type": "view", "ts": 1}', "invalid_unicode"),
+    (_event(ts=-1), "ts_out_of_range"),
+    (_event(ts=-(2**70)), "ts_out_of_range"),
+    (_event(ts=2**63), "ts_out_of_range"),
     (_event(ts=NOW + 60_001), "future_ts"),
     (_event(user_id="u2"), "key_mismatch"),
 ]
@@ -85,7 +95,8 @@ def test_every_bad_event_gets_its_reason_code(raw: bytes | None, reason: str) ->
 
 
 def test_the_bad_examples_cover_every_reason_code() -> None:
-    assert {reason for _, reason in BAD_EVENTS} == REASONS
+    # missing_key is about the key, not the value: test_a_message_without_a_key_is_refused
+    assert {reason for _, reason in BAD_EVENTS} | {"missing_key"} == REASONS
 
 
 @pytest.mark.parametrize("raw", GOOD_EVENTS)
@@ -96,16 +107,23 @@ def test_valid_events_pass(raw: bytes) -> None:
         data["user_id"], data["item_id"], data["event_type"], data["ts"],
     )
     assert event.props == data.get("props")
-    assert _parse(raw, key=None) == event  # no key: nothing to compare
+    assert _parse(raw, key=None, require_key=False) == event  # the value alone
+
+
+@pytest.mark.parametrize("raw", GOOD_EVENTS)
+def test_a_message_without_a_key_is_refused(raw: bytes) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        _parse(raw, key=None)
+    assert caught.value.reason == "missing_key"
 
 
 def test_event_types_are_configurable() -> None:
     raw = _event(event_type="like")
-    event = parse_event(raw, None, event_types=frozenset({"like"}), max_bytes=2000, now_ms=NOW,
+    event = parse_event(raw, b"u1", event_types=frozenset({"like"}), max_bytes=2000, now_ms=NOW,
                         max_future_ms=0)
     assert event.event_type == "like"
     with pytest.raises(InvalidEvent, match="unknown_event_type"):
-        parse_event(_event(), None, event_types=frozenset({"like"}), max_bytes=2000, now_ms=NOW,
+        parse_event(_event(), b"u1", event_types=frozenset({"like"}), max_bytes=2000, now_ms=NOW,
                      max_future_ms=0)
 
 
@@ -180,7 +198,7 @@ def test_event_schema_file_agrees_with_the_validator(raw: bytes) -> None:
     schema = _schema("event.v1.json")
     data = json.loads(raw)
     try:
-        _parse(raw, key=None)
+        _parse(raw, key=None, require_key=False)
         accepted = True
     except InvalidEvent:
         accepted = False

@@ -1,10 +1,12 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from state.kvcache import LruByteCache
 from state.store import PartitionStore
-from state.window import Window, WindowEvent
+from state.window import CorruptWindow, Window, WindowEvent
 
 
 def _event(i: int, item: str = "sku-1") -> WindowEvent:
@@ -106,3 +108,79 @@ def test_checkpointed_windows_stay_in_memory_up_to_the_limit(tmp_path: Path) -> 
     reread = state.window("a")  # evicted: read back from RocksDB, equal to what was written
     assert reread.to_bytes() == windows["a"] and reread is not None
     states.close_all()
+
+
+# --- a window update happens whole or not at all; stored bytes decode or are refused ----------
+
+def test_an_event_that_cannot_be_stored_leaves_the_window_unchanged() -> None:
+    window = Window(capacity=3)
+    for i in range(3):
+        window.apply(_event(i))
+    before = window.to_bytes()
+    for bad in (WindowEvent("\ud800", 1, 5, 10),  # not encodable
+                WindowEvent("sku", 1, -(2**70), 11),  # ts beyond 64 bits
+                WindowEvent("sku", 300, 5, 12),  # event type beyond a byte
+                WindowEvent("i" * 70_000, 1, 5, 13)):  # longer than a 16-bit length
+        with pytest.raises(ValueError):
+            window.apply(bad)
+        assert window.to_bytes() == before and len(window.events) == len(window.packed) == 3
+    assert Window.from_bytes(window.to_bytes(), 3) == window
+
+
+def test_a_half_written_window_is_refused_as_corrupt() -> None:
+    window = Window(capacity=5)
+    window.apply(_event(1))
+    data = bytearray(window.to_bytes())
+    data[1] = 2  # the header counts two events, the value holds one
+    with pytest.raises(CorruptWindow):
+        Window.from_bytes(bytes(data), 5)
+    with pytest.raises(CorruptWindow):
+        Window.from_bytes(window.to_bytes() + b"x", 5)  # trailing bytes
+
+
+def test_a_snapshot_restores_the_window_exactly() -> None:
+    window = Window(capacity=3)
+    for i in range(4):
+        window.apply(_event(i))
+    snapshot = window.snapshot()
+    expected = window.to_bytes()
+    for i in range(4, 9):
+        window.apply(_event(i))
+    window.restore(snapshot)
+    assert window.to_bytes() == expected and window == Window.from_bytes(expected, 3)
+    assert snapshot.first_index == 1
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(st.binary(max_size=200))
+def test_any_bytes_decode_to_a_window_or_are_refused_as_corrupt(data: bytes) -> None:
+    try:
+        window = Window.from_bytes(data, 7)
+    except CorruptWindow:
+        return
+    assert Window.from_bytes(window.to_bytes(), 7) == window
+
+
+EVENTS = st.builds(
+    WindowEvent,
+    item_id=st.text(max_size=5) | st.text(st.characters(categories=["Cs"]), min_size=1, max_size=2),
+    event_type=st.integers(-5, 300),
+    ts=st.integers(-(2**64), 2**64),
+    offset=st.integers(0, 2**20),
+)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(st.lists(EVENTS, max_size=12))
+def test_any_sequence_of_events_keeps_the_window_decodable(events: list[WindowEvent]) -> None:
+    window = Window(capacity=4)
+    applied: list[WindowEvent] = []
+    for event in events:
+        before = window.to_bytes()
+        try:
+            if window.apply(event):
+                applied.append(event)
+        except ValueError:
+            assert window.to_bytes() == before
+    assert [e for e in window] == applied[-4:]
+    assert Window.from_bytes(window.to_bytes(), 4) == window

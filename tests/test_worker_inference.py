@@ -46,7 +46,7 @@ def _run(recommender: Recommender, events, capacity: int, wave_size: int, drop_c
     got = []
 
     def flush(wave: dict[str, WaveInput]) -> None:
-        results = recommender.recommend(list(wave.values()))  # by user, then by event
+        results, _ = recommender.recommend(list(wave.values()))  # by user, then by event
         offsets = [event.offset for user in wave.values() for event in user.events]
         got.extend(result for _, result in sorted(zip(offsets, results, strict=True),
                                                   key=lambda pair: pair[0]))
@@ -135,7 +135,7 @@ def test_cold_start_user_gets_popular_items(tmp_path: Path) -> None:
     window = Window(artifact.config.history_needed)
     event = WindowEvent("brand-new-item", 1, 1, 0)
     window.apply(event)
-    (result,) = recommender.recommend([WaveInput("u", [], [event], window.capacity, 0)])
+    (result,), _ = recommender.recommend([WaveInput("u", [], [event], window.capacity, 0)])
     assert result.cold_start and result.unknown_item
     assert [i for i, _ in result.items] == ["sku-1", "sku-2", "sku-3", "sku-4", "sku-5"]
 

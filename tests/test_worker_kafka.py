@@ -108,6 +108,7 @@ def _start_worker(
     instance: str,
     guarantee: str,
     metrics_port: int = -1,
+    *extra: str,
 ) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "stream.cli", "worker",
@@ -125,6 +126,7 @@ def _start_worker(
         "--commit-interval-ms", "200",
         "--processing-guarantee", guarantee,
         "--metrics-port", str(metrics_port),
+        *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
@@ -353,8 +355,13 @@ def _wait_committed(bootstrap: str, topics: Topics, total: int, timeout: float =
 def test_second_worker_takes_over_partitions_with_restored_windows(kafka_bootstrap, artifact, tmp_path):
     topics = Topics(kafka_bootstrap, "scale")
     first = _events(1200, users=40, items=60, seed=4)
-    a = _start_worker(kafka_bootstrap, topics, artifact.path, tmp_path / "a", "a", "at-least-once")
-    b = _start_worker(kafka_bootstrap, topics, artifact.path, tmp_path / "b", "b", "at-least-once")
+    # a static member that stops does not leave the group: its partitions move to b when its
+    # session times out (the broker's shortest, 6 s, to keep the test short)
+    short = ("--session-timeout-ms", "6000")
+    a = _start_worker(kafka_bootstrap, topics, artifact.path, tmp_path / "a", "a", "at-least-once",
+                      -1, *short)
+    b = _start_worker(kafka_bootstrap, topics, artifact.path, tmp_path / "b", "b", "at-least-once",
+                      -1, *short)
     try:
         deadline = time.monotonic() + 60
         while not ((tmp_path / "a").exists() and (tmp_path / "b").exists()):  # both own partitions
@@ -387,3 +394,47 @@ def test_second_worker_takes_over_partitions_with_restored_windows(kafka_bootstr
         if r.event_ts in second_ts
     }
     assert users_served_after == {e["user_id"] for e in second}
+
+
+def test_a_killed_member_restarted_gets_its_partitions_back_within_seconds(
+    kafka_bootstrap, artifact, tmp_path
+):
+    """Static membership (group.instance.id = --instance-id): a replica killed with SIGKILL and
+    restarted under the same id takes its partitions straight back, without waiting for the
+    group to notice that the old process is gone (the session timeout, 45 s here)."""
+    topics = Topics(kafka_bootstrap, "static")
+    events = _events(400, users=20, items=60, seed=6)
+    _produce_events(kafka_bootstrap, topics.events, events[:200])
+    state_dir = tmp_path / "state"
+    session = ("--session-timeout-ms", "45000")
+    worker = _start_worker(kafka_bootstrap, topics, artifact.path, state_dir, "w1",
+                           "exactly-once", -1, *session)
+    _wait_committed(kafka_bootstrap, topics, 200)
+    worker.kill()
+    worker.wait()
+    port = _free_port()
+    started = time.monotonic()
+    restarted = _start_worker(kafka_bootstrap, topics, artifact.path, state_dir, "w1",
+                              "exactly-once", port, *session)
+    try:
+        ready_after = None
+        while time.monotonic() - started < 120:
+            try:
+                if _get(port, "/ready") == "ready\n":
+                    ready_after = time.monotonic() - started
+                    break
+            except OSError:
+                pass
+            assert restarted.poll() is None, "the restarted worker exited"
+            time.sleep(0.1)
+        _produce_events(kafka_bootstrap, topics.events, events[200:])
+        _wait_committed(kafka_bootstrap, topics, len(events))
+    finally:
+        stderr = _stop(restarted)
+    assert ready_after is not None, stderr[-3000:]
+    print(f"restart to assignment: {ready_after:.1f} s (session timeout 45 s)")
+    # the process start (Python, torch, the model) is in it too; without static membership the
+    # restarted member waits for the old one's session to expire: 45 s and more
+    assert ready_after < 20, f"assigned {ready_after:.1f} s after the restart"
+    recs = _consume(kafka_bootstrap, topics.recommendations, expected=len(events), timeout=30)
+    assert len(recs) == len(events)

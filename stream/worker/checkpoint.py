@@ -6,6 +6,10 @@
    commits the outputs and changelog records atomically);
 4. write the windows to RocksDB with the changelog offset in the same WriteBatch.
 
+An error anywhere in the worker (`abort`) commits nothing: with exactly-once the transaction
+is aborted (outputs, dead letters and changelog records with it), and the changed windows are
+dropped unwritten, so a restart replays the input from the last commit.
+
 A crash before 3 replays the input from the last commit (outputs may repeat under
 at-least-once; the changelog records of the lost attempt carry input offsets that were never
 committed and are skipped by recovery). A crash between 3 and 4 leaves RocksDB behind its
@@ -56,7 +60,23 @@ class Checkpoint:
             self.producer.begin_transaction()
 
     def store_offset(self, partition: int, offset: int) -> None:
-        self.pending_offsets[partition] = offset
+        """`offset` of `partition` is handled (applied, duplicate or dead-lettered). Offsets
+        only move forward: storing an older one changes nothing."""
+        if offset > self.pending_offsets.get(partition, -1):
+            self.pending_offsets[partition] = offset
+
+    def forget(self, partition: int) -> None:
+        """The partition is gone (revoked or lost): nothing of it is committed from here."""
+        self.pending_offsets.pop(partition, None)
+        self._changelog_offsets.pop(partition, None)
+
+    def abort(self) -> None:
+        """Give up everything since the last commit: nothing of it becomes durable."""
+        self.pending_offsets.clear()
+        for state in self.states.by_partition.values():
+            state.dirty.clear()  # never written: the store keeps the last committed windows
+        if self.exactly_once:
+            self.producer.abort_transaction(self.flush_timeout_s)
 
     def due(self) -> bool:
         return bool(self.pending_offsets) and time.monotonic() - self.started >= self.interval_s

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +67,15 @@ class Scored:
     because: list[Because] = field(default_factory=list)
     cold_start: bool = False
     unknown_item: bool = False
+
+
+@dataclass(frozen=True)
+class RecommendCounters:
+    """What one `recommend` call saw, for the worker's metrics."""
+
+    cache_hits: int
+    cache_misses: int
+    unknown_items: int
 
 
 @dataclass(frozen=True)
@@ -141,8 +150,21 @@ class Recommender:
             return 1
         return self.artifact.config.window
 
-    def recommend(self, wave: Sequence[WaveInput]) -> list[Scored]:
+    def forget(self, user_ids: Iterable[str]) -> None:
+        """Drop the users' caches (after a failed wave): their next wave refills exactly."""
+        for user_id in user_ids:
+            self.cache.discard(user_id, self.version)
+
+    def recommend(self, wave: Sequence[WaveInput]) -> tuple[list[Scored], RecommendCounters]:
         """One recommendation per event: users in the wave's order, each user's in order."""
+        hits, misses, unknown = self.cache.stats.hits, self.cache.stats.misses, self.unknown_items
+        scored = self._recommend(wave)
+        return scored, RecommendCounters(
+            self.cache.stats.hits - hits, self.cache.stats.misses - misses,
+            self.unknown_items - unknown,
+        )
+
+    def _recommend(self, wave: Sequence[WaveInput]) -> list[Scored]:
         plans = [self._plan(user) for user in wave]
         self._refill_caches([p for p in plans if p.new_count and p.kv is None])
         self._advance([p for p in plans if p.new_count])

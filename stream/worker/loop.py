@@ -20,11 +20,11 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from state.window import Window, WindowEvent
+from state.window import Window, WindowEvent, WindowSnapshot
 from stream.schema import (
     BecauseEvent,
     InvalidEvent,
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 DEAD_LETTER_REASON = "kvrec.reason"
 DEAD_LETTER_DETAIL = "kvrec.detail"
+MAX_DEAD_LETTER_KEY_BYTES = 1024  # a key is a user id (at most 256 characters) when valid
+MAX_OUTPUT_BYTES = 900_000  # below the producer's default message.max.bytes (1,000,000)
 
 
 @dataclass
@@ -54,24 +56,23 @@ class _Valid:
     event_ts: int
 
 
-class Worker:
-    def __init__(
-        self,
-        settings: WorkerSettings,
-        recommender: Recommender,
-        metrics: WorkerMetrics,
-        health: HealthState,
-        kafka_config: dict[str, object],
-    ) -> None:
-        self.settings = settings
-        self.recommender = recommender
-        self.metrics = metrics
-        self.health = health
-        self.event_type_index = {name: i + 1 for i, name in enumerate(settings.event_types)}
-        self.running = True
-        self.consumer = Consumer(
+@dataclass(frozen=True)
+class KafkaClients:
+    """The worker's three Kafka clients (tests hand in fakes)."""
+
+    consumer: Consumer
+    producer: Producer
+    restore_consumer: Consumer
+
+    @classmethod
+    def create(cls, settings: WorkerSettings, kafka_config: dict[str, object]) -> KafkaClients:
+        membership: dict[str, object] = {"session.timeout.ms": settings.session_timeout_ms}
+        if settings.static_membership:  # a restarted replica takes its partitions straight back
+            membership["group.instance.id"] = settings.instance_id
+        consumer = Consumer(
             {
                 **kafka_config,
+                **membership,
                 "group.id": settings.group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -88,8 +89,7 @@ class Worker:
         }
         if settings.exactly_once:
             producer_config["transactional.id"] = f"{settings.group_id}-{settings.instance_id}"
-        self.producer = Producer(producer_config)
-        self.restore_consumer = Consumer(
+        restore_consumer = Consumer(
             {
                 **kafka_config,
                 "group.id": f"{settings.group_id}-restore",
@@ -98,6 +98,30 @@ class Worker:
                 "isolation.level": "read_committed",
             }
         )
+        return cls(consumer, Producer(producer_config), restore_consumer)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        recommender: Recommender,
+        metrics: WorkerMetrics,
+        health: HealthState,
+        kafka_config: dict[str, object],
+        clients: KafkaClients | None = None,
+    ) -> None:
+        self.settings = settings
+        self.recommender = recommender
+        self.metrics = metrics
+        self.health = health
+        self.event_type_index = {name: i + 1 for i, name in enumerate(settings.event_types)}
+        self.running = True
+        self.failed = False  # an error escaped the loop: commit nothing more
+        clients = clients or KafkaClients.create(settings, kafka_config)
+        self.consumer = clients.consumer
+        self.producer = clients.producer
+        self.restore_consumer = clients.restore_consumer
         if settings.exactly_once:
             self.producer.init_transactions(30.0)
         self.states = PartitionStates(
@@ -139,22 +163,27 @@ class Worker:
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.checkpoint.commit()
-        for tp in partitions:
-            self.states.close(tp.partition)
-            self.checkpoint.pending_offsets.pop(tp.partition, None)
-        consumer.incremental_unassign(partitions)
-        self.metrics.assigned_partitions.set(len(self.states.by_partition))
+        if not self.failed:  # after an error nothing is committed: the input is replayed
+            self.checkpoint.commit()
+        self._drop(consumer, partitions)
         log.info("revoked %s", sorted(tp.partition for tp in partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:  # someone else owns them now: drop unflushed work, keep nothing
+        self._drop(consumer, partitions)  # someone else owns them now: keep nothing unflushed
+        log.warning("lost %s", sorted(tp.partition for tp in partitions))
+
+    def _drop(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
             self.states.close(tp.partition)
-            self.checkpoint.pending_offsets.pop(tp.partition, None)
+            self.checkpoint.forget(tp.partition)
         consumer.incremental_unassign(partitions)
+        self.metrics.assigned_partitions.set(len(self.states.by_partition))
 
     # --- the loop ------------------------------------------------------------------------
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Consume, process and checkpoint until stopped. An exception that escapes (a Kafka
+        or infrastructure error: bad messages never get here) commits nothing of the work in
+        progress; it is aborted and the input after the last checkpoint is replayed."""
         self.consumer.subscribe(
             [self.settings.input_topic],
             on_assign=self._on_assign,
@@ -175,20 +204,35 @@ class Worker:
                     self.checkpoint.commit()
                     self.metrics.checkpoints.inc()
             self.checkpoint.commit()
+        except BaseException:
+            self.failed = True
+            raise
         finally:
             self.close()
 
     def close(self) -> None:
         try:
-            self.consumer.close()  # revokes: the revoke callback checkpoints
+            if self.failed:
+                self._abort()
+            self.consumer.close()  # revokes: the revoke callback checkpoints unless failed
         finally:
             self.states.close_all()
             self.restore_consumer.close()
             self.producer.flush(10.0)
 
+    def _abort(self) -> None:
+        log.error("the worker failed: the work since the last checkpoint is aborted, not committed")
+        try:
+            self.checkpoint.abort()
+        except Exception:  # a fenced or broken producer: its transaction is void anyway
+            log.exception("aborting the transaction failed")
+
     def process(self, messages: list[Message]) -> None:
+        """Every message ends as exactly one of: applied to its user's window (with its
+        recommendation), a duplicate of an applied one, or a dead letter with its reason."""
         now_ms = int(time.time() * 1000)
         valid: list[_Valid] = []
+        handled: dict[int, int] = {}  # partition -> offset of its newest message in the batch
         for message in messages:
             error = message.error()
             if error is not None:
@@ -202,73 +246,126 @@ class Worker:
             partition = message.partition()
             if partition not in self.states:
                 continue  # revoked while in flight; the new owner consumes it
+            handled[partition] = message.offset()
             try:
-                event = parse_event(
-                    message.value(),
-                    message.key(),
-                    event_types=self.settings.event_type_set,
-                    max_bytes=self.settings.max_event_bytes,
-                    now_ms=now_ms,
-                    max_future_ms=self.settings.max_future_ms,
-                )
+                valid.append(self._validate(message, now_ms))
             except InvalidEvent as invalid:
                 self._dead_letter(message, invalid.reason, invalid.detail)
-                self.checkpoint.store_offset(partition, message.offset())
-                continue
-            window_event = WindowEvent(
-                item_id=event.item_id,
-                event_type=self.event_type_index[event.event_type],
-                ts=event.ts,
-                offset=message.offset(),
-            )
-            valid.append(_Valid(message, event.user_id, window_event, event.ts))
+            except _INFRASTRUCTURE_ERRORS:
+                raise
+            except Exception as exc:
+                self._processing_error(message, exc)
         self.metrics.batch_size.observe(len(messages))
         for wave in _waves(valid, self.recommender.max_events_per_user):
             self._process_wave(wave)
-        for item in valid:
-            self.checkpoint.store_offset(item.message.partition(), item.message.offset())
+        self._report_quarantined()
+        for partition, offset in handled.items():
+            self.checkpoint.store_offset(partition, offset)
+
+    def _validate(self, message: Message, now_ms: int) -> _Valid:
+        event = parse_event(
+            message.value(),
+            message.key(),
+            event_types=self.settings.event_type_set,
+            max_bytes=self.settings.max_event_bytes,
+            now_ms=now_ms,
+            max_future_ms=self.settings.max_future_ms,
+        )
+        window_event = WindowEvent(
+            item_id=event.item_id,
+            event_type=self.event_type_index[event.event_type],
+            ts=event.ts,
+            offset=message.offset(),
+        )
+        return _Valid(message, event.user_id, window_event, event.ts)
 
     def _process_wave(self, wave: list[_Valid]) -> None:
-        """Apply the wave's events to their windows and emit one recommendation per event."""
-        inputs: list[WaveInput] = []
-        sources: list[_Valid] = []
-        by_user: dict[str, tuple[list[WindowEvent], list[WindowEvent], Window, int]] = {}
+        """Apply the wave's events to their windows and emit one recommendation per event.
+
+        A user's part of the wave is all or nothing: if its recommendations cannot be made, its
+        window goes back to what it was before the wave and its events become dead letters."""
+        users: dict[str, _UserWave] = {}
         for item in wave:
             window = self.states[item.message.partition()].window(item.user_id)
+            user = users.get(item.user_id)
+            if user is None:
+                user = users[item.user_id] = _UserWave(window, window.snapshot())
             newest_ts = window.events[-1].ts if window.events else None
-            if item.user_id not in by_user:
-                first_index = window.total_events - len(window.events)
-                by_user[item.user_id] = (list(window.events), [], window, first_index)
-            if not window.apply(item.event):
+            try:
+                applied = window.apply(item.event)
+            except ValueError as exc:  # nothing changed: the event cannot be stored
+                self._processing_error(item.message, exc)
+                continue
+            if not applied:
                 self.metrics.events_duplicate.inc()
                 continue
             if newest_ts is not None and item.event.ts < newest_ts:
                 self.metrics.events_out_of_order.inc()
-            by_user[item.user_id][1].append(item.event)
-            sources.append(item)
-        self.metrics.events_applied.inc(len(sources))
-        for user_id, (previous, events, window, first_index) in by_user.items():
-            if events:
-                inputs.append(WaveInput(user_id, previous, events, window.capacity, first_index))
-        if not inputs:
+            user.sources.append(item)
+        active = {user_id: user for user_id, user in users.items() if user.sources}
+        if not active:
             return
-        by_position = {id(item.event): item for item in sources}
-        ordered = [by_position[id(e)] for user in inputs for e in user.events]
-        hits_before = self.recommender.cache.stats.hits
-        misses_before = self.recommender.cache.stats.misses
-        unknown_before = self.recommender.unknown_items
-        started = time.perf_counter()
-        scored = self.recommender.recommend(inputs)
-        self.metrics.step_seconds.observe(time.perf_counter() - started)
-        self.metrics.cache_hits.inc(self.recommender.cache.stats.hits - hits_before)
-        self.metrics.cache_misses.inc(self.recommender.cache.stats.misses - misses_before)
-        self.metrics.unknown_items.inc(self.recommender.unknown_items - unknown_before)
-        self.metrics.cache_bytes.set(self.recommender.cache.bytes_used)
-        for source, result in zip(ordered, scored, strict=True):
-            self._emit(source, result)
+        try:
+            outputs = self._recommend(active)
+        except _INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:  # find the user it belongs to: one at a time
+            log.warning("a wave of %d users failed (%r); retrying user by user", len(active), exc)
+            self.recommender.forget(active)
+            outputs = []
+            for user_id, user in active.items():
+                try:
+                    outputs += self._recommend({user_id: user})
+                except _INFRASTRUCTURE_ERRORS:
+                    raise
+                except Exception as user_exc:
+                    self.recommender.forget([user_id])
+                    user.window.restore(user.before)
+                    for source in user.sources:
+                        self._processing_error(source.message, user_exc)
+        self.metrics.events_applied.inc(len(outputs))
+        for output in outputs:
+            self._produce(self.settings.output_topic, output.source.user_id.encode(), output.value)
+            self.metrics.recommendations_out.labels(output.kind).inc()
+            _, produced_ms = output.source.message.timestamp()
+            if produced_ms > 0:
+                self.metrics.event_to_emit_seconds.observe(
+                    max(0, output.emitted_ms - produced_ms) / 1000.0
+                )
 
-    def _emit(self, source: _Valid, result: Scored) -> None:
+    def _recommend(self, users: dict[str, _UserWave]) -> list[_Output]:
+        """The recommendations of `users`' new events, encoded for the wire, in the order the
+        recommender returns them; nothing is produced here."""
+        inputs = [
+            WaveInput(
+                user_id,
+                user.before.events,
+                [source.event for source in user.sources],
+                user.window.capacity,
+                user.before.first_index,
+            )
+            for user_id, user in users.items()
+        ]
+        ordered = [source for user in users.values() for source in user.sources]
+        started = time.perf_counter()
+        scored, counters = self.recommender.recommend(inputs)
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.metrics.cache_hits.inc(counters.cache_hits)
+        self.metrics.cache_misses.inc(counters.cache_misses)
+        self.metrics.unknown_items.inc(counters.unknown_items)
+        self.metrics.cache_bytes.set(self.recommender.cache.bytes_used)
         emitted_ms = int(time.time() * 1000)
+        return [
+            _Output(
+                source,
+                "cold_start" if result.cold_start else "model",
+                self._encode(source, result, emitted_ms),
+                emitted_ms,
+            )
+            for source, result in zip(ordered, scored, strict=True)
+        ]
+
+    def _encode(self, source: _Valid, result: Scored, emitted_ms: int) -> bytes:
         _, produced_ms = source.message.timestamp()
         recommendation = Recommendation(
             user_id=result.user_id,
@@ -280,32 +377,103 @@ class Worker:
             cold_start=result.cold_start,
             source_ts=produced_ms if produced_ms > 0 else None,
         )
-        self.producer.produce(
-            self.settings.output_topic,
-            key=source.user_id.encode(),
-            value=encode_recommendation(recommendation),
-            on_delivery=self.checkpoint.on_delivery,
+        value = encode_recommendation(recommendation)
+        if len(value) > MAX_OUTPUT_BYTES:
+            raise ValueError(f"recommendation of {len(value)} bytes > {MAX_OUTPUT_BYTES}")
+        return value
+
+    # --- dead letters --------------------------------------------------------------------
+    def _processing_error(self, message: Message, exc: Exception) -> None:
+        log.warning(
+            "dead letter (processing_error) at %s[%d]@%d: %r",
+            message.topic(), message.partition(), message.offset(), exc,
         )
-        kind = "cold_start" if result.cold_start else "model"
-        self.metrics.recommendations_out.labels(kind).inc()
-        if produced_ms > 0:
-            self.metrics.event_to_emit_seconds.observe(max(0, emitted_ms - produced_ms) / 1000.0)
+        self._dead_letter(message, "processing_error", f"{type(exc).__name__}: {exc}")
+
+    def _report_quarantined(self) -> None:
+        for state in self.states.by_partition.values():
+            for bad in state.quarantined:
+                self.metrics.windows_quarantined.inc()
+                self._send_dead_letter(
+                    bad.user_id.encode(),
+                    bad.raw,
+                    "corrupt_window",
+                    bad.error,
+                    [self.settings.changelog_topic, bad.partition, None],
+                )
+            state.quarantined.clear()
 
     def _dead_letter(self, message: Message, reason: str, detail: str) -> None:
-        self.metrics.dead_letters.labels(reason).inc()
-        self.producer.produce(
-            self.settings.dead_letter_topic,
-            key=message.key(),
-            value=message.value(),
-            headers={
-                DEAD_LETTER_REASON: reason.encode(),
-                DEAD_LETTER_DETAIL: detail[:1000].encode(),
-                "kvrec.source": json.dumps(
-                    [message.topic(), message.partition(), message.offset()]
-                ).encode(),
-            },
-            on_delivery=self.checkpoint.on_delivery,
+        self._send_dead_letter(
+            message.key(),
+            message.value(),
+            reason,
+            detail,
+            [message.topic(), message.partition(), message.offset()],
         )
+
+    def _send_dead_letter(
+        self, key: bytes | None, value: bytes | None, reason: str, detail: str, source: list
+    ) -> None:
+        """Never raises for the message's sake: a value or key too large for the dead-letter
+        topic is cut, and headers say so (`kvrec.truncated`, `kvrec.original_bytes`)."""
+        self.metrics.dead_letters.labels(reason).inc()
+        headers = {
+            DEAD_LETTER_REASON: reason.encode(),
+            DEAD_LETTER_DETAIL: detail.encode("utf-8", "backslashreplace")[:1000],
+            "kvrec.source": json.dumps(source).encode(),
+        }
+        limit = self.settings.dead_letter_max_bytes
+        cut = []
+        if value is not None and len(value) > limit:
+            headers["kvrec.original_bytes"] = str(len(value)).encode()
+            value = value[:limit]
+            cut.append("value")
+        if key is not None and len(key) > MAX_DEAD_LETTER_KEY_BYTES:
+            headers["kvrec.original_key_bytes"] = str(len(key)).encode()
+            key = key[:MAX_DEAD_LETTER_KEY_BYTES]
+            cut.append("key")
+        if cut:
+            headers["kvrec.truncated"] = ",".join(cut).encode()
+        self._produce(self.settings.dead_letter_topic, key, value, headers)
+
+    def _produce(
+        self, topic: str, key: bytes | None, value: bytes | None,
+        headers: dict[str, bytes] | None = None,
+    ) -> None:
+        """Produce, waiting for deliveries while the producer's queue is full (backpressure)."""
+        while True:
+            try:
+                self.producer.produce(
+                    topic, key=key, value=value, headers=headers,
+                    on_delivery=self.checkpoint.on_delivery,
+                )
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+
+
+# Errors that are not about one message: they stop the worker (and commit nothing).
+_INFRASTRUCTURE_ERRORS = (KafkaException, MemoryError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    """A recommendation made and encoded, not yet produced."""
+
+    source: _Valid
+    kind: str  # "model" or "cold_start"
+    value: bytes
+    emitted_ms: int
+
+
+@dataclass
+class _UserWave:
+    """One user's part of a wave: its window, the window before the wave, its applied events."""
+
+    window: Window
+    before: WindowSnapshot
+    sources: list[_Valid] = field(default_factory=list)
 
 
 def _waves(valid: list[_Valid], per_user: int) -> list[list[_Valid]]:

@@ -9,12 +9,26 @@ RocksDB holds, so an active user's next event does not read and parse its window
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from state.store import PartitionStore
-from state.window import Window
+from state.window import CorruptWindow, Window
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuarantinedWindow:
+    """A stored window that did not decode: the user starts again from an empty window, and
+    the bytes are handed to the loop, which reports them (dead-letter topic, counter)."""
+
+    partition: int
+    user_id: str
+    raw: bytes
+    error: str
 
 
 @dataclass
@@ -25,7 +39,7 @@ class PartitionState:
     keep_in_memory: int = 10_000
     dirty: dict[str, Window] = field(default_factory=dict)
     clean: OrderedDict[str, Window] = field(default_factory=OrderedDict)
-    processed_offset: int = -1  # last input offset handled (applied or dead-lettered)
+    quarantined: list[QuarantinedWindow] = field(default_factory=list)
 
     def window(self, user_id: str) -> Window:
         window = self.dirty.get(user_id)
@@ -33,10 +47,21 @@ class PartitionState:
             return window
         window = self.clean.pop(user_id, None)
         if window is None:
-            raw = self.store.get(user_id)
-            window = Window(self.capacity) if raw is None else Window.from_bytes(raw, self.capacity)
+            window = self._load(user_id)
         self.dirty[user_id] = window  # the caller is about to change it
         return window
+
+    def _load(self, user_id: str) -> Window:
+        raw = self.store.get(user_id)
+        if raw is None:
+            return Window(self.capacity)
+        try:
+            return Window.from_bytes(raw, self.capacity)
+        except CorruptWindow as exc:
+            log.error("partition %d: window of user %r quarantined, restarted empty: %s",
+                      self.partition, user_id, exc)
+            self.quarantined.append(QuarantinedWindow(self.partition, user_id, raw, str(exc)))
+            return Window(self.capacity)
 
     def written(self) -> None:
         """The dirty windows are in RocksDB now: keep the most recent in memory as clean."""

@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from stream.worker.checkpoint import INPUT_OFFSET_HEADER
 from stream.worker.partitions import PartitionState
@@ -64,7 +64,9 @@ def recover_partition(
                 )
             batch: dict[str, bytes] = {}
             last_offset: int | None = None
-            for message in restore_consumer.consume(num_messages=1000, timeout=1.0):
+            # a short wait: `consume` returns when the batch is full or the wait is over, and
+            # a long wait would be paid by every small partition (it was 1 s per partition)
+            for message in restore_consumer.consume(num_messages=10_000, timeout=0.05):
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
@@ -72,12 +74,13 @@ def recover_partition(
                         continue
                     raise RuntimeError(f"changelog read failed: {error}")
                 last_offset = message.offset()
-                headers = dict(message.headers() or [])
-                input_offset = int(headers.get(INPUT_OFFSET_HEADER, b"-1"))
-                if input_offset >= committed_input_offset:
+                user_id = _user_id(message)
+                if user_id is None or message.value() is None:
+                    skipped += 1  # not a window record this worker wrote
+                elif _input_offset(message) >= committed_input_offset:
                     skipped += 1
-                elif message.value() is not None:
-                    batch[message.key().decode()] = message.value()
+                else:
+                    batch[user_id] = message.value()
                     restored += 1
             if last_offset is not None:
                 state.store.write(batch, last_offset)
@@ -93,3 +96,25 @@ def recover_partition(
         seconds,
     )
     return RecoveryResult(state.partition, restored, skipped, seconds)
+
+
+def _user_id(message: Message) -> str | None:
+    key = message.key()
+    if not key:
+        return None
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _input_offset(message: Message) -> int:
+    """The input offset a changelog record carries; a record without a readable one counts as
+    uncommitted, so it is skipped and its input is processed again."""
+    for name, value in message.headers() or []:
+        if name == INPUT_OFFSET_HEADER:
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                break
+    return 2**63 - 1

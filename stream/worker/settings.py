@@ -24,7 +24,18 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     topics.add_argument(
         "--instance-id",
         default=socket.gethostname(),
-        help="stable per replica (pod name); names the transactional id with exactly-once",
+        help="stable per replica (pod name), unique in the group: the static group membership "
+             "id (group.instance.id) and, with exactly-once, the transactional id",
+    )
+    topics.add_argument(
+        "--static-membership", action=argparse.BooleanOptionalAction, default=True,
+        help="join the group as --instance-id, so a restarted replica takes its partitions "
+             "straight back; a replica that stops for good frees them after the session timeout",
+    )
+    topics.add_argument(
+        "--session-timeout-ms", type=int, default=45_000,
+        help="how long the group waits for a silent member before moving its partitions "
+             "(longer than a pod restart, so a restart causes no rebalance)",
     )
     topics.add_argument(
         "--create-topics",
@@ -84,6 +95,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     loop.add_argument("--event-types", default=",".join(DEFAULT_EVENT_TYPES))
     loop.add_argument("--max-event-bytes", type=int, default=16_384)
+    loop.add_argument(
+        "--dead-letter-max-bytes", type=int, default=262_144,
+        help="a dead letter's value is cut to this size (header kvrec.original_bytes keeps the "
+             "size); keep it below the dead-letter topic's max.message.bytes",
+    )
     loop.add_argument("--max-future-ms", type=int, default=300_000)
     loop.add_argument("--metrics-port", type=int, default=9464, help="0 = any free port, -1 = off")
 
@@ -96,6 +112,8 @@ class WorkerSettings:
     changelog_topic: str
     group_id: str
     instance_id: str
+    static_membership: bool
+    session_timeout_ms: int
     model: Path
     backend: str
     onnx: Path | None
@@ -117,6 +135,7 @@ class WorkerSettings:
     window_capacity: int  # 0 until the model is known
     event_types: tuple[str, ...]
     max_event_bytes: int
+    dead_letter_max_bytes: int
     max_future_ms: int
     metrics_port: int
 
@@ -126,12 +145,18 @@ class WorkerSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerSettings:
-        positive = ("k", "batch_size", "cache_bytes", "max_event_bytes", "commit_interval_ms")
+        positive = ("k", "batch_size", "cache_bytes", "max_event_bytes", "commit_interval_ms",
+                    "dead_letter_max_bytes")
         for name in positive:
             if getattr(args, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if args.batch_wait_ms < 0 or args.linger_ms < 0 or args.max_future_ms < 0:
             raise ConfigError("--batch-wait-ms, --linger-ms and --max-future-ms must be >= 0")
+        if not 1_000 <= args.session_timeout_ms <= 3_600_000:
+            raise ConfigError("--session-timeout-ms must be between 1000 and 3600000 (the "
+                              "broker also bounds it: group.min/max.session.timeout.ms)")
+        if args.static_membership and not args.instance_id.strip():
+            raise ConfigError("--instance-id must not be empty with --static-membership")
         if args.windows_in_memory < 0:
             raise ConfigError("--windows-in-memory must be >= 0")
         event_types = tuple(t.strip() for t in args.event_types.split(",") if t.strip())
@@ -150,6 +175,8 @@ class WorkerSettings:
             changelog_topic=args.changelog_topic or f"{args.group_id}-windows-changelog",
             group_id=args.group_id,
             instance_id=args.instance_id,
+            static_membership=args.static_membership,
+            session_timeout_ms=args.session_timeout_ms,
             model=model,
             backend=args.backend,
             onnx=Path(args.onnx) if args.onnx else None,
@@ -171,6 +198,7 @@ class WorkerSettings:
             window_capacity=args.window_capacity,
             event_types=event_types,
             max_event_bytes=args.max_event_bytes,
+            dead_letter_max_bytes=args.dead_letter_max_bytes,
             max_future_ms=args.max_future_ms,
             metrics_port=args.metrics_port,
         )
