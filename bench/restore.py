@@ -26,7 +26,7 @@ from state.window import Window, WindowEvent
 from stream.kafka_config import ensure_topics
 from stream.worker.checkpoint import INPUT_OFFSET_HEADER
 from stream.worker.partitions import PartitionStates
-from stream.worker.recovery import recover_partition
+from stream.worker.recovery import recover_partition, restore_consumer_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,11 +72,9 @@ def measure(bootstrap: str, workdir: Path, windows: int, events: int) -> dict[st
     ensure_topics({"bootstrap.servers": bootstrap}, {topic: (1, {"cleanup.policy": "compact"})})
     size = _fill(bootstrap, topic, windows, events)
     states = PartitionStates(workdir / topic, "events", events)
-    restore_consumer = Consumer({  # as the worker's own restore consumer
-        "bootstrap.servers": bootstrap, "group.id": f"{topic}-restore",
-        "enable.auto.commit": False, "enable.partition.eof": True,
-        "isolation.level": "read_committed",
-    })
+    restore_consumer = Consumer(  # as the worker's own restore consumer
+        restore_consumer_config({"bootstrap.servers": bootstrap}, topic)
+    )
     try:
         started = time.perf_counter()
         result = recover_partition(restore_consumer, topic, states.open(0), windows + 1)

@@ -48,6 +48,14 @@ def test_malformed_dataset_line_is_one_line_from_the_installed_command(tmp_path:
          "invalid choice: 'step'"),
         (["tail", "--max-messages", "-3"], "kvrec: error: --max-messages and --timeout must be >= 0"),
         (["tail", "--sasl-mechanism", "PLAIN"], "kvrec: error: --sasl-mechanism needs"),
+        (["worker", "--model", "/nonexistent", "--session-timeout-ms", "10"],
+         "kvrec: error: --session-timeout-ms must be between 1000 and 3600000"),
+        (["worker", "--model", "/nonexistent", "--dead-letter-max-bytes", "2000000"],
+         "kvrec: error: --dead-letter-max-bytes must be at most 900000"),
+        (["worker", "--model", "/nonexistent", "--dead-letter-max-bytes", "0"],
+         "kvrec: error: --dead-letter-max-bytes must be positive"),
+        (["worker", "--model", "/nonexistent", "--instance-id", " "],
+         "kvrec: error: --instance-id must not be empty"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

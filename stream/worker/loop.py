@@ -37,7 +37,7 @@ from stream.worker.checkpoint import Checkpoint
 from stream.worker.inference import Recommender, Scored, WaveInput
 from stream.worker.metrics import HealthState, WorkerMetrics
 from stream.worker.partitions import PartitionStates
-from stream.worker.recovery import recover_partition
+from stream.worker.recovery import recover_partition, restore_consumer_config
 from stream.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,7 @@ class KafkaClients:
         }
         if settings.exactly_once:
             producer_config["transactional.id"] = f"{settings.group_id}-{settings.instance_id}"
-        restore_consumer = Consumer(
-            {
-                **kafka_config,
-                "group.id": f"{settings.group_id}-restore",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "isolation.level": "read_committed",
-            }
-        )
+        restore_consumer = Consumer(restore_consumer_config(kafka_config, settings.group_id))
         return cls(consumer, Producer(producer_config), restore_consumer)
 
 

@@ -23,6 +23,20 @@ from stream.worker.partitions import PartitionState
 log = logging.getLogger(__name__)
 
 
+def restore_consumer_config(kafka_config: dict[str, object], group_id: str) -> dict[str, object]:
+    """The restore consumer's settings: it is assigned partitions (never subscribes), reads
+    committed records only, and learns it reached the end from a PARTITION_EOF event. A short
+    fetch wait: at the end of a partition the broker holds the last fetch that long."""
+    return {
+        **kafka_config,
+        "group.id": f"{group_id}-restore",
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "isolation.level": "read_committed",
+        "fetch.wait.max.ms": 10,
+    }
+
+
 @dataclass
 class RecoveryResult:
     partition: int

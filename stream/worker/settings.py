@@ -152,6 +152,9 @@ class WorkerSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if args.batch_wait_ms < 0 or args.linger_ms < 0 or args.max_future_ms < 0:
             raise ConfigError("--batch-wait-ms, --linger-ms and --max-future-ms must be >= 0")
+        if args.dead_letter_max_bytes > 900_000:
+            raise ConfigError("--dead-letter-max-bytes must be at most 900000 (a dead letter, "
+                              "with its key and headers, must fit the producer's 1,000,000 bytes)")
         if not 1_000 <= args.session_timeout_ms <= 3_600_000:
             raise ConfigError("--session-timeout-ms must be between 1000 and 3600000 (the "
                               "broker also bounds it: group.min/max.session.timeout.ms)")
