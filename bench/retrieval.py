@@ -20,10 +20,10 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bench.machine import machine_info
 from model.errors import ConfigError
+from model.progress import progress_bar, progress_line
 from model.retrieval import KINDS, Retriever, TorchExactRetriever, recall_at_k
 
 BENCH_KINDS = (*(k for k in KINDS if k != "auto"), "torch-exact")
@@ -88,7 +88,7 @@ def run_retrieval_bench(
         raise ValueError(f"unknown kinds {unknown}; choose from {', '.join(BENCH_KINDS)}")
     torch.set_num_threads(threads)
     rows = []
-    progress = tqdm(total=len(n_items_list) * len(kinds), desc="retrieval bench", unit="index")
+    progress = progress_bar(total=len(n_items_list) * len(kinds), desc="retrieval bench", unit="index")
     for n_items in n_items_list:
         items = clustered_catalog(n_items, d)
         queries, windows = bench_queries(items, batch, exclude)
@@ -109,7 +109,7 @@ def run_retrieval_bench(
                 "build_report": getattr(index, "build_report", {"device": device}),
             }
             rows.append(row)
-            progress.write(
+            progress_line(
                 f"{n_items:>9,d} {kind:11s} {rate:>10,.0f} q/s  recall@{k} "
                 f"{row[f'recall@{k}_vs_exact']:.3f}  build {build_seconds:.1f}s"
             )

@@ -36,9 +36,9 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from model.block_max import block_max
+from model.progress import progress_bar
 
 KINDS = ("auto", "exact", "ivfflat", "ivfpq", "hnsw")
 RECALL_K = 10
@@ -255,8 +255,8 @@ class Retriever:
     def _add_all(self) -> None:
         """Add every row to the index, in chunks behind a progress bar when asked."""
         step = 50_000
-        with tqdm(total=self.n_rows, desc=f"{self.kind} index", unit="item",
-                  disable=not self.progress) as bar:
+        with progress_bar(total=self.n_rows, enabled=self.progress, desc=f"{self.kind} index",
+                          unit="item") as bar:
             for start in range(0, self.n_rows, step):
                 self._index.add(self.vectors[start : start + step])
                 bar.update(min(step, self.n_rows - start))
@@ -305,7 +305,7 @@ class Retriever:
         trials: list[tuple[float, float, dict[str, int]]] = []  # (recall, seconds, setting)
         fastest_meeting = float("inf")
         ladder = self._ladder()
-        for group in tqdm(ladder, desc=f"tuning {self.kind}", disable=not self.progress):
+        for group in progress_bar(ladder, enabled=self.progress, desc=f"tuning {self.kind}"):
             slower = False
             for position, setting in enumerate(group):
                 self._params = setting

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from model.artifact import save_artifact
 from model.config import ModelConfig
@@ -41,6 +40,7 @@ from model.errors import ConfigError, DataError
 from model.evaluate import evaluate_popularity, evaluate_split, left_pad, prepare
 from model.losses import softmax_cross_entropy
 from model.memory import release_free_memory
+from model.progress import progress_bar, progress_line
 
 TRIM_EVERY_STEPS = 50  # hand freed heap memory back to the OS this often (model/memory.py)
 
@@ -207,8 +207,8 @@ def train(
             else:
                 batches = random_batches(len(sequences), settings.batch_size, rng)
             total, count = 0.0, 0
-            bar = tqdm(
-                batches, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch"
+            bar = progress_bar(
+                batches, enabled=progress, desc=f"epoch {epoch}", leave=False, unit="batch"
             )
             for batch_number, batch in enumerate(bar, start=1):
                 done = epoch - 1 + batch_number / len(batches)
@@ -251,11 +251,11 @@ def train(
                 shown = ", ".join(
                     f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds", "lr")
                 )
-                tqdm.write(f"epoch {epoch:3d} ({record['seconds']:.0f}s): {shown}")
+                progress_line(f"epoch {epoch:3d} ({record['seconds']:.0f}s): {shown}")
             if waited >= settings.patience:
                 break
     except KeyboardInterrupt:
-        tqdm.write("interrupted: stopping early with the best weights so far")
+        progress_line("interrupted: stopping early with the best weights so far")
     if best_state is None:
         raise ConfigError("training stopped before the first validation: nothing to save")
     train_seconds = time.perf_counter() - started

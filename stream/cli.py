@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._main(args) or 0)
     except KvrecError as exc:
         print(f"kvrec: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except KeyboardInterrupt:
         print("kvrec: interrupted", file=sys.stderr)
         return 130

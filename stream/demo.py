@@ -1,9 +1,15 @@
 """`kvrec demo`: the whole product on one machine, in one command.
 
 Starts a local single-node Kafka broker (unless `--bootstrap-servers` names one), trains a small
-model (or uses `--model`), starts a worker process, replays a dataset into the events topic,
-and shows recommendations arriving: throughput, event-to-recommendation latency and the live
-hit rate (the share of events whose item was in that user's previous recommendation list).
+model (or uses `--model`), starts a worker process and waits until it is ready (its `/ready`
+answers 200: model loaded, index built, partitions assigned), replays a dataset into the events
+topic, and shows recommendations arriving: throughput, event-to-recommendation latency and the
+live hit rate (the share of events whose item was in that user's previous recommendation list).
+
+It succeeds only when every replayed event got its recommendation. It fails with one line and
+exit status 1 when the worker exits or is killed, is not ready within `--ready-timeout`, or
+when recommendations stop arriving for `--settle-timeout` after the replay while some are
+still missing (the summary JSON is printed first).
 """
 
 from __future__ import annotations
@@ -17,16 +23,18 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
-from model.errors import ConfigError
-from stream.kafka_config import ensure_topics
-from stream.replay import replay_events
+from model.errors import ConfigError, RunFailed
+from stream.demo_worker import WorkerProcess, free_port
+from stream.kafka_config import ensure_topics, kafka_error_text
+from stream.replay import ReplayStats, replay_events
 from stream.schema import decode_recommendation
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared/datasets/amazon-games.txt"
@@ -37,11 +45,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap-servers", default=None, help="default: start a local broker")
     parser.add_argument("--model", default=None, help="an artifact; default: train one now")
     parser.add_argument("--train-epochs", type=int, default=2)
+    parser.add_argument(
+        "--train-threads", type=int, default=0,
+        help="torch threads for training (0 = the cores free now: cores minus the 1-minute "
+             "load average, at least 1)",
+    )
     parser.add_argument("--rate", type=float, default=2000.0, help="replayed events/s (0 = max)")
     parser.add_argument("--events", type=int, default=60_000, help="events to replay")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     parser.add_argument("--backend", default="torch-cpu")
+    parser.add_argument(
+        "--topic-prefix", default=None,
+        help="prefix of the demo's topics and worker group (default: none with the demo's own "
+             "broker, a fresh `demo-<id>-` with --bootstrap-servers)",
+    )
+    parser.add_argument(
+        "--ready-timeout", type=float, default=300.0,
+        help="seconds to wait for the worker's /ready (ONNX export and index build) before failing",
+    )
+    parser.add_argument(
+        "--settle-timeout", type=float, default=30.0,
+        help="after the replay, fail when recommendations are missing and none arrived for this long",
+    )
+
+
+def train_threads(cores: int, load_1min: float) -> int:
+    """Training threads for the cores free now: cores minus the 1-minute load average, rounded,
+    at least 1 (more threads than free cores spin against each other: 2 s a batch was seen on
+    2 busy cores with torch's default of one thread per core)."""
+    return max(1, min(cores, int(cores - load_1min + 0.5)))
+
+
+def _chosen_threads(requested: int) -> tuple[int, str]:
+    if requested > 0:
+        return requested, "--train-threads"
+    cores = len(os.sched_getaffinity(0))
+    load = os.getloadavg()[0]
+    return train_threads(cores, load), f"{cores} cores, load average {load:.1f} over the last minute"
 
 
 @contextlib.contextmanager
@@ -60,10 +101,11 @@ def _broker(bootstrap: str | None, workdir: Path) -> Iterator[str]:
 
 def _train(args: argparse.Namespace, workdir: Path) -> Path:
     out = workdir / "model"
+    threads, why = _chosen_threads(args.train_threads)
     command = [
         sys.executable, "-m", "stream.cli", "train", "--format", args.format,
         "--out", str(out), "--epochs", str(args.train_epochs), "--loss", "ce",
-        "--max-len", "100", "--seed", str(args.seed),
+        "--max-len", "100", "--seed", str(args.seed), "--threads", str(threads),
     ]
     if args.data:
         command += ["--data", str(args.data)]
@@ -73,9 +115,12 @@ def _train(args: argparse.Namespace, workdir: Path) -> Path:
             "--synthetic-items", str(args.synthetic_items),
             "--synthetic-events", str(args.synthetic_events),
         ]
+    print(f"demo: training with {threads} torch thread{'s' if threads > 1 else ''} ({why})", flush=True)
     print(f"demo: training a small model: {' '.join(command[3:])}", flush=True)
+    started = time.monotonic()
     if subprocess.run(command).returncode != 0:
-        raise ConfigError("training the demo model failed (see above)")
+        raise RunFailed("training the demo model failed (see above)")
+    print(f"demo: trained in {time.monotonic() - started:.0f}s", flush=True)
     return out
 
 
@@ -120,7 +165,46 @@ class LiveStats:
         )
 
 
+class Replay(threading.Thread):
+    """`replay_events` in the background; `stats` (or `error`) once it is done."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, interactions: Sequence[Interaction], rate: float
+    ) -> None:
+        super().__init__(name="demo-replay", daemon=True)
+        self.args = ({"bootstrap.servers": bootstrap}, topic, interactions, rate)
+        self.stats: ReplayStats | None = None
+        self.error: str = ""
+        self.ended_at = 0.0
+
+    def run(self) -> None:
+        try:
+            self.stats = replay_events(*self.args, progress=False)
+        except KafkaException as exc:
+            self.error = kafka_error_text(exc)
+        finally:
+            self.ended_at = time.monotonic()
+
+    def sent(self) -> int:
+        """Events the broker acknowledged; `RunFailed` if the replay could not deliver them."""
+        if self.stats is None:
+            raise RunFailed(f"the replay failed: {self.error or 'no result'}")
+        if self.stats.failed:
+            raise RunFailed(f"the replay could not deliver {self.stats.failed} events to Kafka")
+        return self.stats.sent
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.events <= 0 or args.partitions <= 0 or args.train_epochs <= 0:
+        raise ConfigError("--events, --partitions and --train-epochs must be positive")
+    if args.rate < 0 or args.train_threads < 0:
+        raise ConfigError("--rate and --train-threads must be >= 0")
+    if args.ready_timeout <= 0 or args.settle_timeout <= 0:
+        raise ConfigError("--ready-timeout and --settle-timeout must be positive")
+
+
 def main(args: argparse.Namespace) -> int:
+    _check_args(args)
     if args.format == "sasrec" and args.data is None:
         if not DEFAULT_DATA.exists():
             raise ConfigError(f"no --data given and {DEFAULT_DATA} is missing; try --format synthetic")
@@ -129,81 +213,112 @@ def main(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrec-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else _train(args, workdir)
+    prefix = args.topic_prefix
+    if prefix is None:
+        prefix = f"demo-{uuid.uuid4().hex[:8]}-" if args.bootstrap_servers else ""
+    names = {n: prefix + n for n in ("events", "recommendations", "events-dead-letter")}
+    group = f"{prefix}kvrec-worker"
     with _broker(args.bootstrap_servers, workdir) as bootstrap:
-        topics = {"events": (args.partitions, {}), "recommendations": (args.partitions, {})}
-        topics["events-dead-letter"] = (1, {})
-        topics["kvrec-worker-windows-changelog"] = (args.partitions, {"cleanup.policy": "compact"})
+        topics = {
+            names["events"]: (args.partitions, {}),
+            names["recommendations"]: (args.partitions, {}),
+            names["events-dead-letter"]: (1, {}),
+            f"{group}-windows-changelog": (args.partitions, {"cleanup.policy": "compact"}),
+        }
         ensure_topics({"bootstrap.servers": bootstrap}, topics)
-        worker = subprocess.Popen(
+        if prefix:
+            print(f"demo: topics {', '.join(topics)}", flush=True)
+        port = free_port()
+        worker = WorkerProcess(
             [
                 sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", bootstrap,
                 "--model", str(model), "--state-dir", str(workdir / "state"),
-                "--backend", args.backend, "--metrics-port", "0", "--log-level", "WARNING",
+                "--backend", args.backend, "--metrics-port", str(port), "--log-level", "WARNING",
+                "--input-topic", names["events"], "--output-topic", names["recommendations"],
+                "--dead-letter-topic", names["events-dead-letter"], "--group-id", group,
             ],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            metrics_port=port,
         )
         try:
-            return _replay_and_watch(args, bootstrap, interactions, worker)
+            print(f"demo: waiting for the worker (pid {worker.pid}) to be ready ...", flush=True)
+            ready_s = worker.wait_until_ready(args.ready_timeout)
+            print(
+                f"demo: worker ready in {ready_s:.1f}s (pid {worker.pid}, metrics "
+                f"http://127.0.0.1:{port}/metrics)",
+                flush=True,
+            )
+            return _replay_and_watch(args, bootstrap, names, interactions, worker, ready_s)
         finally:
-            worker.terminate()
-            worker.wait(timeout=60)
+            worker.stop()
+
+
+def _consumer_at_end(bootstrap: str, topic: str) -> Consumer:
+    """A consumer of `topic` placed at its current end: it reads exactly what comes next (no
+    group join to wait for, so no recommendation is missed at the start)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"kvrec-demo-{os.getpid()}",
+            "enable.auto.commit": False,
+        }
+    )
+    partitions = consumer.list_topics(topic, timeout=10.0).topics[topic].partitions
+    ends = [
+        TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), 10.0)[1])
+        for p in sorted(partitions)
+    ]
+    consumer.assign(ends)
+    return consumer
 
 
 def _replay_and_watch(
     args: argparse.Namespace,
     bootstrap: str,
+    names: dict[str, str],
     interactions: list[Interaction],
-    worker: subprocess.Popen,
+    worker: WorkerProcess,
+    ready_s: float,
 ) -> int:
     items_by_event = {(i.user_id, i.ts): i.item_id for i in interactions}
     stats = LiveStats(items_by_event)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"kvrec-demo-{os.getpid()}",
-            "auto.offset.reset": "latest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe(["recommendations"])
-    consumer.consume(1, timeout=3.0)  # join the group before the replay starts
+    consumer = _consumer_at_end(bootstrap, names["recommendations"])
     print(f"demo: replaying {len(interactions)} events at {args.rate:.0f}/s", flush=True)
-    replay = threading.Thread(
-        target=replay_events,
-        args=({"bootstrap.servers": bootstrap}, "events", interactions, args.rate),
-        kwargs={"progress": False},
-        daemon=True,
-    )
+    replay = Replay(bootstrap, names["events"], interactions, args.rate)
     started = time.monotonic()
     replay.start()
     last_print, last_count = started, 0
-    idle_since = None
-    while True:
-        messages = consumer.consume(1000, timeout=0.2)
-        now_ms = time.time() * 1000
-        for message in messages:
-            if message.error() is None:
-                stats.add(message.value(), now_ms)
-        now = time.monotonic()
-        if now - last_print >= 1.0:
-            print(stats.line(now - started, stats.count - last_count, now - last_print), flush=True)
-            if stats.last_example:
-                print(f"        e.g. {stats.last_example}", flush=True)
-                stats.last_example = ""
-            last_print, last_count = now, stats.count
-        if worker.poll() is not None:
-            print(f"demo: the worker exited with {worker.returncode}", file=sys.stderr)
-            return 1
-        if not replay.is_alive() and not messages:
-            idle_since = idle_since or now
-            if now - idle_since > 5.0 or stats.count >= len(interactions):
+    last_arrival = started
+    replayed = len(interactions)
+    try:
+        while True:
+            messages = consumer.consume(1000, timeout=0.2)
+            now_ms = time.time() * 1000
+            for message in messages:
+                if message.error() is None:
+                    stats.add(message.value(), now_ms)
+            now = time.monotonic()
+            if messages:
+                last_arrival = now
+            if now - last_print >= 1.0:
+                print(stats.line(now - started, stats.count - last_count, now - last_print), flush=True)
+                if stats.last_example:
+                    print(f"        e.g. {stats.last_example}", flush=True)
+                    stats.last_example = ""
+                last_print, last_count = now, stats.count
+            worker.check_alive(f"after {stats.count} of {replayed} recommendations")
+            if replay.is_alive():
+                continue
+            replayed = replay.sent()
+            if stats.count >= replayed:
                 break
-        else:
-            idle_since = None
-    consumer.close()
-    elapsed = time.monotonic() - started
+            if now - max(last_arrival, replay.ended_at) > args.settle_timeout:
+                break
+    finally:
+        consumer.close()
+    # the run lasts until the last recommendation (or until the watch gave up, if none came)
+    elapsed = max((last_arrival if stats.count else time.monotonic()) - started, 1e-9)
     print(json.dumps({
-        "events_replayed": len(interactions),
+        "events_replayed": replayed,
         "recommendations": stats.count,
         "seconds": round(elapsed, 1),
         "recommendations_per_s": round(stats.count / elapsed, 1),
@@ -211,5 +326,12 @@ def _replay_and_watch(
         "latency_ms_p99": round(float(np.percentile(stats.latencies_ms or [0], 99)), 1),
         "live_hit_rate": round(stats.hits / stats.judged, 4) if stats.judged else None,
         "cold_start": stats.cold,
-    }))
+        "worker_ready_s": round(ready_s, 1),
+    }), flush=True)
+    if stats.count < replayed:
+        raise RunFailed(
+            f"recommendations fell short: {stats.count} of {replayed} arrived, then none for "
+            f"{args.settle_timeout:g} s (--settle-timeout); see the worker's output above and "
+            f"the {names['events-dead-letter']} topic"
+        )
     return 0

@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException, Producer
-from tqdm import tqdm
 
 from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
 from model.errors import ConfigError
+from model.progress import progress_bar
 from stream.kafka_config import (
     add_kafka_arguments,
     client_config,
@@ -92,7 +92,7 @@ def replay_events(
     started = time.perf_counter()
     queued = 0
     interrupted = False
-    bar = tqdm(total=len(interactions), unit="ev", disable=not progress, smoothing=0.1)
+    bar = progress_bar(total=len(interactions), enabled=progress, unit="ev", smoothing=0.1)
     try:
         for interaction in interactions:
             if bucket is not None:
