@@ -22,10 +22,10 @@ from confluent_kafka import Consumer, Producer
 from bench.e2e import _broker
 from bench.machine import machine_info
 from model.errors import ConfigError
+from state.changelog import ChangelogRecord
+from state.partition import WorkerState
 from state.window import Window, WindowEvent
 from stream.kafka_config import ensure_topics
-from stream.worker.checkpoint import INPUT_OFFSET_HEADER
-from stream.worker.partitions import PartitionStates
 from stream.worker.recovery import recover_partition, restore_consumer_config
 
 
@@ -52,12 +52,12 @@ def _fill(bootstrap: str, topic: str, windows: int, events: int) -> int:
                          "compression.type": "lz4"})
     size = 0
     for user in range(windows):
-        value = _window(user, events)
-        size += len(value)
+        record = ChangelogRecord(f"user-{user}", _window(user, events), user)  # as a checkpoint
+        size += len(record.window)
         while True:
             try:
-                producer.produce(topic, key=f"user-{user}".encode(), value=value, partition=0,
-                                 headers={INPUT_OFFSET_HEADER: str(user).encode()})
+                producer.produce(topic, key=record.key, value=record.window, partition=0,
+                                 headers=record.headers)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -71,17 +71,17 @@ def measure(bootstrap: str, workdir: Path, windows: int, events: int) -> dict[st
     topic = f"bench-restore-{uuid.uuid4().hex[:8]}"
     ensure_topics({"bootstrap.servers": bootstrap}, {topic: (1, {"cleanup.policy": "compact"})})
     size = _fill(bootstrap, topic, windows, events)
-    states = PartitionStates(workdir / topic, "events", events)
+    state = WorkerState(workdir / topic, "events", events)
     restore_consumer = Consumer(  # as the worker's own restore consumer
         restore_consumer_config({"bootstrap.servers": bootstrap}, topic)
     )
     try:
         started = time.perf_counter()
-        result = recover_partition(restore_consumer, topic, states.open(0), windows + 1)
+        result = recover_partition(restore_consumer, topic, state.open(0), windows + 1)
         seconds = time.perf_counter() - started
     finally:
         restore_consumer.close()
-        states.close_all()
+        state.close_all()
     if result.restored != windows:
         raise RuntimeError(f"restored {result.restored} of {windows} windows")
     return {

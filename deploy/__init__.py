@@ -1,1 +1,2 @@
-"""Everything that runs kvrec: the local Kafka launcher, container, Kubernetes, runbook."""
+"""Everything that runs kvrec: the local Kafka launcher (`kafka/`) and the set-up, test and demo
+scripts."""

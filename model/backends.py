@@ -19,14 +19,30 @@ BACKENDS = ("torch-cpu", "torch-cuda", "onnx-cpu")
 
 
 class StepBackend(Protocol):
+    """`encode` a batch of histories; advance cached users by one event (`step`) or by up to
+    `max_extend` events each (`extend`; None: up to the model's window W)."""
+
+    max_extend: int | None
+
     def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]: ...
 
     def step(
         self, cache: KVCache, items: Tensor, event_types: Tensor, return_attention: bool = False
     ) -> tuple[Tensor, KVCache, Tensor | None]: ...
 
+    def extend(
+        self,
+        cache: KVCache,
+        items: Tensor,
+        event_types: Tensor,
+        counts: Tensor,
+        return_attention: bool = False,
+    ) -> tuple[Tensor, KVCache, Tensor | None]: ...
+
 
 class TorchBackend:
+    max_extend: int | None = None
+
     def __init__(self, encoder: Encoder, device: str = "cpu") -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("backend torch-cuda: no CUDA device is available; use torch-cpu")
@@ -76,8 +92,11 @@ def _on_host(
 
 
 class OnnxBackend:
-    """`step` in onnxruntime (exported by `model.export`); `encode` stays in torch. No
-    `extend`: the worker gives it one event per user per wave."""
+    """`step` in onnxruntime (exported by `model.export`); `encode` stays in torch. Only
+    `step` is exported, so `extend` advances one event per user (`max_extend` = 1): the worker
+    gives it one event per user per wave."""
+
+    max_extend: int | None = 1
 
     def __init__(self, encoder: Encoder, onnx_path: Path, threads: int = 0) -> None:
         import onnxruntime as ort
@@ -118,6 +137,26 @@ class OnnxBackend:
             torch.from_numpy(vectors),
             new_cache,
             torch.from_numpy(attention) if return_attention else None,
+        )
+
+
+    def extend(
+        self,
+        cache: KVCache,
+        items: Tensor,
+        event_types: Tensor,
+        counts: Tensor,
+        return_attention: bool = False,
+    ) -> tuple[Tensor, KVCache, Tensor | None]:
+        if items.shape[1] != 1 or bool((counts != 1).any()):
+            raise ValueError("backend onnx-cpu extends each user by exactly one event")
+        vectors, new_cache, attention = self.step(
+            cache, items[:, 0], event_types[:, 0], return_attention
+        )
+        return (
+            vectors.unsqueeze(1),
+            new_cache,
+            attention.unsqueeze(1) if attention is not None else None,
         )
 
 

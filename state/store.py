@@ -18,7 +18,7 @@ _WINDOW_PREFIX = b"w:"
 _CHANGELOG_OFFSET_KEY = b"m:changelog_offset"
 
 
-class PartitionStore:
+class WindowStore:
     """Windows of the users whose events arrive on one input partition."""
 
     def __init__(self, path: Path) -> None:

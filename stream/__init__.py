@@ -1,1 +1,2 @@
-"""Kafka and the loops: the worker, the retrain side job, producers, schemas, the CLI."""
+"""Kafka and the loops: the worker (`worker/`), the event and recommendation schemas, replay,
+tail, the demo and the `kvrec` command line."""

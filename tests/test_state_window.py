@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from state.kvcache import LruByteCache
-from state.store import PartitionStore
+from state.store import WindowStore
 from state.window import CorruptWindow, Window, WindowEvent
 
 
@@ -41,12 +41,12 @@ def test_window_read_with_smaller_capacity_keeps_newest() -> None:
 
 
 def test_store_writes_windows_and_offset_atomically_and_persists(tmp_path: Path) -> None:
-    store = PartitionStore(tmp_path / "events-0")
+    store = WindowStore(tmp_path / "events-0")
     assert store.changelog_offset() is None
     store.write({"u1": b"one", "u2": b"two"}, changelog_offset=41)
     store.write({"u1": b"uno"}, changelog_offset=42)
     store.close()
-    reopened = PartitionStore(tmp_path / "events-0")
+    reopened = WindowStore(tmp_path / "events-0")
     assert reopened.get("u1") == b"uno"
     assert reopened.get("missing") is None
     assert reopened.changelog_offset() == 42
@@ -93,21 +93,54 @@ def test_packed_entries_follow_the_events_through_trimming_and_round_trips() -> 
 
 
 def test_checkpointed_windows_stay_in_memory_up_to_the_limit(tmp_path: Path) -> None:
-    from stream.worker.partitions import PartitionStates
+    from state.partition import WorkerState
 
-    states = PartitionStates(tmp_path, "events", window_capacity=4, keep_in_memory=2)
+    states = WorkerState(tmp_path, "events", window_capacity=4, keep_in_memory=2)
     state = states.open(0)
     for n, user in enumerate(("a", "b", "c")):
         state.window(user).apply(WindowEvent(f"sku-{n}", 1, 1_000 + n, n))
-    windows = {user: w.to_bytes() for user, w in state.dirty.items()}
-    state.store.write(windows, changelog_offset=7)
-    state.written()
+    records = state.prepare()
+    windows = {record.user_id: record.window for record in records}
+    assert windows == {user: w.to_bytes() for user, w in state.dirty.items()}
+    assert {r.user_id: r.input_offset for r in records} == {"a": 0, "b": 1, "c": 2}
+    state.flush(changelog_offset=7)
+    assert state.changelog_offset() == 7
     assert not state.dirty and list(state.clean) == ["b", "c"]  # "a" was least recent
     kept = state.clean["c"]
     assert state.window("c") is kept and "c" in state.dirty  # no RocksDB read for "c"
     reread = state.window("a")  # evicted: read back from RocksDB, equal to what was written
     assert reread.to_bytes() == windows["a"] and reread is not None
     states.close_all()
+
+
+def test_an_aborted_change_is_never_written(tmp_path: Path) -> None:
+    from state.partition import WorkerState
+
+    states = WorkerState(tmp_path, "events", window_capacity=4)
+    state = states.open(0)
+    state.window("a").apply(WindowEvent("sku-1", 1, 1_000, 0))
+    state.prepare()
+    state.flush(changelog_offset=0)
+    state.window("a").apply(WindowEvent("sku-2", 1, 1_001, 1))
+    state.window("b").apply(WindowEvent("sku-3", 1, 1_002, 2))
+    state.prepare()
+    state.abort()
+    assert not state.dirty and state.store.get("b") is None
+    assert [e.offset for e in Window.from_bytes(state.store.get("a"), 4)] == [0]
+    assert state.changelog_offset() == 0
+    states.close_all()
+
+
+def test_a_changelog_record_reads_back_and_anything_else_is_refused() -> None:
+    from state.changelog import ChangelogRecord, read_record
+
+    record = ChangelogRecord("ü-1", b"window", 41)
+    assert read_record(record.key, record.window, list(record.headers.items())) == record
+    assert read_record(None, b"w", list(record.headers.items())) is None
+    assert read_record(b"\xff", b"w", list(record.headers.items())) is None
+    assert read_record(record.key, None, list(record.headers.items())) is None
+    assert read_record(record.key, b"w", [("kvrec.input_offset", b"x")]) is None
+    assert read_record(record.key, b"w", None) is None
 
 
 # --- a window update happens whole or not at all; stored bytes decode or are refused ----------

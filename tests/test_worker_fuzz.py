@@ -23,12 +23,12 @@ from confluent_kafka import TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from state.partition import WorkerState
 from state.window import Window, WindowEvent
 from stream.schema import InvalidEvent, parse_event
 from stream.worker.app import add_arguments, build_recommender, resolve_window_capacity
 from stream.worker.loop import KafkaClients, Worker
 from stream.worker.metrics import HealthState, WorkerMetrics
-from stream.worker.partitions import PartitionStates
 from stream.worker.recovery import recover_partition
 from stream.worker.settings import WorkerSettings
 from tests.fake_kafka import FakeConsumer, FakeMessage, FakeProducer, FakeRestoreConsumer
@@ -122,8 +122,8 @@ def _reference(messages: list[tuple[bytes | None, bytes | None]], rejected: set[
     return windows
 
 
-def _stored(states: PartitionStates, capacity: int) -> dict[str, Window]:
-    return {user: Window.from_bytes(raw, capacity) for user, raw in states[0].store.items()}
+def _stored(state: WorkerState, capacity: int) -> dict[str, Window]:
+    return {user: Window.from_bytes(raw, capacity) for user, raw in state[0].store.items()}
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -164,15 +164,15 @@ def test_any_input_is_applied_exactly_or_dead_lettered_and_never_raises(
             assert not (made_valid and offset in rejected), dead
         capacity = run_settings.window_capacity
         expected = _reference(messages, set(rejected), capacity)
-        assert _stored(worker.states, capacity) == expected
+        assert _stored(worker.state, capacity) == expected
         assert consumer.committed([TopicPartition("events", 0)])[0].offset == len(messages)
 
-        restored = PartitionStates(Path(state_dir) / "restored", "events", capacity)
+        restored = WorkerState(Path(state_dir) / "restored", "events", capacity)
         recover_partition(clients_restore, run_settings.changelog_topic, restored.open(0),
                           len(messages))
         assert _stored(restored, capacity) == expected
         restored.close_all()
-        worker.states.close_all()
+        worker.state.close_all()
 
 
 def test_a_bad_value_never_passes_validation_into_later_stages() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from state.store import PartitionStore
+from state.store import WindowStore
 from state.window import Window, WindowEvent
 from stream.schema import decode_recommendation
 from tests.conftest import create_topics, unique_topic
@@ -194,7 +194,7 @@ def _stored_windows(state_dirs: list[Path], topic: str, capacity: int) -> dict[s
             path = state_dir / f"{topic}-{partition}"
             if not path.exists():
                 continue
-            store = PartitionStore(path)
+            store = WindowStore(path)
             for user, raw in store.items():
                 window = Window.from_bytes(raw, capacity)
                 if user not in windows or window.last_offset > windows[user].last_offset:

@@ -1,4 +1,5 @@
-"""The checkpoint: the order in which a batch of work becomes durable.
+"""The checkpoint: the order in which a batch of work becomes durable (Kafka operations only;
+the windows' side is `state.partition.PartitionWindows`' prepare / flush / abort).
 
 1. produce the changed windows to the changelog topic (outputs were produced as they were made);
 2. flush the producer and confirm every delivery;
@@ -22,9 +23,7 @@ import time
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from stream.worker.partitions import PartitionStates
-
-INPUT_OFFSET_HEADER = "kvrec.input_offset"
+from state.partition import WorkerState
 
 
 class DeliveryError(RuntimeError):
@@ -36,7 +35,7 @@ class Checkpoint:
         self,
         consumer: Consumer,
         producer: Producer,
-        states: PartitionStates,
+        state: WorkerState,
         *,
         input_topic: str,
         changelog_topic: str,
@@ -46,7 +45,7 @@ class Checkpoint:
     ) -> None:
         self.consumer = consumer
         self.producer = producer
-        self.states = states
+        self.state = state
         self.input_topic = input_topic
         self.changelog_topic = changelog_topic
         self.exactly_once = exactly_once
@@ -70,14 +69,6 @@ class Checkpoint:
         self.pending_offsets.pop(partition, None)
         self._changelog_offsets.pop(partition, None)
 
-    def abort(self) -> None:
-        """Give up everything since the last commit: nothing of it becomes durable."""
-        self.pending_offsets.clear()
-        for state in self.states.by_partition.values():
-            state.dirty.clear()  # never written: the store keeps the last committed windows
-        if self.exactly_once:
-            self.producer.abort_transaction(self.flush_timeout_s)
-
     def due(self) -> bool:
         return bool(self.pending_offsets) and time.monotonic() - self.started >= self.interval_s
 
@@ -97,19 +88,15 @@ class Checkpoint:
         if not offsets:
             self.started = time.monotonic()
             return
-        # 1. changelog records for every changed window (serialised once, for both stores)
-        serialised = {
-            partition: {user: window.to_bytes() for user, window in state.dirty.items()}
-            for partition, state in self.states.by_partition.items()
-        }
-        for partition, state in self.states.by_partition.items():
-            for user_id, window in state.dirty.items():
+        # 1. changelog records for every changed window
+        for partition, windows in self.state.items():
+            for record in windows.prepare():
                 self.producer.produce(
                     self.changelog_topic,
-                    key=user_id.encode(),
-                    value=serialised[partition][user_id],
+                    key=record.key,
+                    value=record.window,
                     partition=partition,
-                    headers={INPUT_OFFSET_HEADER: str(window.last_offset).encode()},
+                    headers=record.headers,
                     on_delivery=self.on_delivery,
                 )
         # 2. flush and confirm
@@ -131,8 +118,15 @@ class Checkpoint:
             except KafkaException as exc:
                 raise DeliveryError(f"offset commit failed: {exc}") from exc
         # 4. windows + changelog offset into RocksDB, atomically per partition
-        for partition, state in self.states.by_partition.items():
-            state.store.write(serialised[partition], self._changelog_offsets.get(partition))
-            state.written()
+        for partition, windows in self.state.items():
+            windows.flush(self._changelog_offsets.get(partition))
         self.pending_offsets.clear()
         self.started = time.monotonic()
+
+    def abort(self) -> None:
+        """Give up everything since the last commit: nothing of it becomes durable."""
+        self.pending_offsets.clear()
+        for _, windows in self.state.items():
+            windows.abort()
+        if self.exactly_once:
+            self.producer.abort_transaction(self.flush_timeout_s)

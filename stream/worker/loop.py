@@ -1,16 +1,23 @@
 """The worker's consume-process-checkpoint loop, on confluent-kafka.
 
-    consume(B, T) ──► validate ──► dead letters (bad input, with reason)
+    consume(B, T) ──► validate (stream/schema.py) ──► bad: dead letter with its reason
                          │
                          ▼
-           per partition: user windows (apply, idempotent by input offset)
-                         │ waves: the i-th event of every user in the batch
-                         ▼
-           Recommender: cache / refill ──► step ──► retrieval ──► produce recommendations
+           waves: up to W events of each user, in log order (what one `extend` advances)
                          │
                          ▼
-           checkpoint when due (see checkpoint.py); on revoke: checkpoint, close stores;
-           on assign: open stores, restore from the changelog (see recovery.py)
+           per user: apply to the window (state/partition.py), all or nothing
+                         │
+                         ▼
+           Recommender (inference.py): cache hit or exact refill ──► extend/step ──► top-k
+                         │                          a user that fails: window restored,
+                         ▼                          its events dead letters (processing_error)
+           produce one recommendation per event
+                         │
+                         ▼
+           checkpoint when due (checkpoint.py); on revoke: checkpoint, close the stores;
+           on assign: open the stores, restore from the changelog (recovery.py);
+           an error that escapes (Kafka, infrastructure): abort, commit nothing
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from state.partition import WorkerState
 from state.window import Window, WindowEvent, WindowSnapshot
 from stream.schema import (
     BecauseEvent,
@@ -36,7 +44,6 @@ from stream.schema import (
 from stream.worker.checkpoint import Checkpoint
 from stream.worker.inference import Recommender, Scored, WaveInput
 from stream.worker.metrics import HealthState, WorkerMetrics
-from stream.worker.partitions import PartitionStates
 from stream.worker.recovery import recover_partition, restore_consumer_config
 from stream.worker.settings import WorkerSettings
 
@@ -116,14 +123,14 @@ class Worker:
         self.restore_consumer = clients.restore_consumer
         if settings.exactly_once:
             self.producer.init_transactions(30.0)
-        self.states = PartitionStates(
+        self.state = WorkerState(
             settings.state_dir, settings.input_topic, settings.window_capacity,
             settings.windows_in_memory,
         )
         self.checkpoint = Checkpoint(
             self.consumer,
             self.producer,
-            self.states,
+            self.state,
             input_topic=settings.input_topic,
             changelog_topic=settings.changelog_topic,
             exactly_once=settings.exactly_once,
@@ -141,16 +148,15 @@ class Worker:
             )
         }
         for tp in partitions:
-            state = self.states.open(tp.partition)
             result = recover_partition(
                 self.restore_consumer,
                 self.settings.changelog_topic,
-                state,
+                self.state.open(tp.partition),
                 committed.get(tp.partition, -1),
             )
             self.metrics.restored_windows.inc(result.restored)
         consumer.incremental_assign(partitions)
-        self.metrics.assigned_partitions.set(len(self.states.by_partition))
+        self.metrics.assigned_partitions.set(len(self.state))
         self.health.ready = True
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
 
@@ -166,10 +172,10 @@ class Worker:
 
     def _drop(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self.states.close(tp.partition)
+            self.state.close(tp.partition)
             self.checkpoint.forget(tp.partition)
         consumer.incremental_unassign(partitions)
-        self.metrics.assigned_partitions.set(len(self.states.by_partition))
+        self.metrics.assigned_partitions.set(len(self.state))
 
     # --- the loop ------------------------------------------------------------------------
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
@@ -208,7 +214,7 @@ class Worker:
                 self._abort()
             self.consumer.close()  # revokes: the revoke callback checkpoints unless failed
         finally:
-            self.states.close_all()
+            self.state.close_all()
             self.restore_consumer.close()
             self.producer.flush(10.0)
 
@@ -236,7 +242,7 @@ class Worker:
                 continue
             self.metrics.events_in.inc()
             partition = message.partition()
-            if partition not in self.states:
+            if partition not in self.state:
                 continue  # revoked while in flight; the new owner consumes it
             handled[partition] = message.offset()
             try:
@@ -278,7 +284,7 @@ class Worker:
         window goes back to what it was before the wave and its events become dead letters."""
         users: dict[str, _UserWave] = {}
         for item in wave:
-            window = self.states[item.message.partition()].window(item.user_id)
+            window = self.state[item.message.partition()].window(item.user_id)
             user = users.get(item.user_id)
             if user is None:
                 user = users[item.user_id] = _UserWave(window, window.snapshot())
@@ -383,8 +389,8 @@ class Worker:
         self._dead_letter(message, "processing_error", f"{type(exc).__name__}: {exc}")
 
     def _report_quarantined(self) -> None:
-        for state in self.states.by_partition.values():
-            for bad in state.quarantined:
+        for _, windows in self.state.items():
+            for bad in windows.take_quarantined():
                 self.metrics.windows_quarantined.inc()
                 self._send_dead_letter(
                     bad.user_id.encode(),
@@ -393,7 +399,6 @@ class Worker:
                     bad.error,
                     [self.settings.changelog_topic, bad.partition, None],
                 )
-            state.quarantined.clear()
 
     def _dead_letter(self, message: Message, reason: str, detail: str) -> None:
         self._send_dead_letter(

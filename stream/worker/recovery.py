@@ -15,10 +15,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from stream.worker.checkpoint import INPUT_OFFSET_HEADER
-from stream.worker.partitions import PartitionState
+from state.changelog import read_record
+from state.partition import PartitionWindows
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +48,24 @@ class RecoveryResult:
 def recover_partition(
     restore_consumer: Consumer,
     changelog_topic: str,
-    state: PartitionState,
+    windows: PartitionWindows,
     committed_input_offset: int,
     *,
     timeout_s: float = 120.0,
 ) -> RecoveryResult:
-    """Bring `state.store` up to the end of its changelog partition.
+    """Bring `windows`' store up to the end of its changelog partition.
 
     `committed_input_offset` is the group's committed offset of the input partition (the next
     offset to consume, or a negative value when nothing was committed yet).
     """
     started = time.monotonic()
-    tp = TopicPartition(changelog_topic, state.partition)
+    tp = TopicPartition(changelog_topic, windows.partition)
     low, high = restore_consumer.get_watermark_offsets(tp, timeout=10.0)
-    stored = state.store.changelog_offset()
+    stored = windows.changelog_offset()
     start = low if stored is None else max(stored + 1, low)
     restored = skipped = 0
     if start >= high:
-        return RecoveryResult(state.partition, 0, 0, time.monotonic() - started)
+        return RecoveryResult(windows.partition, 0, 0, time.monotonic() - started)
     tp.offset = start if start > 0 else OFFSET_BEGINNING
     restore_consumer.assign([tp])  # the restore consumer has enable.partition.eof on
     deadline = started + timeout_s
@@ -74,7 +74,7 @@ def recover_partition(
         while not reached_end:
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"restoring {changelog_topic}[{state.partition}] took over {timeout_s:.0f}s"
+                    f"restoring {changelog_topic}[{windows.partition}] took over {timeout_s:.0f}s"
                 )
             batch: dict[str, bytes] = {}
             last_offset: int | None = None
@@ -88,47 +88,24 @@ def recover_partition(
                         continue
                     raise RuntimeError(f"changelog read failed: {error}")
                 last_offset = message.offset()
-                user_id = _user_id(message)
-                if user_id is None or message.value() is None:
-                    skipped += 1  # not a window record this worker wrote
-                elif _input_offset(message) >= committed_input_offset:
-                    skipped += 1
+                record = read_record(message.key(), message.value(), message.headers())
+                if record is None or record.input_offset >= committed_input_offset:
+                    skipped += 1  # not a worker's record, or its checkpoint never committed
                 else:
-                    batch[user_id] = message.value()
+                    batch[record.user_id] = record.window
                     restored += 1
             if last_offset is not None:
-                state.store.write(batch, last_offset)
+                windows.restore(batch, last_offset)
     finally:
         restore_consumer.unassign()
     seconds = time.monotonic() - started
     log.info(
         "restored %s[%d]: %d windows, %d uncommitted records skipped, %.2fs",
         changelog_topic,
-        state.partition,
+        windows.partition,
         restored,
         skipped,
         seconds,
     )
-    return RecoveryResult(state.partition, restored, skipped, seconds)
+    return RecoveryResult(windows.partition, restored, skipped, seconds)
 
-
-def _user_id(message: Message) -> str | None:
-    key = message.key()
-    if not key:
-        return None
-    try:
-        return key.decode()
-    except UnicodeDecodeError:
-        return None
-
-
-def _input_offset(message: Message) -> int:
-    """The input offset a changelog record carries; a record without a readable one counts as
-    uncommitted, so it is skipped and its input is processed again."""
-    for name, value in message.headers() or []:
-        if name == INPUT_OFFSET_HEADER:
-            try:
-                return int(value)
-            except (TypeError, ValueError):
-                break
-    return 2**63 - 1

@@ -7,7 +7,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.backends import BACKENDS
 from model.errors import ConfigError
+from model.retrieval import KINDS as RETRIEVAL_KINDS
 
 DEFAULT_EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 
@@ -46,11 +48,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="model artifact directory")
-    model.add_argument("--backend", default="torch-cpu", choices=("torch-cpu", "torch-cuda", "onnx-cpu"))
+    model.add_argument("--backend", default="torch-cpu", choices=BACKENDS)
     model.add_argument("--onnx", default=None, help="ONNX file of step (onnx-cpu; default: export)")
     model.add_argument("--k", type=int, default=10, help="recommendations per event")
     model.add_argument(
-        "--retrieval", default="auto", choices=("auto", "exact", "ivfflat", "ivfpq", "hnsw"),
+        "--retrieval", default="auto", choices=RETRIEVAL_KINDS,
         help="auto: exact below --approx-threshold items, IVF-PQ fast-scan above",
     )
     model.add_argument(
