@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import defaultdict
@@ -42,6 +41,7 @@ from stream.schema import (
     parse_event,
 )
 from stream.worker.checkpoint import Checkpoint
+from stream.worker.dead_letters import DeadLetters, produce
 from stream.worker.inference import Recommender, Scored, WaveInput
 from stream.worker.metrics import HealthState, WorkerMetrics
 from stream.worker.recovery import recover_partition, restore_consumer_config
@@ -49,9 +49,6 @@ from stream.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER_REASON = "kvrec.reason"
-DEAD_LETTER_DETAIL = "kvrec.detail"
-MAX_DEAD_LETTER_KEY_BYTES = 1024  # a key is a user id (at most 256 characters) when valid
 MAX_OUTPUT_BYTES = 900_000  # below the producer's default message.max.bytes (1,000,000)
 
 
@@ -135,6 +132,10 @@ class Worker:
             changelog_topic=settings.changelog_topic,
             exactly_once=settings.exactly_once,
             interval_s=settings.commit_interval_ms / 1000.0,
+        )
+        self.dead_letters = DeadLetters(
+            self.producer, settings.dead_letter_topic, settings.dead_letter_max_bytes, metrics,
+            self.checkpoint.on_delivery,
         )
         self.metrics.model_info.labels(recommender.version).set(1)
 
@@ -248,11 +249,11 @@ class Worker:
             try:
                 valid.append(self._validate(message, now_ms))
             except InvalidEvent as invalid:
-                self._dead_letter(message, invalid.reason, invalid.detail)
+                self.dead_letters.invalid(message, invalid.reason, invalid.detail)
             except _INFRASTRUCTURE_ERRORS:
                 raise
             except Exception as exc:
-                self._processing_error(message, exc)
+                self.dead_letters.processing_error(message, exc)
         self.metrics.batch_size.observe(len(messages))
         for wave in _waves(valid, self.recommender.max_events_per_user):
             self._process_wave(wave)
@@ -292,7 +293,7 @@ class Worker:
             try:
                 applied = window.apply(item.event)
             except ValueError as exc:  # nothing changed: the event cannot be stored
-                self._processing_error(item.message, exc)
+                self.dead_letters.processing_error(item.message, exc)
                 continue
             if not applied:
                 self.metrics.events_duplicate.inc()
@@ -320,10 +321,11 @@ class Worker:
                     self.recommender.forget([user_id])
                     user.window.restore(user.before)
                     for source in user.sources:
-                        self._processing_error(source.message, user_exc)
+                        self.dead_letters.processing_error(source.message, user_exc)
         self.metrics.events_applied.inc(len(outputs))
         for output in outputs:
-            self._produce(self.settings.output_topic, output.source.user_id.encode(), output.value)
+            produce(self.producer, self.settings.output_topic, output.source.user_id.encode(),
+                    output.value, self.checkpoint.on_delivery)
             self.metrics.recommendations_out.labels(output.kind).inc()
             _, produced_ms = output.source.message.timestamp()
             if produced_ms > 0:
@@ -380,74 +382,10 @@ class Worker:
             raise ValueError(f"recommendation of {len(value)} bytes > {MAX_OUTPUT_BYTES}")
         return value
 
-    # --- dead letters --------------------------------------------------------------------
-    def _processing_error(self, message: Message, exc: Exception) -> None:
-        log.warning(
-            "dead letter (processing_error) at %s[%d]@%d: %r",
-            message.topic(), message.partition(), message.offset(), exc,
-        )
-        self._dead_letter(message, "processing_error", f"{type(exc).__name__}: {exc}")
-
     def _report_quarantined(self) -> None:
         for _, windows in self.state.items():
             for bad in windows.take_quarantined():
-                self.metrics.windows_quarantined.inc()
-                self._send_dead_letter(
-                    bad.user_id.encode(),
-                    bad.raw,
-                    "corrupt_window",
-                    bad.error,
-                    [self.settings.changelog_topic, bad.partition, None],
-                )
-
-    def _dead_letter(self, message: Message, reason: str, detail: str) -> None:
-        self._send_dead_letter(
-            message.key(),
-            message.value(),
-            reason,
-            detail,
-            [message.topic(), message.partition(), message.offset()],
-        )
-
-    def _send_dead_letter(
-        self, key: bytes | None, value: bytes | None, reason: str, detail: str, source: list
-    ) -> None:
-        """Never raises for the message's sake: a value or key too large for the dead-letter
-        topic is cut, and headers say so (`kvrec.truncated`, `kvrec.original_bytes`)."""
-        self.metrics.dead_letters.labels(reason).inc()
-        headers = {
-            DEAD_LETTER_REASON: reason.encode(),
-            DEAD_LETTER_DETAIL: detail.encode("utf-8", "backslashreplace")[:1000],
-            "kvrec.source": json.dumps(source).encode(),
-        }
-        limit = self.settings.dead_letter_max_bytes
-        cut = []
-        if value is not None and len(value) > limit:
-            headers["kvrec.original_bytes"] = str(len(value)).encode()
-            value = value[:limit]
-            cut.append("value")
-        if key is not None and len(key) > MAX_DEAD_LETTER_KEY_BYTES:
-            headers["kvrec.original_key_bytes"] = str(len(key)).encode()
-            key = key[:MAX_DEAD_LETTER_KEY_BYTES]
-            cut.append("key")
-        if cut:
-            headers["kvrec.truncated"] = ",".join(cut).encode()
-        self._produce(self.settings.dead_letter_topic, key, value, headers)
-
-    def _produce(
-        self, topic: str, key: bytes | None, value: bytes | None,
-        headers: dict[str, bytes] | None = None,
-    ) -> None:
-        """Produce, waiting for deliveries while the producer's queue is full (backpressure)."""
-        while True:
-            try:
-                self.producer.produce(
-                    topic, key=key, value=value, headers=headers,
-                    on_delivery=self.checkpoint.on_delivery,
-                )
-                return
-            except BufferError:
-                self.producer.poll(0.1)
+                self.dead_letters.corrupt_window(bad, self.settings.changelog_topic)
 
 
 # Errors that are not about one message: they stop the worker (and commit nothing).
