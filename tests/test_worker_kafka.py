@@ -109,6 +109,7 @@ def _start_worker(
     guarantee: str,
     metrics_port: int = -1,
     *extra: str,
+    log: Path | None = None,
 ) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "stream.cli", "worker",
@@ -129,6 +130,9 @@ def _start_worker(
         *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    if log is not None:  # a worker that may log a lot while nobody reads: to a file, not a pipe
+        with open(log, "w") as stderr:
+            return subprocess.Popen(command, env=env, stderr=stderr, text=True)
     return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
 
 

@@ -178,10 +178,11 @@ class LocalKafka:
         assert self.data_dir is not None, "not started"
         return self.data_dir / "broker.log"
 
-    def _write_config(self) -> Path:
+    def _write_config(self, fresh: bool = True) -> Path:
         assert self.data_dir is not None
         logs = self.data_dir / "logs"
-        shutil.rmtree(logs, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(logs, ignore_errors=True)
         settings = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -257,11 +258,26 @@ class LocalKafka:
         self.start_seconds = time.monotonic() - started
         return self
 
-    def _launch(self, jars: Path) -> None:
+    def _launch(self, jars: Path, fresh: bool = True) -> None:
         assert self.data_dir is not None
         self.port = self.port or free_port()
-        self.controller_port = free_port()
-        config = self._write_config()
+        if fresh:
+            self.controller_port = free_port()
+        config = self._write_config(fresh)
+        if fresh:
+            self._format(jars, config)
+        with open(self.data_dir / "broker.out", "ab") as out:
+            self.process = subprocess.Popen(
+                self._java(jars, "kafka.Kafka", str(config)),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() signals all of it
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+            )
+        atexit.register(self.stop)
+
+    def _format(self, jars: Path, config: Path) -> None:
         formatted = subprocess.run(
             self._java(
                 jars, "kafka.tools.StorageTool", "format",
@@ -274,16 +290,31 @@ class LocalKafka:
             raise ConfigError(
                 "formatting Kafka storage failed: " + _without_stack_frames(formatted.stderr)[-2000:]
             )
-        with open(self.data_dir / "broker.out", "wb") as out:
-            self.process = subprocess.Popen(
-                self._java(jars, "kafka.Kafka", str(config)),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stop() signals all of it
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
-            )
-        atexit.register(self.stop)
+
+    # --- faults, for tests that bounce the broker under load -------------------------------
+    def kill(self) -> None:
+        """SIGKILL the broker (a crash): its data stays, `restart` brings it back."""
+        process, self.process = self.process, None
+        if process is not None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def restart(self, timeout: float = 90.0) -> None:
+        """Start the broker again on the same ports and data, without formatting."""
+        if self.process is not None:
+            raise ConfigError(f"this broker is already running at {self.bootstrap_servers}")
+        started = time.monotonic()
+        self._launch(ensure_jars(), fresh=False)
+        self._wait_ready(started + timeout)
+
+    def freeze(self) -> None:
+        """SIGSTOP the broker: connections stay open, nothing answers (until `thaw`)."""
+        assert self.process is not None, "not running"
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None, "not running"
+        os.killpg(self.process.pid, signal.SIGCONT)
 
     def _wait_ready(self, deadline: float) -> None:
         from confluent_kafka.admin import AdminClient

@@ -1,0 +1,180 @@
+"""Broker faults under load, the way Kafka's own streams system tests bounce brokers: the broker
+is killed (SIGKILL) and restarted, or frozen (SIGSTOP) past the session timeout and resumed,
+while events keep arriving. Afterwards every input event is accounted for: the windows equal a
+crash-free run's, every event has its recommendation, and duplicates are counted (none with
+exactly-once). These tests own their broker (they kill it), apart from the session's.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from deploy.kafka.launcher import LocalKafka
+from tests.test_worker_kafka import (
+    Topics,
+    _committed_total,
+    _consume,
+    _events,
+    _expected_windows,
+    _start_worker,
+    _stop,
+    _stored_windows,
+)
+from tests.worker_fixtures import make_artifact
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with LocalKafka(die_with_parent=True) as kafka:
+        yield kafka
+
+
+@pytest.fixture
+def artifact(tmp_path: Path):
+    return make_artifact(tmp_path / "model", n_items=60, window=4, layers=2)
+
+
+class PacedProducer(threading.Thread):
+    """Produces `events` at `rate` per second, riding out broker outages (the client buffers
+    and retries for up to two minutes)."""
+
+    def __init__(self, bootstrap: str, topic: str, events: list[dict], rate: float) -> None:
+        super().__init__(daemon=True)
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5,
+                                  "enable.idempotence": True, "message.timeout.ms": 120_000,
+                                  "log_level": 0})
+        self.topic, self.events, self.rate = topic, events, rate
+        self.failed: list[str] = []
+
+    def run(self) -> None:
+        started = time.monotonic()
+        for i, event in enumerate(self.events):
+            delay = started + i / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.producer.produce(self.topic, key=event["user_id"].encode(),
+                                  value=json.dumps(event).encode(), on_delivery=self._delivered)
+            self.producer.poll(0)
+        self.producer.flush(180)
+
+    def _delivered(self, error: object, message: object) -> None:
+        if error is not None:
+            self.failed.append(str(error))
+
+
+def _wait_committed(bootstrap: str, topics: Topics, total: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if _committed_total(bootstrap, topics) >= total:
+                return
+        except Exception:  # the coordinator is moving after the bounce
+            pass
+        assert time.monotonic() < deadline, "the worker did not catch up after the fault"
+        time.sleep(0.5)
+
+
+def _log_tail(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "|FAIL|" not in line]
+    return "\n".join(lines[-30:])
+
+
+def _committed_or_none(bootstrap: str, topics: Topics) -> int | None:
+    try:
+        return _committed_total(bootstrap, topics)
+    except Exception:
+        return None
+
+
+def _account(broker, topics, events, state_dir, capacity, exactly_once: bool) -> dict:
+    """Every event applied exactly once to its window, and its recommendations counted."""
+    expected = _expected_windows(events, broker.bootstrap_servers, topics.events, capacity)
+    assert _stored_windows([state_dir], topics.events, capacity) == expected
+    recs = _consume(broker.bootstrap_servers, topics.recommendations, expected=len(events),
+                    timeout=60)
+    answered = Counter(
+        (r["user_id"], r["event_ts"]) for r in (json.loads(m.value()) for m in recs)
+    )
+    assert set(answered) == {(e["user_id"], e["ts"]) for e in events}  # nothing lost
+    duplicates = len(recs) - len(events)
+    if exactly_once:
+        assert duplicates == 0
+    return {"recommendations": len(recs), "duplicates": duplicates}
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_a_broker_killed_and_restarted_under_load_loses_nothing(
+    broker, artifact, tmp_path, guarantee
+):
+    bootstrap = broker.bootstrap_servers
+    topics = Topics(bootstrap, "bounce")
+    events = _events(3000, users=40, items=60, seed=11)
+    state_dir = tmp_path / "state"
+    log = tmp_path / "worker.log"
+    worker = _start_worker(bootstrap, topics, artifact.path, state_dir, "w1", guarantee, -1,
+                           "--commit-interval-ms", "500", log=log)
+    producer = PacedProducer(bootstrap, topics.events, events, rate=150)
+    producer.start()
+    try:
+        _wait_committed(bootstrap, topics, 300, timeout=90)
+        killed = time.monotonic()
+        broker.kill()
+        time.sleep(8)
+        broker.restart()
+        restarted = time.monotonic()
+        before = _committed_or_none(bootstrap, topics) or 0
+        resumed = None
+        while resumed is None and time.monotonic() - restarted < 120:
+            committed = _committed_or_none(bootstrap, topics)
+            if committed is not None and committed > before:
+                resumed = time.monotonic() - restarted
+            time.sleep(0.2)
+        producer.join(timeout=180)
+        assert not producer.failed, producer.failed[:3]
+        _wait_committed(bootstrap, topics, len(events), timeout=180)
+        assert worker.poll() is None, f"the worker exited during the outage: {_log_tail(log)}"
+    finally:
+        _stop(worker)
+        stderr = _log_tail(log)
+    assert worker.returncode == 0, stderr
+    counts = _account(broker, topics, events, state_dir, artifact.config.history_needed,
+                      guarantee == "exactly-once")
+    print(f"\n{guarantee}: outage {restarted - killed:.1f} s, resumed committing "
+          f"{resumed:.1f} s after the broker was back, {counts}")
+    assert resumed is not None
+
+
+def test_a_broker_frozen_past_the_session_timeout_loses_nothing(broker, artifact, tmp_path):
+    bootstrap = broker.bootstrap_servers
+    topics = Topics(bootstrap, "freeze")
+    events = _events(2000, users=40, items=60, seed=12)
+    state_dir = tmp_path / "state"
+    log = tmp_path / "worker.log"
+    worker = _start_worker(bootstrap, topics, artifact.path, state_dir, "w1", "exactly-once", -1,
+                           "--commit-interval-ms", "500", "--session-timeout-ms", "6000", log=log)
+    producer = PacedProducer(bootstrap, topics.events, events, rate=150)
+    producer.start()
+    try:
+        _wait_committed(bootstrap, topics, 300, timeout=90)
+        broker.freeze()
+        time.sleep(10)  # longer than the 6 s session timeout
+        broker.thaw()
+        producer.join(timeout=180)
+        assert not producer.failed, producer.failed[:3]
+        _wait_committed(bootstrap, topics, len(events), timeout=180)
+        assert worker.poll() is None, f"the worker exited during the freeze: {_log_tail(log)}"
+    finally:
+        _stop(worker)
+        stderr = _log_tail(log)
+    assert worker.returncode == 0, stderr
+    counts = _account(broker, topics, events, state_dir, artifact.config.history_needed, True)
+    print(f"\nfrozen 10 s (session timeout 6 s): {counts}")
