@@ -1,22 +1,20 @@
-"""A SASRec-family next-item encoder with an exact rolling key/value cache.
+"""A SASRec-style next-item encoder with an exact rolling key/value cache.
 
-Attention is causal and limited to a sliding window of the last W positions, and positions
-enter only through rotary embeddings (RoPE), so attention scores depend on relative distance
-alone. The key and value computed for an event therefore never change afterwards, and a
-rolling buffer of W slots per layer (position p lives in slot p % W, as in Mistral 7B) holds
-everything the next event needs:
+Attention is causal over a sliding window of the last W events, and positions enter only
+through rotary embeddings, so an event's key and value never change once computed. A rolling
+buffer of W slots per layer (position p in slot p % W, as in Mistral 7B) is all the next event
+needs:
 
-    forward(items, types)      full pass over left-padded sequences (training)
-    encode(items, types)       full pass that also returns the cache (cold caches)
-    step(cache, items, types)  one new event per user against the cache
+    forward(items, types)                full pass over left-padded sequences (training)
+    encode(items, types)                 full pass that also returns the cache
+    extend(cache, items, types, counts)  up to W new events per user against the cache
+    step(cache, items, types)            one new event per user: extend with T = 1
 
-`step` after any number of events equals `forward` over the whole history with the
-sliding-window mask. An N-layer output depends on N*(W-1)+1 events, so `encode` over the last
-`config.history_needed` events refills a cache exactly.
-
-Positions grow without bound in a long-lived cache. RoPE angles are computed in float64 and
-reduced modulo 2*pi before the cast to float32, so their float32 error stays flat however far
-the position counter runs.
+All four run the same `Block.forward`, with the cached keys and values as its past or none.
+After any number of events, `step` and `extend` equal `forward` over the whole history; an
+N-layer output depends on the last N*(W-1)+1 events (`config.history_needed`), so `encode`
+over those refills a cache exactly. Rotary angles are reduced modulo 2*pi in float64 before
+the cast to float32, so their error stays flat however far a long-lived cache's positions run.
 """
 
 from __future__ import annotations
@@ -102,8 +100,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with rotary positions, over the new events and an optional
-    past of cached keys and values."""
+    """Multi-head attention with rotary positions; the new events attend to a past (cached
+    keys and values, or none) followed by themselves."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -122,13 +120,13 @@ class Attention(nn.Module):
         mask: Tensor,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """x [B, T, d] -> (output [B, T, d], new keys, new values [B, H, T, D], weights).
+        """x [B, T, d] -> (output [B, T, d], new keys and values [B, H, T, D], weights).
 
-        Queries attend to the S past keys (if any) followed by the T new ones, where `mask`
-        [B, 1, T, S + T] is True. `weights` [B, H, T, S + T] is None unless asked for."""
+        `mask` [B, 1, T, S + T] says which of the S past keys and the T new ones each query
+        sees. `weights` [B, H, T, S + T] only if `need_weights`, else None."""
         q, k, v = self.project(x, cos, sin)
         p = self.dropout if self.training else 0.0
-        if past is None and not need_weights and p == 0.0:
+        if past is None and not need_weights and p == 0.0:  # the fused kernel
             return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), k, v, None
         scale = 1.0 / math.sqrt(self.head_dim)
         if past is None:
@@ -138,7 +136,7 @@ class Attention(nn.Module):
             scores = torch.cat([q @ past_keys.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1)
             scores = scores * scale
         weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        kept = dropout(weights, p, self.training)
+        kept = dropout(weights, p, self.training)  # scaled_dot_product_attention's dropout_p
         if past is None:
             y = kept @ v
         else:
@@ -155,7 +153,7 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def merge(self, y: Tensor) -> Tensor:
-        """Heads [B, H, T, D] back to [B, T, d], through the output projection."""
+        """Heads [B, H, T, D] to the output projection [B, T, d]."""
         batch, _, length, _ = y.shape
         return self.out(y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
 
@@ -210,7 +208,7 @@ class Block(nn.Module):
         mask: Tensor,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """x [B, T, d] -> (x, keys, values, weights), as `Attention.forward`."""
+        """x [B, T, d] -> (x, new keys, new values, weights), as `Attention.forward`."""
         h, keys, values, weights = self.attention(
             self.attention_norm(x), cos, sin, past, mask, need_weights
         )
@@ -219,6 +217,9 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Item and event-type embeddings, `n_layers` blocks, a final norm; the input item
+    embedding doubles as the output scoring matrix."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config.validate()
@@ -260,8 +261,9 @@ class Encoder(nn.Module):
         keep: bool,
         need_weights: bool = False,
     ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor | None]:
-        """Every block over x [B, T, d]: the final-norm output, each layer's keys and values
-        (if `keep`) and the last layer's attention weights (if `need_weights`)."""
+        """All blocks over x [B, T, d], layer l with past `cache[l]` (if any): the normed
+        output, each layer's new keys and values (if `keep`), the last layer's weights (if
+        `need_weights`)."""
         keys: list[Tensor] = []
         values: list[Tensor] = []
         weights = None
@@ -278,6 +280,7 @@ class Encoder(nn.Module):
     def _full(
         self, items: Tensor, event_types: Tensor, keep_cache: bool
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Left-padded sequences with no past; the sliding-window mask over them."""
         cfg = self.config
         real = items != 0  # left-padded: each row's real events are contiguous at the end
         positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, T]
@@ -300,9 +303,8 @@ class Encoder(nn.Module):
         return hidden
 
     def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]:
-        """User vectors at each row's last event [B, d] and the cache to continue with `step`.
-
-        A row with no events returns an empty cache (and a meaningless vector)."""
+        """User vectors at each row's last event [B, d] and the cache that continues from it;
+        a row with no events gets an empty cache (and a meaningless vector)."""
         hidden, layer_keys, layer_values = self._full(items, event_types, keep_cache=True)
         cfg = self.config
         batch, length = items.shape
@@ -333,11 +335,11 @@ class Encoder(nn.Module):
     ) -> tuple[Tensor, KVCache, Tensor | None]:
         """Advance user b by its `counts[b]` new events `items[b, :counts[b]]` (right-padded,
         1 <= counts[b] <= T <= W) in one pass: user vectors after each new event [B, T, d]
-        (garbage past counts[b]), the new cache, and optionally the last layer's attention
-        after each new event [B, T, W], averaged over heads, by age (index 0 = that event).
+        (garbage past counts[b]), a new cache (the given one is left as it was) and optionally
+        the last layer's attention after each new event [B, T, W], averaged over heads, by
+        age (index 0 = that event; zero before the user's first event).
 
-        The new events attend to the W cached slots followed by themselves; the cache is not
-        changed (a chunked prefill against the rolling cache). Equal to `counts[b]` steps."""
+        A chunked prefill against the rolling cache: equal to `counts[b]` calls of `step`."""
         cfg = self.config
         batch, length = items.shape
         window = cfg.window
@@ -402,7 +404,7 @@ class Encoder(nn.Module):
     ) -> tuple[Tensor, KVCache, Tensor | None]:
         """Advance every user by one event (items, event_types [B]): `extend` with T = 1.
 
-        User vectors [B, d], the new cache, and optionally the last layer's attention [B, W]
+        User vectors [B, d], a new cache, and optionally the last layer's attention [B, W]
         averaged over heads, by age: index 0 = this event, 1 = the event before, ...; zero
         where the user has fewer events."""
         hidden, new_cache, attention = self.extend(
