@@ -19,7 +19,7 @@ from bench.machine import machine_info
 from model.config import ModelConfig
 from model.encoder import Encoder
 from model.errors import ConfigError
-from model.retrieval import TorchExactRetriever
+from model.gpu_retrieval import TorchExactRetriever
 
 
 def _rate(call, events: int, seconds: float, sync) -> float:

@@ -23,8 +23,9 @@ import torch
 
 from bench.machine import machine_info
 from model.errors import ConfigError
+from model.gpu_retrieval import TorchExactRetriever
 from model.progress import progress_bar, progress_line
-from model.retrieval import KINDS, Retriever, TorchExactRetriever, recall_at_k
+from model.retrieval import KINDS, Retriever, recall_at_k
 
 BENCH_KINDS = (*(k for k in KINDS if k != "auto"), "torch-exact")
 

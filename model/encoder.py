@@ -1,22 +1,20 @@
-"""A SASRec-family next-item encoder with an exact rolling key/value cache.
+"""A SASRec-style next-item encoder with an exact rolling key/value cache.
 
-Attention is causal and limited to a sliding window of the last W positions, and positions
-enter only through rotary embeddings (RoPE), so attention scores depend on relative distance
-alone. The key and value computed for an event therefore never change afterwards, and a
-rolling buffer of W slots per layer (position p lives in slot p % W, as in Mistral 7B) holds
-everything the next event needs:
+Attention is causal over a sliding window of the last W events, and positions enter only
+through rotary embeddings, so an event's key and value never change once computed. A rolling
+buffer of W slots per layer (position p in slot p % W, as in Mistral 7B) is all the next event
+needs:
 
-    forward(items, types)      full pass over left-padded sequences (training)
-    encode(items, types)       full pass that also returns the cache (cold caches)
-    step(cache, items, types)  one new event per user against the cache
+    forward(items, types)                full pass over left-padded sequences (training)
+    encode(items, types)                 full pass that also returns the cache
+    extend(cache, items, types, counts)  up to W new events per user against the cache
+    step(cache, items, types)            one new event per user: extend with T = 1
 
-`step` after any number of events equals `forward` over the whole history with the
-sliding-window mask. An N-layer output depends on N*(W-1)+1 events, so `encode` over the last
-`config.history_needed` events refills a cache exactly.
-
-Positions grow without bound in a long-lived cache. RoPE angles are computed in float64 and
-reduced modulo 2*pi before the cast to float32, so their float32 error stays flat however far
-the position counter runs.
+All four run the same `Block.forward`, with the cached keys and values as its past or none.
+After any number of events, `step` and `extend` equal `forward` over the whole history; an
+N-layer output depends on the last N*(W-1)+1 events (`config.history_needed`), so `encode`
+over those refills a cache exactly. Rotary angles are reduced modulo 2*pi in float64 before
+the cast to float32, so their error stays flat however far a long-lived cache's positions run.
 """
 
 from __future__ import annotations
@@ -102,13 +100,49 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    """Multi-head attention with rotary positions; the new events attend to a past (cached
+    keys and values, or none) followed by themselves."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.out = nn.Linear(config.d_model, config.d_model)
-        self.dropout = config.dropout
+        self.dropout = config.dropout  # on the attention weights, in training
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        past: tuple[Tensor, Tensor] | None,
+        mask: Tensor,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """x [B, T, d] -> (output [B, T, d], new keys and values [B, H, T, D], weights).
+
+        `mask` [B, 1, T, S + T] says which of the S past keys and the T new ones each query
+        sees. `weights` [B, H, T, S + T] only if `need_weights`, else None."""
+        q, k, v = self.project(x, cos, sin)
+        p = self.dropout if self.training else 0.0
+        if past is None and not need_weights and p == 0.0:  # the fused kernel
+            return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), k, v, None
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if past is None:
+            scores = (q @ k.transpose(-1, -2)) * scale
+        else:  # two products rather than one over a copy of the cache with the new keys
+            past_keys, past_values = past
+            scores = torch.cat([q @ past_keys.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1)
+            scores = scores * scale
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        kept = dropout(weights, p, self.training)  # scaled_dot_product_attention's dropout_p
+        if past is None:
+            y = kept @ v
+        else:
+            n_past = past_keys.shape[2]
+            y = kept[..., :n_past] @ past_values + kept[..., n_past:] @ v
+        return self.merge(y), k, v, weights if need_weights else None
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Rotated queries and keys and the values, each [B, H, T, D]."""
@@ -119,6 +153,7 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def merge(self, y: Tensor) -> Tensor:
+        """Heads [B, H, T, D] to the output projection [B, T, d]."""
         batch, _, length, _ = y.shape
         return self.out(y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
 
@@ -141,13 +176,6 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * (torch.rand_like(x) >= p) * (1.0 / (1.0 - p))
 
 
-def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, p: float) -> Tensor:
-    """What `scaled_dot_product_attention` computes with `dropout_p=p`, with the fast mask."""
-    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return dropout(weights, p, training=True) @ v
-
-
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -161,6 +189,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer layer: attention, then feed-forward, each added to the residual."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.d_model)
@@ -169,8 +199,27 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
         self.dropout = Dropout(config.dropout)
 
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        past: tuple[Tensor, Tensor] | None,
+        mask: Tensor,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """x [B, T, d] -> (x, new keys, new values, weights), as `Attention.forward`."""
+        h, keys, values, weights = self.attention(
+            self.attention_norm(x), cos, sin, past, mask, need_weights
+        )
+        x = x + self.dropout(h)
+        return x + self.ffn(self.ffn_norm(x)), keys, values, weights
+
 
 class Encoder(nn.Module):
+    """Item and event-type embeddings, `n_layers` blocks, a final norm; the input item
+    embedding doubles as the output scoring matrix."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config.validate()
@@ -202,8 +251,36 @@ class Encoder(nn.Module):
     def score(self, user_vectors: Tensor) -> Tensor:
         return user_vectors @ self.item_embedding.weight.T
 
+    def _layers(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None,
+        mask: Tensor,
+        keep: bool,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor | None]:
+        """All blocks over x [B, T, d], layer l with past `cache[l]` (if any): the normed
+        output, each layer's new keys and values (if `keep`), the last layer's weights (if
+        `need_weights`)."""
+        keys: list[Tensor] = []
+        values: list[Tensor] = []
+        weights = None
+        last = len(self.blocks) - 1
+        for layer, block in enumerate(self.blocks):
+            past = None if cache is None else (cache.keys[layer], cache.values[layer])
+            x, k, v, weights = block(x, cos, sin, past, mask, need_weights and layer == last)
+            if keep:
+                keys.append(k)
+                values.append(v)
+        return self.norm(x), keys, values, weights
+
     # --- full pass ----------------------------------------------------------------------------
-    def _full(self, items: Tensor, event_types: Tensor, keep_cache: bool) -> tuple[Tensor, list]:
+    def _full(
+        self, items: Tensor, event_types: Tensor, keep_cache: bool
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Left-padded sequences with no past; the sliding-window mask over them."""
         cfg = self.config
         real = items != 0  # left-padded: each row's real events are contiguous at the end
         positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, T]
@@ -217,29 +294,18 @@ class Encoder(nn.Module):
         mask = mask | torch.eye(length, dtype=torch.bool, device=items.device)  # pads see self
         mask = mask.unsqueeze(1)
         x = self.embed(items, event_types)
-        per_layer: list[tuple[Tensor, Tensor]] = []
-        for block in self.blocks:
-            q, k, v = block.attention.project(block.attention_norm(x), cos, sin)
-            if keep_cache:
-                per_layer.append((k, v))
-            if self.training and block.attention.dropout > 0.0:
-                y = attention_with_dropout(q, k, v, mask, block.attention.dropout)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            x = x + block.dropout(block.attention.merge(y))
-            x = x + block.ffn(block.ffn_norm(x))
-        return self.norm(x), per_layer
+        hidden, keys, values, _ = self._layers(x, cos, sin, None, mask, keep_cache)
+        return hidden, keys, values
 
     def forward(self, items: Tensor, event_types: Tensor) -> Tensor:
         """Hidden states [B, T, d] of left-padded (0 = pad) sequences; pad rows are garbage."""
-        hidden, _ = self._full(items, event_types, keep_cache=False)
+        hidden, _, _ = self._full(items, event_types, keep_cache=False)
         return hidden
 
     def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]:
-        """User vectors at each row's last event [B, d] and the cache to continue with `step`.
-
-        A row with no events returns an empty cache (and a meaningless vector)."""
-        hidden, per_layer = self._full(items, event_types, keep_cache=True)
+        """User vectors at each row's last event [B, d] and the cache that continues from it;
+        a row with no events gets an empty cache (and a meaningless vector)."""
+        hidden, layer_keys, layer_values = self._full(items, event_types, keep_cache=True)
         cfg = self.config
         batch, length = items.shape
         lengths = (items != 0).sum(dim=1)  # [B]
@@ -254,11 +320,11 @@ class Encoder(nn.Module):
             batch, cfg.n_heads, cfg.window, cfg.head_dim
         )
         keep = valid.view(batch, 1, cfg.window, 1)
-        keys = torch.stack([torch.gather(k, 2, gather) * keep for k, _ in per_layer])
-        values = torch.stack([torch.gather(v, 2, gather) * keep for _, v in per_layer])
+        keys = torch.stack([torch.gather(k, 2, gather) * keep for k in layer_keys])
+        values = torch.stack([torch.gather(v, 2, gather) * keep for v in layer_values])
         return hidden[:, -1], KVCache(keys, values, lengths.clone())
 
-    # --- several new events per user against the cache ---------------------------------------------
+    # --- new events against the cache ----------------------------------------------------------
     def extend(
         self,
         cache: KVCache,
@@ -269,11 +335,11 @@ class Encoder(nn.Module):
     ) -> tuple[Tensor, KVCache, Tensor | None]:
         """Advance user b by its `counts[b]` new events `items[b, :counts[b]]` (right-padded,
         1 <= counts[b] <= T <= W) in one pass: user vectors after each new event [B, T, d]
-        (garbage past counts[b]), the new cache, and optionally the last layer's attention
-        after each new event [B, T, W] by age (index 0 = that event), as `step` gives it.
+        (garbage past counts[b]), a new cache (the given one is left as it was) and optionally
+        the last layer's attention after each new event [B, T, W], averaged over heads, by
+        age (index 0 = that event; zero before the user's first event).
 
-        Equal to `counts[b]` calls of `step`; what a consumer batch with several events of the
-        same user needs (a chunked prefill against the rolling cache)."""
+        A chunked prefill against the rolling cache: equal to `counts[b]` calls of `step`."""
         cfg = self.config
         batch, length = items.shape
         window = cfg.window
@@ -287,55 +353,48 @@ class Encoder(nn.Module):
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_base)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D/2]
         slots = torch.arange(window, device=device)
-        # the position each slot holds: the newest p < start with p % W == slot (< 0: empty)
-        slot_positions = start.view(-1, 1) - 1 - torch.remainder(
-            start.view(-1, 1) - 1 - slots.view(1, -1), window
-        )  # [B, W]
-        distance_to_slot = positions.view(batch, length, 1) - slot_positions.view(batch, 1, window)
-        sees_cached = (slot_positions.view(batch, 1, window) >= 0) & (distance_to_slot < window)
-        distance = offsets.view(-1, 1) - offsets.view(1, -1)  # new query t - new key t'
-        sees_new = ((distance >= 0) & (distance < window)).view(1, length, length) & real.view(
-            batch, 1, length
-        )
-        sees_new = sees_new | torch.eye(length, dtype=torch.bool, device=device)  # pads: self
+        # slot s holds position start - 1 - age[b, s], or nothing where age >= start; new event t
+        # sees it while t + 1 + age < W
+        age = torch.remainder(start.view(-1, 1) - 1 - slots.view(1, -1), window)  # [B, W]
+        sees_cached = (age.view(batch, 1, window) + offsets.view(1, -1, 1) < window - 1) & (
+            age < start.view(-1, 1)
+        ).view(batch, 1, window)  # [B, T, W]
+        if length == 1:  # every user's one event is real, and sees itself
+            sees_new = real.view(batch, 1, 1)
+        else:  # each new event sees the real new events up to itself (T <= W); padding itself
+            causal = offsets.view(-1, 1) >= offsets.view(1, -1)
+            sees_new = causal.view(1, length, length) & real.view(batch, 1, length)
+            sees_new = sees_new | torch.eye(length, dtype=torch.bool, device=device)
         mask = torch.cat([sees_cached, sees_new], dim=-1).unsqueeze(1)  # [B, 1, T, W + T]
-        scale = 1.0 / math.sqrt(cfg.head_dim)
         x = self.embed(items, event_types)  # [B, T, d]
-        new_keys, new_values = [], []
-        probabilities = torch.empty(0)
-        for layer, block in enumerate(self.blocks):
-            q, k, v = block.attention.project(block.attention_norm(x), cos, sin)  # [B, H, T, D]
-            keys = torch.cat([cache.keys[layer], k], dim=2)  # [B, H, W + T, D]
-            values = torch.cat([cache.values[layer], v], dim=2)
-            scores = (q @ keys.transpose(-1, -2)) * scale
-            probabilities = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-            x = x + block.attention.merge(probabilities @ values)
-            x = x + block.ffn(block.ffn_norm(x))
-            new_keys.append(keys)
-            new_values.append(values)
-        # each slot's new content: the newest new event with that slot, else what it held
-        age_in_chunk = torch.remainder(slots.view(1, -1) - start.view(-1, 1), window)  # t of slot
-        written = age_in_chunk < counts.view(-1, 1)  # [B, W]
-        source = torch.where(written, window + age_in_chunk, slots.view(1, -1))  # into W + T
-        gather = source.view(batch, 1, window, 1).expand(batch, cfg.n_heads, window, cfg.head_dim)
+        hidden, layer_keys, layer_values, probabilities = self._layers(
+            x, cos, sin, cache, mask, keep=True, need_weights=return_attention
+        )
+        # write each new event's key and value into its slot p % W (T <= W: distinct slots)
+        slot = torch.remainder(positions, window).view(1, batch, 1, length, 1)
+        index = slot.expand(cfg.n_layers, batch, cfg.n_heads, length, cfg.head_dim)
+        new_keys, new_values = torch.stack(layer_keys), torch.stack(layer_values)
+        if length > 1:  # padding rewrites what its slot holds (with T = 1 every event is real)
+            write = real.view(1, batch, 1, length, 1)
+            new_keys = torch.where(write, new_keys, cache.keys.gather(3, index))
+            new_values = torch.where(write, new_values, cache.values.gather(3, index))
         new_cache = KVCache(
-            torch.stack([torch.gather(k, 2, gather) for k in new_keys]),
-            torch.stack([torch.gather(v, 2, gather) for v in new_values]),
+            cache.keys.scatter(3, index, new_keys),
+            cache.values.scatter(3, index, new_values),
             start + counts,
         )
         attention = None
-        if return_attention:
+        if probabilities is not None:
             by_key = probabilities.mean(dim=1)  # [B, T, W + T]
             ages = torch.arange(window, device=device)
             key_offset = offsets.view(1, -1, 1) - ages.view(1, 1, -1)  # [1, T, W]: t - age
             key_position = positions.view(batch, length, 1) - ages.view(1, 1, -1)
-            index = torch.where(
+            by_age = torch.where(
                 key_offset >= 0, window + key_offset, torch.remainder(key_position, window)
-            )
-            attention = torch.gather(by_key, 2, index) * (key_position >= 0)
-        return self.norm(x), new_cache, attention
+            )  # where the key of that age is: a new event, else its cached slot
+            attention = torch.gather(by_key, 2, by_age) * (key_position >= 0)
+        return hidden, new_cache, attention
 
-    # --- one event per user against the cache ----------------------------------------------------
     def step(
         self,
         cache: KVCache,
@@ -343,44 +402,16 @@ class Encoder(nn.Module):
         event_types: Tensor,
         return_attention: bool = False,
     ) -> tuple[Tensor, KVCache, Tensor | None]:
-        """Advance every user by one event: user vectors [B, d], the new cache, and optionally
-        the last layer's attention [B, W] averaged over heads, by age: index 0 = this event,
-        1 = the event before, ...; zero where the user has fewer events."""
-        cfg = self.config
-        positions = cache.positions  # [B]
-        cos, sin = rope_cos_sin(positions.view(-1, 1), cfg.head_dim, cfg.rope_base)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, 1, D/2]
-        slots = torch.arange(cfg.window, device=items.device)
-        age = torch.remainder(positions.view(-1, 1) - slots.view(1, -1), cfg.window)  # [B, W]
-        valid = (age <= positions.view(-1, 1)).view(-1, 1, 1, cfg.window)
-        write = (age == 0).view(-1, 1, 1, cfg.window)  # the slot this event overwrites
-        older = valid & ~write  # cached events still inside the window
-        x = self.embed(items.view(-1, 1), event_types.view(-1, 1))  # [B, 1, d]
-        step_keys, step_values = [], []
-        weights = torch.empty(0)
-        scale = 1.0 / math.sqrt(cfg.head_dim)
-        for layer, block in enumerate(self.blocks):
-            q, k, v = block.attention.project(block.attention_norm(x), cos, sin)  # [B, H, 1, D]
-            step_keys.append(k)
-            step_values.append(v)
-            # attend to the older cached events and to this event itself (not yet in the cache)
-            cached = (q @ cache.keys[layer].transpose(-1, -2)) * scale  # [B, H, 1, W]
-            own = (q * k).sum(dim=-1, keepdim=True) * scale  # [B, H, 1, 1]
-            both = torch.cat([cached.masked_fill(~older, float("-inf")), own], dim=-1)
-            probabilities = torch.softmax(both, dim=-1)
-            p_cached, p_own = probabilities[..., :-1], probabilities[..., -1:]
-            x = x + block.attention.merge(p_cached @ cache.values[layer] + p_own * v)
-            x = x + block.ffn(block.ffn_norm(x))
-            weights = torch.where(write, p_own, p_cached)  # by slot, as if written first
-        # one copy of the cache (the caller's stays valid) with each user's slot overwritten
-        slot = torch.remainder(positions, cfg.window).view(1, -1, 1, 1, 1)
-        index = slot.expand(cfg.n_layers, -1, cfg.n_heads, 1, cfg.head_dim)
-        new_keys = cache.keys.scatter(3, index, torch.stack(step_keys))
-        new_values = cache.values.scatter(3, index, torch.stack(step_values))
-        new_cache = KVCache(new_keys, new_values, positions + 1)
-        attention = None
-        if return_attention:
-            by_slot = weights.mean(dim=1).squeeze(1)  # [B, W]
-            slot_of_age = torch.remainder(positions.view(-1, 1) - slots.view(1, -1), cfg.window)
-            attention = torch.gather(by_slot, 1, slot_of_age)  # column a = age a
-        return self.norm(x).squeeze(1), new_cache, attention
+        """Advance every user by one event (items, event_types [B]): `extend` with T = 1.
+
+        User vectors [B, d], a new cache, and optionally the last layer's attention [B, W]
+        averaged over heads, by age: index 0 = this event, 1 = the event before, ...; zero
+        where the user has fewer events."""
+        hidden, new_cache, attention = self.extend(
+            cache,
+            items.view(-1, 1),
+            event_types.view(-1, 1),
+            torch.ones_like(cache.positions),
+            return_attention,
+        )
+        return hidden[:, 0], new_cache, attention[:, 0] if attention is not None else None

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +47,10 @@ def export_step(encoder: Encoder, path: str | Path, opset: int = 17) -> Path:
         "new_values": cache_axes, "new_positions": batch, "attention": batch,
     }
     out = Path(path)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # `step` is `extend` with T = 1: its checks on T are constants of this graph, whose only
+        # dynamic axis is the batch
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"model\.encoder")
         torch.onnx.export(
             _Step(encoder),
             (example.keys, example.values, example.positions, items, types),

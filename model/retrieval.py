@@ -20,9 +20,8 @@ excluded items are filtered out of an over-fetched candidate list, and the rare 
 fewer than k candidates is searched again wider, then exactly. Where fewer than k items remain,
 indices are -1 and scores -inf.
 
-`TorchExactRetriever` is exact top-k in torch (CPU or CUDA) for GPU serving: per-block score
-maxima pick the blocks of the catalog that can hold the top-k (half precision on CUDA), and only
-their items are scored in fp32.
+GPU serving's exact top-k, `TorchExactRetriever`, is in `model.gpu_retrieval` (Triton stays off
+the CPU worker's imports).
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ import faiss
 import numpy as np
 import torch
 
-from model.block_max import block_max
 from model.progress import progress_bar
 
 KINDS = ("auto", "exact", "ivfflat", "ivfpq", "hnsw")
@@ -460,101 +458,3 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
         hits += len(wanted.intersection(got))
         total += len(wanted)
     return hits / total if total else 1.0
-
-
-class TorchExactRetriever:
-    """Exact top-k by inner product in torch, on CPU or CUDA; same `search` contract as Retriever.
-
-    The catalog is cut into blocks of `block` items. Block maxima of the scores (half precision
-    on CUDA, fp32 on CPU) pick the `k + margin` best blocks per query: every item of the true
-    top-k lies in one of them (a block holding a top-k item has a maximum at least the k-th
-    score, and at most k blocks can), so re-scoring those blocks' items in fp32 and taking the
-    top-k is exact up to half-precision ties, which the margin absorbs. Unavailable items and
-    padding are masked before the maxima; a query's excluded items by over-fetching past them.
-    """
-
-    def __init__(
-        self,
-        item_vectors: np.ndarray | torch.Tensor,
-        *,
-        device: str = "cpu",
-        block: int = 128,
-        margin: int = 8,
-        query_chunk: int = 4096,
-        half: bool | None = None,
-    ) -> None:
-        self.device = torch.device(device)
-        if isinstance(item_vectors, torch.Tensor):
-            item_vectors = item_vectors.detach().float().cpu().numpy()
-        vectors = torch.from_numpy(check_item_vectors(item_vectors)).to(self.device)
-        self.n_rows, self.dim = vectors.shape
-        padded = -(-self.n_rows // block) * block
-        self.items = torch.zeros((padded, self.dim), device=self.device)
-        self.items[: self.n_rows] = vectors
-        self.half = (self.device.type == "cuda") if half is None else half
-        self.items_scoring = self.items.half() if self.half else self.items
-        self.block = block
-        self.margin = margin
-        self.query_chunk = query_chunk
-        self.penalty = torch.zeros(padded, device=self.device)
-        self.set_unavailable(())
-
-    def set_unavailable(self, items: Iterable[int]) -> None:
-        """Replace the set of items never to return."""
-        ids = torch.tensor(sorted({int(i) for i in items}), dtype=torch.long)
-        if len(ids) and (ids[0] < 1 or ids[-1] >= self.n_rows):
-            bad = int(ids[0]) if ids[0] < 1 else int(ids[-1])
-            raise ValueError(f"unavailable item {bad} is outside 1..{self.n_rows - 1}")
-        self.penalty.zero_()
-        self.penalty[0] = float("-inf")  # padding
-        self.penalty[self.n_rows :] = float("-inf")  # rows that fill the last block
-        if len(ids):
-            self.penalty[ids.to(self.device)] = float("-inf")
-
-    @torch.inference_mode()
-    def search_tensor(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores, item indices) of device tensors; -inf scores where fewer remain."""
-        queries = queries.to(self.device, torch.float32)
-        n_blocks = self.items.shape[0] // self.block
-        keep = min(n_blocks, k + self.margin)
-        take = min(k, keep * self.block)
-        out_scores, out_ids = [], []
-        offsets = torch.arange(self.block, device=self.device)
-        # the gathered candidate vectors [chunk, keep * block, dim] must fit the gather budget
-        budget = (4 << 30) if self.device.type == "cuda" else (256 << 20)
-        per_query = keep * self.block * self.dim * 4
-        step = max(1, min(self.query_chunk, budget // per_query))
-        if keep * 2 > n_blocks:  # pruning would keep most of the catalog: score it all in fp32
-            step = max(1, min(self.query_chunk, budget // (self.items.shape[0] * 4)))
-            for start in range(0, queries.shape[0], step):
-                scores = queries[start : start + step] @ self.items.T + self.penalty
-                top = torch.topk(scores, take, dim=1)
-                out_scores.append(top.values)
-                out_ids.append(top.indices)
-            return torch.cat(out_scores), torch.cat(out_ids)
-        for start in range(0, queries.shape[0], step):
-            chunk = queries[start : start + step]
-            scoring = chunk.half() if self.half else chunk
-            maxima = block_max(scoring, self.items_scoring, self.penalty, self.block)
-            blocks = torch.topk(maxima, keep, dim=1).indices  # [b, keep]
-            candidates = (blocks.unsqueeze(-1) * self.block + offsets).view(len(chunk), -1)
-            exact = torch.einsum("bd,bcd->bc", chunk, self.items[candidates])
-            exact = exact + self.penalty[candidates]
-            top = torch.topk(exact, take, dim=1)
-            out_scores.append(top.values)
-            out_ids.append(torch.gather(candidates, 1, top.indices))
-        return torch.cat(out_scores), torch.cat(out_ids)
-
-    def search(
-        self, queries: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None = None
-    ) -> SearchResult:
-        queries = check_queries(queries, self.dim, k)
-        excl = Exclusions(exclude, len(queries), self.n_rows) if exclude is not None else None
-        fetch = min(k + (excl.max_length if excl is not None else 0), self.n_rows)
-        scores, ids = self.search_tensor(torch.from_numpy(queries), fetch)
-        scores_np = scores.cpu().numpy()
-        ids_np = ids.cpu().numpy().astype(np.int64)
-        valid = np.isfinite(scores_np)
-        if excl is not None:
-            valid &= ~excl.contains(np.arange(len(queries)), ids_np)
-        return first_valid(scores_np, ids_np, valid, k)
