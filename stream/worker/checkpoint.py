@@ -19,15 +19,26 @@ changelog, and recovery replays the committed changelog records.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from state.partition import WorkerState
+from stream.kafka_config import kafka_error_text
+
+log = logging.getLogger(__name__)
 
 
 class DeliveryError(RuntimeError):
-    """A record could not be delivered; the checkpoint is abandoned and the worker stops."""
+    """A record could not be delivered, or Kafka stayed unreachable for longer than the outage
+    limit; the checkpoint is abandoned and the worker stops (nothing of it is committed)."""
+
+
+class TransactionAborted(RuntimeError):
+    """The broker aborted the transaction (for example after it restarted): nothing of the
+    work since the last checkpoint is committed, and the worker must replay it."""
 
 
 class Checkpoint:
@@ -41,7 +52,8 @@ class Checkpoint:
         changelog_topic: str,
         exactly_once: bool,
         interval_s: float,
-        flush_timeout_s: float = 30.0,
+        outage_limit_s: float = 300.0,
+        call_timeout_s: float = 10.0,
     ) -> None:
         self.consumer = consumer
         self.producer = producer
@@ -50,7 +62,8 @@ class Checkpoint:
         self.changelog_topic = changelog_topic
         self.exactly_once = exactly_once
         self.interval_s = interval_s
-        self.flush_timeout_s = flush_timeout_s
+        self.outage_limit_s = outage_limit_s  # how long Kafka may be unreachable mid-checkpoint
+        self.call_timeout_s = call_timeout_s  # one blocking client call, retried until the limit
         self.started = time.monotonic()
         self.pending_offsets: dict[int, int] = {}  # partition -> last processed input offset
         self._changelog_offsets: dict[int, int] = {}
@@ -82,12 +95,13 @@ class Checkpoint:
             if offset > self._changelog_offsets.get(partition, -1):
                 self._changelog_offsets[partition] = offset
 
-    def commit(self) -> None:
-        """Make everything processed so far durable, in the order described above."""
+    def commit(self) -> bool:
+        """Make everything processed so far durable, in the order described above; False when
+        there was nothing to commit."""
         offsets = dict(self.pending_offsets)
         if not offsets:
             self.started = time.monotonic()
-            return
+            return False
         # 1. changelog records for every changed window
         for partition, windows in self.state.items():
             for record in windows.prepare():
@@ -99,34 +113,67 @@ class Checkpoint:
                     headers=record.headers,
                     on_delivery=self.on_delivery,
                 )
-        # 2. flush and confirm
-        remaining = self.producer.flush(self.flush_timeout_s)
+        # 2. flush and confirm (the client retries on its own while the broker is away)
+        deadline = time.monotonic() + self.outage_limit_s
+        remaining = self.producer.flush(self.call_timeout_s)
+        while remaining and not self._errors and time.monotonic() < deadline:
+            remaining = self.producer.flush(self.call_timeout_s)
         if remaining or self._errors:
-            errors = "; ".join(self._errors[:5]) or f"{remaining} records still in flight"
+            errors = "; ".join(self._errors[:5]) or (
+                f"{remaining} records still undelivered after {self.outage_limit_s:.0f} s "
+                "(--outage-limit-s)"
+            )
+            self._errors.clear()
             raise DeliveryError(f"checkpoint abandoned, deliveries failed: {errors}")
         # 3. commit input offsets (in the transaction with exactly-once)
         commit = [TopicPartition(self.input_topic, p, o + 1) for p, o in offsets.items()]
         if self.exactly_once:
-            self.producer.send_offsets_to_transaction(
-                commit, self.consumer.consumer_group_metadata()
-            )
-            self.producer.commit_transaction()
-            self.producer.begin_transaction()
+            self._retrying("commit the transaction", deadline, lambda: self._commit_transaction(commit))
+            self._retrying("begin a transaction", deadline, self.producer.begin_transaction)
         else:
-            try:
-                self.consumer.commit(offsets=commit, asynchronous=False)
-            except KafkaException as exc:
-                raise DeliveryError(f"offset commit failed: {exc}") from exc
+            self._retrying("commit offsets", deadline,
+                           lambda: self.consumer.commit(offsets=commit, asynchronous=False))
         # 4. windows + changelog offset into RocksDB, atomically per partition
         for partition, windows in self.state.items():
             windows.flush(self._changelog_offsets.get(partition))
         self.pending_offsets.clear()
         self.started = time.monotonic()
+        return True
+
+    def _commit_transaction(self, commit: list[TopicPartition]) -> None:
+        self.producer.send_offsets_to_transaction(
+            commit, self.consumer.consumer_group_metadata(), self.call_timeout_s
+        )
+        self.producer.commit_transaction(self.call_timeout_s)
+
+    def _retrying(self, what: str, deadline: float, call: Callable[[], object]) -> None:
+        """`call`, again while its error is retriable (the broker is away) and the outage limit
+        is not reached; an aborted transaction raises `TransactionAborted`."""
+        while True:
+            try:
+                call()
+                return
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if getattr(error, "txn_requires_abort", lambda: False)():
+                    raise TransactionAborted(f"could not {what}: {kafka_error_text(exc)}") from None
+                retriable = getattr(error, "retriable", lambda: False)()
+                if not retriable or time.monotonic() > deadline:
+                    raise DeliveryError(
+                        f"could not {what}: {kafka_error_text(exc)}"
+                        + (f" (Kafka unreachable for {self.outage_limit_s:.0f} s, --outage-limit-s)"
+                           if retriable else "")
+                    ) from None
+                log.warning("could not %s yet (%s); retrying", what, kafka_error_text(exc))
+                time.sleep(0.5)
 
     def abort(self) -> None:
-        """Give up everything since the last commit: nothing of it becomes durable."""
+        """Give up everything since the last commit: nothing of it becomes durable. With
+        exactly-once, a new transaction is begun (for a worker that goes on)."""
         self.pending_offsets.clear()
+        self._errors.clear()
         for _, windows in self.state.items():
             windows.abort()
         if self.exactly_once:
-            self.producer.abort_transaction(self.flush_timeout_s)
+            self.producer.abort_transaction(self.call_timeout_s)
+            self.producer.begin_transaction()

@@ -28,7 +28,15 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from state.partition import WorkerState
 from state.window import Window, WindowEvent, WindowSnapshot
@@ -40,7 +48,7 @@ from stream.schema import (
     encode_recommendation,
     parse_event,
 )
-from stream.worker.checkpoint import Checkpoint
+from stream.worker.checkpoint import Checkpoint, TransactionAborted
 from stream.worker.dead_letters import DeadLetters, produce
 from stream.worker.inference import Recommender, Scored, WaveInput
 from stream.worker.metrics import HealthState, WorkerMetrics
@@ -132,6 +140,7 @@ class Worker:
             changelog_topic=settings.changelog_topic,
             exactly_once=settings.exactly_once,
             interval_s=settings.commit_interval_ms / 1000.0,
+            outage_limit_s=settings.outage_limit_s,
         )
         self.dead_letters = DeadLetters(
             self.producer, settings.dead_letter_topic, settings.dead_letter_max_bytes, metrics,
@@ -163,7 +172,7 @@ class Worker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if not self.failed:  # after an error nothing is committed: the input is replayed
-            self.checkpoint.commit()
+            self._commit()
         self._drop(consumer, partitions)
         log.info("revoked %s", sorted(tp.partition for tp in partitions))
 
@@ -200,9 +209,8 @@ class Worker:
                     self.process(messages)
                 self.producer.poll(0)
                 if self.checkpoint.due():
-                    self.checkpoint.commit()
-                    self.metrics.checkpoints.inc()
-            self.checkpoint.commit()
+                    self._commit()
+            self._commit()
         except BaseException:
             self.failed = True
             raise
@@ -218,6 +226,24 @@ class Worker:
             self.state.close_all()
             self.restore_consumer.close()
             self.producer.flush(10.0)
+
+    def _commit(self) -> None:
+        """Checkpoint; if the broker aborted the transaction, replay from the last checkpoint."""
+        try:
+            if self.checkpoint.commit():
+                self.metrics.checkpoints.inc()
+        except TransactionAborted as aborted:
+            log.warning("%s: replaying from the last checkpoint", aborted)
+            self.metrics.transactions_aborted.inc()
+            self._rewind()
+
+    def _rewind(self) -> None:
+        """Drop the work since the last checkpoint and consume again from its offsets."""
+        self.checkpoint.abort()
+        assigned = [TopicPartition(self.settings.input_topic, p) for p, _ in self.state.items()]
+        for tp in self.consumer.committed(assigned, timeout=30.0):
+            tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            self.consumer.seek(tp)
 
     def _abort(self) -> None:
         log.error("the worker failed: the work since the last checkpoint is aborted, not committed")

@@ -67,6 +67,11 @@ class WorkerMetrics:
             "kvrec_restored_windows", "Windows restored from the changelog", registry=r
         )
         self.checkpoints = Counter("kvrec_checkpoints", "Checkpoints committed", registry=r)
+        self.transactions_aborted = Counter(
+            "kvrec_transactions_aborted",
+            "Transactions the broker aborted (e.g. after a restart): the work was replayed",
+            registry=r,
+        )
         self.model_info = Gauge(
             "kvrec_model_info", "The model version being served (value 1)", ["version"], registry=r
         )

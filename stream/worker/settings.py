@@ -76,6 +76,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--linger-ms", type=int, default=2, help="producer linger")
     loop.add_argument("--commit-interval-ms", type=int, default=1000)
     loop.add_argument(
+        "--outage-limit-s", type=float, default=300.0,
+        help="how long a checkpoint waits for an unreachable Kafka before the worker exits "
+             "with an error (nothing of the checkpoint is committed; a restart replays it)",
+    )
+    loop.add_argument(
         "--processing-guarantee",
         default="at-least-once",
         choices=("at-least-once", "exactly-once"),
@@ -129,6 +134,7 @@ class WorkerSettings:
     batch_wait_ms: int
     linger_ms: int
     commit_interval_ms: int
+    outage_limit_s: float
     exactly_once: bool
     state_dir: Path
     cache_bytes: int
@@ -157,6 +163,8 @@ class WorkerSettings:
         if args.dead_letter_max_bytes > 900_000:
             raise ConfigError("--dead-letter-max-bytes must be at most 900000 (a dead letter, "
                               "with its key and headers, must fit the producer's 1,000,000 bytes)")
+        if args.outage_limit_s <= 0:
+            raise ConfigError("--outage-limit-s must be positive")
         if not 1_000 <= args.session_timeout_ms <= 3_600_000:
             raise ConfigError("--session-timeout-ms must be between 1000 and 3600000 (the "
                               "broker also bounds it: group.min/max.session.timeout.ms)")
@@ -195,6 +203,7 @@ class WorkerSettings:
             batch_wait_ms=args.batch_wait_ms,
             linger_ms=args.linger_ms,
             commit_interval_ms=args.commit_interval_ms,
+            outage_limit_s=args.outage_limit_s,
             exactly_once=args.processing_guarantee == "exactly-once",
             state_dir=Path(args.state_dir),
             cache_bytes=args.cache_bytes,
