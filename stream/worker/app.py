@@ -16,6 +16,7 @@ from model.backends import make_backend
 from model.errors import ConfigError
 from model.retrieval import Retriever
 from state.kvcache import LruByteCache
+from state.partition import group_directory
 from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics
 from stream.worker.inference import CacheEntry, Recommender
 from stream.worker.loop import Worker
@@ -38,7 +39,8 @@ def build_recommender(settings: WorkerSettings) -> Recommender:
     if settings.backend == "onnx-cpu" and onnx_path is None:
         from model.export import export_step
 
-        onnx_path = settings.state_dir / f"step-{artifact.version}.onnx"
+        group_dir = settings.state_dir / group_directory(settings.group_id)
+        onnx_path = group_dir / f"step-{artifact.version}.onnx"
         if not onnx_path.exists():
             onnx_path.parent.mkdir(parents=True, exist_ok=True)
             export_step(artifact.encoder, onnx_path)

@@ -121,7 +121,7 @@ class Worker:
         if settings.exactly_once:
             self.producer.init_transactions(30.0)
         self.state = WorkerState(
-            settings.state_dir, settings.input_topic, settings.window_capacity,
+            settings.state_dir, settings.group_id, settings.input_topic, settings.window_capacity,
             settings.windows_in_memory,
         )
         self.checkpoint = Checkpoint(
