@@ -187,13 +187,14 @@ def _event_offsets(bootstrap: str, topic: str) -> list[tuple[str, int]]:
     return [(user, offset) for _, user, offset in found]
 
 
-def _stored_windows(
-    state_dirs: list[Path], group: str, topic: str, capacity: int
-) -> dict[str, Window]:
+def _stored_windows(state_dirs: list[Path], topic: str, capacity: int) -> dict[str, Window]:
     windows: dict[str, Window] = {}
     for state_dir in state_dirs:
-        for partition in range(PARTITIONS):
-            path = state_dir / group / f"{topic}-{partition}"
+        # a worker's stores are in <state-dir>/<group-id>/<topic>-<partition>: one group here
+        groups = [d for d in state_dir.iterdir() if d.is_dir()] if state_dir.exists() else []
+        assert len(groups) <= 1, f"{state_dir} holds more than one group's stores: {groups}"
+        for partition, group_dir in ((p, g) for g in groups for p in range(PARTITIONS)):
+            path = group_dir / f"{topic}-{partition}"
             if not path.exists():
                 continue
             store = WindowStore(path)
@@ -327,7 +328,7 @@ def test_kill_9_mid_replay_loses_and_duplicates_nothing(kafka_bootstrap, artifac
     assert restarted.returncode == 0, stderr[-3000:]
     capacity = artifact.config.history_needed
     expected = _expected_windows(events, kafka_bootstrap, topics.events, capacity)
-    stored = _stored_windows([state_dir], topics.group, topics.events, capacity)
+    stored = _stored_windows([state_dir], topics.events, capacity)
     assert stored == expected
     counts = defaultdict(int)
     for e in events:
@@ -388,7 +389,7 @@ def test_second_worker_takes_over_partitions_with_restored_windows(kafka_bootstr
     capacity = artifact.config.history_needed
     expected = _expected_windows(events, kafka_bootstrap, topics.events, capacity)
     # b now owns every partition: its own store holds every user's complete window
-    assert _stored_windows([tmp_path / "b"], topics.group, topics.events, capacity) == expected
+    assert _stored_windows([tmp_path / "b"], topics.events, capacity) == expected
     recs = _consume(kafka_bootstrap, topics.recommendations, expected=len(events), timeout=30)
     second_ts = {e["ts"] for e in second}
     users_served_after = {
