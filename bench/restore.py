@@ -71,7 +71,7 @@ def measure(bootstrap: str, workdir: Path, windows: int, events: int) -> dict[st
     topic = f"bench-restore-{uuid.uuid4().hex[:8]}"
     ensure_topics({"bootstrap.servers": bootstrap}, {topic: (1, {"cleanup.policy": "compact"})})
     size = _fill(bootstrap, topic, windows, events)
-    state = WorkerState(workdir / topic, "events", events)
+    state = WorkerState(workdir / topic, "bench-restore", "events", events)
     restore_consumer = Consumer(  # as the worker's own restore consumer
         restore_consumer_config({"bootstrap.servers": bootstrap}, topic)
     )

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.choices import BACKENDS
 from model.encoder import Encoder, KVCache
 from model.errors import ConfigError
-
-BACKENDS = ("torch-cpu", "torch-cuda", "onnx-cpu")
 
 
 class StepBackend(Protocol):

@@ -36,9 +36,10 @@ import faiss
 import numpy as np
 import torch
 
+from model.choices import RETRIEVAL_KINDS
 from model.progress import progress_bar
 
-KINDS = ("auto", "exact", "ivfflat", "ivfpq", "hnsw")
+KINDS = RETRIEVAL_KINDS
 RECALL_K = 10
 _SCORE_BYTES = 64 << 20  # largest query-by-item score matrix the exact path materializes at once
 

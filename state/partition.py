@@ -14,16 +14,19 @@ quix-streams' state transactions:
 
 or `windows.abort()` to drop the changes (nothing of them is written). Recovery writes what it
 reads from the changelog with `restore`. `WorkerState` holds one `PartitionWindows` per
-assigned partition.
+assigned partition, under `state_dir/<group-id>/<topic>-<partition>`: two deployments (consumer
+groups) that share a volume never share a store.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from state.changelog import ChangelogRecord
 from state.store import WindowStore
@@ -123,20 +126,41 @@ class PartitionWindows:
         self.store.close()
 
 
+def group_directory(group_id: str) -> str:
+    """The directory name of a consumer group's state: the group id itself when it is a plain
+    name (letters, digits, `.`, `_`, `-`), percent-encoded otherwise (`/` is `%2F`), so that
+    distinct groups never share a directory and no group id escapes `--state-dir`."""
+    if not group_id:
+        raise ValueError("the consumer group id must not be empty")
+    name = quote(group_id, safe="")
+    if name in (".", ".."):
+        name = name.replace(".", "%2E")
+    if len(name) > 200:  # a file name is at most 255 bytes
+        name = f"{name[:150]}-{hashlib.sha256(group_id.encode()).hexdigest()[:16]}"
+    return name
+
+
 class WorkerState:
-    """The `PartitionWindows` of every assigned partition, each in `state_dir/<topic>-<p>`."""
+    """The `PartitionWindows` of every assigned partition, each in
+    `state_dir/<group-id>/<topic>-<p>` (`group_directory` names the group's directory)."""
 
     def __init__(
-        self, state_dir: Path, topic: str, window_capacity: int, keep_in_memory: int = 10_000
+        self,
+        state_dir: Path,
+        group_id: str,
+        topic: str,
+        window_capacity: int,
+        keep_in_memory: int = 10_000,
     ) -> None:
         self.state_dir = state_dir
+        self.group_dir = state_dir / group_directory(group_id)
         self.topic = topic
         self.window_capacity = window_capacity
         self.keep_in_memory = keep_in_memory
         self._partitions: dict[int, PartitionWindows] = {}
 
     def path(self, partition: int) -> Path:
-        return self.state_dir / f"{self.topic}-{partition}"
+        return self.group_dir / f"{self.topic}-{partition}"
 
     def open(self, partition: int) -> PartitionWindows:
         windows = PartitionWindows(

@@ -73,7 +73,8 @@ def test_ready_once_the_endpoint_says_so_and_killed_is_named() -> None:
     worker = WorkerProcess(SLEEPER, metrics_port=server.server_address[1])
     try:
         assert not worker.ready()  # 503 until partitions are assigned
-        health.ready = True
+        health.started()
+        health.assignment_done()
         assert worker.wait_until_ready(timeout_s=10) < 10
         worker.process.kill()
         worker.process.wait()

@@ -95,7 +95,7 @@ def test_packed_entries_follow_the_events_through_trimming_and_round_trips() -> 
 def test_checkpointed_windows_stay_in_memory_up_to_the_limit(tmp_path: Path) -> None:
     from state.partition import WorkerState
 
-    states = WorkerState(tmp_path, "events", window_capacity=4, keep_in_memory=2)
+    states = WorkerState(tmp_path, "group", "events", window_capacity=4, keep_in_memory=2)
     state = states.open(0)
     for n, user in enumerate(("a", "b", "c")):
         state.window(user).apply(WindowEvent(f"sku-{n}", 1, 1_000 + n, n))
@@ -116,7 +116,7 @@ def test_checkpointed_windows_stay_in_memory_up_to_the_limit(tmp_path: Path) -> 
 def test_an_aborted_change_is_never_written(tmp_path: Path) -> None:
     from state.partition import WorkerState
 
-    states = WorkerState(tmp_path, "events", window_capacity=4)
+    states = WorkerState(tmp_path, "group", "events", window_capacity=4)
     state = states.open(0)
     state.window("a").apply(WindowEvent("sku-1", 1, 1_000, 0))
     state.prepare()

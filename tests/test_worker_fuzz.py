@@ -167,7 +167,7 @@ def test_any_input_is_applied_exactly_or_dead_lettered_and_never_raises(
         assert _stored(worker.state, capacity) == expected
         assert consumer.committed([TopicPartition("events", 0)])[0].offset == len(messages)
 
-        restored = WorkerState(Path(state_dir) / "restored", "events", capacity)
+        restored = WorkerState(Path(state_dir) / "restored", run_settings.group_id, "events", capacity)
         recover_partition(clients_restore, run_settings.changelog_topic, restored.open(0),
                           len(messages))
         assert _stored(restored, capacity) == expected

@@ -194,8 +194,11 @@ def _event_offsets(bootstrap: str, topic: str) -> list[tuple[str, int]]:
 def _stored_windows(state_dirs: list[Path], topic: str, capacity: int) -> dict[str, Window]:
     windows: dict[str, Window] = {}
     for state_dir in state_dirs:
-        for partition in range(PARTITIONS):
-            path = state_dir / f"{topic}-{partition}"
+        # a worker's stores are in <state-dir>/<group-id>/<topic>-<partition>: one group here
+        groups = [d for d in state_dir.iterdir() if d.is_dir()] if state_dir.exists() else []
+        assert len(groups) <= 1, f"{state_dir} holds more than one group's stores: {groups}"
+        for partition, group_dir in ((p, g) for g in groups for p in range(PARTITIONS)):
+            path = group_dir / f"{topic}-{partition}"
             if not path.exists():
                 continue
             store = WindowStore(path)

@@ -219,7 +219,7 @@ def test_an_infrastructure_error_mid_batch_commits_nothing_and_the_restart_loses
     recs = [decode_recommendation(m.value()) for m in topics.read(topics.recommendations, 2)]
     assert sorted(r.user_id for r in recs) == ["u1", "u2"]
     assert _reasons(topics.read(topics.dead_letters, 1)) == ["malformed_json"]
-    store = WindowStore(state_dir / f"{topics.events}-0")
+    store = WindowStore(state_dir / topics.group / f"{topics.events}-0")
     windows = {user: Window.from_bytes(raw, 7) for user, raw in store.items()}
     store.close()
     assert {u: [e.offset for e in w] for u, w in windows.items()} == {"u1": [0], "u2": [2]}
@@ -253,7 +253,7 @@ def test_an_error_on_one_user_dead_letters_its_events_and_spares_the_rest(
     assert b"RuntimeError: model blew up" in dict(dead[0].headers())["kvrec.detail"]
     recs = [decode_recommendation(m.value()) for m in topics.read(topics.recommendations, 2)]
     assert [r.user_id for r in recs] == ["good", "good"]
-    store = WindowStore(state_dir / f"{topics.events}-0")
+    store = WindowStore(state_dir / topics.group / f"{topics.events}-0")
     poison = store.get("poison")  # its window never held the failed events
     assert poison is None or len(Window.from_bytes(poison, 7)) == 0
     assert len(Window.from_bytes(store.get("good"), 7)) == 2
@@ -269,7 +269,7 @@ def test_an_undecodable_stored_window_is_quarantined_not_fatal(kafka_bootstrap, 
     window.apply(WindowEvent("sku-1", 1, 5, 0))
     half_written = bytearray(window.to_bytes())
     half_written[1] = 2  # the header counts two events, the value holds one (the old bug)
-    store = WindowStore(state_dir / f"{topics.events}-0")
+    store = WindowStore(state_dir / topics.group / f"{topics.events}-0")
     store.write({"u1": bytes(half_written), "u2": b"\x01garbage"}, None)
     store.close()
     topics.produce([(b"u1", _event("u1", "sku-3")), (b"u2", _event("u2", "sku-4")),
@@ -281,7 +281,7 @@ def test_an_undecodable_stored_window_is_quarantined_not_fatal(kafka_bootstrap, 
     assert _reasons(dead) == ["corrupt_window", "corrupt_window"]
     assert sorted(m.value() for m in dead) == sorted([bytes(half_written), b"\x01garbage"])
     assert len(topics.read(topics.recommendations, 3)) == 3
-    store = WindowStore(state_dir / f"{topics.events}-0")
+    store = WindowStore(state_dir / topics.group / f"{topics.events}-0")
     restarted = Window.from_bytes(store.get("u1"), 7)
     store.close()
     assert [e.item_id for e in restarted] == ["sku-3", "sku-5"]  # started again from empty

@@ -53,13 +53,20 @@ class ThreadWorker:
     """`with ThreadWorker(args) as w:` runs the loop in a thread; leaving stops it cleanly (as
     SIGTERM does) and re-raises what the loop raised, unless `expect_failure`."""
 
-    def __init__(self, args: argparse.Namespace, *, expect_failure: bool = False) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        *,
+        expect_failure: bool = False,
+        health: HealthState | None = None,
+    ) -> None:
         settings = WorkerSettings.from_args(args)
         self.recommender = build_recommender(settings)
         self.settings = resolve_window_capacity(settings, self.recommender)
         self.metrics = WorkerMetrics()
+        self.health = health or HealthState()
         self.worker = Worker(
-            self.settings, self.recommender, self.metrics, HealthState(), client_config(args)
+            self.settings, self.recommender, self.metrics, self.health, client_config(args)
         )
         self.expect_failure = expect_failure
         self.error: BaseException | None = None

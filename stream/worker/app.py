@@ -1,4 +1,10 @@
-"""`kvrec worker`: load the model, build retrieval, start metrics, run the loop until SIGTERM."""
+"""`kvrec worker`: serve the probes, load the model, build retrieval, run the loop until SIGTERM.
+
+The metrics server starts first, before torch is imported (this module imports it only when
+the model is loaded), so `/health` and `/metrics` answer within a second of the process start:
+`/health` says `starting` while the model loads and the index builds, and `/ready` stays 503
+until the worker's assignment is restored (`stream/worker/metrics.py`).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,15 @@ import gc
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from model.artifact import load_artifact
-from model.backends import make_backend
 from model.errors import ConfigError
-from model.retrieval import Retriever
-from state.kvcache import LruByteCache
 from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics
-from stream.worker.inference import CacheEntry, Recommender
-from stream.worker.loop import Worker
 from stream.worker.metrics import HealthState, WorkerMetrics, serve
 from stream.worker.settings import WorkerSettings, add_worker_arguments
+
+if TYPE_CHECKING:
+    from stream.worker.inference import Recommender
 
 log = logging.getLogger("kvrec.worker")
 
@@ -33,12 +34,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_recommender(settings: WorkerSettings) -> Recommender:
     """Load and verify the artifact (refused with a clear error if it fails its manifest)."""
+    import numpy as np
+
+    from model.artifact import load_artifact
+    from model.backends import make_backend
+    from model.retrieval import Retriever
+    from state.kvcache import LruByteCache
+    from state.partition import group_directory
+    from stream.worker.inference import CacheEntry, Recommender
+
     artifact = load_artifact(settings.model)
     onnx_path = settings.onnx
     if settings.backend == "onnx-cpu" and onnx_path is None:
         from model.export import export_step
 
-        onnx_path = settings.state_dir / f"step-{artifact.version}.onnx"
+        group_dir = settings.state_dir / group_directory(settings.group_id)
+        onnx_path = group_dir / f"step-{artifact.version}.onnx"
         if not onnx_path.exists():
             onnx_path.parent.mkdir(parents=True, exist_ok=True)
             export_step(artifact.encoder, onnx_path)
@@ -84,18 +95,30 @@ def main(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = WorkerSettings.from_args(args)
+    metrics = WorkerMetrics()
+    health = HealthState()  # /health: "starting" until the worker is built
+    if settings.metrics_port >= 0:
+        try:
+            server = serve(metrics, health, settings.metrics_port, settings.metrics_host)
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-host {settings.metrics_host} --metrics-port {settings.metrics_port}: "
+                f"cannot listen there ({exc.strerror or exc})"
+            ) from exc
+        log.info("metrics on %s:%d (/metrics /health /ready)", settings.metrics_host,
+                 server.server_address[1])
+    import torch
+
+    from stream.worker.loop import Worker
+
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    log.info("loading the model and building retrieval")
     recommender = build_recommender(settings)
     settings = resolve_window_capacity(settings, recommender)
     kafka_config = client_config(args)
     if args.create_topics:
         ensure_topics(kafka_config, topic_specs(settings, args.partitions))
-    metrics = WorkerMetrics()
-    health = HealthState()
-    if settings.metrics_port >= 0:
-        server = serve(metrics, health, settings.metrics_port)
-        log.info("metrics on :%d (/metrics /health /ready)", server.server_address[1])
     worker = Worker(settings, recommender, metrics, health, kafka_config)
     # the model, the index and the stored windows are long-lived: keep them out of the cyclic
     # collector's scans, and collect the young generation less often (a full collection over
@@ -118,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
         "exactly-once" if settings.exactly_once else "at-least-once",
     )
     try:
-        worker.run()
+        worker.run()  # /health: from "starting" to the loop's beats
     finally:
         gc.unfreeze()  # hand the long-lived objects back to the collector for a clean exit
     return 0

@@ -18,6 +18,10 @@
            checkpoint when due (checkpoint.py); on revoke: checkpoint, close the stores;
            on assign: open the stores, restore from the changelog (recovery.py);
            an error that escapes (Kafka, infrastructure): abort, commit nothing
+
+Every turn of the loop, and every read of a restore, beats the liveness that `/health` reports;
+`/ready` follows the assignment (metrics.py: HealthState). Once a second the loop sets the
+consumer-lag gauge of each owned partition from librdkafka's cached watermarks (no request).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from stream.worker.checkpoint import Checkpoint, TransactionAborted
 from stream.worker.dead_letters import DeadLetters, produce
 from stream.worker.inference import Recommender, Scored, WaveInput
 from stream.worker.metrics import HealthState, WorkerMetrics
-from stream.worker.recovery import recover_partition, restore_consumer_config
+from stream.worker.recovery import RestoreProgress, recover_partition, restore_consumer_config
 from stream.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -106,6 +110,8 @@ class KafkaClients:
 
 
 class Worker:
+    lag_interval_s = 1.0  # how often the consumer-lag gauges are updated
+
     def __init__(
         self,
         settings: WorkerSettings,
@@ -129,7 +135,7 @@ class Worker:
         if settings.exactly_once:
             self.producer.init_transactions(30.0)
         self.state = WorkerState(
-            settings.state_dir, settings.input_topic, settings.window_capacity,
+            settings.state_dir, settings.group_id, settings.input_topic, settings.window_capacity,
             settings.windows_in_memory,
         )
         self.checkpoint = Checkpoint(
@@ -147,9 +153,14 @@ class Worker:
             self.checkpoint.on_delivery,
         )
         self.metrics.model_info.labels(recommender.version).set(1)
+        self._lag_due = 0.0
 
     # --- rebalance -------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Restore each new partition, then let it deliver. Called by the group for every
+        assignment, an empty one too (an idle member): either way the worker is a member with
+        its assignment restored and consuming, ready."""
+        self.health.assignment_started()
         committed = {
             tp.partition: tp.offset
             for tp in consumer.committed(
@@ -163,20 +174,29 @@ class Worker:
                 self.settings.changelog_topic,
                 self.state.open(tp.partition),
                 committed.get(tp.partition, -1),
+                progress=self._restore_progress,
             )
             self.metrics.restored_windows.inc(result.restored)
         consumer.incremental_assign(partitions)
         self.metrics.assigned_partitions.set(len(self.state))
-        self.health.ready = True
+        self.health.assignment_done()
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
 
+    def _restore_progress(self, progress: RestoreProgress) -> None:
+        self.health.beat()  # the loop does not turn during a restore: the restore is the beat
+        partition = str(progress.partition)
+        self.metrics.restore_records.labels(partition).set(progress.total)
+        self.metrics.restore_records_remaining.labels(partition).set(progress.remaining)
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.health.revoked()  # ready again when the rebalance's assignment completes
         if not self.failed:  # after an error nothing is committed: the input is replayed
             self._commit()
         self._drop(consumer, partitions)
         log.info("revoked %s", sorted(tp.partition for tp in partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.health.revoked()
         self._drop(consumer, partitions)  # someone else owns them now: keep nothing unflushed
         log.warning("lost %s", sorted(tp.partition for tp in partitions))
 
@@ -184,6 +204,7 @@ class Worker:
         for tp in partitions:
             self.state.close(tp.partition)
             self.checkpoint.forget(tp.partition)
+            self.metrics.forget_partition(tp.partition)
         consumer.incremental_unassign(partitions)
         self.metrics.assigned_partitions.set(len(self.state))
 
@@ -192,6 +213,7 @@ class Worker:
         """Consume, process and checkpoint until stopped. An exception that escapes (a Kafka
         or infrastructure error: bad messages never get here) commits nothing of the work in
         progress; it is aborted and the input after the last checkpoint is replayed."""
+        self.health.started()  # the start is over: from here the loop's beats are the liveness
         self.consumer.subscribe(
             [self.settings.input_topic],
             on_assign=self._on_assign,
@@ -210,6 +232,8 @@ class Worker:
                 self.producer.poll(0)
                 if self.checkpoint.due():
                     self._commit()
+                if time.monotonic() >= self._lag_due:
+                    self._update_lag()
             self._commit()
         except BaseException:
             self.failed = True
@@ -217,7 +241,25 @@ class Worker:
         finally:
             self.close()
 
+    def _update_lag(self) -> None:
+        """kvrec_consumer_lag{partition} = high watermark - position, both known locally (the
+        watermark as of the last fetch response); a partition not fetched yet is left out."""
+        self._lag_due = time.monotonic() + self.lag_interval_s
+        owned = [TopicPartition(self.settings.input_topic, p) for p, _ in self.state.items()]
+        if not owned:
+            return
+        for tp in self.consumer.position(owned):
+            if tp.offset < 0:
+                continue
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, high - tp.offset))
+
     def close(self) -> None:
+        self.health.revoked()  # leaving the group: not ready, whatever the callbacks say
         try:
             if self.failed:
                 self._abort()

@@ -1,12 +1,29 @@
-"""Prometheus metrics and the `/metrics`, `/health`, `/ready` endpoints of a worker."""
+"""Prometheus metrics and the `/metrics`, `/health`, `/ready` endpoints of a worker.
+
+Names follow Prometheus' conventions: a counter is declared without `_total` and scraped with
+it (`kvrec_events_in` is scraped as `kvrec_events_in_total`), durations are `_seconds` and
+sizes `_bytes`. README.md lists every name as a scrape shows it (a test compares the two).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -14,8 +31,14 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 class WorkerMetrics:
     def __init__(self) -> None:
+        # no `<counter>_created` series (a timestamp gauge per counter and histogram); this is
+        # process-wide, and the worker's process has no other metrics
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_* (CPU, memory, file descriptors), python_gc_*, python_info
+        for collector in (PROCESS_COLLECTOR, GC_COLLECTOR, PLATFORM_COLLECTOR):
+            r.register(collector)
         self.events_in = Counter("kvrec_events_in", "Input messages consumed", registry=r)
         self.events_applied = Counter(
             "kvrec_events_applied", "Valid events applied to a window", registry=r
@@ -78,36 +101,129 @@ class WorkerMetrics:
         self.assigned_partitions = Gauge(
             "kvrec_assigned_partitions", "Input partitions owned", registry=r
         )
+        self.consumer_lag = Gauge(
+            "kvrec_consumer_lag",
+            "Messages of an owned input partition not consumed yet: its high watermark minus "
+            "the consumer's position (updated every second)",
+            ["partition"],
+            registry=r,
+        )
+        self.restore_records = Gauge(
+            "kvrec_restore_records",
+            "Changelog records (offsets) the partition's latest restore reads, from watermarks",
+            ["partition"],
+            registry=r,
+        )
+        self.restore_records_remaining = Gauge(
+            "kvrec_restore_records_remaining",
+            "Changelog records (offsets) the partition's restore has still to read (0: done)",
+            ["partition"],
+            registry=r,
+        )
+
+    def forget_partition(self, partition: int) -> None:
+        """The partition is no longer owned: drop its labelled series."""
+        for gauge in (self.consumer_lag, self.restore_records, self.restore_records_remaining):
+            with contextlib.suppress(KeyError):
+                gauge.remove(str(partition))
 
 
 class HealthState:
-    """What `/health` and `/ready` report: the loop is alive; partitions are restored."""
+    """What `/health` and `/ready` report.
+
+    `/health`, liveness: the process is alive and not stuck. It answers 200 `starting` while the
+    model loads and the index builds, then 200 `ok` as long as the loop, or a restore inside the
+    assignment callback, beat within `stale_after_s`, and 503 `stalled` after that.
+
+    `/ready`, readiness: the worker is a member of its group and every partition assigned to it
+    is restored and consuming. The assignment callback running at all makes a member (an idle
+    member's assignment is empty); a restore, a revocation or a lost assignment makes the
+    worker not ready until the next assignment completes. A stalled worker is not ready either.
+    """
 
     def __init__(self, stale_after_s: float = 60.0) -> None:
-        self.last_loop = time.monotonic()
-        self.ready = False
         self.stale_after_s = stale_after_s
+        self.last_beat = time.monotonic()
+        self.starting = True
+        self.restoring = False
+        self.assigned = False  # the group's assignment (possibly empty) is restored and consuming
+
+    def started(self) -> None:
+        """The model is loaded and the index built: from here the loop's beats count."""
+        self.beat()
+        self.starting = False
 
     def beat(self) -> None:
-        self.last_loop = time.monotonic()
+        self.last_beat = time.monotonic()
+
+    def assignment_started(self) -> None:
+        self.beat()
+        self.restoring = True
+        self.assigned = False
+
+    def assignment_done(self) -> None:
+        self.beat()
+        self.restoring = False
+        self.assigned = True
+
+    def revoked(self) -> None:
+        """Partitions were revoked or lost: not ready until the next assignment completes."""
+        self.restoring = False
+        self.assigned = False
 
     def healthy(self) -> bool:
-        return time.monotonic() - self.last_loop < self.stale_after_s
+        return self.starting or time.monotonic() - self.last_beat < self.stale_after_s
+
+    @property
+    def ready(self) -> bool:
+        return self.assigned and not self.starting and not self.restoring and self.healthy()
+
+    def health_reply(self) -> tuple[int, str]:
+        if self.starting:
+            return 200, "starting"
+        silent = time.monotonic() - self.last_beat
+        if silent < self.stale_after_s:
+            return 200, "ok"
+        return 503, f"stalled: no progress for {silent:.0f} s"
+
+    def ready_reply(self) -> tuple[int, str]:
+        if self.ready:
+            return 200, "ready"
+        if self.starting:
+            reason = "starting"
+        elif not self.healthy():
+            reason = "stalled"
+        elif self.restoring:
+            reason = "restoring"
+        else:
+            reason = "waiting for a partition assignment"
+        return 503, f"not ready: {reason}"
 
 
-def serve(metrics: WorkerMetrics, health: HealthState, port: int) -> ThreadingHTTPServer:
-    """Serve the endpoints on `port` (0 = any free port) in a daemon thread."""
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def serve(
+    metrics: WorkerMetrics, health: HealthState, port: int, host: str = "0.0.0.0"
+) -> ThreadingHTTPServer:
+    """Serve the endpoints on `host`:`port` (port 0 = any free port; an IPv6 host such as `::`
+    listens on IPv6) in a daemon thread. An address it cannot listen on raises OSError."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
                 self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
             elif self.path.startswith("/health"):
-                ok = health.healthy()
-                self._reply(200 if ok else 503, b"ok\n" if ok else b"stalled\n")
+                status, text = health.health_reply()
+                self._reply(status, f"{text}\n".encode())
             elif self.path.startswith("/ready"):
-                ok = health.ready and health.healthy()
-                self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                status, text = health.ready_reply()
+                self._reply(status, f"{text}\n".encode())
             else:
                 self._reply(404, b"not found\n")
 
@@ -121,6 +237,6 @@ def serve(metrics: WorkerMetrics, health: HealthState, port: int) -> ThreadingHT
         def log_message(self, format: str, *args: object) -> None:
             return
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server = (_Server6 if ":" in host else _Server)((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="kvrec-metrics", daemon=True).start()
     return server

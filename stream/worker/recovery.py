@@ -6,13 +6,17 @@ offset was never committed (produced by a checkpoint that crashed before its com
 owner will process those input events again and write them anew.
 
 The worker calls this from its assignment callback, so the input partitions do not deliver
-events before their windows are complete (the same effect as pausing them).
+events before their windows are complete (the same effect as pausing them). The loop does not
+turn meanwhile, so the restore reports its progress (records read of total, from the changelog
+partition's watermarks) to a callback that keeps the worker's liveness beating and sets the
+restore gauges, and logs it every few seconds.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
@@ -45,42 +49,85 @@ class RecoveryResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class RestoreProgress:
+    """Where a restore stands, in changelog offsets (from the partition's watermarks: a
+    compacted changelog has gaps, so fewer records may be read than offsets covered)."""
+
+    partition: int
+    read: int  # offsets covered so far
+    total: int  # offsets from the restore's start to the end of the partition when it began
+    seconds: float
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.read)
+
+
 def recover_partition(
     restore_consumer: Consumer,
     changelog_topic: str,
     windows: PartitionWindows,
     committed_input_offset: int,
     *,
-    timeout_s: float = 120.0,
+    progress: Callable[[RestoreProgress], None] | None = None,
+    stall_timeout_s: float = 120.0,
+    log_every_s: float = 5.0,
+    batch_records: int = 10_000,
 ) -> RecoveryResult:
     """Bring `windows`' store up to the end of its changelog partition.
 
     `committed_input_offset` is the group's committed offset of the input partition (the next
-    offset to consume, or a negative value when nothing was committed yet).
+    offset to consume, or a negative value when nothing was committed yet). `progress` is
+    called when the restore starts, after every read (at least every 50 ms while it runs, so
+    the caller can beat its liveness) and at its end. A restore may take as long as it needs;
+    one that reads nothing for `stall_timeout_s` raises TimeoutError. Progress is logged every
+    `log_every_s`.
     """
     started = time.monotonic()
     tp = TopicPartition(changelog_topic, windows.partition)
     low, high = restore_consumer.get_watermark_offsets(tp, timeout=10.0)
     stored = windows.changelog_offset()
     start = low if stored is None else max(stored + 1, low)
+    total = max(0, high - start)
     restored = skipped = 0
+
+    def report(read: int) -> RestoreProgress:
+        state = RestoreProgress(windows.partition, read, total, time.monotonic() - started)
+        if progress is not None:
+            progress(state)
+        return state
+
+    report(0)
     if start >= high:
+        report(total)
         return RecoveryResult(windows.partition, 0, 0, time.monotonic() - started)
+    log.info("restoring %s[%d]: %d records (offsets %d to %d)",
+             changelog_topic, windows.partition, total, start, high - 1)
     tp.offset = start if start > 0 else OFFSET_BEGINNING
     restore_consumer.assign([tp])  # the restore consumer has enable.partition.eof on
-    deadline = started + timeout_s
+    read = 0
+    last_read_at = next_log = started
+    next_log += log_every_s
     try:
         reached_end = False
         while not reached_end:
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - last_read_at > stall_timeout_s:
                 raise TimeoutError(
-                    f"restoring {changelog_topic}[{windows.partition}] took over {timeout_s:.0f}s"
+                    f"restoring {changelog_topic}[{windows.partition}]: nothing read for "
+                    f"{stall_timeout_s:.0f} s ({read} of {total} records)"
                 )
+            if now >= next_log:
+                log.info("restoring %s[%d]: %d of %d records (%.0f%%), %.0f s",
+                         changelog_topic, windows.partition, read, total,
+                         100.0 * read / total, now - started)
+                next_log = now + log_every_s
             batch: dict[str, bytes] = {}
             last_offset: int | None = None
             # a short wait: `consume` returns when the batch is full or the wait is over, and
             # a long wait would be paid by every small partition (it was 1 s per partition)
-            for message in restore_consumer.consume(num_messages=10_000, timeout=0.05):
+            for message in restore_consumer.consume(num_messages=batch_records, timeout=0.05):
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
@@ -96,6 +143,9 @@ def recover_partition(
                     restored += 1
             if last_offset is not None:
                 windows.restore(batch, last_offset)
+                read = min(total, last_offset + 1 - start)
+                last_read_at = time.monotonic()
+            report(total if reached_end else read)
     finally:
         restore_consumer.unassign()
     seconds = time.monotonic() - started
@@ -108,4 +158,3 @@ def recover_partition(
         seconds,
     )
     return RecoveryResult(windows.partition, restored, skipped, seconds)
-

@@ -7,9 +7,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.backends import BACKENDS
+from model.choices import BACKENDS, RETRIEVAL_KINDS
 from model.errors import ConfigError
-from model.retrieval import KINDS as RETRIEVAL_KINDS
 
 DEFAULT_EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 
@@ -109,6 +108,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     loop.add_argument("--max-future-ms", type=int, default=300_000)
     loop.add_argument("--metrics-port", type=int, default=9464, help="0 = any free port, -1 = off")
+    loop.add_argument(
+        "--metrics-host", default="0.0.0.0",
+        help="address the metrics server listens on: 0.0.0.0 every interface (Kubernetes "
+             "probes and Prometheus reach the pod IP), 127.0.0.1 this machine only, :: IPv6",
+    )
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,7 @@ class WorkerSettings:
     dead_letter_max_bytes: int
     max_future_ms: int
     metrics_port: int
+    metrics_host: str = "0.0.0.0"
 
     @property
     def event_type_set(self) -> frozenset[str]:
@@ -215,4 +220,5 @@ class WorkerSettings:
             dead_letter_max_bytes=args.dead_letter_max_bytes,
             max_future_ms=args.max_future_ms,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
