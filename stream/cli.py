@@ -65,7 +65,7 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
         elif action.type is not None:
             try:
                 value = action.type(raw)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
                 raise KvrecError(f"{env_name(long_options[0])}={raw!r}: {exc}") from exc
         else:
             value = raw

@@ -18,6 +18,7 @@ from confluent_kafka import KafkaException, Producer
 
 from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
 from model.errors import ConfigError
+from model.flags import integer, number
 from model.progress import progress_bar
 from stream.kafka_config import (
     add_kafka_arguments,
@@ -130,15 +131,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataset_arguments(parser)
     add_kafka_arguments(parser)
     parser.add_argument("--topic", default="events")
-    parser.add_argument("--rate", type=float, default=0.0, help="events/s; 0 = as fast as possible")
-    parser.add_argument("--limit", type=int, default=0, help="replay at most this many (0 = all)")
+    parser.add_argument("--rate", type=number(0), default=0.0, help="events/s; 0 = as fast as possible")
+    parser.add_argument("--limit", type=integer(0), default=0, help="replay at most this many (0 = all)")
     parser.add_argument("--create-topic", action="store_true", help="create the topic if missing")
-    parser.add_argument("--partitions", type=int, default=4, help="with --create-topic")
+    parser.add_argument("--partitions", type=integer(1), default=4, help="with --create-topic")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.rate < 0 or args.limit < 0 or args.partitions < 1:
-        raise ConfigError("--rate and --limit must be >= 0, --partitions >= 1")
     interactions = dataset_from_args(args)
     if args.limit:
         interactions = interactions[: args.limit]

@@ -20,6 +20,7 @@ import time
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from model.errors import ConfigError
+from model.flags import integer, number
 from stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text
 from stream.schema import decode_recommendation
 
@@ -31,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topic", default="recommendations")
     parser.add_argument("--from-beginning", action="store_true")
     parser.add_argument("--json", action="store_true", help="print each message's JSON value")
-    parser.add_argument("--max-messages", type=int, default=0, help="stop after N (0 = never)")
-    parser.add_argument("--timeout", type=float, default=0.0, help="stop after S idle seconds")
+    parser.add_argument("--max-messages", type=integer(0), default=0, help="stop after N (0 = never)")
+    parser.add_argument("--timeout", type=number(0), default=0.0, help="stop after S idle seconds")
 
 
 def describe(value: bytes) -> str:
@@ -63,8 +64,6 @@ def render(key: bytes | None, value: bytes | None, as_json: bool) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.max_messages < 0 or args.timeout < 0:
-        raise ConfigError("--max-messages and --timeout must be >= 0")
     try:
         consumer = Consumer(
             {
