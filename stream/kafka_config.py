@@ -1,4 +1,5 @@
-"""Kafka client settings from flags (and so from `KVREC_*` variables), topic creation."""
+"""Kafka client settings from flags (and so from `KVREC_<FLAG>` variables, shared by every
+Kafka command), topic creation."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from model.errors import ConfigError
+from stream.cli import SHARED_GROUP
 
 
 def add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("kafka")
+    group = parser.add_argument_group(SHARED_GROUP)
     group.add_argument("--bootstrap-servers", default="localhost:9092")
     group.add_argument(
         "--security-protocol",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,121 @@ def test_kafka_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyP
     argv = ["tail", "--sasl-mechanism", "PLAIN", "--sasl-username", "u"]
     config = client_config(build_parser(argv).parse_args(argv))
     assert config["sasl.password"] == "from-env" and config["bootstrap.servers"] == "envhost:1"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    from stream.cli import build_parser
+
+    return build_parser(argv).parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("false", False), ("FALSE", False), ("0", False), ("no", False),
+     ("true", True), ("1", True), ("Yes", True)],
+)
+def test_booleans_from_the_environment_mean_what_they_say(
+    raw: str, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KVREC_WORKER_EXCLUDE_SEEN", raw)  # a --flag/--no-flag pair
+    monkeypatch.setenv("KVREC_WORKER_NO_KV_CACHE", raw)  # a plain switch
+    args = _parse(["worker", "--model", "m"])
+    assert args.exclude_seen is expected
+    assert args.no_kv_cache is expected
+    assert _parse(["worker", "--model", "m", "--exclude-seen"]).exclude_seen is True  # flag wins
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        ("KVREC_WORKER_EXCLUDE_SEEN", "nope",
+         "kvrec: error: KVREC_WORKER_EXCLUDE_SEEN='nope': expected true, false, 1, 0, yes or no"),
+        ("KVREC_WORKER_NO_KV_CACHE", "nope",
+         "kvrec: error: KVREC_WORKER_NO_KV_CACHE='nope': expected true, false, 1, 0, yes or no"),
+        ("KVREC_WORKER_NO_KV_CACHE", "on",
+         "kvrec: error: KVREC_WORKER_NO_KV_CACHE='on': expected true, false, 1, 0, yes or no"),
+        ("KVREC_WORKER_K", "0", "kvrec: error: KVREC_WORKER_K='0': must be an integer >= 1, got '0'"),
+        ("KVREC_WORKER_BACKEND", "tpu", "kvrec: error: KVREC_WORKER_BACKEND='tpu': choose from"),
+        ("KVREC_BATCH_SIZE", "64",
+         "kvrec: error: KVREC_BATCH_SIZE is not read: this command's --batch-size is "
+         "KVREC_WORKER_BATCH_SIZE"),
+    ],
+)
+def test_a_bad_environment_variable_is_one_line_and_exit_2(
+    name: str, raw: str, message: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(name, raw)
+    assert kvrec(["worker", "--model", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_each_command_reads_its_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVREC_WORKER_BATCH_SIZE", "64")
+    monkeypatch.setenv("KVREC_TRAIN_BATCH_SIZE", "32")
+    monkeypatch.setenv("KVREC_BENCH_E2E_EVENTS", "123")
+    monkeypatch.setenv("KVREC_BOOTSTRAP_SERVERS", "shared:9092")  # a connection flag: shared
+    worker = _parse(["worker", "--model", "m"])
+    assert (worker.batch_size, worker.bootstrap_servers) == (64, "shared:9092")
+    assert _parse(["train", "--out", "o"]).batch_size == 32
+    assert _parse(["tail"]).bootstrap_servers == "shared:9092"
+    assert _parse(["bench", "e2e", "--json", "o.json"]).events == 123
+    # the demo's --bootstrap-servers is its own flag (default: start a broker), not the shared one
+    assert _parse(["demo"]).bootstrap_servers is None
+
+
+def _help_entries(help_text: str) -> dict[str, str]:
+    """{long option: its whole help entry, joined into one line} of a --help text."""
+    entries: dict[str, str] = {}
+    current = ""
+    for line in help_text.splitlines():
+        found = re.match(r"^ {2}(?:-\w(?: \S+)?, )?(--[a-z0-9-]+)", line)
+        if found:
+            current = found.group(1)
+            entries[current] = line.strip()
+        elif current and line.startswith("    ") and line.strip():
+            entries[current] += " " + line.strip()
+        else:
+            current = ""
+    entries.pop("--help", None)
+    return entries
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["replay"], ["tail"], ["train"], ["eval"], ["export"], ["worker"], ["demo"], ["broker"],
+     ["bench", "model"], ["bench", "retrieval"], ["bench", "gpu"], ["bench", "e2e"],
+     ["bench", "train"], ["bench", "restore"]],
+)
+def test_every_help_shows_each_flags_default_and_variable(
+    command: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        kvrec([*command, "--help"])
+    assert exit_.value.code == 0
+    entries = _help_entries(capsys.readouterr().out)
+    assert entries
+    prefix = "KVREC_" + "_".join(c.upper() for c in command) + "_"
+    for option, line in entries.items():
+        variable = re.search(r"env (KVREC_[A-Z0-9_]+)\)$", line)
+        assert variable, line
+        if not variable.group(1).startswith(prefix):  # only the Kafka connection flags are shared
+            assert option in {"--bootstrap-servers", "--security-protocol", "--sasl-mechanism",
+                              "--sasl-username", "--sasl-password", "--ssl-ca-location",
+                              "--ssl-certificate-location", "--ssl-key-location", "--client-id",
+                              "--connect-timeout", "--kafka-option"}, line
+        if option not in {"--sasl-password", "--kafka-option"}:  # secrets: no default shown
+            assert "(default: " in line or "(required; env" in line, line
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import tomllib
+
+    with pytest.raises(SystemExit) as exit_:
+        kvrec(["--version"])
+    assert exit_.value.code == 0
+    expected = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert capsys.readouterr().out == f"kvrec {expected['project']['version']}\n"
+    result = _run_kvrec("--version")
+    assert (result.returncode, result.stdout) == (0, f"kvrec {expected['project']['version']}\n")

@@ -1,4 +1,4 @@
-"""Worker settings: CLI flags, each also settable as `KVREC_<FLAG>` (see `stream/cli.py`)."""
+"""Worker settings: CLI flags, each also settable as `KVREC_WORKER_<FLAG>` (see `stream/cli.py`)."""
 
 from __future__ import annotations
 
