@@ -4,6 +4,7 @@ Kafka command), topic creation."""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping
 
 from confluent_kafka import KafkaException
@@ -11,6 +12,38 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from model.errors import ConfigError
 from stream.cli import SHARED_GROUP
+
+# librdkafka settings that have a flag of their own: `-X` refuses them (one way to set each)
+NAMED_SETTINGS = {
+    "bootstrap.servers": "--bootstrap-servers",
+    "metadata.broker.list": "--bootstrap-servers",
+    "client.id": "--client-id",
+    "security.protocol": "--security-protocol",
+    "sasl.mechanism": "--sasl-mechanism",
+    "sasl.mechanisms": "--sasl-mechanism",
+    "sasl.username": "--sasl-username",
+    "sasl.password": "--sasl-password",
+    "ssl.ca.location": "--ssl-ca-location",
+    "ssl.certificate.location": "--ssl-certificate-location",
+    "ssl.key.location": "--ssl-key-location",
+}
+# mechanisms that log in with --sasl-username and --sasl-password (OAUTHBEARER and GSSAPI
+# take their settings from -X: sasl.oauthbearer.*, sasl.kerberos.*)
+PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_SETTING_NAME = re.compile(r"[a-z][a-z0-9_.]*")
+
+
+def kafka_option(text: str) -> tuple[str, str]:
+    """`-X key=value`: one librdkafka setting (the value is not echoed: it may be a secret)."""
+    key, equals, value = text.partition("=")
+    key = key.strip()
+    if not equals or not _SETTING_NAME.fullmatch(key):
+        raise argparse.ArgumentTypeError(
+            "expected KEY=VALUE with KEY a librdkafka setting such as sasl.oauthbearer.config"
+        )
+    if key in NAMED_SETTINGS:
+        raise argparse.ArgumentTypeError(f"{key} has its own flag: use {NAMED_SETTINGS[key]}")
+    return key, value
 
 
 def add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,17 +54,30 @@ def add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
     )
-    group.add_argument("--sasl-mechanism", default=None, help="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512")
+    group.add_argument(
+        "--sasl-mechanism", default=None,
+        help="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (with --sasl-username and --sasl-password), "
+             "OAUTHBEARER or GSSAPI (their settings with -X)",
+    )
     group.add_argument("--sasl-username", default=None)
     group.add_argument("--sasl-password", default=None, help="prefer KVREC_SASL_PASSWORD")
     group.add_argument("--ssl-ca-location", default=None)
     group.add_argument("--ssl-certificate-location", default=None)
     group.add_argument("--ssl-key-location", default=None)
     group.add_argument("--client-id", default="kvrec")
+    group.add_argument(
+        "-X", "--kafka-option", dest="kafka_options", metavar="KEY=VALUE", action="append",
+        type=kafka_option, default=[],
+        help="any librdkafka setting the flags above do not cover, e.g. "
+             "-X sasl.oauthbearer.config=... (repeatable; KVREC_KAFKA_OPTIONS holds a list "
+             "separated by ';', or by ',' when it has no ';'; -X adds to it, and wins for the "
+             "same key)",
+    )
 
 
 def client_config(args: argparse.Namespace) -> dict[str, object]:
-    """confluent-kafka settings shared by every client of a command."""
+    """confluent-kafka settings shared by every client of a command (each command then adds
+    the settings it needs, e.g. its group and isolation level, which win over -X)."""
     config: dict[str, object] = {
         "bootstrap.servers": args.bootstrap_servers,
         "client.id": args.client_id,
@@ -46,8 +92,10 @@ def client_config(args: argparse.Namespace) -> dict[str, object]:
         "ssl.key.location": args.ssl_key_location,
     }
     config.update({k: v for k, v in optional.items() if v})
-    if args.sasl_mechanism and not (args.sasl_username and args.sasl_password):
-        raise ConfigError("--sasl-mechanism needs --sasl-username and --sasl-password")
+    mechanism = (args.sasl_mechanism or "").upper()
+    if mechanism in PASSWORD_MECHANISMS and not (args.sasl_username and args.sasl_password):
+        raise ConfigError(f"--sasl-mechanism {mechanism} needs --sasl-username and --sasl-password")
+    config.update(dict(args.kafka_options))  # in order: the command line's after the variable's
     return config
 
 

@@ -59,7 +59,16 @@ def test_malformed_dataset_line_is_one_line_from_the_installed_command(tmp_path:
          "kvrec: error: kvrec tail: argument --max-messages: must be an integer >= 0, got '-3'"),
         (["tail", "--timeout", "-1"],
          "kvrec: error: kvrec tail: argument --timeout: must be a number >= 0, got '-1'"),
-        (["tail", "--sasl-mechanism", "PLAIN"], "kvrec: error: --sasl-mechanism needs"),
+        (["tail", "--sasl-mechanism", "PLAIN"], "kvrec: error: --sasl-mechanism PLAIN needs"),
+        (["tail", "-X", "linger.ms"],
+         "kvrec: error: kvrec tail: argument -X/--kafka-option: expected KEY=VALUE with KEY a "
+         "librdkafka setting such as sasl.oauthbearer.config (see kvrec tail --help)"),
+        (["tail", "-X", "=1"], "argument -X/--kafka-option: expected KEY=VALUE"),
+        (["tail", "-X", "bootstrap.servers=b:9092"],
+         "kvrec: error: kvrec tail: argument -X/--kafka-option: bootstrap.servers has its own "
+         "flag: use --bootstrap-servers"),
+        (["tail", "-X", "no.such.setting=1"],
+         'kvrec: error: Kafka: No such configuration property: "no.such.setting"'),
         (["worker", "--model", "/nonexistent", "--session-timeout-ms", "10"],
          "argument --session-timeout-ms: must be an integer between 1000 and 3600000, got '10'"),
         (["worker", "--model", "/nonexistent", "--dead-letter-max-bytes", "2000000"],
@@ -250,3 +259,33 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == f"kvrec {expected['project']['version']}\n"
     result = _run_kvrec("--version")
     assert (result.returncode, result.stdout) == (0, f"kvrec {expected['project']['version']}\n")
+
+
+def test_kafka_options_pass_any_librdkafka_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from confluent_kafka import Producer
+
+    monkeypatch.setenv(
+        "KVREC_KAFKA_OPTIONS",
+        "sasl.oauthbearer.config=principal=admin scope=a;sasl.oauthbearer.extensions=a=1,b=2;"
+        "linger.ms=7",
+    )
+    argv = ["tail", "--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", "OAUTHBEARER",
+            "-X", "linger.ms=9", "-X", "enable.sasl.oauthbearer.unsecure.jwt=true"]
+    config = client_config(_parse(argv))
+    assert config == {
+        "bootstrap.servers": "localhost:9092", "client.id": "kvrec",
+        "security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "OAUTHBEARER",
+        "sasl.oauthbearer.config": "principal=admin scope=a",  # OAUTHBEARER: no password needed
+        "sasl.oauthbearer.extensions": "a=1,b=2",  # ';' separates, so a value keeps its commas
+        "linger.ms": "9",  # the command line wins over the variable
+        "enable.sasl.oauthbearer.unsecure.jwt": "true",
+    }
+    # librdkafka takes them (a client is created; nothing is sent)
+    Producer({**config, "bootstrap.servers": "127.0.0.1:9", "log_level": 0}).flush(0)
+    monkeypatch.setenv("KVREC_KAFKA_OPTIONS", "linger.ms=5,acks=all")  # no ';': ',' separates
+    assert client_config(_parse(["tail"])) == {
+        "bootstrap.servers": "localhost:9092", "client.id": "kvrec", "linger.ms": "5", "acks": "all"
+    }
+    monkeypatch.setenv("KVREC_KAFKA_OPTIONS", "linger.ms")
+    with pytest.raises(ConfigError, match=re.escape("KVREC_KAFKA_OPTIONS='linger.ms': expected KEY=VALUE")):
+        _parse(["tail"])
