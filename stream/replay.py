@@ -27,6 +27,8 @@ from stream.kafka_config import (
     kafka_error_text,
     topic_names,
 )
+from stream.kafka_logs import kafka_log
+from stream.logs import add_logging_arguments, setup_logging
 from stream.schema import Event, encode_event
 
 # throughput settings; anything in the caller's config wins
@@ -135,17 +137,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=integer(0), default=0, help="replay at most this many (0 = all)")
     parser.add_argument("--create-topic", action="store_true", help="create the topic if missing")
     parser.add_argument("--partitions", type=integer(1), default=4, help="with --create-topic")
+    add_logging_arguments(parser, default_level="WARNING")
 
 
 def main(args: argparse.Namespace) -> int:
+    setup_logging(args)
     interactions = dataset_from_args(args)
     if args.limit:
         interactions = interactions[: args.limit]
     config = client_config(args)
+    # a Kafka that cannot be reached within --connect-timeout: one line, exit status 1
     if args.create_topic:
-        ensure_topics(config, {args.topic: (args.partitions, {})})
-    elif args.topic not in topic_names(config):
+        ensure_topics(config, {args.topic: (args.partitions, {})}, args.connect_timeout)
+    elif args.topic not in topic_names(config, args.connect_timeout):
         raise ConfigError(f"topic {args.topic!r} does not exist (add --create-topic to create it)")
+    # a broker lost on the way: the producer's errors, once a minute each (kafka_logs.py)
+    config["error_cb"] = lambda error: kafka_log.warning("%s", error.str())
     try:
         stats = replay_events(config, args.topic, interactions, args.rate)
     except KafkaException as exc:

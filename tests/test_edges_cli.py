@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,7 @@ import pytest
 from model.errors import ConfigError
 from stream.cli import main as kvrec
 from stream.kafka_config import add_kafka_arguments, client_config
+from stream.kafka_logs import kafka_log
 
 KVREC = Path(sys.executable).with_name("kvrec")
 
@@ -121,7 +128,9 @@ def test_kafka_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyP
     parser = argparse.ArgumentParser()
     add_kafka_arguments(parser)
     args = parser.parse_args([])
-    assert client_config(args) == {"bootstrap.servers": "localhost:9092", "client.id": "kvrec"}
+    assert client_config(args) == {
+        "bootstrap.servers": "localhost:9092", "client.id": "kvrec", "logger": kafka_log
+    }
     args = parser.parse_args([
         "--bootstrap-servers", "b1:9093,b2:9093", "--security-protocol", "SASL_SSL",
         "--sasl-mechanism", "SCRAM-SHA-512", "--sasl-username", "app", "--sasl-password", "secret",
@@ -131,6 +140,7 @@ def test_kafka_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyP
         "bootstrap.servers": "b1:9093,b2:9093", "client.id": "replayer",
         "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
         "sasl.username": "app", "sasl.password": "secret", "ssl.ca.location": "/etc/ca.pem",
+        "logger": kafka_log,  # librdkafka's lines through Python logging
     }
     with pytest.raises(ConfigError):
         client_config(parser.parse_args(["--sasl-mechanism", "PLAIN", "--sasl-username", "a"]))
@@ -279,13 +289,212 @@ def test_kafka_options_pass_any_librdkafka_setting(monkeypatch: pytest.MonkeyPat
         "sasl.oauthbearer.extensions": "a=1,b=2",  # ';' separates, so a value keeps its commas
         "linger.ms": "9",  # the command line wins over the variable
         "enable.sasl.oauthbearer.unsecure.jwt": "true",
+        "logger": kafka_log,
     }
     # librdkafka takes them (a client is created; nothing is sent)
     Producer({**config, "bootstrap.servers": "127.0.0.1:9", "log_level": 0}).flush(0)
     monkeypatch.setenv("KVREC_KAFKA_OPTIONS", "linger.ms=5,acks=all")  # no ';': ',' separates
     assert client_config(_parse(["tail"])) == {
-        "bootstrap.servers": "localhost:9092", "client.id": "kvrec", "linger.ms": "5", "acks": "all"
+        "bootstrap.servers": "localhost:9092", "client.id": "kvrec", "linger.ms": "5", "acks": "all",
+        "logger": kafka_log,
     }
     monkeypatch.setenv("KVREC_KAFKA_OPTIONS", "linger.ms")
     with pytest.raises(ConfigError, match=re.escape("KVREC_KAFKA_OPTIONS='linger.ms': expected KEY=VALUE")):
         _parse(["tail"])
+
+
+# --- errors that used to end in a traceback -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.worker_fixtures import make_artifact
+
+    path = tmp_path_factory.mktemp("model") / "m"
+    make_artifact(path, n_items=60)
+    return path
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["worker", "--model", "m", "--log-level", "loud"],
+         "kvrec: error: kvrec worker: argument --log-level: invalid choice: 'LOUD'"),
+        (["tail", "--log-format", "yaml"],
+         "kvrec: error: kvrec tail: argument --log-format: invalid choice: 'yaml'"),
+        (["export", "--model", "m", "--out", "/nonexistent/folder/step.onnx"],
+         "kvrec: error: --out /nonexistent/folder/step.onnx: the folder /nonexistent/folder does "
+         "not exist"),
+        (["export", "--model", "m", "--out", "/"], "kvrec: error: --out / is a folder"),
+        (["tail", "--connect-timeout", "0"],
+         "kvrec: error: kvrec tail: argument --connect-timeout: must be a number > 0, got '0'"),
+    ],
+)
+def test_what_used_to_be_a_traceback_is_one_line_and_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert kvrec(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_worker_k_larger_than_the_catalog_and_a_metrics_port_in_use(
+    small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["worker", "--model", str(small_model), "--state-dir", str(tmp_path),
+              "--bootstrap-servers", f"127.0.0.1:{_closed_port()}"]
+    assert kvrec([*common, "--k", "61"]) == 2
+    assert capsys.readouterr().err == (
+        "kvrec: error: --k 61 is more than the model's catalog of 60 items\n"
+    )
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert kvrec([*common, "--metrics-port", str(port)]) == 2
+    assert capsys.readouterr().err == f"kvrec: error: --metrics-port {port}: port {port} in use\n"
+
+
+# --- a Kafka that cannot be reached ----------------------------------------------------------
+
+def test_tail_timeout_and_replay_stop_with_one_line_when_kafka_cannot_be_reached() -> None:
+    port = _closed_port()
+    reason = f"(Connect to ipv4#127.0.0.1:{port} failed: Connection refused)"
+    started = time.monotonic()
+    tail = _run_kvrec("tail", "--bootstrap-servers", f"127.0.0.1:{port}", "--timeout", "3")
+    assert time.monotonic() - started < 60
+    assert tail.returncode == 1
+    assert tail.stderr == f"kvrec: error: cannot reach Kafka at 127.0.0.1:{port} within 3 s {reason}\n"
+    replay = _run_kvrec("replay", "--format", "synthetic", "--synthetic-events", "50",
+                        "--bootstrap-servers", f"127.0.0.1:{port}", "--connect-timeout", "1")
+    assert replay.returncode == 1
+    assert replay.stderr == (
+        f"kvrec: error: cannot reach Kafka at 127.0.0.1:{port} within 1 s {reason}\n"
+    )
+    assert tail.stdout == replay.stdout == ""
+
+
+class _Stderr:
+    """A child's stderr lines, collected by a thread (the child is never blocked on it)."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert process.stderr is not None
+        stream = process.stderr
+        self.thread = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert time.monotonic() < deadline, f"no {text!r} in {self.lines[-20:]}"
+            time.sleep(0.1)
+
+
+def _interrupt_after_quiet_wait(process: subprocess.Popen[str], stderr: _Stderr) -> list[str]:
+    stderr.wait_for("cannot reach Kafka", timeout=180)
+    time.sleep(5)  # it used to print ~37 client lines a second here
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+    stderr.thread.join(timeout=10)
+    return [line.rstrip("\n") for line in stderr.lines]
+
+
+def test_a_worker_that_cannot_reach_kafka_says_so_once_then_waits_quietly(
+    small_model: Path, tmp_path: Path
+) -> None:
+    port = _closed_port()
+    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "stream.cli"]
+    process = subprocess.Popen(
+        [*command, "worker", "--model", str(small_model), "--state-dir", str(tmp_path),
+         "--bootstrap-servers", f"127.0.0.1:{port}", "--connect-timeout", "1",
+         "--metrics-port", "-1", "--log-format", "json"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        lines = _interrupt_after_quiet_wait(process, _Stderr(process))
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    assert lines[-1] == "kvrec: interrupted"
+    records = [json.loads(line) for line in lines[:-1]]  # every log line is JSON
+    assert {r["logger"] for r in records} <= {"kvrec.worker", "kvrec.kafka"}
+    unreachable = [r for r in records if "cannot reach Kafka" in r["message"]]
+    assert len(unreachable) == 1
+    assert unreachable[0]["level"] == "WARNING"
+    assert unreachable[0]["message"] == (
+        f"cannot reach Kafka at 127.0.0.1:{port} within 1 s (Connect to ipv4#127.0.0.1:{port} "
+        "failed: Connection refused); retrying quietly, at most 30 s apart"
+    )
+    assert records[-1] == unreachable[0]  # and nothing more in the 5 s after it
+
+
+def test_tail_without_timeout_says_so_once_then_waits_quietly() -> None:
+    port = _closed_port()
+    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "stream.cli"]
+    process = subprocess.Popen(
+        [*command, "tail", "--bootstrap-servers", f"127.0.0.1:{port}", "--connect-timeout", "1"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    try:
+        lines = _interrupt_after_quiet_wait(process, _Stderr(process))
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert len(lines) == 2, lines
+    assert re.fullmatch(
+        rf"\S+ \S+ WARNING kvrec.tail: cannot reach Kafka at 127.0.0.1:{port} within 1 s "
+        rf"\(Connect to ipv4#127.0.0.1:{port} failed: Connection refused\); retrying quietly, "
+        r"at most 30 s apart",
+        lines[0],
+    )
+    assert lines[1] == "kvrec: interrupted"
+
+
+def test_librdkafka_lines_go_through_python_logging_without_the_flood() -> None:
+    from confluent_kafka import Consumer
+
+    from stream.kafka_logs import kafka_log_filter
+    from stream.logs import JsonFormatter
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(self.format(record))
+
+    keep = Keep()
+    keep.setFormatter(JsonFormatter())
+    kafka_log.addHandler(keep)
+    port = _closed_port()
+    try:
+        # a producer setting on a consumer: librdkafka warns (CONFWARN); nobody listens on the
+        # port: it fails to connect about 20 times a second
+        config = client_config(_parse(["tail", "--bootstrap-servers", f"127.0.0.1:{port}",
+                                       "-X", "linger.ms=5"]))
+        consumer = Consumer({**config, "group.id": "g"})
+        consumer.subscribe(["t"])
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            consumer.consume(10, timeout=0.2)
+        consumer.close()
+        kafka_log.warning("consumer error: %s", "same text")
+        kafka_log.warning("consumer error: %s", "same text")  # a repeat within a minute
+    finally:
+        kafka_log.removeHandler(keep)
+    records = [json.loads(line) for line in keep.lines]
+    assert [r.get("facility") for r in records] == ["CONFWARN", None]
+    assert records[0]["client"].startswith("kvrec#consumer")
+    assert "is a producer property and will be ignored" in records[0]["message"]
+    assert records[1]["message"] == "consumer error: same text"
+    assert kafka_log_filter.connection_problem == (
+        f"Connect to ipv4#127.0.0.1:{port} failed: Connection refused"
+    )

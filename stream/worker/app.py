@@ -16,7 +16,8 @@ from model.backends import make_backend
 from model.errors import ConfigError
 from model.retrieval import Retriever
 from state.kvcache import LruByteCache
-from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics
+from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics, wait_for_kafka
+from stream.logs import add_logging_arguments, setup_logging
 from stream.worker.inference import CacheEntry, Recommender
 from stream.worker.loop import Worker
 from stream.worker.metrics import HealthState, WorkerMetrics, serve
@@ -28,12 +29,16 @@ log = logging.getLogger("kvrec.worker")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_kafka_arguments(parser)
     add_worker_arguments(parser)
-    parser.add_argument("--log-level", default="INFO")
+    add_logging_arguments(parser)
 
 
 def build_recommender(settings: WorkerSettings) -> Recommender:
     """Load and verify the artifact (refused with a clear error if it fails its manifest)."""
     artifact = load_artifact(settings.model)
+    if settings.k > artifact.config.n_items:
+        raise ConfigError(
+            f"--k {settings.k} is more than the model's catalog of {artifact.config.n_items} items"
+        )
     onnx_path = settings.onnx
     if settings.backend == "onnx-cpu" and onnx_path is None:
         from model.export import export_step
@@ -80,22 +85,23 @@ def resolve_window_capacity(settings: WorkerSettings, recommender: Recommender) 
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args)
     settings = WorkerSettings.from_args(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     recommender = build_recommender(settings)
     settings = resolve_window_capacity(settings, recommender)
     kafka_config = client_config(args)
-    if args.create_topics:
-        ensure_topics(kafka_config, topic_specs(settings, args.partitions))
     metrics = WorkerMetrics()
     health = HealthState()
     if settings.metrics_port >= 0:
         server = serve(metrics, health, settings.metrics_port)
         log.info("metrics on :%d (/metrics /health /ready)", server.server_address[1])
+    # a Kafka that does not answer: one line after --connect-timeout, then quiet retries
+    # (alive on /health, not /ready)
+    wait_for_kafka(kafka_config, args.connect_timeout, retry=True, log=log, on_wait=health.beat)
+    if args.create_topics:
+        ensure_topics(kafka_config, topic_specs(settings, args.partitions), args.connect_timeout)
     worker = Worker(settings, recommender, metrics, health, kafka_config)
     # the model, the index and the stored windows are long-lived: keep them out of the cyclic
     # collector's scans, and collect the young generation less often (a full collection over

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+
+from model.errors import ConfigError
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -116,6 +119,10 @@ def serve(metrics: WorkerMetrics, health: HealthState, port: int) -> ThreadingHT
         def log_message(self, format: str, *args: object) -> None:
             return
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    try:
+        server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    except OSError as exc:
+        reason = f"port {port} in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ConfigError(f"--metrics-port {port}: {reason}") from None
     threading.Thread(target=server.serve_forever, name="kvrec-metrics", daemon=True).start()
     return server
