@@ -498,3 +498,26 @@ def test_librdkafka_lines_go_through_python_logging_without_the_flood() -> None:
     assert kafka_log_filter.connection_problem == (
         f"Connect to ipv4#127.0.0.1:{port} failed: Connection refused"
     )
+
+
+def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    actions: list[argparse.Action] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                actions += _all_actions(child)
+        else:
+            actions.append(action)
+    return actions
+
+
+@pytest.mark.parametrize("command", ["replay", "tail", "train", "eval", "export", "worker", "demo",
+                                     "broker", "bench"])
+def test_no_numeric_flag_escapes_its_range_check(command: str) -> None:
+    from stream.cli import build_parser
+
+    parser = build_parser([command])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in _all_actions(sub.choices[command]):
+        if isinstance(action.default, int | float) and not isinstance(action.default, bool):
+            assert getattr(action.type, "__name__", None) in ("integer", "number"), action.dest

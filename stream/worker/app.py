@@ -87,11 +87,11 @@ def resolve_window_capacity(settings: WorkerSettings, recommender: Recommender) 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args)
     settings = WorkerSettings.from_args(args)
+    kafka_config = client_config(args)  # its mistakes are refused before the model loads
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     recommender = build_recommender(settings)
     settings = resolve_window_capacity(settings, recommender)
-    kafka_config = client_config(args)
     metrics = WorkerMetrics()
     health = HealthState()
     if settings.metrics_port >= 0:
