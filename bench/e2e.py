@@ -42,6 +42,7 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from bench.machine import machine_info
+from model import flags
 from model.datasets import BASE_TS_MS, Interaction, SyntheticSpec, generate_synthetic
 from model.errors import ConfigError
 from stream.kafka_config import ensure_topics
@@ -492,26 +493,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="2000 events, 2000 items, W=8, 3 s rate phase (CI smoke)")
     parser.add_argument("--bootstrap-servers", default=None, help="default: start a local broker")
-    parser.add_argument("--events", type=int, default=50_000, help="backlog for the peak phase")
-    parser.add_argument("--items", type=int, default=100_000)
-    parser.add_argument("--window", type=int, default=50)
-    parser.add_argument("--users", type=int, default=1_000)
-    parser.add_argument("--history", type=int, default=-1,
+    parser.add_argument("--events", type=flags.integer(1), default=50_000, help="backlog for the peak phase")
+    parser.add_argument("--items", type=flags.integer(2), default=100_000)
+    parser.add_argument("--window", type=flags.integer(1), default=50)
+    parser.add_argument("--users", type=flags.integer(1), default=1_000)
+    parser.add_argument("--history", type=flags.integer(-1), default=-1,
                         help="events per user stored before the timed phases, by a kvrec worker "
                              "(-1: fill each window, N*(W-1)+1; 0: none)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="fixed-rate phase")
+    parser.add_argument("--seconds", type=flags.number(above=0), default=20.0, help="fixed-rate phase")
     parser.add_argument("--rate-fractions", default="0.25,0.5,0.75",
                         help="fixed-rate phases: offered rate = these shares of the measured peak")
-    parser.add_argument("--max-rate", type=float, default=20_000.0, help="offered rate cap, ev/s")
-    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--max-rate", type=flags.number(above=0), default=20_000.0,
+                        help="offered rate cap, ev/s")
+    parser.add_argument("--partitions", type=flags.integer(1), default=4)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
-    parser.add_argument("--timeout", type=float, default=600.0, help="per phase, seconds")
+    parser.add_argument("--timeout", type=flags.number(above=0), default=600.0, help="per phase, seconds")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     parser.add_argument("--sweep", action="store_true",
                         help="also: kvrec peak against W (20, 50, 200), catalog (10k, 100k, 1M) and "
                              "batch size (64..2048), no-cache peak against W; plot to <plot>-sweep.png")
-    parser.add_argument("--sweep-events", type=int, default=20_000, help="backlog per sweep point")
-    parser.add_argument("--sweep-users", type=int, default=500, help="users per sweep point")
+    parser.add_argument("--sweep-events", type=flags.integer(1), default=20_000,
+                        help="backlog per sweep point")
+    parser.add_argument("--sweep-users", type=flags.integer(1), default=500, help="users per sweep point")
 
 
 def main(args: argparse.Namespace) -> int:

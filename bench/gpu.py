@@ -19,6 +19,7 @@ from bench.machine import machine_info
 from model.config import ModelConfig
 from model.encoder import Encoder
 from model.errors import ConfigError
+from model.flags import integer, number
 from model.gpu_retrieval import TorchExactRetriever
 
 
@@ -93,10 +94,10 @@ def measure_batch(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", required=True)
-    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--items", type=integer(1), default=1_000_000)
     parser.add_argument("--batches", default="1024,4096,16384")
-    parser.add_argument("--window", type=int, default=50)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--window", type=integer(1), default=50)
+    parser.add_argument("--seconds", type=number(above=0), default=3.0)
     parser.add_argument("--device", default="cuda")
 
 

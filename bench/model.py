@@ -24,6 +24,7 @@ from model.config import ModelConfig
 from model.encoder import Encoder
 from model.errors import ConfigError
 from model.export import export_step
+from model.flags import number
 
 
 def _time(call: Callable[[], object], min_seconds: float, sync: Callable[[], None]) -> float:
@@ -132,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", default="50,200")
     parser.add_argument("--batches", default="1,64,512")
     parser.add_argument("--backends", default="auto", help="comma list or auto")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="timing per measurement")
+    parser.add_argument("--min-seconds", type=number(above=0), default=1.0, help="timing per measurement")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds (CI smoke)")
 
 

@@ -22,6 +22,7 @@ from confluent_kafka import Consumer, Producer
 from bench.e2e import _broker
 from bench.machine import machine_info
 from model.errors import ConfigError
+from model.flags import integer
 from state.changelog import ChangelogRecord
 from state.partition import WorkerState
 from state.window import Window, WindowEvent
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", required=True, help="output JSON")
     parser.add_argument("--windows", default="10,1000,10000,100000",
                         help="changelog sizes to restore (windows), comma-separated")
-    parser.add_argument("--events-per-window", type=int, default=99,
+    parser.add_argument("--events-per-window", type=integer(1), default=99,
                         help="events in each window (99 = N*(W-1)+1 for 2 layers, W=50)")
     parser.add_argument("--bootstrap-servers", default=None, help="default: start a local broker")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")

@@ -23,6 +23,7 @@ import torch
 
 from bench.machine import machine_info
 from model.errors import ConfigError
+from model.flags import integer, number
 from model.gpu_retrieval import TorchExactRetriever
 from model.progress import progress_bar, progress_line
 from model.retrieval import KINDS, Retriever, recall_at_k
@@ -137,11 +138,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000", help="catalog sizes, comma-separated")
     parser.add_argument("--kinds", default="exact,ivfflat,ivfpq,hnsw",
                         help=f"comma-separated, from {','.join(BENCH_KINDS)}")
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--exclude", type=int, default=0, help="excluded items per query")
-    parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
-    parser.add_argument("--threads", type=int, default=1, help="faiss and torch threads")
+    parser.add_argument("--batch", type=integer(1), default=512)
+    parser.add_argument("--k", type=integer(1), default=10)
+    parser.add_argument("--exclude", type=integer(0), default=0, help="excluded items per query")
+    parser.add_argument("--seconds", type=number(above=0), default=2.0, help="time per measurement")
+    parser.add_argument("--threads", type=integer(1), default=1, help="faiss and torch threads")
     parser.add_argument("--device", default="cpu", help="device of torch-exact (cpu, cuda)")
     parser.add_argument("--quick", action="store_true", help="one small catalog, short timings")
 

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import DataError
+from model.flags import integer
 
 FORMATS = ("sasrec", "movielens", "csv", "synthetic")
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
@@ -294,10 +295,12 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("dataset")
     group.add_argument("--data", default=None, help="dataset file (not for synthetic)")
     group.add_argument("--format", default="sasrec", choices=FORMATS, help="dataset format")
-    group.add_argument("--synthetic-users", type=int, default=2_000)
-    group.add_argument("--synthetic-items", type=int, default=1_000)
-    group.add_argument("--synthetic-events", type=int, default=50_000)
-    group.add_argument("--seed", type=int, default=0, help="synthetic data (and training) seed")
+    group.add_argument("--synthetic-users", type=integer(1), default=2_000)
+    group.add_argument("--synthetic-items", type=integer(2), default=1_000)
+    group.add_argument("--synthetic-events", type=integer(1), default=50_000)
+    group.add_argument(
+        "--seed", type=integer(0, 2**32 - 1), default=0, help="synthetic data (and training) seed"
+    )
 
 
 def spec_from_args(args: argparse.Namespace) -> SyntheticSpec | None:

@@ -19,6 +19,7 @@ import torch
 
 from model.datasets import Interaction, add_dataset_arguments, dataset_from_args, group_by_user
 from model.encoder import Encoder
+from model.flags import integer
 
 CUTOFFS = (10, 20)
 
@@ -152,7 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--split", default="test", choices=("test", "validation"))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--max-len", type=int, default=0, help="0 = the training max length")
+    parser.add_argument("--max-len", type=integer(0), default=0, help="0 = the training max length")
 
 
 def main(args: argparse.Namespace) -> int:

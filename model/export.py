@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from model.encoder import Encoder, KVCache
+from model.errors import ConfigError
 
 INPUTS = ["keys", "values", "positions", "items", "event_types"]
 OUTPUTS = ["user_vectors", "new_keys", "new_values", "new_positions", "attention"]
@@ -72,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from model.artifact import load_artifact
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: name the ONNX file to write")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
     artifact = load_artifact(args.model)
     path = export_step(artifact.encoder, args.out)
     print(f"exported step of model {artifact.version} to {path}")

@@ -38,6 +38,7 @@ from model.datasets import EVENT_TYPES, add_dataset_arguments, dataset_from_args
 from model.encoder import Encoder
 from model.errors import ConfigError, DataError
 from model.evaluate import evaluate_popularity, evaluate_split, left_pad, prepare
+from model.flags import integer, number
 from model.losses import softmax_cross_entropy
 from model.memory import release_free_memory
 from model.progress import progress_bar, progress_line
@@ -342,30 +343,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--out", required=True, help="artifact directory to write")
     parser.add_argument("--loss", default="ce", choices=("ce", "bce", "sampled"))
-    parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--epochs", type=integer(1), default=200)
+    parser.add_argument("--batch-size", type=integer(1), default=128)
+    parser.add_argument("--lr", type=number(above=0), default=1e-3, help="peak learning rate")
     parser.add_argument("--batching", default="length", choices=("length", "random"),
                         help="length: users of similar length batched together, about "
                              "--batch-size x (mean length) positions a batch (less padding); "
                              "random: --batch-size shuffled users a batch")
     parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
                         help="cosine: decay from --lr to --min-lr-ratio x --lr over --epochs")
-    parser.add_argument("--warmup-epochs", type=float, default=0.0,
+    parser.add_argument("--warmup-epochs", type=number(0), default=0.0,
                         help="linear learning-rate warm-up over this many epochs")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.01,
+    parser.add_argument("--min-lr-ratio", type=number(0, 1), default=0.01,
                         help="the cosine schedule's final learning rate, as a fraction of --lr")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--window", type=int, default=50)
-    parser.add_argument("--max-len", type=int, default=200, help="training sequence length")
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--patience", type=int, default=10)
-    parser.add_argument("--negatives", type=int, default=256, help="for --loss sampled")
-    parser.add_argument("--eval-every", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--weight-decay", type=number(0), default=0.0)
+    parser.add_argument("--d-model", type=integer(1), default=64)
+    parser.add_argument("--layers", type=integer(1), default=2)
+    parser.add_argument("--heads", type=integer(1), default=2)
+    parser.add_argument("--window", type=integer(1), default=50)
+    parser.add_argument("--max-len", type=integer(1), default=200, help="training sequence length")
+    parser.add_argument("--dropout", type=number(0, below=1), default=0.2)
+    parser.add_argument("--patience", type=integer(1), default=10)
+    parser.add_argument("--negatives", type=integer(1), default=256, help="for --loss sampled")
+    parser.add_argument("--eval-every", type=integer(1), default=1)
+    parser.add_argument("--threads", type=integer(0), default=0, help="torch threads (0 = default)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--plot", default=None, help="default: <out>/training_curve.png")
     parser.add_argument("--init-from", default=None,
@@ -387,13 +388,8 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
-    for name in ("epochs", "batch_size", "max_len", "patience", "negatives", "eval_every"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+    if args.warmup_epochs > args.epochs:  # each flag's own range is checked by its type
         raise ConfigError("--warmup-epochs must be between 0 and --epochs")
-    if not 0.0 <= args.min_lr_ratio <= 1.0:
-        raise ConfigError("--min-lr-ratio must be between 0 and 1")
     interactions = dataset_from_args(args)
     out = Path(args.out)
     settings = TrainSettings(

@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
 from model.errors import ConfigError, RunFailed
+from model.flags import integer, number
 from stream.demo_worker import WorkerProcess, free_port
 from stream.kafka_config import ensure_topics, kafka_error_text
 from stream.replay import ReplayStats, replay_events
@@ -44,15 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--bootstrap-servers", default=None, help="default: start a local broker")
     parser.add_argument("--model", default=None, help="an artifact; default: train one now")
-    parser.add_argument("--train-epochs", type=int, default=2)
+    parser.add_argument("--train-epochs", type=integer(1), default=2)
     parser.add_argument(
-        "--train-threads", type=int, default=0,
+        "--train-threads", type=integer(0), default=0,
         help="torch threads for training (0 = the cores free now: cores minus the 1-minute "
              "load average, at least 1)",
     )
-    parser.add_argument("--rate", type=float, default=2000.0, help="replayed events/s (0 = max)")
-    parser.add_argument("--events", type=int, default=60_000, help="events to replay")
-    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--rate", type=number(0), default=2000.0, help="replayed events/s (0 = max)")
+    parser.add_argument("--events", type=integer(1), default=60_000, help="events to replay")
+    parser.add_argument("--partitions", type=integer(1), default=4)
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     parser.add_argument("--backend", default="torch-cpu")
     parser.add_argument(
@@ -61,11 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "broker, a fresh `demo-<id>-` with --bootstrap-servers)",
     )
     parser.add_argument(
-        "--ready-timeout", type=float, default=300.0,
+        "--ready-timeout", type=number(above=0), default=300.0,
         help="seconds to wait for the worker's /ready (ONNX export and index build) before failing",
     )
     parser.add_argument(
-        "--settle-timeout", type=float, default=30.0,
+        "--settle-timeout", type=number(above=0), default=30.0,
         help="after the replay, fail when recommendations are missing and none arrived for this long",
     )
 
@@ -194,17 +195,7 @@ class Replay(threading.Thread):
         return self.stats.sent
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if args.events <= 0 or args.partitions <= 0 or args.train_epochs <= 0:
-        raise ConfigError("--events, --partitions and --train-epochs must be positive")
-    if args.rate < 0 or args.train_threads < 0:
-        raise ConfigError("--rate and --train-threads must be >= 0")
-    if args.ready_timeout <= 0 or args.settle_timeout <= 0:
-        raise ConfigError("--ready-timeout and --settle-timeout must be positive")
-
-
 def main(args: argparse.Namespace) -> int:
-    _check_args(args)
     if args.format == "sasrec" and args.data is None:
         if not DEFAULT_DATA.exists():
             raise ConfigError(f"no --data given and {DEFAULT_DATA} is missing; try --format synthetic")

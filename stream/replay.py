@@ -18,6 +18,7 @@ from confluent_kafka import KafkaException, Producer
 
 from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
 from model.errors import ConfigError
+from model.flags import integer, number
 from model.progress import progress_bar
 from stream.kafka_config import (
     add_kafka_arguments,
@@ -26,6 +27,8 @@ from stream.kafka_config import (
     kafka_error_text,
     topic_names,
 )
+from stream.kafka_logs import kafka_log
+from stream.logs import add_logging_arguments, setup_logging
 from stream.schema import Event, encode_event
 
 # throughput settings; anything in the caller's config wins
@@ -130,23 +133,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataset_arguments(parser)
     add_kafka_arguments(parser)
     parser.add_argument("--topic", default="events")
-    parser.add_argument("--rate", type=float, default=0.0, help="events/s; 0 = as fast as possible")
-    parser.add_argument("--limit", type=int, default=0, help="replay at most this many (0 = all)")
+    parser.add_argument("--rate", type=number(0), default=0.0, help="events/s; 0 = as fast as possible")
+    parser.add_argument("--limit", type=integer(0), default=0, help="replay at most this many (0 = all)")
     parser.add_argument("--create-topic", action="store_true", help="create the topic if missing")
-    parser.add_argument("--partitions", type=int, default=4, help="with --create-topic")
+    parser.add_argument("--partitions", type=integer(1), default=4, help="with --create-topic")
+    add_logging_arguments(parser, default_level="WARNING")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.rate < 0 or args.limit < 0 or args.partitions < 1:
-        raise ConfigError("--rate and --limit must be >= 0, --partitions >= 1")
+    setup_logging(args)
     interactions = dataset_from_args(args)
     if args.limit:
         interactions = interactions[: args.limit]
     config = client_config(args)
+    # a Kafka that cannot be reached within --connect-timeout: one line, exit status 1
     if args.create_topic:
-        ensure_topics(config, {args.topic: (args.partitions, {})})
-    elif args.topic not in topic_names(config):
+        ensure_topics(config, {args.topic: (args.partitions, {})}, args.connect_timeout)
+    elif args.topic not in topic_names(config, args.connect_timeout):
         raise ConfigError(f"topic {args.topic!r} does not exist (add --create-topic to create it)")
+    # a broker lost on the way: the producer's errors, once a minute each (kafka_logs.py)
+    config["error_cb"] = lambda error: kafka_log.warning("%s", error.str())
     try:
         stats = replay_events(config, args.topic, interactions, args.rate)
     except KafkaException as exc:

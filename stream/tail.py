@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -20,10 +21,14 @@ import time
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from model.errors import ConfigError
-from stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text
+from model.flags import integer, number
+from stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text, wait_for_kafka
+from stream.kafka_logs import kafka_log
+from stream.logs import add_logging_arguments, setup_logging
 from stream.schema import decode_recommendation
 
 SHOWN_ITEMS = 5
+log = logging.getLogger("kvrec.tail")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topic", default="recommendations")
     parser.add_argument("--from-beginning", action="store_true")
     parser.add_argument("--json", action="store_true", help="print each message's JSON value")
-    parser.add_argument("--max-messages", type=int, default=0, help="stop after N (0 = never)")
-    parser.add_argument("--timeout", type=float, default=0.0, help="stop after S idle seconds")
+    parser.add_argument("--max-messages", type=integer(0), default=0, help="stop after N (0 = never)")
+    parser.add_argument(
+        "--timeout", type=number(0), default=0.0,
+        help="stop after S idle seconds (0 = never); with it, a Kafka that cannot be reached "
+             "within S seconds (or --connect-timeout, if shorter) is an error, exit status 1",
+    )
+    add_logging_arguments(parser, default_level="WARNING")
 
 
 def describe(value: bytes) -> str:
@@ -63,12 +73,18 @@ def render(key: bytes | None, value: bytes | None, as_json: bool) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.max_messages < 0 or args.timeout < 0:
-        raise ConfigError("--max-messages and --timeout must be >= 0")
+    setup_logging(args)
+    config = client_config(args)
+    # nothing to read until a broker answers: with --timeout, give up (one line, exit 1);
+    # without, say so once and retry quietly
+    if args.timeout:
+        wait_for_kafka(config, min(args.timeout, args.connect_timeout))
+    else:
+        wait_for_kafka(config, args.connect_timeout, retry=True, log=log)
     try:
         consumer = Consumer(
             {
-                **client_config(args),
+                **config,
                 "group.id": f"kvrec-tail-{os.getpid()}-{time.time_ns()}",
                 "auto.offset.reset": "earliest" if args.from_beginning else "latest",
                 "enable.auto.commit": False,
@@ -79,7 +95,6 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"Kafka: {kafka_error_text(exc)}") from None
     consumer.subscribe([args.topic])
     shown = 0
-    reported: set[str] = set()
     idle_since = time.monotonic()
     try:
         while not args.max_messages or shown < args.max_messages:
@@ -90,9 +105,8 @@ def main(args: argparse.Namespace) -> int:
                 continue
             error = message.error()
             if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF and error.str() not in reported:
-                    reported.add(error.str())  # say each distinct problem once
-                    print(f"kvrec tail: {error.str()}", file=sys.stderr)
+                if error.code() != KafkaError._PARTITION_EOF:
+                    kafka_log.warning("%s", error.str())  # the same problem once a minute
                 continue
             idle_since = time.monotonic()
             print(render(message.key(), message.value(), args.json), flush=True)

@@ -183,7 +183,7 @@ def test_demo_fails_when_recommendations_fall_short(
     kafka_bootstrap: str, small_model: Path, tmp_path: Path
 ) -> None:
     # a worker that accepts only views and clicks sends the other ~10% to the dead-letter topic
-    env = {**os.environ, "KVREC_EVENT_TYPES": "view,click"}
+    env = {**os.environ, "KVREC_WORKER_EVENT_TYPES": "view,click"}
     result = subprocess.run(
         _demo(kafka_bootstrap, "--model", str(small_model), "--events", "1000", "--rate", "0",
               "--settle-timeout", "3", "--workdir", str(tmp_path)),

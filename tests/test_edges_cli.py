@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +19,7 @@ import pytest
 from model.errors import ConfigError
 from stream.cli import main as kvrec
 from stream.kafka_config import add_kafka_arguments, client_config
+from stream.kafka_logs import kafka_log
 
 KVREC = Path(sys.executable).with_name("kvrec")
 
@@ -38,22 +46,58 @@ def test_malformed_dataset_line_is_one_line_from_the_installed_command(tmp_path:
         (["replay", "--format", "movielens"], "kvrec: error: --data is required for --format movielens"),
         (["replay", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["replay", "--format", "parquet"], "invalid choice: 'parquet'"),
-        (["replay", "--format", "synthetic", "--rate", "-1"], "kvrec: error: --rate and --limit"),
-        (["replay", "--format", "synthetic", "--synthetic-users", "0"], "kvrec: error: synthetic data"),
+        (["replay", "--format", "synthetic", "--rate", "-1"],
+         "kvrec: error: kvrec replay: argument --rate: must be a number >= 0, got '-1'"),
+        (["replay", "--format", "synthetic", "--synthetic-users", "0"],
+         "kvrec: error: kvrec replay: argument --synthetic-users: must be an integer >= 1, got '0'"),
         (["train", "--format", "synthetic", "--out", "/nonexistent/m", "--epochs", "2",
           "--warmup-epochs", "3"], "kvrec: error: --warmup-epochs must be between 0 and --epochs"),
         (["train", "--format", "synthetic", "--out", "/nonexistent/m", "--min-lr-ratio", "1.5"],
-         "kvrec: error: --min-lr-ratio must be between 0 and 1"),
+         "kvrec: error: kvrec train: argument --min-lr-ratio: must be a number between 0 and 1"),
+        (["train", "--format", "synthetic", "--out", "/nonexistent/m", "--lr", "-1"],
+         "kvrec: error: kvrec train: argument --lr: must be a number > 0, got '-1'"),
+        (["train", "--format", "synthetic", "--out", "/nonexistent/m", "--lr", "nan"],
+         "kvrec: error: kvrec train: argument --lr: must be a number > 0, got 'nan'"),
+        (["train", "--format", "synthetic", "--out", "/nonexistent/m", "--dropout", "1"],
+         "kvrec: error: kvrec train: argument --dropout: must be a number >= 0 and < 1, got '1'"),
         (["train", "--format", "synthetic", "--out", "/nonexistent/m", "--lr-schedule", "step"],
          "invalid choice: 'step'"),
-        (["tail", "--max-messages", "-3"], "kvrec: error: --max-messages and --timeout must be >= 0"),
-        (["tail", "--sasl-mechanism", "PLAIN"], "kvrec: error: --sasl-mechanism needs"),
+        (["tail", "--max-messages", "-3"],
+         "kvrec: error: kvrec tail: argument --max-messages: must be an integer >= 0, got '-3'"),
+        (["tail", "--timeout", "-1"],
+         "kvrec: error: kvrec tail: argument --timeout: must be a number >= 0, got '-1'"),
+        (["tail", "--sasl-mechanism", "PLAIN"], "kvrec: error: --sasl-mechanism PLAIN needs"),
+        (["tail", "-X", "linger.ms"],
+         "kvrec: error: kvrec tail: argument -X/--kafka-option: expected KEY=VALUE with KEY a "
+         "librdkafka setting such as sasl.oauthbearer.config (see kvrec tail --help)"),
+        (["tail", "-X", "=1"], "argument -X/--kafka-option: expected KEY=VALUE"),
+        (["tail", "-X", "bootstrap.servers=b:9092"],
+         "kvrec: error: kvrec tail: argument -X/--kafka-option: bootstrap.servers has its own "
+         "flag: use --bootstrap-servers"),
+        (["tail", "-X", "no.such.setting=1"],
+         'kvrec: error: Kafka: No such configuration property: "no.such.setting"'),
         (["worker", "--model", "/nonexistent", "--session-timeout-ms", "10"],
-         "kvrec: error: --session-timeout-ms must be between 1000 and 3600000"),
+         "argument --session-timeout-ms: must be an integer between 1000 and 3600000, got '10'"),
         (["worker", "--model", "/nonexistent", "--dead-letter-max-bytes", "2000000"],
-         "kvrec: error: --dead-letter-max-bytes must be at most 900000"),
+         "argument --dead-letter-max-bytes: must be an integer between 1 and 900000"),
         (["worker", "--model", "/nonexistent", "--dead-letter-max-bytes", "0"],
-         "kvrec: error: --dead-letter-max-bytes must be positive"),
+         "argument --dead-letter-max-bytes: must be an integer between 1 and 900000"),
+        (["worker", "--model", "/nonexistent", "--because", "-1"],
+         "kvrec: error: kvrec worker: argument --because: must be an integer >= 0, got '-1'"),
+        (["worker", "--model", "/nonexistent", "--threads", "-3"],
+         "kvrec: error: kvrec worker: argument --threads: must be an integer >= 0, got '-3'"),
+        (["worker", "--model", "/nonexistent", "--approx-threshold", "-1"],
+         "kvrec: error: kvrec worker: argument --approx-threshold: must be an integer >= 0"),
+        (["worker", "--model", "/nonexistent", "--metrics-port", "70000"],
+         "kvrec: error: kvrec worker: argument --metrics-port: must be an integer between -1 and 65535"),
+        (["worker", "--model", "/nonexistent", "--k", "0"],
+         "kvrec: error: kvrec worker: argument --k: must be an integer >= 1, got '0'"),
+        (["worker", "--model", "/nonexistent", "--batch-size", "many"],
+         "kvrec: error: kvrec worker: argument --batch-size: must be an integer >= 1, got 'many'"),
+        (["broker", "--port", "70000"],
+         "kvrec: error: kvrec broker: argument --port: must be an integer between 0 and 65535"),
+        (["demo", "--settle-timeout", "0"],
+         "kvrec: error: kvrec demo: argument --settle-timeout: must be a number > 0, got '0'"),
         (["worker", "--model", "/nonexistent", "--instance-id", " "],
          "kvrec: error: --instance-id must not be empty"),
     ],
@@ -84,7 +128,9 @@ def test_kafka_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyP
     parser = argparse.ArgumentParser()
     add_kafka_arguments(parser)
     args = parser.parse_args([])
-    assert client_config(args) == {"bootstrap.servers": "localhost:9092", "client.id": "kvrec"}
+    assert client_config(args) == {
+        "bootstrap.servers": "localhost:9092", "client.id": "kvrec", "logger": kafka_log
+    }
     args = parser.parse_args([
         "--bootstrap-servers", "b1:9093,b2:9093", "--security-protocol", "SASL_SSL",
         "--sasl-mechanism", "SCRAM-SHA-512", "--sasl-username", "app", "--sasl-password", "secret",
@@ -94,6 +140,7 @@ def test_kafka_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyP
         "bootstrap.servers": "b1:9093,b2:9093", "client.id": "replayer",
         "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
         "sasl.username": "app", "sasl.password": "secret", "ssl.ca.location": "/etc/ca.pem",
+        "logger": kafka_log,  # librdkafka's lines through Python logging
     }
     with pytest.raises(ConfigError):
         client_config(parser.parse_args(["--sasl-mechanism", "PLAIN", "--sasl-username", "a"]))
@@ -104,3 +151,373 @@ def test_kafka_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyP
     argv = ["tail", "--sasl-mechanism", "PLAIN", "--sasl-username", "u"]
     config = client_config(build_parser(argv).parse_args(argv))
     assert config["sasl.password"] == "from-env" and config["bootstrap.servers"] == "envhost:1"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    from stream.cli import build_parser
+
+    return build_parser(argv).parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("false", False), ("FALSE", False), ("0", False), ("no", False),
+     ("true", True), ("1", True), ("Yes", True)],
+)
+def test_booleans_from_the_environment_mean_what_they_say(
+    raw: str, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KVREC_WORKER_EXCLUDE_SEEN", raw)  # a --flag/--no-flag pair
+    monkeypatch.setenv("KVREC_WORKER_NO_KV_CACHE", raw)  # a plain switch
+    args = _parse(["worker", "--model", "m"])
+    assert args.exclude_seen is expected
+    assert args.no_kv_cache is expected
+    assert _parse(["worker", "--model", "m", "--exclude-seen"]).exclude_seen is True  # flag wins
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        ("KVREC_WORKER_EXCLUDE_SEEN", "nope",
+         "kvrec: error: KVREC_WORKER_EXCLUDE_SEEN='nope': expected true, false, 1, 0, yes or no"),
+        ("KVREC_WORKER_NO_KV_CACHE", "nope",
+         "kvrec: error: KVREC_WORKER_NO_KV_CACHE='nope': expected true, false, 1, 0, yes or no"),
+        ("KVREC_WORKER_NO_KV_CACHE", "on",
+         "kvrec: error: KVREC_WORKER_NO_KV_CACHE='on': expected true, false, 1, 0, yes or no"),
+        ("KVREC_WORKER_K", "0", "kvrec: error: KVREC_WORKER_K='0': must be an integer >= 1, got '0'"),
+        ("KVREC_WORKER_BACKEND", "tpu", "kvrec: error: KVREC_WORKER_BACKEND='tpu': choose from"),
+        ("KVREC_BATCH_SIZE", "64",
+         "kvrec: error: KVREC_BATCH_SIZE is not read: this command's --batch-size is "
+         "KVREC_WORKER_BATCH_SIZE"),
+    ],
+)
+def test_a_bad_environment_variable_is_one_line_and_exit_2(
+    name: str, raw: str, message: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(name, raw)
+    assert kvrec(["worker", "--model", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_each_command_reads_its_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVREC_WORKER_BATCH_SIZE", "64")
+    monkeypatch.setenv("KVREC_TRAIN_BATCH_SIZE", "32")
+    monkeypatch.setenv("KVREC_BENCH_E2E_EVENTS", "123")
+    monkeypatch.setenv("KVREC_BOOTSTRAP_SERVERS", "shared:9092")  # a connection flag: shared
+    worker = _parse(["worker", "--model", "m"])
+    assert (worker.batch_size, worker.bootstrap_servers) == (64, "shared:9092")
+    assert _parse(["train", "--out", "o"]).batch_size == 32
+    assert _parse(["tail"]).bootstrap_servers == "shared:9092"
+    assert _parse(["bench", "e2e", "--json", "o.json"]).events == 123
+    # the demo's --bootstrap-servers is its own flag (default: start a broker), not the shared one
+    assert _parse(["demo"]).bootstrap_servers is None
+
+
+def _help_entries(help_text: str) -> dict[str, str]:
+    """{long option: its whole help entry, joined into one line} of a --help text."""
+    entries: dict[str, str] = {}
+    current = ""
+    for line in help_text.splitlines():
+        found = re.match(r"^ {2}(?:-\w(?: \S+)?, )?(--[a-z0-9-]+)", line)
+        if found:
+            current = found.group(1)
+            entries[current] = line.strip()
+        elif current and line.startswith("    ") and line.strip():
+            entries[current] += " " + line.strip()
+        else:
+            current = ""
+    entries.pop("--help", None)
+    return entries
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["replay"], ["tail"], ["train"], ["eval"], ["export"], ["worker"], ["demo"], ["broker"],
+     ["bench", "model"], ["bench", "retrieval"], ["bench", "gpu"], ["bench", "e2e"],
+     ["bench", "train"], ["bench", "restore"]],
+)
+def test_every_help_shows_each_flags_default_and_variable(
+    command: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        kvrec([*command, "--help"])
+    assert exit_.value.code == 0
+    entries = _help_entries(capsys.readouterr().out)
+    assert entries
+    prefix = "KVREC_" + "_".join(c.upper() for c in command) + "_"
+    for option, line in entries.items():
+        variable = re.search(r"env (KVREC_[A-Z0-9_]+)\)$", line)
+        assert variable, line
+        if not variable.group(1).startswith(prefix):  # only the Kafka connection flags are shared
+            assert option in {"--bootstrap-servers", "--security-protocol", "--sasl-mechanism",
+                              "--sasl-username", "--sasl-password", "--ssl-ca-location",
+                              "--ssl-certificate-location", "--ssl-key-location", "--client-id",
+                              "--connect-timeout", "--kafka-option"}, line
+        if option not in {"--sasl-password", "--kafka-option"}:  # secrets: no default shown
+            assert "(default: " in line or "(required; env" in line, line
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import tomllib
+
+    with pytest.raises(SystemExit) as exit_:
+        kvrec(["--version"])
+    assert exit_.value.code == 0
+    expected = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert capsys.readouterr().out == f"kvrec {expected['project']['version']}\n"
+    result = _run_kvrec("--version")
+    assert (result.returncode, result.stdout) == (0, f"kvrec {expected['project']['version']}\n")
+
+
+def test_kafka_options_pass_any_librdkafka_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from confluent_kafka import Producer
+
+    monkeypatch.setenv(
+        "KVREC_KAFKA_OPTIONS",
+        "sasl.oauthbearer.config=principal=admin scope=a;sasl.oauthbearer.extensions=a=1,b=2;"
+        "linger.ms=7",
+    )
+    argv = ["tail", "--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", "OAUTHBEARER",
+            "-X", "linger.ms=9", "-X", "enable.sasl.oauthbearer.unsecure.jwt=true"]
+    config = client_config(_parse(argv))
+    assert config == {
+        "bootstrap.servers": "localhost:9092", "client.id": "kvrec",
+        "security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "OAUTHBEARER",
+        "sasl.oauthbearer.config": "principal=admin scope=a",  # OAUTHBEARER: no password needed
+        "sasl.oauthbearer.extensions": "a=1,b=2",  # ';' separates, so a value keeps its commas
+        "linger.ms": "9",  # the command line wins over the variable
+        "enable.sasl.oauthbearer.unsecure.jwt": "true",
+        "logger": kafka_log,
+    }
+    # librdkafka takes them (a client is created; nothing is sent)
+    Producer({**config, "bootstrap.servers": "127.0.0.1:9", "log_level": 0}).flush(0)
+    monkeypatch.setenv("KVREC_KAFKA_OPTIONS", "linger.ms=5,acks=all")  # no ';': ',' separates
+    assert client_config(_parse(["tail"])) == {
+        "bootstrap.servers": "localhost:9092", "client.id": "kvrec", "linger.ms": "5", "acks": "all",
+        "logger": kafka_log,
+    }
+    monkeypatch.setenv("KVREC_KAFKA_OPTIONS", "linger.ms")
+    with pytest.raises(ConfigError, match=re.escape("KVREC_KAFKA_OPTIONS='linger.ms': expected KEY=VALUE")):
+        _parse(["tail"])
+
+
+# --- errors that used to end in a traceback -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.worker_fixtures import make_artifact
+
+    path = tmp_path_factory.mktemp("model") / "m"
+    make_artifact(path, n_items=60)
+    return path
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["worker", "--model", "m", "--log-level", "loud"],
+         "kvrec: error: kvrec worker: argument --log-level: invalid choice: 'LOUD'"),
+        (["tail", "--log-format", "yaml"],
+         "kvrec: error: kvrec tail: argument --log-format: invalid choice: 'yaml'"),
+        (["export", "--model", "m", "--out", "/nonexistent/folder/step.onnx"],
+         "kvrec: error: --out /nonexistent/folder/step.onnx: the folder /nonexistent/folder does "
+         "not exist"),
+        (["export", "--model", "m", "--out", "/"], "kvrec: error: --out / is a folder"),
+        (["tail", "--connect-timeout", "0"],
+         "kvrec: error: kvrec tail: argument --connect-timeout: must be a number > 0, got '0'"),
+    ],
+)
+def test_what_used_to_be_a_traceback_is_one_line_and_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert kvrec(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_worker_k_larger_than_the_catalog_and_a_metrics_port_in_use(
+    small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["worker", "--model", str(small_model), "--state-dir", str(tmp_path),
+              "--bootstrap-servers", f"127.0.0.1:{_closed_port()}"]
+    assert kvrec([*common, "--k", "61"]) == 2
+    assert capsys.readouterr().err == (
+        "kvrec: error: --k 61 is more than the model's catalog of 60 items\n"
+    )
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert kvrec([*common, "--metrics-port", str(port)]) == 2
+    assert capsys.readouterr().err == f"kvrec: error: --metrics-port {port}: port {port} in use\n"
+
+
+# --- a Kafka that cannot be reached ----------------------------------------------------------
+
+def test_tail_timeout_and_replay_stop_with_one_line_when_kafka_cannot_be_reached() -> None:
+    port = _closed_port()
+    reason = f"(Connect to ipv4#127.0.0.1:{port} failed: Connection refused)"
+    started = time.monotonic()
+    tail = _run_kvrec("tail", "--bootstrap-servers", f"127.0.0.1:{port}", "--timeout", "3")
+    assert time.monotonic() - started < 60
+    assert tail.returncode == 1
+    assert tail.stderr == f"kvrec: error: cannot reach Kafka at 127.0.0.1:{port} within 3 s {reason}\n"
+    replay = _run_kvrec("replay", "--format", "synthetic", "--synthetic-events", "50",
+                        "--bootstrap-servers", f"127.0.0.1:{port}", "--connect-timeout", "1")
+    assert replay.returncode == 1
+    assert replay.stderr == (
+        f"kvrec: error: cannot reach Kafka at 127.0.0.1:{port} within 1 s {reason}\n"
+    )
+    assert tail.stdout == replay.stdout == ""
+
+
+class _Stderr:
+    """A child's stderr lines, collected by a thread (the child is never blocked on it)."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert process.stderr is not None
+        stream = process.stderr
+        self.thread = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert time.monotonic() < deadline, f"no {text!r} in {self.lines[-20:]}"
+            time.sleep(0.1)
+
+
+def _interrupt_after_quiet_wait(process: subprocess.Popen[str], stderr: _Stderr) -> list[str]:
+    stderr.wait_for("cannot reach Kafka", timeout=180)
+    time.sleep(5)  # it used to print ~37 client lines a second here
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+    stderr.thread.join(timeout=10)
+    return [line.rstrip("\n") for line in stderr.lines]
+
+
+def test_a_worker_that_cannot_reach_kafka_says_so_once_then_waits_quietly(
+    small_model: Path, tmp_path: Path
+) -> None:
+    port = _closed_port()
+    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "stream.cli"]
+    process = subprocess.Popen(
+        [*command, "worker", "--model", str(small_model), "--state-dir", str(tmp_path),
+         "--bootstrap-servers", f"127.0.0.1:{port}", "--connect-timeout", "1",
+         "--metrics-port", "-1", "--log-format", "json"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        lines = _interrupt_after_quiet_wait(process, _Stderr(process))
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    assert lines[-1] == "kvrec: interrupted"
+    records = [json.loads(line) for line in lines[:-1]]  # every log line is JSON
+    assert {r["logger"] for r in records} <= {"kvrec.worker", "kvrec.kafka"}
+    unreachable = [r for r in records if "cannot reach Kafka" in r["message"]]
+    assert len(unreachable) == 1
+    assert unreachable[0]["level"] == "WARNING"
+    assert unreachable[0]["message"] == (
+        f"cannot reach Kafka at 127.0.0.1:{port} within 1 s (Connect to ipv4#127.0.0.1:{port} "
+        "failed: Connection refused); retrying quietly, at most 30 s apart"
+    )
+    assert records[-1] == unreachable[0]  # and nothing more in the 5 s after it
+
+
+def test_tail_without_timeout_says_so_once_then_waits_quietly() -> None:
+    port = _closed_port()
+    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "stream.cli"]
+    process = subprocess.Popen(
+        [*command, "tail", "--bootstrap-servers", f"127.0.0.1:{port}", "--connect-timeout", "1"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    try:
+        lines = _interrupt_after_quiet_wait(process, _Stderr(process))
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert len(lines) == 2, lines
+    assert re.fullmatch(
+        rf"\S+ \S+ WARNING kvrec.tail: cannot reach Kafka at 127.0.0.1:{port} within 1 s "
+        rf"\(Connect to ipv4#127.0.0.1:{port} failed: Connection refused\); retrying quietly, "
+        r"at most 30 s apart",
+        lines[0],
+    )
+    assert lines[1] == "kvrec: interrupted"
+
+
+def test_librdkafka_lines_go_through_python_logging_without_the_flood() -> None:
+    from confluent_kafka import Consumer
+
+    from stream.kafka_logs import kafka_log_filter
+    from stream.logs import JsonFormatter
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(self.format(record))
+
+    keep = Keep()
+    keep.setFormatter(JsonFormatter())
+    kafka_log.addHandler(keep)
+    port = _closed_port()
+    try:
+        # a producer setting on a consumer: librdkafka warns (CONFWARN); nobody listens on the
+        # port: it fails to connect about 20 times a second
+        config = client_config(_parse(["tail", "--bootstrap-servers", f"127.0.0.1:{port}",
+                                       "-X", "linger.ms=5"]))
+        consumer = Consumer({**config, "group.id": "g"})
+        consumer.subscribe(["t"])
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            consumer.consume(10, timeout=0.2)
+        consumer.close()
+        kafka_log.warning("consumer error: %s", "same text")
+        kafka_log.warning("consumer error: %s", "same text")  # a repeat within a minute
+    finally:
+        kafka_log.removeHandler(keep)
+    records = [json.loads(line) for line in keep.lines]
+    assert [r.get("facility") for r in records] == ["CONFWARN", None]
+    assert records[0]["client"].startswith("kvrec#consumer")
+    assert "is a producer property and will be ignored" in records[0]["message"]
+    assert records[1]["message"] == "consumer error: same text"
+    assert kafka_log_filter.connection_problem == (
+        f"Connect to ipv4#127.0.0.1:{port} failed: Connection refused"
+    )
+
+
+def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    actions: list[argparse.Action] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                actions += _all_actions(child)
+        else:
+            actions.append(action)
+    return actions
+
+
+@pytest.mark.parametrize("command", ["replay", "tail", "train", "eval", "export", "worker", "demo",
+                                     "broker", "bench"])
+def test_no_numeric_flag_escapes_its_range_check(command: str) -> None:
+    from stream.cli import build_parser
+
+    parser = build_parser([command])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in _all_actions(sub.choices[command]):
+        if isinstance(action.default, int | float) and not isinstance(action.default, bool):
+            assert getattr(action.type, "__name__", None) in ("integer", "number"), action.dest

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +19,7 @@ from confluent_kafka import Consumer, Message, Producer
 
 from model.datasets import SyntheticSpec, generate_synthetic
 from stream.cli import main as kvrec
+from stream.kafka_config import add_kafka_arguments, client_config, wait_for_kafka
 from stream.replay import replay_events
 from stream.schema import BecauseEvent, Recommendation, ScoredItem, encode_recommendation
 from tests.conftest import create_topics, unique_topic
@@ -148,3 +154,68 @@ def test_tail_prints_what_was_produced(kafka_bootstrap: str, capsys: pytest.Capt
     assert kvrec([*common[:-1], "2", "--max-messages", "10"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 4
     assert time.monotonic() - started < 30
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        source.close()
+        sink.close()
+
+
+def _forward(listener: socket.socket, broker: str, stop: threading.Event) -> None:
+    """Accept on `listener` and relay each connection to `broker` (a broker that 'comes up')."""
+    host, port = broker.split(",")[0].rsplit(":", 1)
+    listener.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            client, _ = listener.accept()
+        except TimeoutError:
+            continue
+        upstream = socket.create_connection((host, int(port)))
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=_pipe, args=(source, sink), daemon=True).start()
+    listener.close()
+
+
+def test_an_unreachable_kafka_is_one_line_then_a_quiet_wait_until_it_answers(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nobody listens: connection refused, until the relay starts below
+    stop = threading.Event()
+
+    def come_up() -> None:
+        relay = socket.create_server(("127.0.0.1", port))
+        threading.Thread(target=_forward, args=(relay, kafka_bootstrap, stop), daemon=True).start()
+
+    timer = threading.Timer(5.0, come_up)
+    timer.start()
+    log = logging.getLogger("test.reach")
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.INFO):
+            wait_for_kafka(client_config(_kafka_args(f"127.0.0.1:{port}")), 1.0, retry=True, log=log)
+    finally:
+        timer.cancel()
+        stop.set()
+    waited = time.monotonic() - started
+    assert 5.0 <= waited < 40
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == (
+        f"cannot reach Kafka at 127.0.0.1:{port} within 1 s (Connect to ipv4#127.0.0.1:{port} "
+        "failed: Connection refused); retrying quietly, at most 30 s apart"
+    )
+    assert re.fullmatch(rf"reached Kafka at 127.0.0.1:{port} after \d+ s", lines[1])
+    assert len(lines) == 2  # nothing from the client in between
+
+
+def _kafka_args(bootstrap: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_kafka_arguments(parser)
+    return parser.parse_args(["--bootstrap-servers", bootstrap])

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 
 from model.errors import ConfigError
+from model.flags import PORT, number
 
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"
@@ -488,7 +489,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "stop/status: the background broker of --data-dir",
     )
     parser.add_argument(
-        "--port", type=int, default=9092, help="client port on 127.0.0.1 (0: any free port)"
+        "--port", type=PORT, default=9092, help="client port on 127.0.0.1 (0: any free port)"
     )
     parser.add_argument(
         "--data-dir", default=None,
@@ -496,7 +497,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              f"temporary folder removed at exit; for start/stop/status: {default_data_dir()}",
     )
     parser.add_argument("--heap", default="512m", help="JVM heap (-Xmx)")
-    parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for it to answer")
+    parser.add_argument(
+        "--timeout", type=number(above=0), default=90.0, help="seconds to wait for it to answer"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

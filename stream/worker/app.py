@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.errors import ConfigError
-from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics
+from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics, wait_for_kafka
+from stream.logs import add_logging_arguments, setup_logging
 from stream.worker.metrics import HealthState, WorkerMetrics, serve
 from stream.worker.settings import WorkerSettings, add_worker_arguments
 
@@ -29,7 +30,7 @@ log = logging.getLogger("kvrec.worker")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_kafka_arguments(parser)
     add_worker_arguments(parser)
-    parser.add_argument("--log-level", default="INFO")
+    add_logging_arguments(parser)
 
 
 def build_recommender(settings: WorkerSettings) -> Recommender:
@@ -44,6 +45,10 @@ def build_recommender(settings: WorkerSettings) -> Recommender:
     from stream.worker.inference import CacheEntry, Recommender
 
     artifact = load_artifact(settings.model)
+    if settings.k > artifact.config.n_items:
+        raise ConfigError(
+            f"--k {settings.k} is more than the model's catalog of {artifact.config.n_items} items"
+        )
     onnx_path = settings.onnx
     if settings.backend == "onnx-cpu" and onnx_path is None:
         from model.export import export_step
@@ -91,20 +96,13 @@ def resolve_window_capacity(settings: WorkerSettings, recommender: Recommender) 
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args)
     settings = WorkerSettings.from_args(args)
+    kafka_config = client_config(args)  # its mistakes are refused before the model loads
     metrics = WorkerMetrics()
     health = HealthState()  # /health: "starting" until the worker is built
     if settings.metrics_port >= 0:
-        try:
-            server = serve(metrics, health, settings.metrics_port, settings.metrics_host)
-        except OSError as exc:
-            raise ConfigError(
-                f"--metrics-host {settings.metrics_host} --metrics-port {settings.metrics_port}: "
-                f"cannot listen there ({exc.strerror or exc})"
-            ) from exc
+        server = serve(metrics, health, settings.metrics_port, settings.metrics_host)
         log.info("metrics on %s:%d (/metrics /health /ready)", settings.metrics_host,
                  server.server_address[1])
     import torch
@@ -116,9 +114,11 @@ def main(args: argparse.Namespace) -> int:
     log.info("loading the model and building retrieval")
     recommender = build_recommender(settings)
     settings = resolve_window_capacity(settings, recommender)
-    kafka_config = client_config(args)
+    # a Kafka that does not answer: one line after --connect-timeout, then quiet retries
+    # (alive on /health, not /ready)
+    wait_for_kafka(kafka_config, args.connect_timeout, retry=True, log=log, on_wait=health.beat)
     if args.create_topics:
-        ensure_topics(kafka_config, topic_specs(settings, args.partitions))
+        ensure_topics(kafka_config, topic_specs(settings, args.partitions), args.connect_timeout)
     worker = Worker(settings, recommender, metrics, health, kafka_config)
     # the model, the index and the stored windows are long-lived: keep them out of the cyclic
     # collector's scans, and collect the young generation less often (a full collection over

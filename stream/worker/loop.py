@@ -44,6 +44,7 @@ from confluent_kafka import (
 
 from state.partition import WorkerState
 from state.window import Window, WindowEvent, WindowSnapshot
+from stream.kafka_logs import kafka_log
 from stream.schema import (
     BecauseEvent,
     InvalidEvent,
@@ -307,7 +308,7 @@ class Worker:
                     continue
                 if error.fatal():
                     raise RuntimeError(f"fatal Kafka error: {error}")
-                log.warning("consumer error: %s", error)
+                kafka_log.warning("consumer error: %s", error)  # repeats: once a minute
                 continue
             self.metrics.events_in.inc()
             partition = message.partition()

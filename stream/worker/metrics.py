@@ -8,6 +8,7 @@ sizes `_bytes`. README.md lists every name as a scrape shows it (a test compares
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import threading
 import time
@@ -25,6 +26,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.exposition import generate_latest
+
+from model.errors import ConfigError
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -237,6 +240,14 @@ def serve(
         def log_message(self, format: str, *args: object) -> None:
             return
 
-    server = (_Server6 if ":" in host else _Server)((host, port), Handler)
+    try:
+        server = (_Server6 if ":" in host else _Server)((host, port), Handler)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"--metrics-port {port}: port {port} in use") from None
+        raise ConfigError(
+            f"--metrics-host {host} --metrics-port {port}: cannot listen there "
+            f"({exc.strerror or exc})"
+        ) from None
     threading.Thread(target=server.serve_forever, name="kvrec-metrics", daemon=True).start()
     return server

@@ -1,4 +1,4 @@
-"""Worker settings: CLI flags, each also settable as `KVREC_<FLAG>` (see `stream/cli.py`)."""
+"""Worker settings: CLI flags, each also settable as `KVREC_WORKER_<FLAG>` (see `stream/cli.py`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from model.choices import BACKENDS, RETRIEVAL_KINDS
 from model.errors import ConfigError
+from model.flags import integer, number
 
 DEFAULT_EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 
@@ -34,28 +35,29 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
              "straight back; a replica that stops for good frees them after the session timeout",
     )
     topics.add_argument(
-        "--session-timeout-ms", type=int, default=45_000,
+        "--session-timeout-ms", type=integer(1_000, 3_600_000), default=45_000,
         help="how long the group waits for a silent member before moving its partitions "
-             "(longer than a pod restart, so a restart causes no rebalance)",
+             "(longer than a pod restart, so a restart causes no rebalance; the broker also "
+             "bounds it: group.min/max.session.timeout.ms)",
     )
     topics.add_argument(
         "--create-topics",
         action="store_true",
         help="create missing topics (input with --partitions, changelog alike, output compacted)",
     )
-    topics.add_argument("--partitions", type=int, default=4, help="for --create-topics")
+    topics.add_argument("--partitions", type=integer(1), default=4, help="for --create-topics")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="model artifact directory")
     model.add_argument("--backend", default="torch-cpu", choices=BACKENDS)
     model.add_argument("--onnx", default=None, help="ONNX file of step (onnx-cpu; default: export)")
-    model.add_argument("--k", type=int, default=10, help="recommendations per event")
+    model.add_argument("--k", type=integer(1), default=10, help="recommendations per event")
     model.add_argument(
         "--retrieval", default="auto", choices=RETRIEVAL_KINDS,
         help="auto: exact below --approx-threshold items, IVF-PQ fast-scan above",
     )
     model.add_argument(
-        "--approx-threshold", type=int, default=10_000,
+        "--approx-threshold", type=integer(0), default=10_000,
         help="catalog size from which auto retrieval is approximate (recall@10 tuned at start)",
     )
     model.add_argument(
@@ -63,19 +65,19 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave the items in the user's window out of its recommendations",
     )
     model.add_argument("--unavailable-items", default=None, help="file: one item id per line")
-    model.add_argument("--because", type=int, default=3, help="events named in `because`")
+    model.add_argument("--because", type=integer(0), default=3, help="events named in `because`")
     model.add_argument(
-        "--threads", type=int, default=1,
+        "--threads", type=integer(0), default=1,
         help="torch threads; 1 avoids spin-wait contention on small machines (0 = torch default)",
     )
 
     loop = parser.add_argument_group("loop and state")
-    loop.add_argument("--batch-size", type=int, default=512, help="events per micro-batch (B)")
-    loop.add_argument("--batch-wait-ms", type=int, default=10, help="wait for a batch (T)")
-    loop.add_argument("--linger-ms", type=int, default=2, help="producer linger")
-    loop.add_argument("--commit-interval-ms", type=int, default=1000)
+    loop.add_argument("--batch-size", type=integer(1), default=512, help="events per micro-batch (B)")
+    loop.add_argument("--batch-wait-ms", type=integer(0), default=10, help="wait for a batch (T)")
+    loop.add_argument("--linger-ms", type=integer(0), default=2, help="producer linger")
+    loop.add_argument("--commit-interval-ms", type=integer(1), default=1000)
     loop.add_argument(
-        "--outage-limit-s", type=float, default=300.0,
+        "--outage-limit-s", type=number(above=0), default=300.0,
         help="how long a checkpoint waits for an unreachable Kafka before the worker exits "
              "with an error (nothing of the checkpoint is committed; a restart replays it)",
     )
@@ -85,9 +87,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("at-least-once", "exactly-once"),
     )
     loop.add_argument("--state-dir", default="./state-data")
-    loop.add_argument("--cache-bytes", type=int, default=1 << 30, help="key/value cache budget")
+    loop.add_argument("--cache-bytes", type=integer(1), default=1 << 30, help="key/value cache budget")
     loop.add_argument(
-        "--windows-in-memory", type=int, default=10_000,
+        "--windows-in-memory", type=integer(0), default=10_000,
         help="checkpointed windows kept in memory per partition (least recently used out)",
     )
     loop.add_argument(
@@ -96,18 +98,21 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
              "compares against; same answers, no cache reuse)",
     )
     loop.add_argument(
-        "--window-capacity", type=int, default=0,
+        "--window-capacity", type=integer(0), default=0,
         help="events kept per user (0 = the model's N*(W-1)+1, the least for exact refills)",
     )
     loop.add_argument("--event-types", default=",".join(DEFAULT_EVENT_TYPES))
-    loop.add_argument("--max-event-bytes", type=int, default=16_384)
+    loop.add_argument("--max-event-bytes", type=integer(1), default=16_384)
     loop.add_argument(
-        "--dead-letter-max-bytes", type=int, default=262_144,
+        "--dead-letter-max-bytes", type=integer(1, 900_000), default=262_144,
         help="a dead letter's value is cut to this size (header kvrec.original_bytes keeps the "
-             "size); keep it below the dead-letter topic's max.message.bytes",
+             "size); keep it below the dead-letter topic's max.message.bytes (at most 900000: "
+             "a dead letter, with its key and headers, must fit the producer's 1,000,000 bytes)",
     )
-    loop.add_argument("--max-future-ms", type=int, default=300_000)
-    loop.add_argument("--metrics-port", type=int, default=9464, help="0 = any free port, -1 = off")
+    loop.add_argument("--max-future-ms", type=integer(0), default=300_000)
+    loop.add_argument(
+        "--metrics-port", type=integer(-1, 65_535), default=9464, help="0 = any free port, -1 = off"
+    )
     loop.add_argument(
         "--metrics-host", default="0.0.0.0",
         help="address the metrics server listens on: 0.0.0.0 every interface (Kubernetes "
@@ -158,25 +163,9 @@ class WorkerSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerSettings:
-        positive = ("k", "batch_size", "cache_bytes", "max_event_bytes", "commit_interval_ms",
-                    "dead_letter_max_bytes")
-        for name in positive:
-            if getattr(args, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        if args.batch_wait_ms < 0 or args.linger_ms < 0 or args.max_future_ms < 0:
-            raise ConfigError("--batch-wait-ms, --linger-ms and --max-future-ms must be >= 0")
-        if args.dead_letter_max_bytes > 900_000:
-            raise ConfigError("--dead-letter-max-bytes must be at most 900000 (a dead letter, "
-                              "with its key and headers, must fit the producer's 1,000,000 bytes)")
-        if args.outage_limit_s <= 0:
-            raise ConfigError("--outage-limit-s must be positive")
-        if not 1_000 <= args.session_timeout_ms <= 3_600_000:
-            raise ConfigError("--session-timeout-ms must be between 1000 and 3600000 (the "
-                              "broker also bounds it: group.min/max.session.timeout.ms)")
+        # each number's range is checked by its flag's type (add_worker_arguments)
         if args.static_membership and not args.instance_id.strip():
             raise ConfigError("--instance-id must not be empty with --static-membership")
-        if args.windows_in_memory < 0:
-            raise ConfigError("--windows-in-memory must be >= 0")
         event_types = tuple(t.strip() for t in args.event_types.split(",") if t.strip())
         if not event_types or len(set(event_types)) != len(event_types):
             raise ConfigError("--event-types must be a comma-separated list of distinct names")
