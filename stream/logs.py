@@ -50,3 +50,5 @@ def setup_logging(args: argparse.Namespace) -> None:
     handler.setFormatter(JsonFormatter() if args.log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=args.log_level, handlers=[handler])
     logging.captureWarnings(True)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("faiss").setLevel(logging.WARNING)  # which CPU build it loaded
