@@ -8,6 +8,7 @@ exactly-once). These tests own their broker (they kill it), apart from the sessi
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections import Counter
@@ -85,7 +86,7 @@ def _wait_committed(bootstrap: str, topics: Topics, total: int, timeout: float) 
 
 def _log_tail(log: Path) -> str:
     lines = [line for line in log.read_text(errors="replace").splitlines() if "|FAIL|" not in line]
-    return "\n".join(lines[-30:])
+    return "\n".join(lines[-60:])
 
 
 def _committed_or_none(bootstrap: str, topics: Topics) -> int | None:
@@ -140,7 +141,12 @@ def test_a_broker_killed_and_restarted_under_load_loses_nothing(
             time.sleep(0.2)
         producer.join(timeout=180)
         assert not producer.failed, producer.failed[:3]
-        _wait_committed(bootstrap, topics, len(events), timeout=180)
+        try:
+            _wait_committed(bootstrap, topics, len(events), timeout=180)
+        except AssertionError:
+            worker.send_signal(signal.SIGUSR1)  # its threads' stacks, into the log
+            time.sleep(1)
+            raise AssertionError(f"the worker did not catch up: {_log_tail(log)}") from None
         assert worker.poll() is None, f"the worker exited during the outage: {_log_tail(log)}"
     finally:
         _stop(worker)

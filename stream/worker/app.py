@@ -9,6 +9,7 @@ until the worker's assignment is restored (`stream/worker/metrics.py`).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import logging
 import signal
@@ -132,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where is it stuck?
     log.info(
         "worker %s: model %s, %s, window %d events, %s",
         settings.instance_id,

@@ -52,7 +52,7 @@ class Checkpoint:
         changelog_topic: str,
         exactly_once: bool,
         interval_s: float,
-        outage_limit_s: float = 300.0,
+        outage_limit_s: float = 120.0,
         call_timeout_s: float = 10.0,
     ) -> None:
         self.consumer = consumer
@@ -113,22 +113,29 @@ class Checkpoint:
                     headers=record.headers,
                     on_delivery=self.on_delivery,
                 )
-        # 2. flush and confirm (the client retries on its own while the broker is away)
+        # 2. flush and confirm (the client retries on its own while the broker is away); with
+        #    exactly-once, committing the transaction flushes what is left, and a failed
+        #    delivery means the broker aborts it
         deadline = time.monotonic() + self.outage_limit_s
         remaining = self.producer.flush(self.call_timeout_s)
-        while remaining and not self._errors and time.monotonic() < deadline:
+        while remaining and not self.exactly_once and not self._errors and time.monotonic() < deadline:
             remaining = self.producer.flush(self.call_timeout_s)
-        if remaining or self._errors:
-            errors = "; ".join(self._errors[:5]) or (
-                f"{remaining} records still undelivered after {self.outage_limit_s:.0f} s "
-                "(--outage-limit-s)"
-            )
+        if self._errors:
+            errors = "; ".join(self._errors[:5])
             self._errors.clear()
+            if self.exactly_once:
+                raise TransactionAborted(f"deliveries failed in the transaction: {errors}")
             raise DeliveryError(f"checkpoint abandoned, deliveries failed: {errors}")
+        if remaining and not self.exactly_once:
+            raise DeliveryError(
+                f"checkpoint abandoned: {remaining} records still undelivered after "
+                f"{self.outage_limit_s:.0f} s (--outage-limit-s)"
+            )
         # 3. commit input offsets (in the transaction with exactly-once)
         commit = [TopicPartition(self.input_topic, p, o + 1) for p, o in offsets.items()]
         if self.exactly_once:
             self._retrying("commit the transaction", deadline, lambda: self._commit_transaction(commit))
+            self.producer.flush(0)  # the delivery reports of what the commit flushed
             self._retrying("begin a transaction", deadline, self.producer.begin_transaction)
         else:
             self._retrying("commit offsets", deadline,
@@ -175,5 +182,7 @@ class Checkpoint:
         for _, windows in self.state.items():
             windows.abort()
         if self.exactly_once:
-            self.producer.abort_transaction(self.call_timeout_s)
-            self.producer.begin_transaction()
+            deadline = time.monotonic() + self.outage_limit_s
+            self._retrying("abort the transaction", deadline,
+                           lambda: self.producer.abort_transaction(self.call_timeout_s))
+            self._retrying("begin a transaction", deadline, self.producer.begin_transaction)

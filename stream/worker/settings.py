@@ -77,9 +77,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--linger-ms", type=integer(0), default=2, help="producer linger")
     loop.add_argument("--commit-interval-ms", type=integer(1), default=1000)
     loop.add_argument(
-        "--outage-limit-s", type=number(above=0), default=300.0,
+        "--outage-limit-s", type=number(above=0, below=300), default=120.0,
         help="how long a checkpoint waits for an unreachable Kafka before the worker exits "
-             "with an error (nothing of the checkpoint is committed; a restart replays it)",
+             "with an error (nothing of the checkpoint is committed; a restart replays it); "
+             "below the consumer's 300 s max.poll.interval.ms, which a longer wait would break",
     )
     loop.add_argument(
         "--processing-guarantee",
