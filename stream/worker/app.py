@@ -12,13 +12,16 @@ import argparse
 import faulthandler
 import gc
 import logging
+import os
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.errors import ConfigError
 from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics, wait_for_kafka
 from stream.logs import add_logging_arguments, setup_logging
+from stream.worker.checkpoint import ClientHang
 from stream.worker.metrics import HealthState, WorkerMetrics, serve
 from stream.worker.settings import WorkerSettings, add_worker_arguments
 
@@ -144,6 +147,13 @@ def main(args: argparse.Namespace) -> int:
     )
     try:
         worker.run()  # /health: from "starting" to the loop's beats
+    except ClientHang as hang:
+        # a client call hangs in C: exit at once (a normal exit would wait for the clients);
+        # nothing was committed, and the restarted worker replays the work
+        log.critical("%s", hang)
+        print(f"kvrec: error: {hang}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(1)
     finally:
         gc.unfreeze()  # hand the long-lived objects back to the collector for a clean exit
     return 0

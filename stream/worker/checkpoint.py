@@ -20,6 +20,7 @@ changelog, and recovery replays the committed changelog records.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -34,6 +35,13 @@ log = logging.getLogger(__name__)
 class DeliveryError(RuntimeError):
     """A record could not be delivered, or Kafka stayed unreachable for longer than the outage
     limit; the checkpoint is abandoned and the worker stops (nothing of it is committed)."""
+
+
+class ClientHang(DeliveryError):
+    """A transactional call did not return long after its own timeout: librdkafka can wait
+    forever for a group coordinator that went away (confluentinc/librdkafka#5456, #5511).
+    Nothing of the checkpoint is committed; the worker must exit without touching its clients
+    again (they may hang too), and a restart replays the work."""
 
 
 class TransactionAborted(RuntimeError):
@@ -148,10 +156,38 @@ class Checkpoint:
         return True
 
     def _commit_transaction(self, commit: list[TopicPartition]) -> None:
-        self.producer.send_offsets_to_transaction(
-            commit, self.consumer.consumer_group_metadata(), self.call_timeout_s
-        )
-        self.producer.commit_transaction(self.call_timeout_s)
+        metadata = self.consumer.consumer_group_metadata()
+        self._bounded("sending the offsets to the transaction", lambda: (
+            self.producer.send_offsets_to_transaction(commit, metadata, self.call_timeout_s)
+        ))
+        self._bounded("committing the transaction",
+                      lambda: self.producer.commit_transaction(self.call_timeout_s))
+
+    def _bounded(self, what: str, call: Callable[[], object]) -> None:
+        """`call`, which has a timeout of its own, in a helper thread: if it has not returned
+        well after that timeout, it is hung, and `ClientHang` says so."""
+        done = threading.Event()
+        raised: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                call()
+            except BaseException as exc:  # handed to the caller below
+                raised.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="kvrec-txn-call", daemon=True).start()
+        limit = 3 * self.call_timeout_s
+        if not done.wait(limit):
+            raise ClientHang(
+                f"{what} did not return in {limit:.0f} s although its timeout is "
+                f"{self.call_timeout_s:.0f} s (the Kafka client waits for a group coordinator "
+                "that went away; confluentinc/librdkafka#5456): the worker exits without "
+                "committing, and a restart replays the work"
+            )
+        if raised:
+            raise raised[0]
 
     def _retrying(self, what: str, deadline: float, call: Callable[[], object]) -> None:
         """`call`, again while its error is retriable (the broker is away) and the outage limit
@@ -183,6 +219,8 @@ class Checkpoint:
             windows.abort()
         if self.exactly_once:
             deadline = time.monotonic() + self.outage_limit_s
-            self._retrying("abort the transaction", deadline,
-                           lambda: self.producer.abort_transaction(self.call_timeout_s))
+            self._retrying("abort the transaction", deadline, lambda: self._bounded(
+                "aborting the transaction",
+                lambda: self.producer.abort_transaction(self.call_timeout_s),
+            ))
             self._retrying("begin a transaction", deadline, self.producer.begin_transaction)

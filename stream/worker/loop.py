@@ -129,6 +129,7 @@ class Worker:
         self.event_type_index = {name: i + 1 for i, name in enumerate(settings.event_types)}
         self.running = True
         self.failed = False  # an error escaped the loop: commit nothing more
+        self.hung = False  # a Kafka client call never returned: do not call the clients again
         clients = clients or KafkaClients.create(settings, kafka_config)
         self.consumer = clients.consumer
         self.producer = clients.producer
