@@ -297,3 +297,18 @@ def test_a_message_without_a_key_is_a_dead_letter(kafka_bootstrap, model, tmp_pa
     (dead,) = topics.read(topics.dead_letters, 1)
     assert _reasons([dead]) == ["missing_key"] and dead.key() is None
     assert len(topics.read(topics.recommendations, 1)) == 1
+
+
+# --- a full producer queue slows the worker down, it does not stop it ------------------------
+
+def test_a_full_producer_queue_is_backpressure_not_a_crash(kafka_bootstrap, model, tmp_path):
+    topics = OnePartition(kafka_bootstrap, "queue")
+    events = [(f"u{i % 7}".encode(), _event(f"u{i % 7}", f"sku-{1 + i % 50}")) for i in range(400)]
+    topics.produce(events + [(b"u1", TRUNCATED)] * 20)
+    tiny_queue = ("-X", "queue.buffering.max.messages=3", "--linger-ms", "20")
+    with ThreadWorker(topics.args(model, tmp_path / "state", "at-least-once", *tiny_queue)) as worker:
+        topics.wait_committed(len(events) + 20, timeout=120)
+        assert worker.alive
+        assert worker.counter("kvrec_producer_queue_full_total") > 0  # it did have to wait
+    assert len(topics.read(topics.recommendations, len(events))) == len(events)
+    assert len(topics.read(topics.dead_letters, 20)) == 20

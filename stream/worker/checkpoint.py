@@ -28,6 +28,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 
 from state.partition import WorkerState
 from stream.kafka_config import kafka_error_text
+from stream.worker.produce import produce
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,8 @@ class Checkpoint:
         # 1. changelog records for every changed window
         for partition, windows in self.state.items():
             for record in windows.prepare():
-                self.producer.produce(
-                    self.changelog_topic,
-                    key=record.key,
-                    value=record.window,
-                    partition=partition,
-                    headers=record.headers,
-                    on_delivery=self.on_delivery,
-                )
+                produce(self.producer, self.changelog_topic, record.key, record.window,
+                        self.on_delivery, record.headers, partition=partition)
         # 2. flush and confirm (the client retries on its own while the broker is away); with
         #    exactly-once, committing the transaction flushes what is left, and a failed
         #    delivery means the broker aborts it

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 
 from confluent_kafka import Message, Producer
 
 from state.partition import QuarantinedWindow
 from stream.worker.metrics import WorkerMetrics
+from stream.worker.produce import DeliveryCallback, produce
 
 log = logging.getLogger(__name__)
 
@@ -24,22 +24,6 @@ DETAIL_HEADER = "kvrec.detail"
 SOURCE_HEADER = "kvrec.source"
 MAX_KEY_BYTES = 1024  # a key is a user id (at most 256 characters) when valid
 MAX_DETAIL_BYTES = 1000
-
-DeliveryCallback = Callable[[object, Message], None]
-
-
-def produce(
-    producer: Producer, topic: str, key: bytes | None, value: bytes | None,
-    on_delivery: DeliveryCallback, headers: dict[str, bytes] | None = None,
-) -> None:
-    """Produce, waiting for deliveries while the producer's queue is full (backpressure)."""
-    while True:
-        try:
-            producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
-            return
-        except BufferError:
-            producer.poll(0.1)
-
 
 class DeadLetters:
     def __init__(
@@ -89,4 +73,5 @@ class DeadLetters:
             cut.append("key")
         if cut:
             headers["kvrec.truncated"] = ",".join(cut).encode()
-        produce(self.producer, self.topic, key, value, self.on_delivery, headers)
+        waits = produce(self.producer, self.topic, key, value, self.on_delivery, headers)
+        self.metrics.producer_queue_full.inc(waits)

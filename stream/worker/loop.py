@@ -54,9 +54,10 @@ from stream.schema import (
     parse_event,
 )
 from stream.worker.checkpoint import Checkpoint, TransactionAborted
-from stream.worker.dead_letters import DeadLetters, produce
+from stream.worker.dead_letters import DeadLetters
 from stream.worker.inference import Recommender, Scored, WaveInput
 from stream.worker.metrics import HealthState, WorkerMetrics
+from stream.worker.produce import produce
 from stream.worker.recovery import RestoreProgress, recover_partition, restore_consumer_config
 from stream.worker.settings import WorkerSettings
 
@@ -394,8 +395,9 @@ class Worker:
                         self.dead_letters.processing_error(source.message, user_exc)
         self.metrics.events_applied.inc(len(outputs))
         for output in outputs:
-            produce(self.producer, self.settings.output_topic, output.source.user_id.encode(),
-                    output.value, self.checkpoint.on_delivery)
+            waits = produce(self.producer, self.settings.output_topic,
+                            output.source.user_id.encode(), output.value, self.checkpoint.on_delivery)
+            self.metrics.producer_queue_full.inc(waits)
             self.metrics.recommendations_out.labels(output.kind).inc()
             _, produced_ms = output.source.message.timestamp()
             if produced_ms > 0:

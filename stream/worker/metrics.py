@@ -84,6 +84,11 @@ class WorkerMetrics:
         self.cache_hits = Counter("kvrec_cache_hits", "Key/value cache hits", registry=r)
         self.cache_misses = Counter("kvrec_cache_misses", "Key/value cache misses", registry=r)
         self.cache_bytes = Gauge("kvrec_cache_bytes", "Bytes held by key/value caches", registry=r)
+        self.producer_queue_full = Counter(
+            "kvrec_producer_queue_full",
+            "Waits of 100 ms for deliveries because the producer's queue was full (backpressure)",
+            registry=r,
+        )
         self.windows_quarantined = Counter(
             "kvrec_windows_quarantined",
             "Stored windows that did not decode: sent to the dead-letter topic, user restarted empty",
