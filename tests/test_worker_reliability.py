@@ -312,3 +312,73 @@ def test_a_full_producer_queue_is_backpressure_not_a_crash(kafka_bootstrap, mode
         assert worker.counter("kvrec_producer_queue_full_total") > 0  # it did have to wait
     assert len(topics.read(topics.recommendations, len(events))) == len(events)
     assert len(topics.read(topics.dead_letters, 20)) == 20
+
+
+# --- a restore interrupted midway (revoked, killed) leaves a consistent store ------------------
+
+def test_an_interrupted_restore_leaves_a_consistent_store_and_resumes(kafka_bootstrap, tmp_path):
+    """The restore writes each batch of changelog records together with its changelog offset
+    (one RocksDB batch). Cut it off after its first batch, as a revocation or a kill mid-restore
+    would, and the store holds exactly a prefix of the changelog; the next restore goes on from
+    there and ends equal to a restore that was never interrupted."""
+    from bench.restore import _fill
+    from state.partition import WorkerState
+    from stream.worker.recovery import recover_partition, restore_consumer_config
+
+    changelog = unique_topic("interrupted-changelog")
+    create_topics(kafka_bootstrap, {changelog: 1}, config={"cleanup.policy": "compact"})
+    windows = 2_500
+    _fill(kafka_bootstrap, changelog, windows, events=3)
+
+    class CutOff(Exception):
+        pass
+
+    class InterruptedConsumer:
+        """The restore consumer, cut off after its first batch of records."""
+
+        def __init__(self, consumer: Consumer) -> None:
+            self.consumer, self.batches = consumer, 0
+
+        def consume(self, num_messages: int, timeout: float) -> list:
+            batch = self.consumer.consume(num_messages, timeout)
+            if any(m.error() is None for m in batch):
+                self.batches += 1
+                if self.batches == 2:
+                    raise CutOff
+            return batch
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.consumer, name)
+
+    def restore(state_dir: Path, consumer: object) -> dict[str, bytes]:
+        state = WorkerState(state_dir, "g", "events", window_capacity=3)
+        try:
+            recover_partition(consumer, changelog, state.open(0), windows + 1,  # type: ignore[arg-type]
+                              batch_records=1_000)
+        finally:
+            result = {"@offset": str(state[0].changelog_offset()).encode(),
+                      **dict(state[0].store.items())}
+            state.close_all()
+        return result
+
+    config = restore_consumer_config({"bootstrap.servers": kafka_bootstrap}, unique_topic("g"))
+    whole = restore(tmp_path / "whole", Consumer(config))
+    assert len(whole) == windows + 1
+    interrupted = InterruptedConsumer(Consumer(config))
+    with pytest.raises(CutOff):
+        restore(tmp_path / "cut", interrupted)
+    partial = restore(tmp_path / "cut", _NoRestore())  # reopen: what the cut-off left
+    first = {k: v for k, v in whole.items() if k != "@offset"}
+    cut = {k: v for k, v in partial.items() if k != "@offset"}
+    offset = int(partial["@offset"])
+    assert 0 < len(cut) < windows  # cut off midway
+    assert cut == {k: first[k] for k in cut}  # every window it holds is whole and right
+    assert len(cut) == offset + 1  # ... and exactly the changelog up to its stored offset
+    assert restore(tmp_path / "cut", Consumer(config)) == whole  # the next restore completes it
+
+
+class _NoRestore:
+    """A restore consumer whose changelog is already read to the end (reads nothing)."""
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float = 0) -> tuple[int, int]:
+        return 0, 0
