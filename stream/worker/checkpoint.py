@@ -137,7 +137,17 @@ class Checkpoint:
         # 3. commit input offsets (in the transaction with exactly-once)
         commit = [TopicPartition(self.input_topic, p, o + 1) for p, o in offsets.items()]
         if self.exactly_once:
-            self._retrying("commit the transaction", deadline, lambda: self._commit_transaction(commit))
+            metadata = self.consumer.consumer_group_metadata()
+            self._retrying("send the offsets to the transaction", deadline, lambda: self._bounded(
+                "sending the offsets to the transaction",
+                lambda: self.producer.send_offsets_to_transaction(
+                    commit, metadata, self.call_timeout_s
+                ),
+            ))
+            self._retrying("commit the transaction", deadline, lambda: self._bounded(
+                "committing the transaction",
+                lambda: self.producer.commit_transaction(self.call_timeout_s),
+            ))
             self.producer.flush(0)  # the delivery reports of what the commit flushed
             self._retrying("begin a transaction", deadline, self.producer.begin_transaction)
         else:
@@ -149,14 +159,6 @@ class Checkpoint:
         self.pending_offsets.clear()
         self.started = time.monotonic()
         return True
-
-    def _commit_transaction(self, commit: list[TopicPartition]) -> None:
-        metadata = self.consumer.consumer_group_metadata()
-        self._bounded("sending the offsets to the transaction", lambda: (
-            self.producer.send_offsets_to_transaction(commit, metadata, self.call_timeout_s)
-        ))
-        self._bounded("committing the transaction",
-                      lambda: self.producer.commit_transaction(self.call_timeout_s))
 
     def _bounded(self, what: str, call: Callable[[], object]) -> None:
         """`call`, which has a timeout of its own, in a helper thread: if it has not returned

@@ -53,7 +53,7 @@ from stream.schema import (
     encode_recommendation,
     parse_event,
 )
-from stream.worker.checkpoint import Checkpoint, TransactionAborted
+from stream.worker.checkpoint import Checkpoint, ClientHang, TransactionAborted
 from stream.worker.dead_letters import DeadLetters
 from stream.worker.inference import Recommender, Scored, WaveInput
 from stream.worker.metrics import HealthState, WorkerMetrics
@@ -238,6 +238,9 @@ class Worker:
                 if time.monotonic() >= self._lag_due:
                     self._update_lag()
             self._commit()
+        except ClientHang:
+            self.failed = self.hung = True  # its clients may hang again: leave them alone
+            raise
         except BaseException:
             self.failed = True
             raise
@@ -263,6 +266,8 @@ class Worker:
 
     def close(self) -> None:
         self.health.revoked()  # leaving the group: not ready, whatever the callbacks say
+        if self.hung:  # the process exits at once (app.py); nothing was committed
+            return
         try:
             if self.failed:
                 self._abort()
