@@ -46,12 +46,12 @@ def artifact(tmp_path: Path):
 
 class PacedProducer(threading.Thread):
     """Produces `events` at `rate` per second, riding out broker outages (the client buffers
-    and retries for up to two minutes)."""
+    and retries with no time limit: an idempotent producer keeps order and writes each once)."""
 
     def __init__(self, bootstrap: str, topic: str, events: list[dict], rate: float) -> None:
         super().__init__(daemon=True)
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5,
-                                  "enable.idempotence": True, "message.timeout.ms": 120_000,
+                                  "enable.idempotence": True, "message.timeout.ms": 0,
                                   "log_level": 0})
         self.topic, self.events, self.rate = topic, events, rate
         self.failed: list[str] = []
