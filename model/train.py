@@ -2,6 +2,10 @@
 
     kvrec train --data ../shared/datasets/amazon-games.txt --format sasrec --out artifacts/games
 
+The defaults are the measured recipe (docs/quality.md): full cross-entropy, d_model 128,
+2 layers, 2 heads, W 50, max-len 100, dropout 0.5, batch 128, lr 1e-3 with a one-epoch warm-up
+and a cosine decay over 30 epochs, patience 10, seed 0.
+
 Losses (`--loss`):
     ce       full-softmax cross-entropy over the whole catalog (the default; what makes SASRec
              strong, Klenitskiy & Vasilev 2023); logits only at non-padding positions, a block
@@ -10,10 +14,10 @@ Losses (`--loss`):
     sampled  sampled softmax: `--negatives` uniform negatives shared by the batch, for
              catalogs too large for the full softmax
 
-Learning rate (`--lr-schedule`): constant, or a cosine decay from `--lr` to
-`--min-lr-ratio` x `--lr` over `--epochs`, either after a linear `--warmup-epochs`. Batches
+Learning rate (`--lr-schedule`): a cosine decay from `--lr` to `--min-lr-ratio` x `--lr` over
+`--epochs` (the default), or constant, either after a linear `--warmup-epochs`. Batches
 (`--batching`): users of similar length together with a fixed budget of positions (the
-default; little padding), or shuffled users. docs/quality.md has the measured recipe.
+default; little padding), or shuffled users.
 """
 
 from __future__ import annotations
@@ -48,20 +52,23 @@ TRIM_EVERY_STEPS = 50  # hand freed heap memory back to the OS this often (model
 
 @dataclass
 class TrainSettings:
+    """How to train. The defaults, with `ModelConfig`'s, are the measured recipe
+    (docs/quality.md), and they are `kvrec train`'s defaults (`add_arguments`)."""
+
     loss: str = "ce"
-    epochs: int = 200
+    epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
-    max_len: int = 200
+    max_len: int = 100
     patience: int = 10
     negatives: int = 256
     seed: int = 0
     device: str = "cpu"
     eval_every: int = 1
     init_from: Path | None = None  # continue from this artifact's weights (same data, config)
-    lr_schedule: str = "constant"  # or "cosine": warm up, then decay to min_lr_ratio * lr
-    warmup_epochs: float = 0.0
+    lr_schedule: str = "cosine"  # warm up, then decay to min_lr_ratio * lr; or "constant"
+    warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     batching: str = "length"  # or "random": a shuffled batch_size users at a time
 
@@ -340,34 +347,39 @@ def plot_training_curve(history: list[dict[str, float]], path: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The defaults are `TrainSettings`' and `ModelConfig`'s: the measured recipe."""
     add_dataset_arguments(parser)
+    settings, shape = TrainSettings(), ModelConfig(n_items=1)
     parser.add_argument("--out", required=True, help="artifact directory to write")
-    parser.add_argument("--loss", default="ce", choices=("ce", "bce", "sampled"))
-    parser.add_argument("--epochs", type=integer(1), default=200)
-    parser.add_argument("--batch-size", type=integer(1), default=128)
-    parser.add_argument("--lr", type=number(above=0), default=1e-3, help="peak learning rate")
-    parser.add_argument("--batching", default="length", choices=("length", "random"),
+    parser.add_argument("--loss", default=settings.loss, choices=("ce", "bce", "sampled"))
+    parser.add_argument("--epochs", type=integer(1), default=settings.epochs)
+    parser.add_argument("--batch-size", type=integer(1), default=settings.batch_size)
+    parser.add_argument("--lr", type=number(above=0), default=settings.lr, help="peak learning rate")
+    parser.add_argument("--batching", default=settings.batching, choices=("length", "random"),
                         help="length: users of similar length batched together, about "
                              "--batch-size x (mean length) positions a batch (less padding); "
                              "random: --batch-size shuffled users a batch")
-    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+    parser.add_argument("--lr-schedule", default=settings.lr_schedule,
+                        choices=("constant", "cosine"),
                         help="cosine: decay from --lr to --min-lr-ratio x --lr over --epochs")
-    parser.add_argument("--warmup-epochs", type=number(0), default=0.0,
+    parser.add_argument("--warmup-epochs", type=number(0), default=settings.warmup_epochs,
                         help="linear learning-rate warm-up over this many epochs")
-    parser.add_argument("--min-lr-ratio", type=number(0, 1), default=0.01,
+    parser.add_argument("--min-lr-ratio", type=number(0, 1), default=settings.min_lr_ratio,
                         help="the cosine schedule's final learning rate, as a fraction of --lr")
-    parser.add_argument("--weight-decay", type=number(0), default=0.0)
-    parser.add_argument("--d-model", type=integer(1), default=64)
-    parser.add_argument("--layers", type=integer(1), default=2)
-    parser.add_argument("--heads", type=integer(1), default=2)
-    parser.add_argument("--window", type=integer(1), default=50)
-    parser.add_argument("--max-len", type=integer(1), default=200, help="training sequence length")
-    parser.add_argument("--dropout", type=number(0, below=1), default=0.2)
-    parser.add_argument("--patience", type=integer(1), default=10)
-    parser.add_argument("--negatives", type=integer(1), default=256, help="for --loss sampled")
-    parser.add_argument("--eval-every", type=integer(1), default=1)
+    parser.add_argument("--weight-decay", type=number(0), default=settings.weight_decay)
+    parser.add_argument("--d-model", type=integer(1), default=shape.d_model)
+    parser.add_argument("--layers", type=integer(1), default=shape.n_layers)
+    parser.add_argument("--heads", type=integer(1), default=shape.n_heads)
+    parser.add_argument("--window", type=integer(1), default=shape.window)
+    parser.add_argument("--max-len", type=integer(1), default=settings.max_len,
+                        help="training sequence length")
+    parser.add_argument("--dropout", type=number(0, below=1), default=shape.dropout)
+    parser.add_argument("--patience", type=integer(1), default=settings.patience)
+    parser.add_argument("--negatives", type=integer(1), default=settings.negatives,
+                        help="for --loss sampled")
+    parser.add_argument("--eval-every", type=integer(1), default=settings.eval_every)
     parser.add_argument("--threads", type=integer(0), default=0, help="torch threads (0 = default)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", default=settings.device, choices=("cpu", "cuda"))
     parser.add_argument("--plot", default=None, help="default: <out>/training_curve.png")
     parser.add_argument("--init-from", default=None,
                         help="start from this artifact's weights (same data and model shape), "
