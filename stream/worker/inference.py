@@ -271,6 +271,8 @@ class Recommender:
         if cached is not None and cached.window_end_offset == window_end:
             previous = cached.known
         else:  # a cold or stale cache: one pass over the stored window
+            if cached is not None:
+                self.cache.count_stale()
             cached = None
             previous = KnownEvents()
             for at, event in enumerate(user.previous, start=user.first_index):

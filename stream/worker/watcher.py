@@ -58,7 +58,7 @@ class ModelWatcher:
         self.settings = settings
         self.metrics = metrics
         self.serving_key = _serve_key(serving)  # what serves now, as announced
-        self.shadow_key = _shadow_key(serving)
+        self.shadow_key: tuple[str, str] | None = None  # no shadow until one is prepared
         self.refused: set[tuple[str, str]] = set()
         self.consumer = Consumer({
             **kafka_config,
