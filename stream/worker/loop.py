@@ -164,7 +164,7 @@ class Worker:
             self.producer, settings.dead_letter_topic, settings.dead_letter_max_bytes, metrics,
             self.checkpoint.on_delivery,
         )
-        self.metrics.model_info.labels(recommender.version).set(1)
+        self.metrics.serving(recommender.version)
         self._lag_due = 0.0
 
     # --- rebalance -------------------------------------------------------------------------
@@ -282,8 +282,7 @@ class Worker:
         old = self.recommender
         self.recommender = prepared.recommender  # type: ignore[assignment]
         self.shadow = None
-        self.metrics.model_info.remove(old.version)
-        self.metrics.model_info.labels(self.recommender.version).set(1)
+        self.metrics.serving(self.recommender.version, old.version)
         self.metrics.model_swaps.inc()
         announcement = prepared.announcement
         log.info("serving model %s (was %s; %s%s)", self.recommender.version, old.version,

@@ -117,6 +117,8 @@ class WorkerMetrics:
             "smoke, announcement): the serving model stays",
             ["check"], registry=r,
         )
+        for check in ("verify", "compatibility", "build", "smoke", "announcement"):
+            self.model_refusals.labels(check)  # each series from 0, for rate()
         self.model_prepare_seconds = Histogram(
             "kvrec_model_prepare_seconds",
             "Time to load, check, index and pre-warm an announced version (off the hot path)",
@@ -156,6 +158,14 @@ class WorkerMetrics:
             ["partition"],
             registry=r,
         )
+
+    def serving(self, version: str, previous: str | None = None) -> None:
+        """The model version served from now on (its live series start at 0)."""
+        if previous is not None:
+            self.model_info.remove(previous)
+        self.model_info.labels(version).set(1)
+        self.live_events.labels(version, "serve")
+        self.live_hits.labels(version, "serve")
 
     def forget_partition(self, partition: int) -> None:
         """The partition is no longer owned: drop its labelled series."""
