@@ -275,10 +275,11 @@ def run_list(context: Context) -> int:
               f"{'VAL NDCG@10':>12}  STATE")
         for row in rows:
             test, val = row["test_ndcg@10"], row["validation_ndcg@10"]
-            print(f"{row['version']:<26} {row['created']:<16} {row['manifest_sha256'][:12]:<12} "
-                  f"{'-' if test is None else f'{test:.4f}':>12} "
-                  f"{'-' if val is None else f'{val:.4f}':>12}  "
-                  f"{_state_text(row['state'], row['history_place'])}")
+            line = (f"{row['version']:<26} {row['created']:<16} {row['manifest_sha256'][:12]:<12} "
+                    f"{'-' if test is None else f'{test:.4f}':>12} "
+                    f"{'-' if val is None else f'{val:.4f}':>12}  "
+                    f"{_state_text(row['state'], row['history_place'])}")
+            print(line.rstrip())
     for version in missing:
         print(f"warning: {version} is named by the announcement but not in {context.store.folder}")
     return 0
@@ -373,9 +374,11 @@ def run_publish(context: Context) -> int:
             announcement = context.state()
         except KafkaUnreachable as exc:
             known = False
-            print(f"not pruned, the serving state is unknown: {exc}")
+            print(f"warning: not pruned, the serving state is unknown: {exc}", file=sys.stderr)
     entry = context.store.publish(args.artifact)
     print(f"stored {entry.version} in {entry.path}")
+    if args.serve or args.shadow:
+        context.verified(entry.version)  # the copy, as readers will see it (a mounted bucket)
     if args.serve:
         if announcement is not None and announcement.version == entry.version:
             print(f"{entry.version} already serves")
