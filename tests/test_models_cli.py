@@ -277,3 +277,43 @@ def test_the_live_verdicts() -> None:
     assert rollback_verdict(rates, "v2", "v1", 0.01, 1000).yes
     assert not rollback_verdict(rates, "v2", "v1", 0.03, 1000).yes
     assert not rollback_verdict(rates, "v2", "v1", 0.01, 1001).yes
+
+
+@pytest.mark.parametrize("action", ["list", "show", "publish", "promote", "shadow", "rollback", "guard"])
+def test_every_action_names_its_variables(action: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        kvrec(["models", action, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--model-store MODEL_STORE the store's root folder "
+            "(default: models; env KVREC_MODELS_MODEL_STORE)") in text
+    assert "env KVREC_BOOTSTRAP_SERVERS" in text
+    if action == "guard":
+        assert "env KVREC_MODELS_GUARD_MARGIN" in text and "env KVREC_MODELS_GUARD_MIN_LIVE_EVENTS" in text
+    if action == "promote":
+        assert "absolute hit-rate margin" in text
+        assert "(default: 0.0; env KVREC_MODELS_PROMOTE_LIVE_MARGIN)" in text
+
+
+def test_action_variables_and_range_checks(monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from stream.cli import build_parser
+
+    monkeypatch.setenv("KVREC_MODELS_GUARD_MARGIN", "0.05")
+    monkeypatch.setenv("KVREC_MODELS_UPDATES_TOPIC", "updates-x")
+    argv = ["models", "guard"]
+    args = build_parser(argv).parse_args(argv)
+    assert (args.margin, args.updates_topic, args.min_live_events) == (0.05, "updates-x", 1000)
+    monkeypatch.setenv("KVREC_MODELS_GUARD_MARGIN", "-1")
+    assert kvrec(argv) == 2
+    assert "KVREC_MODELS_GUARD_MARGIN='-1'" in capsys.readouterr().err
+    monkeypatch.delenv("KVREC_MODELS_GUARD_MARGIN")
+    parser = build_parser(["models"])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    models = next(a for a in sub.choices["models"]._actions if isinstance(a, argparse._SubParsersAction))
+    for action_parser in models.choices.values():
+        for action in action_parser._actions:
+            if isinstance(action.default, int | float) and not isinstance(action.default, bool):
+                assert getattr(action.type, "__name__", None) in ("integer", "number"), action.dest
