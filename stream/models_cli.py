@@ -170,9 +170,17 @@ class Context:
         load_artifact(stored.path)  # ArtifactError naming the file that does not match
         return stored
 
-    def announce(self, announcement: Announcement) -> None:
+    def announce(self, announcement: Announcement, based_on: Announcement | None) -> None:
+        """Publish `announcement`, decided from `based_on`; refused (exit 1) if another
+        announcement came in meanwhile (another operator, the guard), so neither undoes the
+        other unseen. (Two announcers at the very same instant can still race: last one wins.)"""
         ensure_model_topics(self.kafka, self.args.updates_topic, self.args.stats_topic,
                             self.args.connect_timeout)
+        newest = self.state()
+        if newest != based_on:
+            now = f"{newest.version} serves ({newest.reason})" if newest else "nothing serves"
+            raise RunFailed(f"the announcement of model {self.store.model_name!r} changed while "
+                            f"deciding (now {now}): nothing announced, run it again")
         announce(self.kafka, announcement, self.args.updates_topic, READ_TIMEOUT_S)
 
 
@@ -388,9 +396,10 @@ def run_publish(context: Context) -> int:
         assert announcement is not None
         if announcement.version == entry.version:
             raise ConfigError(f"{entry.version} serves: it cannot shadow itself")
+        based_on = announcement
         announcement = announcement.with_shadow(
             Candidate(entry.version, str(entry.path.resolve()), entry.manifest_sha256, args.sample))
-        context.announce(announcement)
+        context.announce(announcement, based_on)
         print(f"announced: {entry.version} shadows {announcement.version} "
               f"on {args.sample:.0%} of users")
     if known:
@@ -409,7 +418,7 @@ def _serve(context: Context, announcement: Announcement | None, entry: StoredVer
     else:
         new = announcement.serving(entry.version, location, entry.manifest_sha256, reason,
                                    metrics=metrics, note=note)
-    context.announce(new)
+    context.announce(new, announcement)
     was = f" (was {announcement.version})" if announcement else ""
     print(f"announced: {entry.version} serves{was}, reason {reason}")
     return new
@@ -444,7 +453,8 @@ def run_shadow(context: Context) -> int:
         if announcement.shadow is None:
             print(f"no shadow candidate for model {context.store.model_name}: nothing to stop")
             return 0
-        context.announce(announcement.with_shadow(None, note=f"{announcement.shadow.version} stopped"))
+        context.announce(announcement.with_shadow(None, note=f"{announcement.shadow.version} stopped"),
+                         announcement)
         print(f"announced: {announcement.shadow.version} no longer shadows")
         return 0
     entry = context.verified(args.version)
@@ -452,7 +462,7 @@ def run_shadow(context: Context) -> int:
     if announcement.version == entry.version:
         raise ConfigError(f"{entry.version} serves: it cannot shadow itself")
     candidate = Candidate(entry.version, str(entry.path.resolve()), entry.manifest_sha256, args.sample)
-    context.announce(announcement.with_shadow(candidate))
+    context.announce(announcement.with_shadow(candidate), announcement)
     print(f"announced: {entry.version} shadows {announcement.version} on {args.sample:.0%} of users")
     return 0
 

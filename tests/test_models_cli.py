@@ -317,3 +317,25 @@ def test_action_variables_and_range_checks(monkeypatch: pytest.MonkeyPatch,
         for action in action_parser._actions:
             if isinstance(action.default, int | float) and not isinstance(action.default, bool):
                 assert getattr(action.type, "__name__", None) in ("integer", "number"), action.dest
+
+
+@pytest.mark.kafka
+def test_an_announcement_that_came_in_meanwhile_is_not_undone(
+        setup: Setup, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from stream import models_cli
+    from stream.model_updates import announce
+
+    publish(capsys, setup, 0, "--serve")
+    b = publish(capsys, setup, 1, "--serve")
+    real_verified = models_cli.Context.verified
+    concurrent = setup.announcement().with_shadow(None, note="another operator")  # type: ignore[union-attr]
+
+    def verified_while_someone_announces(self: models_cli.Context, version: str):  # type: ignore[no-untyped-def]
+        entry = real_verified(self, version)
+        announce(setup.kafka(), concurrent, setup.updates)
+        return entry
+
+    monkeypatch.setattr(models_cli.Context, "verified", verified_while_someone_announces)
+    code, _, err = run(capsys, "rollback", flags=setup.flags())
+    assert code == 1 and "changed while deciding" in err and f"now {b} serves (shadow)" in err
+    assert setup.announcement() == concurrent
