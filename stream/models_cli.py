@@ -410,7 +410,7 @@ def run_publish(context: Context) -> int:
 
 
 def _serve(context: Context, announcement: Announcement | None, entry: StoredVersion,
-           reason: str, note: str = "") -> Announcement:
+           reason: str, note: str = "", *, say: bool = True) -> Announcement:
     location, metrics = str(entry.path.resolve()), summary_metrics(entry.metrics)
     if announcement is None:
         new = first_announcement(context.store.model_name, entry.version, location,
@@ -419,8 +419,9 @@ def _serve(context: Context, announcement: Announcement | None, entry: StoredVer
         new = announcement.serving(entry.version, location, entry.manifest_sha256, reason,
                                    metrics=metrics, note=note)
     context.announce(new, announcement)
-    was = f" (was {announcement.version})" if announcement else ""
-    print(f"announced: {entry.version} serves{was}, reason {reason}")
+    if say:
+        was = f" (was {announcement.version})" if announcement else ""
+        print(f"announced: {entry.version} serves{was}, reason {reason}")
     return new
 
 
@@ -482,40 +483,39 @@ def run_rollback(context: Context) -> int:
     return 0
 
 
-def guard_once(context: Context) -> str:
-    """Check once; roll back if the serving version fell too far. Returns the decision."""
+def guard_once(context: Context) -> tuple[bool, str]:
+    """Check once; roll back if the serving version fell too far. Returns (rolled back, why)."""
     args = context.args
     announcement = context.state()
     if announcement is None:
-        return f"no rollback: nothing announced for model {context.store.model_name!r}"
+        return False, f"no rollback: nothing announced for model {context.store.model_name!r}"
     if not announcement.history:
-        return f"no rollback: {announcement.version} has no predecessor to compare with"
+        return False, f"no rollback: {announcement.version} has no predecessor to compare with"
     predecessor = announcement.history[0]
     verdict = rollback_verdict(context.live_rates(), announcement.version, predecessor,
                                args.margin, args.min_live_events)
     if not verdict.yes:
-        return f"no rollback: {verdict.reason}"
+        return False, f"no rollback: {verdict.reason}"
     entry = context.verified(predecessor)
     note = f"automatic rollback from {announcement.version}: {verdict.reason}"
-    _serve(context, announcement, entry, "auto_rollback", note)
-    log.warning("rolled back %s to %s: %s", announcement.version, predecessor, verdict.reason)
-    return f"rolled back {announcement.version} to {predecessor}: {verdict.reason}"
+    _serve(context, announcement, entry, "auto_rollback", note, say=False)
+    return True, f"rolled back {announcement.version} to {predecessor}: {verdict.reason}"
 
 
 def run_guard(context: Context) -> int:
     args = context.args
     setup_logging(args)
     if args.once:
-        print(guard_once(context))
+        print(guard_once(context)[1])
         return 0
     log.info("guarding model %s every %g s (margin %g, at least %d live events)",
              context.store.model_name, args.interval_s, args.margin, args.min_live_events)
     while True:
         try:
-            log.info("%s", guard_once(context))
+            rolled_back, decision = guard_once(context)
+            log.log(logging.WARNING if rolled_back else logging.INFO, "%s", decision)
         except KvrecError as exc:  # an unreachable broker, a corrupted predecessor: try again
             log.error("%s", exc)
-        sys.stdout.flush()
         time.sleep(args.interval_s)
 
 

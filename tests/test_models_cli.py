@@ -339,3 +339,41 @@ def test_an_announcement_that_came_in_meanwhile_is_not_undone(
     code, _, err = run(capsys, "rollback", flags=setup.flags())
     assert code == 1 and "changed while deciding" in err and f"now {b} serves (shadow)" in err
     assert setup.announcement() == concurrent
+
+
+@pytest.mark.kafka
+def test_the_guard_loop_rolls_back_and_logs_why(setup: Setup, capsys: pytest.CaptureFixture[str],
+                                                 tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    a = publish(capsys, setup, 0, "--serve")
+    b = publish(capsys, setup, 1, "--serve")
+    setup.live("w1", {(a, "serve"): (1000, 100), (b, "serve"): (1000, 100)})
+    log_path = tmp_path / "guard.log"
+    root = Path(__file__).resolve().parent.parent
+    with log_path.open("w") as log:
+        guard = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "models", "guard", "--interval-s", "0.5",
+             "--margin", "0.02", "--min-live-events", "500", *setup.flags()],
+            cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "no rollback: within the margin" not in log_path.read_text():
+            assert guard.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        assert setup.announcement().version == b  # type: ignore[union-attr]
+        setup.live("w1", {(a, "serve"): (1000, 100), (b, "serve"): (1000, 70)})
+        while (setup.announcement().reason != "auto_rollback"):  # type: ignore[union-attr]
+            assert guard.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.5)
+        time.sleep(1.0)  # a few more checks: no flip-flop
+    finally:
+        guard.terminate()
+        guard.wait(timeout=30)
+    after = setup.announcement()
+    assert (after.version, after.history[0]) == (a, b)  # type: ignore[union-attr]
+    text = log_path.read_text()
+    assert f"WARNING kvrec.models: rolled back {b} to {a}" in text and "0.0700 over 1,000" in text
+    assert text.count("rolled back") == 1
