@@ -234,11 +234,9 @@ def _help_entries(help_text: str) -> dict[str, str]:
     return entries
 
 
-HELP_COMMANDS = [[name] for name in COMMANDS] + [["bench", name] for name in BENCHMARKS]
-SHARED_FLAGS = {"--bootstrap-servers", "--security-protocol", "--sasl-mechanism", "--sasl-username",
-                "--sasl-password", "--ssl-ca-location", "--ssl-certificate-location",
-                "--ssl-key-location", "--client-id", "--connect-timeout", "--kafka-option"}
-SECRET_FLAGS = {"--sasl-password", "--kafka-option"}  # no default shown: it may be a secret
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
 
 
 def _command_parser(command: list[str]) -> argparse.ArgumentParser:
@@ -247,9 +245,39 @@ def _command_parser(command: list[str]) -> argparse.ArgumentParser:
 
     parser = build_parser(command)
     for name in command:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        parser = sub.choices[name]
+        parser = _subparser(parser, name)
     return parser
+
+
+def _every_command() -> list[list[str]]:
+    """Every command of COMMANDS, and every sub-command below it (`bench model`, `models list`)."""
+    found: list[list[str]] = []
+
+    def walk(command: list[str], parser: argparse.ArgumentParser) -> None:
+        found.append(command)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk([*command, name], child)
+
+    for name in COMMANDS:
+        walk([name], _command_parser([name]))
+    return found
+
+
+HELP_COMMANDS = _every_command()
+SECRET_FLAGS = {"--sasl-password", "--kafka-option"}  # no default shown: it may be a secret
+
+
+def _variable(command: list[str], option: str, group: str | None) -> str:
+    """The variable a flag must name: KVREC_<FLAG> for the Kafka connection flags, the command's
+    for the flags every action of a command shares, else KVREC_<COMMAND>_<SUB-COMMAND>_<FLAG>."""
+    from stream.cli import COMMAND_GROUP, SHARED_GROUP, env_name
+
+    if group == SHARED_GROUP:
+        return env_name(option)
+    words = command[:1] if group == COMMAND_GROUP else command
+    return env_name(option, "KVREC_" + "".join(w.replace("-", "_").upper() + "_" for w in words))
 
 
 def _shows_a_default(action: argparse.Action, entry: str) -> bool:
@@ -270,24 +298,26 @@ def test_every_help_shows_each_flags_default_and_variable(
     assert exit_.value.code == 0
     entries = _help_entries(capsys.readouterr().out)
     parser = _command_parser(command)
+    groups = {id(a): g.title for g in parser._action_groups for a in g._group_actions}
     flags = [a for a in parser._actions if a.option_strings and a.dest not in ("help", "version")]
-    for action in parser._actions:  # a command with sub-commands: each has its own case here
-        if isinstance(action, argparse._SubParsersAction):
-            assert [[*command, name] for name in action.choices] == [
-                c for c in HELP_COMMANDS if c[:-1] == command], command
-    assert {next(o for o in a.option_strings if o.startswith("--")) for a in flags} == set(entries)
-    prefix = "KVREC_" + "_".join(c.upper() for c in command) + "_"
-    for action in flags:
-        option = next(o for o in action.option_strings if o.startswith("--"))
+    long_options = [next((o for o in a.option_strings if o.startswith("--")), None) for a in flags]
+    assert None not in long_options, flags  # a flag with no long form would have no variable
+    assert set(long_options) == set(entries)  # --help lists each flag, and this reads each
+    for action, option in zip(flags, long_options, strict=True):
         entry = entries[option]
         variable = re.search(r"env (KVREC_[A-Z0-9_]+)\)$", entry)
         assert variable, entry
-        if not variable.group(1).startswith(prefix):  # only the Kafka connection flags are shared
-            assert option in SHARED_FLAGS, entry
+        assert variable.group(1) == _variable(command, option, groups.get(id(action))), entry
         if option in SECRET_FLAGS:
             assert "(default: " not in entry, entry
         else:
             assert _shows_a_default(action, entry), entry
+
+
+def test_the_help_check_covers_every_command_and_sub_command() -> None:
+    assert ["train"] in HELP_COMMANDS and ["bench", "restore"] in HELP_COMMANDS
+    assert [c[1] for c in HELP_COMMANDS if c[0] == "bench" and len(c) == 2] == list(BENCHMARKS)
+    assert len(HELP_COMMANDS) > len(COMMANDS) + len(BENCHMARKS)  # and `kvrec models` actions
 
 
 def test_a_flag_without_a_shown_default_fails_the_help_check() -> None:
