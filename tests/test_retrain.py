@@ -1,0 +1,120 @@
+"""`kvrec retrain`: warm start with a grown catalog, the publish-or-refuse decision (model/,
+no Kafka), and the Faust side job against the real broker."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.artifact import load_artifact, save_artifact
+from model.datasets import Interaction, SyntheticSpec, generate_synthetic
+from model.decision import decide, held_out_tail
+from model.errors import ConfigError
+from model.train import TrainSettings, train
+
+TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "window": 8, "dropout": 0.1}
+
+
+def _settings(**overrides: object) -> TrainSettings:
+    return replace(TrainSettings(epochs=3, batch_size=64, max_len=20, patience=10), **overrides)
+
+
+def _data(seed: int = 1, items: int = 80) -> list[Interaction]:
+    return generate_synthetic(SyntheticSpec(users=200, items=items, events=4000, seed=seed))
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("retrain") / "earlier"
+    train(_data(), TINY, _settings(), out, progress=False)
+    return out
+
+
+def _grown(data: list[Interaction]) -> list[Interaction]:
+    """`data` without the earlier model's items i1..i4 (absent from the new data), plus new
+    items and a new event type."""
+    kept = [e for e in data if e.item_id not in {"i1", "i2", "i3", "i4"}]
+    extra = [Interaction(e.user_id, f"new{k % 7}", "share" if k % 2 else "view", e.ts + 1)
+             for k, e in enumerate(kept[:300])]
+    return sorted(kept + extra, key=lambda e: e.ts)
+
+
+def test_warm_start_keeps_known_items_and_appends_new_ones(earlier: Path, tmp_path: Path) -> None:
+    before = load_artifact(earlier)
+    frozen = _settings(epochs=1, lr=0.0, init_from=earlier)  # lr 0: no step changes a weight
+    train(_grown(_data(seed=2)), TINY, frozen, tmp_path / "after", progress=False)
+    after = load_artifact(tmp_path / "after")
+    old = len(before.item_ids)
+    assert after.item_ids[:old] == before.item_ids  # i1..i4 too, though the data lacks them
+    assert sorted(after.item_ids[old:]) == [f"new{k}" for k in range(7)]
+    assert after.config.n_items == len(after.item_ids) - 1
+    old_rows = before.encoder.item_embedding.weight
+    assert torch.equal(after.encoder.item_embedding.weight[:old], old_rows)
+    new_rows = after.encoder.item_embedding.weight[old:]
+    assert new_rows.abs().sum() > 0 and not torch.equal(new_rows, torch.zeros_like(new_rows))
+    assert after.event_types[: len(before.event_types)] == before.event_types
+    assert after.event_types[len(before.event_types):] == ["share"]
+    n_types = len(before.event_types) + 1
+    assert torch.equal(after.encoder.type_embedding.weight[:n_types],
+                       before.encoder.type_embedding.weight)
+    for name, weights in before.encoder.state_dict().items():
+        if "embedding" not in name:
+            assert torch.equal(after.encoder.state_dict()[name], weights), name
+
+
+def test_warm_start_refuses_another_shape(earlier: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model shape differs \\(d_model\\)"):
+        train(_data(), {**TINY, "d_model": 32}, _settings(init_from=earlier), tmp_path / "x",
+              progress=False)
+
+
+def _scrambled(source: Path, out: Path) -> Path:
+    """The earlier model with its item embedding rows shuffled: a deliberately worse one."""
+    artifact = load_artifact(source)
+    weights = artifact.encoder.item_embedding.weight.data
+    order = list(range(1, weights.shape[0]))
+    random.Random(0).shuffle(order)
+    weights[1:] = weights[order].clone()
+    save_artifact(out, artifact.encoder, item_ids=artifact.item_ids,
+                  event_types=artifact.event_types, popularity=artifact.popularity,
+                  metrics={}, settings={"max_len": 20})
+    return out
+
+
+def test_a_worse_candidate_is_refused_with_both_figures(earlier: Path, tmp_path: Path) -> None:
+    serving = load_artifact(earlier)
+    worse = load_artifact(_scrambled(earlier, tmp_path / "worse"))
+    data = _data()
+    decision = decide(worse, serving, data, margin=0.0)
+    assert not decision.publish
+    assert decision.candidate["ndcg@10"] < decision.serving["ndcg@10"]
+    note = decision.note()
+    assert f"{decision.candidate['ndcg@10']:.4f}" in note
+    assert f"{decision.serving['ndcg@10']:.4f}" in note and note.startswith("refuse")
+    # the other way round it is published; a margin wider than the gap lets it through
+    assert decide(serving, worse, data).publish
+    gap = decision.serving["ndcg@10"] - decision.candidate["ndcg@10"]
+    assert decide(worse, serving, data, margin=gap + 0.01).publish
+
+
+def test_the_serving_model_misses_the_items_it_does_not_know(earlier: Path, tmp_path: Path) -> None:
+    serving = load_artifact(earlier)
+    data = _data()
+    tail = held_out_tail(data)
+    # the same users, each last event's item renamed to one the serving model never saw
+    last = {case.user: len(case.inputs) for case in tail}
+    seen: dict[str, int] = {}
+    renamed = []
+    for e in data:
+        k = seen[e.user_id] = seen.get(e.user_id, -1) + 1
+        renamed.append(replace(e, item_id="unseen") if last.get(e.user_id) == k else e)
+    train(renamed, TINY, _settings(epochs=1, lr=0.0, init_from=earlier), tmp_path / "c",
+          progress=False)
+    decision = decide(load_artifact(tmp_path / "c"), serving, renamed)
+    assert decision.serving_unknown_targets == len(tail) == decision.users
+    assert decision.serving["hr@10"] == 0.0 and decision.serving["ndcg@10"] == 0.0
+    assert decision.candidate["hr@20"] >= 0.0 and decision.publish
