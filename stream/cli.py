@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("stream.demo", "start a broker, train, run a worker, replay, show results"),
     "broker": ("deploy.kafka.launcher", "start a local single-node Kafka broker (KRaft)"),
     "bench": ("bench.cli", "benchmarks: `kvrec bench model`, `kvrec bench e2e`"),
+    "retrain": ("stream.retrain", "side job: retrain from the input topic, publish only if not worse"),
 }
 
 ENV_PREFIX = "KVREC_"
