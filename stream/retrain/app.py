@@ -107,8 +107,8 @@ def build_app(settings: AppSettings, end_offsets: dict[int, int],
         web_in_thread=False,
     )
     source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
-    history = app.Table("history", default=list, partitions=settings.partitions,
-                        key_serializer="raw", value_serializer="json")
+    # keys: the user id's bytes (raw); values: JSON lists
+    history = app.Table("history", default=list, partitions=settings.partitions, key_type=bytes)
     running = asyncio.Lock()
 
     @app.agent(source, name="kvrec-retrain-history")

@@ -151,7 +151,12 @@ def input_end_offsets(kafka_config: dict[str, object], topic: str,
 def _run_app(args: argparse.Namespace, kafka_config: dict[str, object], settings: JobSettings) -> int:
     import faust
 
+    from stream.retrain import lz4
     from stream.retrain.app import AppSettings, build_app
+
+    if not lz4.install():
+        log.warning("no LZ4 decoder for Faust's Kafka client (neither cramjam nor liblz4): an "
+                    "LZ4-compressed batch on %s will stop this app", args.input_topic)
 
     end_offsets = input_end_offsets(kafka_config, args.input_topic, args.connect_timeout)
     app_settings = AppSettings(
