@@ -4,6 +4,7 @@ no Kafka), and the Faust side job against the real broker."""
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -118,3 +119,92 @@ def test_the_serving_model_misses_the_items_it_does_not_know(earlier: Path, tmp_
     assert decision.serving_unknown_targets == len(tail) == decision.users
     assert decision.serving["hr@10"] == 0.0 and decision.serving["ndcg@10"] == 0.0
     assert decision.candidate["hr@20"] >= 0.0 and decision.publish
+
+
+# --- the side job against the real broker ------------------------------------------------
+
+GAMES = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "amazon-games.txt"
+TINY_FLAGS = ["--d-model", "16", "--layers", "1", "--heads", "2", "--window", "8",
+              "--max-len", "20", "--batch-size", "64", "--threads", "1", "--web-port", "0"]
+
+
+def _games_slice(users: int) -> list[Interaction]:
+    from model.datasets import read_interactions
+
+    if not GAMES.is_file():
+        pytest.skip(f"{GAMES} is not there")
+    lines = [line for line in GAMES.read_text().splitlines() if int(line.split()[0]) <= users]
+    path = Path(f"/tmp/kvrec-games-{users}-{len(lines)}.txt")
+    path.write_text("\n".join(lines) + "\n")
+    return read_interactions(path, "sasrec")
+
+
+def _produce(bootstrap: str, topic: str, events: list[Interaction]) -> None:
+    from confluent_kafka import Producer
+
+    from stream.schema import Event, encode_event
+
+    producer = Producer({"bootstrap.servers": bootstrap, "compression.type": "lz4",
+                         "linger.ms": 20})  # LZ4 as `kvrec replay` sends
+    for e in events:
+        producer.produce(topic, key=e.user_id.encode(),
+                         value=encode_event(Event(e.user_id, e.item_id, e.event_type, e.ts)))
+    producer.produce(topic, key=b"bad", value=b"{not json")  # counted and skipped
+    assert producer.flush(30) == 0
+
+
+def _retrain(tmp_path: Path, bootstrap: str, name: str, *flags: str) -> tuple[int, str]:
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / f"{name}.log"
+    root = Path(__file__).resolve().parent.parent
+    with log.open("w") as out:
+        process = subprocess.run(
+            [sys.executable, "-m", "stream.cli", "retrain", "--bootstrap-servers", bootstrap,
+             "--once", *TINY_FLAGS, *flags],
+            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=out,
+            stderr=subprocess.STDOUT, timeout=240,
+        )
+    return process.returncode, log.read_text()
+
+
+@pytest.mark.kafka
+def test_retrain_once_publishes_then_refuses_a_worse_model(kafka_bootstrap: str, tmp_path: Path) -> None:
+    from stream.model_updates import latest_announcement
+    from tests.conftest import create_topics, unique_topic
+
+    topic, updates, group = unique_topic("rt-events"), unique_topic("rt-updates"), unique_topic("rt")
+    store = tmp_path / "store"
+    create_topics(kafka_bootstrap, {topic: 2})
+    real = _games_slice(500)
+    _produce(kafka_bootstrap, topic, real)
+    common = ["--input-topic", topic, "--group-id", group, "--updates-topic", updates,
+              "--model-store", str(store), "--state-dir", str(tmp_path / "state")]
+    status, output = _retrain(tmp_path, kafka_bootstrap, "first", *common,
+                              "--epochs", "6", "--lr", "0.01")
+    assert status == 0, output[-3000:]
+    config = {"bootstrap.servers": kafka_bootstrap}
+    first = latest_announcement(config, "default", updates)
+    assert first is not None and first.reason == "retrain", output[-3000:]
+    assert (store / "default" / first.version / "manifest.json").is_file()
+    assert "publish: no serving model" in output
+
+    # worse data: new users with random items, trained hard from the serving weights
+    rng = random.Random(0)
+    items = sorted({e.item_id for e in real})
+    start = max(e.ts for e in real) + 60_000
+    garbage = [Interaction(f"g{u}", rng.choice(items), "purchase", start + k * 1000 + u)
+               for u in range(300) for k in range(20)]
+    _produce(kafka_bootstrap, topic, sorted(garbage, key=lambda e: e.ts))
+    status, output = _retrain(tmp_path, kafka_bootstrap, "second", *common,
+                              "--epochs", "3", "--lr", "0.5")
+    assert status == 3, output[-3000:]
+    refusal = [line for line in output.splitlines() if line.startswith("refuse:")]
+    assert refusal and "serving " + first.version in refusal[-1], output[-3000:]
+    figures = re.findall(r"(candidate|serving) \S+ NDCG@10 ([0-9.]+) HR@10 ([0-9.]+)", refusal[-1])
+    assert [who for who, _, _ in figures] == ["candidate", "serving"], refusal[-1]
+    assert float(figures[0][1]) < float(figures[1][1])
+    assert latest_announcement(config, "default", updates) == first  # nothing announced
+    assert len(list((store / "default").iterdir())) == 1
