@@ -60,7 +60,7 @@ class Outcome:
             "announced_version": self.announcement.version if self.announcement else None,
             "announced_reason": self.announcement.reason if self.announcement else None,
             "events": self.events,
-            "users": self.users,
+            "users_in_snapshot": self.users,
             "seconds": round(self.seconds, 1),
         }
 
