@@ -147,3 +147,16 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
         metrics=metrics,
     )
 
+
+
+def event_type_map(deployment: list[str], model_types: list[str]) -> list[int]:
+    """Index i (1-based position in the deployment's event types, as windows store it) -> the
+    model's own index of that name; 0 stays 0. Refuses a model that lacks one of them."""
+    own = {name: i + 1 for i, name in enumerate(model_types)}
+    missing = [name for name in deployment if name not in own]
+    if missing:
+        raise ArtifactError(
+            f"the model knows the event types {model_types}, not {missing}, which this deployment "
+            "accepts (--event-types): retrain with them, or stop accepting them"
+        )
+    return [0, *(own[name] for name in deployment)]

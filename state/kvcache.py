@@ -62,6 +62,12 @@ class LruByteCache(Generic[EntryT]):
             self.bytes_used -= evicted_size
             self.stats.evictions += 1
 
+    def count_stale(self) -> None:
+        """The entry `get` just returned turned out stale (built from another window): it was a
+        miss, not a hit."""
+        self.stats.hits -= 1
+        self.stats.misses += 1
+
     def discard(self, user_id: str, model_version: str) -> None:
         old = self._entries.pop((user_id, model_version), None)
         if old is not None:

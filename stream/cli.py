@@ -11,7 +11,9 @@ on the command line wins over the environment. One rule names them:
   `-X/--kafka-option`), are `KVREC_<FLAG>`: `KVREC_BOOTSTRAP_SERVERS`;
 - every other flag is `KVREC_<COMMAND>_<FLAG>`: `--batch-size` is `KVREC_WORKER_BATCH_SIZE` for
   `kvrec worker` and `KVREC_TRAIN_BATCH_SIZE` for `kvrec train`; `kvrec bench e2e --events` is
-  `KVREC_BENCH_E2E_EVENTS`.
+  `KVREC_BENCH_E2E_EVENTS`, except the flags every action of a command shares (an argument
+  group titled `COMMAND_GROUP`), which are the command's: `kvrec models list --model-store` is
+  `KVREC_MODELS_MODEL_STORE`, the same variable for `kvrec models promote`.
 `kvrec <command> --help` shows each flag's variable and default. A variable of the old,
 un-namespaced form (`KVREC_BATCH_SIZE` for `kvrec worker`) is refused, not silently ignored.
 Booleans read true/false, 1/0 or yes/no; anything else is refused.
@@ -41,12 +43,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("stream.demo", "start a broker, train, run a worker, replay, show results"),
     "broker": ("deploy.kafka.launcher", "start a local single-node Kafka broker (KRaft)"),
     "bench": ("bench.cli", "benchmarks: `kvrec bench model`, `kvrec bench e2e`"),
+    "models": ("stream.models_cli", "the model store and what serves: list, show, publish, "
+                                    "promote, shadow, rollback, guard"),
     "retrain": ("stream.retrain", "side job: retrain from the input topic, publish only if not worse"),
 }
 
 ENV_PREFIX = "KVREC_"
 # the argument group whose flags every Kafka command shares: their variables are `KVREC_<FLAG>`
 SHARED_GROUP = "kafka connection"
+# the argument group of the flags every action of a command shares (`kvrec models list|promote`):
+# their variables are the command's, `KVREC_<COMMAND>_<FLAG>`, not `KVREC_<COMMAND>_<ACTION>_<FLAG>`
+COMMAND_GROUP = "shared by every action"
 # flags whose default --help does not show (it may come from a variable holding a secret)
 SECRET_DESTS = frozenset({"sasl_password", "kafka_options"})
 # a flag's own variable name where it is not `<prefix><FLAG>` (a list flag reads a list)
@@ -127,7 +134,8 @@ def env_value(action: argparse.Action, name: str, raw: str) -> object:
     return values[0]
 
 
-def apply_environment(parser: argparse.ArgumentParser, prefix: str) -> None:
+def apply_environment(parser: argparse.ArgumentParser, prefix: str,
+                      command_prefix: str | None = None) -> None:
     """Let variables set the default of every long option of `parser` (and of its
     sub-commands, e.g. `kvrec bench model`), and name each variable in --help."""
     for group in parser._action_groups:
@@ -135,12 +143,18 @@ def apply_environment(parser: argparse.ArgumentParser, prefix: str) -> None:
         for action in group._group_actions:
             if isinstance(action, argparse._SubParsersAction):
                 for name, child in action.choices.items():
-                    apply_environment(child, prefix + name.replace("-", "_").upper() + "_")
+                    apply_environment(child, prefix + name.replace("-", "_").upper() + "_", prefix)
                 continue
             long_options = [o for o in action.option_strings if o.startswith("--")]
             if not long_options or action.dest in ("help", "version"):
                 continue
-            name = env_name(long_options[0], ENV_PREFIX if shared else prefix)
+            if shared:
+                group_prefix = ENV_PREFIX
+            elif group.title == COMMAND_GROUP and command_prefix is not None:
+                group_prefix = command_prefix
+            else:
+                group_prefix = prefix
+            name = env_name(long_options[0], group_prefix)
             if not shared:
                 _refuse_old_name(long_options[0], name)
             raw = os.environ.get(name)

@@ -21,7 +21,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from model.errors import ConfigError
 from stream.kafka_config import ensure_topics, kafka_error_text
@@ -152,16 +159,12 @@ def read_compacted(kafka_config: Mapping[str, object], topic: str,
         "isolation.level": "read_committed",
     })
     latest: dict[bytes, bytes] = {}
+    deadline = time.monotonic() + timeout_s
     try:
-        partition = TopicPartition(topic, 0)
-        try:
-            low, high = consumer.get_watermark_offsets(partition, timeout=timeout_s)
-        except KafkaException as exc:
-            raise ConfigError(f"cannot read {topic}: {kafka_error_text(exc)}") from None
+        low, high = _watermarks(consumer, topic, deadline)
         if high <= low:
             return latest
         consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-        deadline = time.monotonic() + timeout_s
         position = low
         while position < high:
             if time.monotonic() > deadline:
@@ -182,6 +185,26 @@ def read_compacted(kafka_config: Mapping[str, object], topic: str,
     finally:
         consumer.close()
     return latest
+
+
+# a partition just created (or moving) has no leader for a moment: asked again until the deadline
+# (a topic that does not exist is refused at once)
+TRANSIENT = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                       KafkaError._TRANSPORT})
+
+
+def _watermarks(consumer: Consumer, topic: str, deadline: float) -> tuple[int, int]:
+    while True:
+        try:
+            left = max(0.1, deadline - time.monotonic())
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=left)
+            return int(low), int(high)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            transient = isinstance(error, KafkaError) and error.code() in TRANSIENT
+            if not transient or time.monotonic() + 0.2 > deadline:
+                raise ConfigError(f"cannot read {topic}: {kafka_error_text(exc)}") from None
+            time.sleep(0.2)
 
 
 def latest_announcement(kafka_config: Mapping[str, object], model: str,

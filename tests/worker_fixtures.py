@@ -22,11 +22,15 @@ def make_artifact(
     layers: int = 2,
     d_model: int = 32,
     seed: int = 0,
+    event_types: list[str] | None = None,
+    nan_weights: bool = False,
 ) -> Artifact:
+    """`nan_weights`: a broken model that passes every file check (its outputs are NaN)."""
     torch.manual_seed(seed)
+    event_types = event_types or EVENT_TYPES
     config = ModelConfig(
         n_items=n_items,
-        n_event_types=len(EVENT_TYPES),
+        n_event_types=len(event_types),
         d_model=d_model,
         n_layers=layers,
         n_heads=2,
@@ -34,6 +38,9 @@ def make_artifact(
         dropout=0.0,
     )
     encoder = Encoder(config).eval()
+    if nan_weights:
+        with torch.no_grad():
+            list(encoder.parameters())[-1].fill_(float("nan"))  # not the item table
     item_ids = ["", *[f"sku-{i}" for i in range(1, n_items + 1)]]
     popularity = np.zeros(n_items + 1, dtype=np.int64)
     popularity[1:] = np.arange(n_items, 0, -1)
@@ -41,7 +48,7 @@ def make_artifact(
         out_dir,
         encoder,
         item_ids=item_ids,
-        event_types=EVENT_TYPES,
+        event_types=event_types,
         popularity=popularity,
         metrics={"note": "random weights for tests"},
     )

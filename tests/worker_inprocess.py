@@ -10,10 +10,16 @@ import time
 from pathlib import Path
 
 from stream.kafka_config import client_config
-from stream.worker.app import add_arguments, build_recommender, resolve_window_capacity
+from stream.worker.app import (
+    add_arguments,
+    build_recommender,
+    resolve_window_capacity,
+    starting_model,
+)
 from stream.worker.loop import Worker
 from stream.worker.metrics import HealthState, WorkerMetrics
 from stream.worker.settings import WorkerSettings
+from stream.worker.watcher import ModelWatcher
 
 
 def worker_args(
@@ -23,7 +29,7 @@ def worker_args(
     recommendations: str,
     dead_letters: str,
     group: str,
-    model: Path,
+    model: Path | None,
     state_dir: Path,
     guarantee: str = "at-least-once",
     extra: tuple[str, ...] = (),
@@ -37,7 +43,7 @@ def worker_args(
         "--dead-letter-topic", dead_letters,
         "--group-id", group,
         "--instance-id", "in-process",
-        "--model", str(model),
+        *(["--model", str(model)] if model is not None else []),
         "--state-dir", str(state_dir),
         "--k", "5",
         "--retrieval", "exact",
@@ -61,12 +67,22 @@ class ThreadWorker:
         health: HealthState | None = None,
     ) -> None:
         settings = WorkerSettings.from_args(args)
-        self.recommender = build_recommender(settings)
-        self.settings = resolve_window_capacity(settings, self.recommender)
+        kafka_config = client_config(args)
         self.metrics = WorkerMetrics()
         self.health = health or HealthState()
+        self.watcher: ModelWatcher | None = None
+        if settings.model_store is None:
+            self.recommender = build_recommender(settings)
+            self.settings = resolve_window_capacity(settings, self.recommender)
+        else:  # as `kvrec worker` does: the announced version, hot swaps
+            self.recommender, announced = starting_model(
+                settings, kafka_config, self.metrics, self.health, args
+            )
+            self.settings = resolve_window_capacity(settings, self.recommender)
+            self.watcher = ModelWatcher(self.settings, kafka_config, self.metrics, announced)
         self.worker = Worker(
-            self.settings, self.recommender, self.metrics, self.health, client_config(args)
+            self.settings, self.recommender, self.metrics, self.health, kafka_config,
+            watcher=self.watcher,
         )
         self.expect_failure = expect_failure
         self.error: BaseException | None = None
@@ -79,6 +95,8 @@ class ThreadWorker:
             self.error = exc
 
     def __enter__(self) -> ThreadWorker:
+        if self.watcher is not None:
+            self.watcher.start()
         self._thread.start()
         return self
 
@@ -89,6 +107,8 @@ class ThreadWorker:
         self.worker.running = False
         self._thread.join(timeout=60)
         assert not self._thread.is_alive(), "the worker did not stop"
+        if self.watcher is not None:
+            self.watcher.stop()
         if self.error is not None and not self.expect_failure:
             raise self.error
 

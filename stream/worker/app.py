@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.errors import ConfigError
@@ -23,10 +22,15 @@ from stream.kafka_config import add_kafka_arguments, client_config, ensure_topic
 from stream.logs import add_logging_arguments, setup_logging
 from stream.worker.checkpoint import ClientHang
 from stream.worker.metrics import HealthState, WorkerMetrics, serve
+from stream.worker.models import ModelChoice, ModelRefused, choice_of, load_recommender
 from stream.worker.settings import WorkerSettings, add_worker_arguments
 
 if TYPE_CHECKING:
+    from stream.model_updates import Announcement
+    from stream.worker.cold_start import PopularRecommender
     from stream.worker.inference import Recommender
+
+CAPACITY_WITHOUT_MODEL = 200  # events kept per user while no model says how many it needs
 
 log = logging.getLogger("kvrec.worker")
 
@@ -38,64 +42,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_recommender(settings: WorkerSettings) -> Recommender:
-    """Load and verify the artifact (refused with a clear error if it fails its manifest)."""
-    import numpy as np
-
-    from model.artifact import load_artifact
-    from model.backends import make_backend
-    from model.retrieval import Retriever
-    from state.kvcache import LruByteCache
-    from state.partition import group_directory
-    from stream.worker.inference import CacheEntry, Recommender
-
-    artifact = load_artifact(settings.model)
-    if settings.k > artifact.config.n_items:
-        raise ConfigError(
-            f"--k {settings.k} is more than the model's catalog of {artifact.config.n_items} items"
-        )
-    onnx_path = settings.onnx
-    if settings.backend == "onnx-cpu" and onnx_path is None:
-        from model.export import export_step
-
-        group_dir = settings.state_dir / group_directory(settings.group_id)
-        onnx_path = group_dir / f"step-{artifact.version}.onnx"
-        if not onnx_path.exists():
-            onnx_path.parent.mkdir(parents=True, exist_ok=True)
-            export_step(artifact.encoder, onnx_path)
-    backend = make_backend(settings.backend, artifact.encoder, onnx_path=onnx_path)
-    item_vectors = artifact.encoder.item_embeddings().detach().float().cpu().numpy()
-    retriever = Retriever(
-        np.ascontiguousarray(item_vectors),
-        kind=settings.retrieval,
-        approx_threshold=settings.approx_threshold,
-        progress=True,
-    )
-    log.info("retrieval: %s", retriever.build_report)
-    if settings.unavailable_items is not None:
-        ids = Path(settings.unavailable_items).read_text().split()
-        retriever.set_unavailable(artifact.item_index[i] for i in ids if i in artifact.item_index)
-    cache: LruByteCache[CacheEntry] = LruByteCache(settings.cache_bytes)
-    return Recommender(
-        artifact,
-        backend,
-        retriever,
-        cache,
-        k=settings.k,
-        exclude_seen=settings.exclude_seen,
-        because_count=settings.because,
-        reuse_cache=settings.reuse_kv_cache,
-    )
+    """Load and check `--model` (refused with a clear error if it fails a check)."""
+    if settings.model is None:
+        raise ConfigError("--model is required here")
+    return load_recommender(settings, ModelChoice(None, settings.model), progress=True)
 
 
-def resolve_window_capacity(settings: WorkerSettings, recommender: Recommender) -> WorkerSettings:
+def starting_model(
+    settings: WorkerSettings, kafka_config: dict[str, object], metrics: WorkerMetrics,
+    health: HealthState, args: argparse.Namespace,
+) -> tuple[Recommender | PopularRecommender, Announcement | None]:
+    """What the worker serves at start: the announced version (with --model-store), else
+    --model, else nothing (cold-start mode). A refused announced version falls back the same
+    way, loudly; a refused --model is an error (fix the flag)."""
+    from stream.worker.cold_start import PopularRecommender
+
+    announcement = None
+    if settings.model_store is not None:
+        from stream.model_updates import ensure_model_topics, latest_announcement
+
+        wait_for_kafka(kafka_config, args.connect_timeout, retry=True, log=log, on_wait=health.beat)
+        if args.create_topics:
+            ensure_model_topics(kafka_config, settings.updates_topic, settings.stats_topic,
+                                args.connect_timeout)
+        announcement = latest_announcement(kafka_config, settings.model_name,
+                                           settings.updates_topic, args.connect_timeout)
+        if announcement is None:
+            log.warning("no version of model %r is announced on %s", settings.model_name,
+                        settings.updates_topic)
+    choice = choice_of(settings, announcement)
+    if choice is not None and choice.version is not None:
+        try:
+            return load_recommender(settings, choice, progress=True), announcement
+        except ModelRefused as refused:
+            metrics.model_refusals.labels(refused.check).inc()
+            log.error("announced model %s refused at start: %s", choice.version, refused)
+            choice = choice_of(settings, None)
+    if choice is not None:
+        return load_recommender(settings, choice, progress=True), None
+    log.warning("no model: cold-start mode, every recommendation is live popular items "
+                "(cold_start, model_version \"none\") until a model is announced")
+    return PopularRecommender(settings.k, settings.exclude_seen), None
+
+
+def resolve_window_capacity(
+    settings: WorkerSettings, recommender: Recommender | PopularRecommender
+) -> WorkerSettings:
+    from dataclasses import replace
+
+    from stream.worker.cold_start import PopularRecommender
+
+    if isinstance(recommender, PopularRecommender):  # no model yet: room for the usual ones
+        return replace(settings, window_capacity=settings.window_capacity or CAPACITY_WITHOUT_MODEL)
     needed = recommender.artifact.config.history_needed
     if settings.window_capacity and settings.window_capacity < needed:
         raise ConfigError(
             f"--window-capacity {settings.window_capacity} is below what exact cache refills "
             f"need for this model (N*(W-1)+1 = {needed}); set 0 or at least {needed}"
         )
-    from dataclasses import replace
-
     return replace(settings, window_capacity=settings.window_capacity or needed)
 
 
@@ -112,18 +116,23 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from stream.worker.loop import Worker
+    from stream.worker.watcher import ModelWatcher
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     log.info("loading the model and building retrieval")
-    recommender = build_recommender(settings)
+    recommender, announced = starting_model(settings, kafka_config, metrics, health, args)
     settings = resolve_window_capacity(settings, recommender)
     # a Kafka that does not answer: one line after --connect-timeout, then quiet retries
     # (alive on /health, not /ready)
     wait_for_kafka(kafka_config, args.connect_timeout, retry=True, log=log, on_wait=health.beat)
     if args.create_topics:
         ensure_topics(kafka_config, topic_specs(settings, args.partitions), args.connect_timeout)
-    worker = Worker(settings, recommender, metrics, health, kafka_config)
+    watcher = None
+    if settings.model_store is not None:  # follow the announcements: hot swaps
+        watcher = ModelWatcher(settings, kafka_config, metrics, announced)
+        watcher.start()
+    worker = Worker(settings, recommender, metrics, health, kafka_config, watcher=watcher)
     # the model, the index and the stored windows are long-lived: keep them out of the cyclic
     # collector's scans, and collect the young generation less often (a full collection over
     # the windows' objects stalled the loop for ~250 ms in a profile at 1,600 events/s)
@@ -155,6 +164,8 @@ def main(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(1)
     finally:
+        if watcher is not None:
+            watcher.stop()
         gc.unfreeze()  # hand the long-lived objects back to the collector for a clean exit
     return 0
 

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model.artifact import Artifact
+from model.artifact import Artifact, event_type_map
 from model.backends import StepBackend
 from model.batching import group_by_length, pad_left, pad_right
 from model.encoder import KVCache
+from model.errors import ArtifactError
 from model.retrieval import Retriever
 from state.kvcache import LruByteCache
-from state.window import WindowEvent
+from state.window import WindowEvent, WindowSnapshot
 from stream.worker.because import Because, explain
 
 
@@ -39,19 +40,22 @@ class KnownEvents:
     """A user's events whose item the model knows, oldest first: the only ones it encodes."""
 
     at: list[int] = field(default_factory=list)  # index of each in the user's whole history
-    items: list[int] = field(default_factory=list)  # its item index
+    items: list[int] = field(default_factory=list)  # its item index in the model's vocabulary
+    types: list[int] = field(default_factory=list)  # its event type index in the model's
     events: list[WindowEvent] = field(default_factory=list)
 
-    def add(self, at: int, item: int, event: WindowEvent) -> None:
+    def add(self, at: int, item: int, event_type: int, event: WindowEvent) -> None:
         self.at.append(at)
         self.items.append(item)
+        self.types.append(event_type)
         self.events.append(event)
 
     def __add__(self, other: KnownEvents) -> KnownEvents:
-        return KnownEvents(self.at + other.at, self.items + other.items, self.events + other.events)
+        return KnownEvents(self.at + other.at, self.items + other.items, self.types + other.types,
+                           self.events + other.events)
 
     def __getitem__(self, part: slice) -> KnownEvents:
-        return KnownEvents(self.at[part], self.items[part], self.events[part])
+        return KnownEvents(self.at[part], self.items[part], self.types[part], self.events[part])
 
     def __len__(self) -> int:
         return len(self.at)
@@ -59,10 +63,6 @@ class KnownEvents:
     def first_from(self, at: int) -> int:
         """Position of the first of them at history index `at` or later."""
         return bisect_left(self.at, at)
-
-    @property
-    def types(self) -> list[int]:
-        return [event.event_type for event in self.events]
 
 
 @dataclass
@@ -151,10 +151,15 @@ class Recommender:
         exclude_seen: bool = True,
         because_count: int = 3,
         reuse_cache: bool = True,
+        event_types: Sequence[str] | None = None,
     ) -> None:
-        """`reuse_cache=False` is the no-cache baseline: every event is its own wave entry and
+        """`event_types`: the deployment's (`--event-types`), whose 1-based positions the
+        windows store; each is mapped to the model's own index by name (default: the model's).
+        `reuse_cache=False` is the no-cache baseline: every event is its own wave entry and
         re-encodes the user's stored window (same answers, the cost a cache saves)."""
         self.artifact = artifact
+        self.event_types = list(event_types if event_types is not None else artifact.event_types)
+        self.type_map = event_type_map(self.event_types, artifact.event_types)
         self.reuse_cache = reuse_cache
         self.backend = backend
         self.retriever = retriever
@@ -179,6 +184,60 @@ class Recommender:
             return 1
         return min(self.backend.max_extend or self.artifact.config.window,
                    self.artifact.config.window)
+
+    def _type(self, event: WindowEvent) -> int:
+        """The model's index of the event's type (the window stores the deployment's)."""
+        return self.type_map[event.event_type] if event.event_type < len(self.type_map) else 0
+
+    def prewarm(self, windows: Sequence[tuple[str, WindowSnapshot]], batch: int = 256) -> int:
+        """Fill the cache of these users from their stored windows (batched `encode`), as a
+        refill would: exact, and valid only while the window still ends at the same offset.
+        Runs before the model serves (off the hot path); returns how many users it warmed."""
+        index = self.artifact.item_index
+        ready: list[tuple[str, KnownEvents, int]] = []
+        for user_id, window in windows:
+            known = KnownEvents()
+            for at, event in enumerate(window.events, start=window.first_index):
+                item = index.get(event.item_id)
+                if item is not None:
+                    known.add(at, item, self._type(event), event)
+            if len(known) and window.events:
+                ready.append((user_id, known, window.events[-1].offset))
+        for start in range(0, len(ready), batch):
+            part = ready[start : start + batch]
+            stored = [known[-self.history :] for _, known, _ in part]
+            vectors, kv = self.backend.encode(*pad_left([s.items for s in stored],
+                                                        [s.types for s in stored]))
+            for (user_id, known, end), user_kv, vector in zip(part, kv.split(), vectors, strict=True):
+                self.cache.put(user_id, self.version, CacheEntry(user_kv, vector, end, known))
+        return len(ready)
+
+    def smoke_check(self) -> None:
+        """A few events through the backend and retrieval before the model serves: the step must
+        equal the full pass, and every output and score must be finite. ArtifactError if not."""
+        items = self._popular[: min(3, len(self._popular))]
+        if not items:
+            raise ArtifactError(f"model {self.version}: smoke inference: the catalog is empty")
+        types = [self.type_map[1] if len(self.type_map) > 1 else 0] * len(items)
+        full, _ = self.backend.encode(torch.tensor([items]), torch.tensor([types]))
+        if len(items) > 1:
+            _, kv = self.backend.encode(torch.tensor([items[:-1]]), torch.tensor([types[:-1]]))
+            stepped, _, _ = self.backend.step(kv, torch.tensor(items[-1:]), torch.tensor(types[-1:]))
+        else:
+            stepped = full
+        full_vector, stepped_vector = full[0].float().cpu(), stepped[0].float().cpu()
+        if not bool(torch.isfinite(full_vector).all()):
+            raise ArtifactError(f"model {self.version}: smoke inference gave non-finite outputs")
+        if not torch.allclose(full_vector, stepped_vector, rtol=1e-3, atol=1e-4):
+            gap = float((full_vector - stepped_vector).abs().max())
+            raise ArtifactError(
+                f"model {self.version}: smoke inference: the cached step differs from the full "
+                f"pass by {gap:.3g}"
+            )
+        found = self.retriever.search(full_vector[None].numpy(), min(self.k, self.artifact.config.n_items))
+        valid = found.indices > 0
+        if not valid.any() or not np.isfinite(found.scores[valid]).all():
+            raise ArtifactError(f"model {self.version}: smoke inference: retrieval found nothing finite")
 
     def forget(self, user_ids: Iterable[str]) -> None:
         """Drop the users' caches (after a failed wave): their next wave refills exactly."""
@@ -212,17 +271,19 @@ class Recommender:
         if cached is not None and cached.window_end_offset == window_end:
             previous = cached.known
         else:  # a cold or stale cache: one pass over the stored window
+            if cached is not None:
+                self.cache.count_stale()
             cached = None
             previous = KnownEvents()
             for at, event in enumerate(user.previous, start=user.first_index):
                 item = index.get(event.item_id)
                 if item is not None:
-                    previous.add(at, item, event)
+                    previous.add(at, item, self._type(event), event)
         new, answered_by = KnownEvents(), []
         for at, event in enumerate(user.events, start=start):
             item = index.get(event.item_id)
             if item is not None:
-                new.add(at, item, event)
+                new.add(at, item, self._type(event), event)
             answered_by.append(len(new) - 1)
         self._unknown_items += len(user.events) - len(new)
         plan = _UserPlan(previous + new, len(previous), answered_by)
@@ -327,7 +388,7 @@ class Recommender:
             self.k,
             exclude=exclude if self.exclude_seen else None,
         )
-        because = explain(attentions, history, self.artifact.event_types, self.because_count)
+        because = explain(attentions, history, self.event_types, self.because_count)
         item_ids = self.artifact.item_ids
         scores = np.round(found.scores.astype(np.float64), 6).tolist()
         for scored, ids, row_scores, row_because in zip(

@@ -56,10 +56,12 @@ from stream.schema import (
 from stream.worker.checkpoint import Checkpoint, ClientHang, TransactionAborted
 from stream.worker.dead_letters import DeadLetters
 from stream.worker.inference import Recommender, Scored, WaveInput
+from stream.worker.live import SERVE, SHADOW, LiveHits, Shadow
 from stream.worker.metrics import HealthState, WorkerMetrics
 from stream.worker.produce import produce
 from stream.worker.recovery import RestoreProgress, recover_partition, restore_consumer_config
 from stream.worker.settings import WorkerSettings
+from stream.worker.watcher import ModelWatcher, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +124,16 @@ class Worker:
         health: HealthState,
         kafka_config: dict[str, object],
         clients: KafkaClients | None = None,
+        watcher: ModelWatcher | None = None,
     ) -> None:
         self.settings = settings
-        self.recommender = recommender
+        self.recommender = recommender  # swapped between two batches when `watcher` has a new one
+        self.watcher = watcher
+        self.live = LiveHits(SERVE, settings.live_users)
+        self.shadow_live = LiveHits(SHADOW, settings.live_users)
+        self.shadow: Shadow | None = None
+        self._live_exported: dict[tuple[str, str], tuple[int, int]] = {}
+        self._stats_due = 0.0
         self.metrics = metrics
         self.health = health
         self.event_type_index = {name: i + 1 for i, name in enumerate(settings.event_types)}
@@ -155,7 +164,7 @@ class Worker:
             self.producer, settings.dead_letter_topic, settings.dead_letter_max_bytes, metrics,
             self.checkpoint.on_delivery,
         )
-        self.metrics.model_info.labels(recommender.version).set(1)
+        self.metrics.serving(recommender.version)
         self._lag_due = 0.0
 
     # --- rebalance -------------------------------------------------------------------------
@@ -237,6 +246,8 @@ class Worker:
                     self._commit()
                 if time.monotonic() >= self._lag_due:
                     self._update_lag()
+                if self.watcher is not None:
+                    self._model_turn(self.watcher)
             self._commit()
         except ClientHang:
             self.failed = self.hung = True  # its clients may hang again: leave them alone
@@ -247,10 +258,67 @@ class Worker:
         finally:
             self.close()
 
+    # --- models ------------------------------------------------------------------------------
+    def _model_turn(self, watcher: ModelWatcher) -> None:
+        """Between two batches: hand the watcher windows to pre-warm if it waits for them, swap
+        in what it has made ready, publish the live hit rates when due."""
+        watcher.give_windows(self._recent_windows)
+        for prepared in watcher.take():
+            self._swap(prepared)
+        if time.monotonic() >= self._stats_due:
+            self._stats_due = time.monotonic() + self.settings.stats_interval_ms / 1000.0
+            watcher.publish_stats({**self.live.snapshot(), **self.shadow_live.snapshot()})
+
+    def _swap(self, prepared: Prepared) -> None:
+        if prepared.role == SHADOW:
+            self.shadow = None
+            if prepared.recommender is not None:
+                self.shadow_live.last.clear()
+                self.shadow = Shadow(prepared.recommender, prepared.share, self.shadow_live)
+                log.info("shadow model %s scores %.0f%% of users", self.shadow.version,
+                         100 * prepared.share)
+            return
+        self._commit()  # the version changes at a checkpoint: no transaction holds two versions
+        old = self.recommender
+        self.recommender = prepared.recommender  # type: ignore[assignment]
+        self.shadow = None
+        self.metrics.serving(self.recommender.version, old.version)
+        self.metrics.model_swaps.inc()
+        announcement = prepared.announcement
+        log.info("serving model %s (was %s; %s%s)", self.recommender.version, old.version,
+                 announcement.reason, f": {announcement.note}" if announcement.note else "")
+        del old, prepared
+        from model.memory import release_free_memory
+
+        release_free_memory()  # the old model's pages back to the OS: memory stays flat
+
+    def _recent_windows(self, count: int) -> list[tuple[str, WindowSnapshot]]:
+        """Snapshots of up to `count` users' windows, changed ones first, then the most recently
+        checkpointed (what the watcher pre-warms the new model's caches from)."""
+        found: list[tuple[str, WindowSnapshot]] = []
+        for _, windows in self.state.items():
+            for user_id, window in (*windows.dirty.items(), *reversed(windows.clean.items())):
+                if len(found) >= count:
+                    return found
+                if window.events:
+                    found.append((user_id, window.snapshot()))
+        return found
+
+    def _export_live(self) -> None:
+        for counts in (self.live.counts, self.shadow_live.counts):
+            for key, (events, hits) in counts.items():
+                done_events, done_hits = self._live_exported.get(key, (0, 0))
+                if events > done_events:
+                    self.metrics.live_events.labels(*key).inc(events - done_events)
+                if hits > done_hits:
+                    self.metrics.live_hits.labels(*key).inc(hits - done_hits)
+                self._live_exported[key] = (events, hits)
+
     def _update_lag(self) -> None:
         """kvrec_consumer_lag{partition} = high watermark - position, both known locally (the
         watermark as of the last fetch response); a partition not fetched yet is left out."""
         self._lag_due = time.monotonic() + self.lag_interval_s
+        self._export_live()
         owned = [TopicPartition(self.settings.input_topic, p) for p, _ in self.state.items()]
         if not owned:
             return
@@ -427,6 +495,9 @@ class Worker:
         started = time.perf_counter()
         scored, counters = self.recommender.recommend(inputs)
         self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.live.observe(inputs, scored, self.recommender.version)
+        if self.shadow is not None:
+            self.shadow.score(inputs)
         self.metrics.cache_hits.inc(counters.cache_hits)
         self.metrics.cache_misses.inc(counters.cache_misses)
         self.metrics.unknown_items.inc(counters.unknown_items)

@@ -104,7 +104,37 @@ class WorkerMetrics:
             registry=r,
         )
         self.model_info = Gauge(
-            "kvrec_model_info", "The model version being served (value 1)", ["version"], registry=r
+            "kvrec_model_info",
+            'The model version being served (value 1); version "none": cold-start mode, no model',
+            ["version"], registry=r,
+        )
+        self.model_swaps = Counter(
+            "kvrec_model_swaps", "Hot swaps to a new serving model version", registry=r
+        )
+        self.model_refusals = Counter(
+            "kvrec_model_refusals",
+            "Announced versions refused, by the check that failed (verify, compatibility, build, "
+            "smoke, announcement): the serving model stays",
+            ["check"], registry=r,
+        )
+        for check in ("verify", "compatibility", "build", "smoke", "announcement"):
+            self.model_refusals.labels(check)  # each series from 0, for rate()
+        self.model_prepare_seconds = Histogram(
+            "kvrec_model_prepare_seconds",
+            "Time to load, check, index and pre-warm an announced version (off the hot path)",
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=r,
+        )
+        self.live_events = Counter(
+            "kvrec_live_events",
+            "Events that followed a list of this version to their user (role serve: published "
+            "lists; shadow: a candidate's, never published)",
+            ["version", "role"], registry=r,
+        )
+        self.live_hits = Counter(
+            "kvrec_live_hits",
+            "Of kvrec_live_events, those whose item was in the list (prequential hit rate = "
+            "hits / events)",
+            ["version", "role"], registry=r,
         )
         self.assigned_partitions = Gauge(
             "kvrec_assigned_partitions", "Input partitions owned", registry=r
@@ -128,6 +158,14 @@ class WorkerMetrics:
             ["partition"],
             registry=r,
         )
+
+    def serving(self, version: str, previous: str | None = None) -> None:
+        """The model version served from now on (its live series start at 0)."""
+        if previous is not None:
+            self.model_info.remove(previous)
+        self.model_info.labels(version).set(1)
+        self.live_events.labels(version, "serve")
+        self.live_hits.labels(version, "serve")
 
     def forget_partition(self, partition: int) -> None:
         """The partition is no longer owned: drop its labelled series."""

@@ -48,7 +48,33 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     topics.add_argument("--partitions", type=integer(1), default=4, help="for --create-topics")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, help="model artifact directory")
+    model.add_argument(
+        "--model", default=None,
+        help="model artifact directory, served when no version is announced (with neither, "
+             "the worker starts in cold-start mode: live popular items)",
+    )
+    model.add_argument(
+        "--model-store", default=None,
+        help="the model store (a directory or mounted volume, `kvrec models`): serve the version "
+             "the model-updates topic announces and hot-swap to each new one",
+    )
+    model.add_argument("--model-name", default="default", help="the model's name in the store")
+    model.add_argument("--updates-topic", default="model-updates",
+                       help="compacted topic of model announcements")
+    model.add_argument("--stats-topic", default="model-live-stats",
+                       help="compacted topic where the worker publishes its live hit rates")
+    model.add_argument(
+        "--prewarm-users", type=integer(0), default=10_000,
+        help="before a swap, refill the new model's caches of this many most recent users",
+    )
+    model.add_argument(
+        "--live-users", type=integer(1), default=100_000,
+        help="users whose last list is remembered for the live hit rate",
+    )
+    model.add_argument(
+        "--stats-interval-ms", type=integer(100), default=10_000,
+        help="how often the live hit rates are published to --stats-topic",
+    )
     model.add_argument("--backend", default="torch-cpu", choices=BACKENDS)
     model.add_argument("--onnx", default=None, help="ONNX file of step (onnx-cpu; default: export)")
     model.add_argument("--k", type=integer(1), default=10, help="recommendations per event")
@@ -131,7 +157,7 @@ class WorkerSettings:
     instance_id: str
     static_membership: bool
     session_timeout_ms: int
-    model: Path
+    model: Path | None
     backend: str
     onnx: Path | None
     k: int
@@ -157,6 +183,13 @@ class WorkerSettings:
     max_future_ms: int
     metrics_port: int
     metrics_host: str = "0.0.0.0"
+    model_store: Path | None = None
+    model_name: str = "default"
+    updates_topic: str = "model-updates"
+    stats_topic: str = "model-live-stats"
+    prewarm_users: int = 10_000
+    live_users: int = 100_000
+    stats_interval_ms: int = 10_000
 
     @property
     def event_type_set(self) -> frozenset[str]:
@@ -170,9 +203,14 @@ class WorkerSettings:
         event_types = tuple(t.strip() for t in args.event_types.split(",") if t.strip())
         if not event_types or len(set(event_types)) != len(event_types):
             raise ConfigError("--event-types must be a comma-separated list of distinct names")
-        model = Path(args.model)
-        if not model.is_dir():
+        model = Path(args.model) if args.model else None
+        if model is not None and not model.is_dir():
             raise ConfigError(f"--model {model}: no such model artifact directory")
+        store = Path(args.model_store) if args.model_store else None
+        if store is not None and not store.is_dir():
+            raise ConfigError(f"--model-store {store}: no such directory (create it, or mount it)")
+        if not args.model_name or "/" in args.model_name or args.model_name.startswith("."):
+            raise ConfigError(f"--model-name {args.model_name!r}: use letters, digits, '-' or '_'")
         unavailable = Path(args.unavailable_items) if args.unavailable_items else None
         if unavailable is not None and not unavailable.is_file():
             raise ConfigError(f"--unavailable-items {unavailable}: no such file")
@@ -211,4 +249,11 @@ class WorkerSettings:
             max_future_ms=args.max_future_ms,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            model_store=store,
+            model_name=args.model_name,
+            updates_topic=args.updates_topic,
+            stats_topic=args.stats_topic,
+            prewarm_users=args.prewarm_users,
+            live_users=args.live_users,
+            stats_interval_ms=args.stats_interval_ms,
         )

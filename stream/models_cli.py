@@ -1,0 +1,530 @@
+"""`kvrec models`: inspect the model store and choose what serves.
+
+    kvrec models list [--json]                        # stored versions, what serves, its shadow
+    kvrec models show VERSION [--json]                # manifest, metrics, config, state, live figures
+    kvrec models publish DIR [--serve | --shadow [--sample F]] [--keep N]
+    kvrec models promote VERSION [--require-live [--live-margin M] [--min-live-events N]]
+    kvrec models shadow VERSION [--sample F] | kvrec models shadow --stop
+    kvrec models rollback [--to VERSION]
+    kvrec models guard [--once] [--margin M] [--min-live-events N] [--interval-s S]
+
+The store (model/store.py) holds the versions; the newest record of the compacted
+`model-updates` topic (stream/model_updates.py) says which one serves, which one shadows and
+what served before. Every change is a new record there; a refusal announces nothing. A version
+is checked before it is announced: it is in the store and every file's sha256 matches its
+manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from model.errors import ArtifactError, ConfigError, KvrecError, RunFailed
+from model.flags import integer, number
+from model.store import ModelStore, StoredVersion
+from stream.cli import COMMAND_GROUP
+from stream.kafka_config import KafkaUnreachable, add_kafka_arguments, client_config, topic_names
+from stream.logs import add_logging_arguments, setup_logging
+from stream.model_policy import SERVE, SHADOW, figure, promotion_verdict, rollback_verdict
+from stream.model_updates import (
+    LIVE_STATS_TOPIC,
+    UPDATES_TOPIC,
+    Announcement,
+    Candidate,
+    LiveRate,
+    announce,
+    ensure_model_topics,
+    first_announcement,
+    latest_announcement,
+    live_hit_rates,
+)
+
+log = logging.getLogger("kvrec.models")
+READ_TIMEOUT_S = 30.0  # reading a topic from a broker that answered
+SUMMARY_KEYS = ("test", "validation", "popularity_test", "best_epoch", "users")
+
+ACTIONS = {
+    "list": "every stored version, which one serves, its shadow and the rollback history",
+    "show": "one version: manifest, metrics, model config, state and live hit rate",
+    "publish": "copy a trained artifact into the store, optionally serve or shadow it, prune",
+    "promote": "make a stored version serve (optionally only if it is no worse live)",
+    "shadow": "set (or --stop) the candidate that scores a sample of live events unpublished",
+    "rollback": "serve the version that served before again",
+    "guard": "roll back automatically when the serving version's live hit rate falls",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions = {name: sub.add_parser(name, help=text, description=text)
+               for name, text in ACTIONS.items()}
+    for action_parser in actions.values():
+        _add_shared_arguments(action_parser)
+
+    actions["list"].add_argument("--json", action="store_true", help="one JSON document")
+    show = actions["show"]
+    show.add_argument("version", metavar="VERSION")
+    show.add_argument("--json", action="store_true", help="one JSON document")
+
+    publish = actions["publish"]
+    publish.add_argument("artifact", metavar="ARTIFACT_DIR", help="a `kvrec train --out` folder")
+    role = publish.add_mutually_exclusive_group()
+    role.add_argument("--serve", action="store_true", help="announce it as the serving version")
+    role.add_argument("--shadow", action="store_true", help="announce it as the shadow candidate")
+    publish.add_argument("--sample", type=number(above=0, high=1), default=0.1,
+                         help="with --shadow: the share of users the candidate scores")
+    publish.add_argument("--keep", type=integer(1), default=5,
+                         help="keep the newest N versions (never one the announcement names: "
+                              "serving, shadow, rollback history); not pruned when Kafka "
+                              "cannot be reached")
+
+    promote = actions["promote"]
+    promote.add_argument("version", metavar="VERSION")
+    promote.add_argument("--require-live", action="store_true",
+                         help="refuse unless the candidate, as shadow, and the serving version "
+                              "each scored at least --min-live-events live events and the "
+                              "candidate's hit rate is at least the serving one's minus "
+                              "--live-margin")
+    promote.add_argument("--live-margin", type=number(0, 1), default=0.0,
+                         help="absolute hit-rate margin (0.01 = one point below is still accepted)")
+    promote.add_argument("--min-live-events", type=integer(1), default=1000,
+                         help="with --require-live: live events each version must have scored")
+
+    shadow = actions["shadow"]
+    shadow.add_argument("version", metavar="VERSION", nargs="?")
+    shadow.add_argument("--stop", action="store_true", help="end the shadow candidate")
+    shadow.add_argument("--sample", type=number(above=0, high=1), default=0.1,
+                        help="the share of users the candidate scores")
+
+    rollback = actions["rollback"]
+    rollback.add_argument("--to", metavar="VERSION", default=None,
+                          help="a version of the rollback history (default: the newest one)")
+
+    guard = actions["guard"]
+    guard.add_argument("--once", action="store_true", help="check once, print the decision, exit")
+    guard.add_argument("--interval-s", type=number(above=0), default=60.0,
+                       help="seconds between two checks")
+    guard.add_argument("--margin", type=number(0, 1), default=0.01,
+                       help="absolute hit-rate margin: roll back when the serving version's live "
+                            "hit rate is below its predecessor's minus this")
+    guard.add_argument("--min-live-events", type=integer(1), default=1000,
+                       help="live events each of the two versions must have scored serving")
+    add_logging_arguments(guard)
+
+
+def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(COMMAND_GROUP)
+    group.add_argument("--model-store", default="models", help="the store's root folder")
+    group.add_argument("--model-name", default="default", help="the model (a folder of the store)")
+    group.add_argument("--updates-topic", default=UPDATES_TOPIC,
+                       help="compacted topic of the announcements")
+    group.add_argument("--stats-topic", default=LIVE_STATS_TOPIC,
+                       help="compacted topic of the workers' live counters")
+    add_kafka_arguments(parser)
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    store: ModelStore
+    kafka: dict[str, object]
+
+    def state(self) -> Announcement | None:
+        """The newest announcement of the model (None: none yet); `KafkaUnreachable` (exit 1)
+        when no broker answers within --connect-timeout."""
+        if self.args.updates_topic not in topic_names(self.kafka, self.args.connect_timeout):
+            return None
+        return latest_announcement(self.kafka, self.store.model_name, self.args.updates_topic,
+                                   READ_TIMEOUT_S)
+
+    def required_state(self) -> Announcement:
+        announcement = self.state()
+        if announcement is None:
+            raise self.nothing_serves()
+        return announcement
+
+    def nothing_serves(self) -> ConfigError:
+        return ConfigError(
+            f"nothing serves model {self.store.model_name!r} yet ({self.args.updates_topic} "
+            "has no announcement of it): `kvrec models publish DIR --serve` first"
+        )
+
+    def live_rates(self) -> dict[tuple[str, str], LiveRate]:
+        if self.args.stats_topic not in topic_names(self.kafka, self.args.connect_timeout):
+            return {}
+        return live_hit_rates(self.kafka, self.store.model_name, self.args.stats_topic,
+                              READ_TIMEOUT_S)
+
+    def verified(self, version: str) -> StoredVersion:
+        """The stored version, after every file's sha256 was checked against its manifest."""
+        from model.artifact import load_artifact
+
+        stored = self.store.get(version)
+        load_artifact(stored.path)  # ArtifactError naming the file that does not match
+        return stored
+
+    def announce(self, announcement: Announcement, based_on: Announcement | None) -> None:
+        """Publish `announcement`, decided from `based_on`; refused (exit 1) if another
+        announcement came in meanwhile (another operator, the guard), so neither undoes the
+        other unseen. (Two announcers at the very same instant can still race: last one wins.)"""
+        ensure_model_topics(self.kafka, self.args.updates_topic, self.args.stats_topic,
+                            self.args.connect_timeout)
+        newest = self.state()
+        if newest != based_on:
+            now = f"{newest.version} serves ({newest.reason})" if newest else "nothing serves"
+            raise RunFailed(f"the announcement of model {self.store.model_name!r} changed while "
+                            f"deciding (now {now}): nothing announced, run it again")
+        announce(self.kafka, announcement, self.args.updates_topic, READ_TIMEOUT_S)
+
+
+def summary_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The figures an announcement carries (not the per-epoch history)."""
+    return {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}
+
+
+def key_figure(metrics: Mapping[str, Any], split: str, name: str = "ndcg@10") -> float | None:
+    value = metrics.get(split)
+    if isinstance(value, Mapping) and isinstance(value.get(name), int | float):
+        return float(value[name])
+    return None
+
+
+def named_versions(announcement: Announcement | None) -> set[str]:
+    """Versions an announcement names: never pruned."""
+    if announcement is None:
+        return set()
+    named = {announcement.version, *announcement.history}
+    if announcement.shadow is not None:
+        named.add(announcement.shadow.version)
+    return named
+
+
+def state_of(version: str, announcement: Announcement | None) -> tuple[str, int | None]:
+    """("serving" | "shadow" | "history" | "stored", its place in the history, 1 = newest)."""
+    if announcement is not None:
+        if version == announcement.version:
+            return "serving", None
+        if announcement.shadow is not None and version == announcement.shadow.version:
+            return "shadow", None
+        if version in announcement.history:
+            return "history", announcement.history.index(version) + 1
+    return "stored", None
+
+
+def _state_text(state: str, place: int | None) -> str:
+    if state == "history":
+        return "rollback target" if place == 1 else f"history {place}"
+    return "" if state == "stored" else state
+
+
+def _when(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000)) if ms else "?"
+
+
+def describe_announcement(announcement: Announcement) -> list[str]:
+    lines = [f"serving  {announcement.version}  ({announcement.reason}, {_when(announcement.announced_ms)})"]
+    if announcement.note:
+        lines.append(f"         {announcement.note}")
+    if announcement.shadow is not None:
+        lines.append(f"shadow   {announcement.shadow.version}  "
+                     f"(scores {announcement.shadow.sample:.0%} of users, unpublished)")
+    history = ", ".join(announcement.history) or "none"
+    lines.append(f"history  {history}")
+    return lines
+
+
+# ---------------------------------------------------------------- list and show
+
+
+def run_list(context: Context) -> int:
+    args = context.args
+    unknown = None
+    try:
+        announcement = context.state()
+    except KafkaUnreachable as exc:
+        announcement, unknown = None, str(exc)
+    versions = context.store.versions()
+    stored = {v.version for v in versions}
+    rows = []
+    for entry in reversed(versions):  # newest first
+        state, place = state_of(entry.version, announcement)
+        rows.append({
+            "version": entry.version, "created": entry.created,
+            "manifest_sha256": entry.manifest_sha256, "state": state, "history_place": place,
+            "test_ndcg@10": key_figure(entry.metrics, "test"),
+            "validation_ndcg@10": key_figure(entry.metrics, "validation"),
+        })
+    missing = sorted(named_versions(announcement) - stored)
+    if args.json:
+        print(json.dumps({
+            "model": context.store.model_name, "store": str(context.store.folder),
+            "serving_state_known": unknown is None, "why_unknown": unknown,
+            "announcement": asdict(announcement) if announcement else None,
+            "versions": rows, "announced_but_not_stored": missing,
+        }, indent=1))
+        return 0
+    print(f"model {context.store.model_name}: {len(rows)} version(s) in {context.store.folder}")
+    if unknown is not None:
+        print(f"serving state unknown: {unknown}")
+    elif announcement is None:
+        print(f"nothing announced yet on {args.updates_topic} for this model")
+    else:
+        print("\n".join(describe_announcement(announcement)))
+    if rows:
+        print()
+        print(f"{'VERSION':<26} {'CREATED':<16} {'MANIFEST':<12} {'TEST NDCG@10':>12} "
+              f"{'VAL NDCG@10':>12}  STATE")
+        for row in rows:
+            test, val = row["test_ndcg@10"], row["validation_ndcg@10"]
+            line = (f"{row['version']:<26} {row['created']:<16} {row['manifest_sha256'][:12]:<12} "
+                    f"{'-' if test is None else f'{test:.4f}':>12} "
+                    f"{'-' if val is None else f'{val:.4f}':>12}  "
+                    f"{_state_text(row['state'], row['history_place'])}")
+            print(line.rstrip())
+    for version in missing:
+        print(f"warning: {version} is named by the announcement but not in {context.store.folder}")
+    return 0
+
+
+def run_show(context: Context) -> int:
+    args = context.args
+    entry = context.store.get(args.version)
+    from model.artifact import load_artifact
+
+    try:
+        load_artifact(entry.path)
+        integrity = "ok: every file's sha256 matches the manifest"
+    except ArtifactError as exc:
+        integrity = f"FAILED: {exc}"
+    manifest = _json_file(entry.path / "manifest.json")
+    model_config = _json_file(entry.path / "config.json").get("model", {})
+    event_types = _json_file(entry.path / "vocab.json").get("event_types", [])
+    unknown = None
+    rates: dict[tuple[str, str], LiveRate] = {}
+    try:
+        announcement = context.state()
+        rates = context.live_rates()
+    except KafkaUnreachable as exc:
+        announcement, unknown = None, str(exc)
+    state, place = state_of(entry.version, announcement)
+    live = {role: rates[(entry.version, role)] for role in (SERVE, SHADOW)
+            if (entry.version, role) in rates}
+    if args.json:
+        print(json.dumps({
+            "version": entry.version, "path": str(entry.path), "created": entry.created,
+            "manifest_sha256": entry.manifest_sha256, "manifest": manifest,
+            "integrity": integrity, "config": model_config, "event_types": event_types,
+            "metrics": summary_metrics(entry.metrics),
+            "state": state if unknown is None else "unknown", "history_place": place,
+            "why_unknown": unknown,
+            "live": {role: {"events": r.events, "hits": r.hits, "hit_rate": r.hit_rate}
+                     for role, r in live.items()},
+        }, indent=1))
+        return 0
+    print(f"version    {entry.version}")
+    print(f"path       {entry.path}")
+    print(f"created    {entry.created}")
+    print(f"manifest   sha256 {entry.manifest_sha256}")
+    for name, digest in sorted((manifest.get("sha256") or {}).items()):
+        print(f"           {name:<22} {digest}")
+    print(f"integrity  {integrity}")
+    keys = ("d_model", "n_layers", "n_heads", "window", "n_items")
+    print("model      " + ", ".join(f"{k} {model_config[k]}" for k in keys if k in model_config))
+    print(f"events     {', '.join(event_types) or '-'}")
+    for split in ("test", "validation", "popularity_test"):
+        figures = entry.metrics.get(split)
+        if isinstance(figures, Mapping):
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in figures.items() if isinstance(v, int | float))
+            print(f"{split:<10} {shown}")
+    if unknown is not None:
+        print(f"state      unknown: {unknown}")
+    else:
+        print(f"state      {_state_text(state, place) or 'stored (not announced)'}")
+        for role in (SERVE, SHADOW):
+            if role in live:
+                print(f"live       {figure(live[role], entry.version, role)}")
+        if not live:
+            print("live       no live figures")
+    return 0
+
+
+def _json_file(path: Any) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+# ---------------------------------------------------------------- changes
+
+
+def run_publish(context: Context) -> int:
+    args = context.args
+    from model.artifact import load_artifact
+
+    load_artifact(args.artifact)  # refuse a corrupted artifact before asking Kafka anything
+    announcement = None
+    known = True
+    if args.serve or args.shadow:
+        announcement = context.state()  # no broker: exit 1 before the store is touched
+        if args.shadow and announcement is None:
+            raise context.nothing_serves()
+    else:
+        try:
+            announcement = context.state()
+        except KafkaUnreachable as exc:
+            known = False
+            print(f"warning: not pruned, the serving state is unknown: {exc}", file=sys.stderr)
+    entry = context.store.publish(args.artifact)
+    print(f"stored {entry.version} in {entry.path}")
+    if args.serve or args.shadow:
+        context.verified(entry.version)  # the copy, as readers will see it (a mounted bucket)
+    if args.serve:
+        if announcement is not None and announcement.version == entry.version:
+            print(f"{entry.version} already serves")
+        else:
+            announcement = _serve(context, announcement, entry, "promote" if announcement else "publish")
+    elif args.shadow:
+        assert announcement is not None
+        if announcement.version == entry.version:
+            raise ConfigError(f"{entry.version} serves: it cannot shadow itself")
+        based_on = announcement
+        announcement = announcement.with_shadow(
+            Candidate(entry.version, str(entry.path.resolve()), entry.manifest_sha256, args.sample))
+        context.announce(announcement, based_on)
+        print(f"announced: {entry.version} shadows {announcement.version} "
+              f"on {args.sample:.0%} of users")
+    if known:
+        deleted = context.store.prune(args.keep, named_versions(announcement) | {entry.version})
+        if deleted:
+            print(f"pruned {len(deleted)} version(s): {', '.join(deleted)}")
+    return 0
+
+
+def _serve(context: Context, announcement: Announcement | None, entry: StoredVersion,
+           reason: str, note: str = "", *, say: bool = True) -> Announcement:
+    location, metrics = str(entry.path.resolve()), summary_metrics(entry.metrics)
+    if announcement is None:
+        new = first_announcement(context.store.model_name, entry.version, location,
+                                 entry.manifest_sha256, reason, metrics, note)
+    else:
+        new = announcement.serving(entry.version, location, entry.manifest_sha256, reason,
+                                   metrics=metrics, note=note)
+    context.announce(new, announcement)
+    if say:
+        was = f" (was {announcement.version})" if announcement else ""
+        print(f"announced: {entry.version} serves{was}, reason {reason}")
+    return new
+
+
+def run_promote(context: Context) -> int:
+    args = context.args
+    entry = context.verified(args.version)
+    announcement = context.state()
+    if announcement is not None and announcement.version == entry.version:
+        raise ConfigError(f"{entry.version} already serves")
+    note = ""
+    if args.require_live:
+        if announcement is None:
+            raise RunFailed(f"cannot judge {entry.version} live: nothing serves yet")
+        verdict = promotion_verdict(context.live_rates(), entry.version, announcement.version,
+                                    args.live_margin, args.min_live_events)
+        if not verdict.yes:
+            raise RunFailed(f"not promoting {entry.version}: {verdict.reason}")
+        note = verdict.reason
+        print(f"live check passed: {verdict.reason}")
+    _serve(context, announcement, entry, "promote", note)
+    return 0
+
+
+def run_shadow(context: Context) -> int:
+    args = context.args
+    if args.stop == (args.version is not None):
+        raise ConfigError("give a VERSION to shadow, or --stop (not both)")
+    if args.stop:
+        announcement = context.required_state()
+        if announcement.shadow is None:
+            print(f"no shadow candidate for model {context.store.model_name}: nothing to stop")
+            return 0
+        context.announce(announcement.with_shadow(None, note=f"{announcement.shadow.version} stopped"),
+                         announcement)
+        print(f"announced: {announcement.shadow.version} no longer shadows")
+        return 0
+    entry = context.verified(args.version)
+    announcement = context.required_state()
+    if announcement.version == entry.version:
+        raise ConfigError(f"{entry.version} serves: it cannot shadow itself")
+    candidate = Candidate(entry.version, str(entry.path.resolve()), entry.manifest_sha256, args.sample)
+    context.announce(announcement.with_shadow(candidate), announcement)
+    print(f"announced: {entry.version} shadows {announcement.version} on {args.sample:.0%} of users")
+    return 0
+
+
+def run_rollback(context: Context) -> int:
+    args = context.args
+    announcement = context.required_state()
+    if not announcement.history:
+        raise ConfigError(f"nothing to roll back to: {announcement.version} is the only version "
+                          f"model {context.store.model_name!r} has served")
+    target = args.to or announcement.history[0]
+    if target not in announcement.history:
+        raise ConfigError(f"{target} is not in the rollback history "
+                          f"({', '.join(announcement.history)}); use `kvrec models promote`")
+    entry = context.verified(target)
+    _serve(context, announcement, entry, "rollback", f"rolled back from {announcement.version}")
+    return 0
+
+
+def guard_once(context: Context) -> tuple[bool, str]:
+    """Check once; roll back if the serving version fell too far. Returns (rolled back, why)."""
+    args = context.args
+    announcement = context.state()
+    if announcement is None:
+        return False, f"no rollback: nothing announced for model {context.store.model_name!r}"
+    if not announcement.history:
+        return False, f"no rollback: {announcement.version} has no predecessor to compare with"
+    predecessor = announcement.history[0]
+    verdict = rollback_verdict(context.live_rates(), announcement.version, predecessor,
+                               args.margin, args.min_live_events)
+    if not verdict.yes:
+        return False, f"no rollback: {verdict.reason}"
+    entry = context.verified(predecessor)
+    note = f"automatic rollback from {announcement.version}: {verdict.reason}"
+    _serve(context, announcement, entry, "auto_rollback", note, say=False)
+    return True, f"rolled back {announcement.version} to {predecessor}: {verdict.reason}"
+
+
+def run_guard(context: Context) -> int:
+    args = context.args
+    setup_logging(args)
+    if args.once:
+        print(guard_once(context)[1])
+        return 0
+    log.info("guarding model %s every %g s (margin %g, at least %d live events)",
+             context.store.model_name, args.interval_s, args.margin, args.min_live_events)
+    while True:
+        try:
+            rolled_back, decision = guard_once(context)
+            log.log(logging.WARNING if rolled_back else logging.INFO, "%s", decision)
+        except KvrecError as exc:  # an unreachable broker, a corrupted predecessor: try again
+            log.error("%s", exc)
+        time.sleep(args.interval_s)
+
+
+RUNNERS = {
+    "list": run_list, "show": run_show, "publish": run_publish, "promote": run_promote,
+    "shadow": run_shadow, "rollback": run_rollback, "guard": run_guard,
+}
+
+
+def main(args: argparse.Namespace) -> int:
+    context = Context(args, ModelStore(args.model_store, args.model_name), client_config(args))
+    return RUNNERS[args.action](context)
