@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench.cli", "benchmarks: `kvrec bench model`, `kvrec bench e2e`"),
     "models": ("stream.models_cli", "the model store and what serves: list, show, publish, "
                                     "promote, shadow, rollback, guard"),
+    "retrain": ("stream.retrain", "side job: retrain from the input topic, publish only if not worse"),
 }
 
 ENV_PREFIX = "KVREC_"
