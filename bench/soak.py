@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -269,12 +270,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backlog the peak is measured on (without --rate)")
     parser.add_argument("--items", type=flags.integer(2), default=100_000)
     parser.add_argument("--window", type=flags.integer(1), default=50)
-    parser.add_argument("--active-users", type=flags.integer(1), default=2_000,
+    parser.add_argument("--active-users", type=flags.integer(1), default=1_000,
                         help="users active at any moment")
     parser.add_argument("--new-users-per-s", type=flags.number(low=0), default=0.0,
                         help="users arriving per second (0: rate / 20)")
-    parser.add_argument("--cache-bytes", type=flags.integer(1), default=32 << 20,
-                        help="the worker's key/value cache budget (below what the active users need)")
+    parser.add_argument("--cache-bytes", type=flags.integer(1), default=64 << 20,
+                        help="the worker's key/value cache budget: about the active users' entries "
+                             "(~51 KB each at W=50), far below every user's, so departed users "
+                             "are evicted all the time")
     parser.add_argument("--sample-seconds", type=flags.number(above=0), default=10.0)
     parser.add_argument("--rss-tolerance", type=flags.number(low=0), default=0.10)
     parser.add_argument("--partitions", type=flags.integer(1), default=4)
@@ -285,7 +288,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: the worker is stopped, not orphaned
+
+
 def main(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.active_users < 1 or args.items < 2:
         raise ConfigError("--active-users must be >= 1 and --items >= 2")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrec-soak-"))
