@@ -36,7 +36,13 @@ def relay(bootstrap: str, source: str, sink: str, group: str) -> int:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2})
     consumer.subscribe([source])
     while running:
-        for message in consumer.consume(512, timeout=0.01):
+        # one blocking poll, then what is already queued without waiting: `consume(n, t)`
+        # waits until it has n messages or t passed, which held every message up to t
+        first = consumer.poll(0.1)
+        if first is None:
+            producer.poll(0)
+            continue
+        for message in [first, *consumer.consume(511, timeout=0)]:
             if message.error() is not None:
                 continue
             while True:

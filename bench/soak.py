@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Producer
 
-from bench.e2e import Run, _broker, _reader, build_artifact, measure
+from bench.e2e import Run, _broker, _reader, build_artifact, measure, read_available
 from bench.machine import machine_info
 from deploy.kafka.launcher import free_port
 from model import flags
@@ -183,7 +183,7 @@ def soak(run: Run, *, model: Path, state_dir: Path, args: argparse.Namespace, ra
                 due += interval
                 if now >= end:
                     break
-            messages = consumer.consume(1000, timeout=0.05)
+            messages = read_available(consumer, 0.05)
             read_ms = time.time() * 1000.0
             for message in messages:
                 if message.error() is None:
