@@ -217,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser(argv).parse_args(argv)
+        args._argv = argv  # the command line as given (`kvrec worker --processes` repeats it)
         return int(args._main(args) or 0)
     except KvrecError as exc:
         print(f"kvrec: error: {exc}", file=sys.stderr)

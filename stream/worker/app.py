@@ -106,6 +106,13 @@ def resolve_window_capacity(
 def main(args: argparse.Namespace) -> int:
     setup_logging(args)
     settings = WorkerSettings.from_args(args)
+    if args.processes != 1:
+        from stream.worker.processes import process_count, run_processes
+
+        count = process_count(args.processes)
+        if count > 1:  # the children check everything else, each on its own
+            return run_processes(getattr(args, "_argv", sys.argv[1:]), count,
+                                 settings.instance_id, settings.metrics_port, settings.metrics_host)
     kafka_config = client_config(args)  # its mistakes are refused before the model loads
     metrics = WorkerMetrics()
     health = HealthState()  # /health: "starting" until the worker is built

@@ -98,6 +98,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     loop = parser.add_argument_group("loop and state")
+    loop.add_argument(
+        "--processes", type=integer(0), default=1,
+        help="worker processes on this machine, one consumer group (0 = one per available core: "
+             "CPU affinity capped by the cgroup CPU limit); each child is --instance-id-<i> with "
+             "its probes and /metrics on --metrics-port + 1 + i, and the parent answers /health "
+             "and /ready on --metrics-port for all of them; a child that exits stops the rest "
+             "and the parent exits with status 1",
+    )
     loop.add_argument("--batch-size", type=integer(1), default=512, help="events per micro-batch (B)")
     loop.add_argument("--batch-wait-ms", type=integer(0), default=10, help="wait for a batch (T)")
     loop.add_argument("--linger-ms", type=integer(0), default=2, help="producer linger")
