@@ -386,7 +386,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     cdf.legend(fontsize=8)
     names = list(systems)
     peaks = [systems[n]["peak_events_per_s"] for n in names]
-    bars.bar(range(len(names)), peaks, color=["C0", "C1", "C2", "C3"][: len(names)])
+    bars.bar(range(len(names)), peaks, color=[f"C{i}" for i in range(len(names))])
     bars.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
     bars.set_yscale("log")
     bars.set_ylabel("events/s draining a backlog (log)")
@@ -407,6 +407,15 @@ def _retrieval_report(log_path: Path) -> dict[str, Any] | None:
         if " retrieval: {" in line:
             return ast.literal_eval(line.split(" retrieval: ", 1)[1])
     return None
+
+
+def _variants(system: str, process_counts: Sequence[int]) -> list[tuple[str, list[str]]]:
+    """(result name, extra worker flags) for each way `system` is measured: kvrec once per
+    process count (`kvrec`, `kvrec-2proc`, ...), every other system once."""
+    if system != "kvrec":
+        return [(system, [])]
+    return [("kvrec" if n == 1 else f"kvrec-{n}proc", ["--processes", str(n)] if n > 1 else [])
+            for n in process_counts]
 
 
 def history_per_user(history: int, window: int, layers: int = 2) -> int:
@@ -520,6 +529,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--timeout", type=flags.number(above=0), default=600.0, help="per phase, seconds")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
+    parser.add_argument("--processes", default="1",
+                        help="kvrec is measured with each of these `kvrec worker --processes` "
+                             "counts (e.g. 1,2); N > 1 is reported as kvrec-<N>proc, with its "
+                             "peak over the 1-process peak as process_scaling")
     parser.add_argument("--sweep", action="store_true",
                         help="also: kvrec peak against W (20, 50, 200), catalog (10k, 100k, 1M) and "
                              "batch size (64..2048), no-cache peak against W; plot to <plot>-sweep.png")
@@ -544,6 +557,12 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--rate-fractions: numbers and commas, got {args.rate_fractions!r}") from None
     if not all(0 < f <= 1 for f in fractions) or args.seconds <= 0 or args.max_rate <= 0:
         raise ConfigError("--rate-fractions in (0, 1], --seconds and --max-rate > 0")
+    try:
+        process_counts = [int(n) for n in args.processes.split(",") if n.strip()]
+    except ValueError:
+        raise ConfigError(f"--processes: numbers and commas, got {args.processes!r}") from None
+    if not process_counts or min(process_counts) < 1:
+        raise ConfigError("--processes: one or more counts >= 1")
     rate_events = int(args.max_rate * args.seconds * len(fractions)) + 1
     interactions = generate_synthetic(
         SyntheticSpec(users=args.users, items=args.items, events=args.events + rate_events)
@@ -560,13 +579,14 @@ def main(args: argparse.Namespace) -> int:
         if args.sweep:
             sweep_args = argparse.Namespace(**{**vars(args), "events": args.sweep_events})
             sweep = run_sweep(sweep_args, bootstrap, workdir)
-        for name in systems:
-            run = Run(name, bootstrap, args.partitions, workdir / f"{name}.log")
-            results[name] = measure(
-                run, peak_events, tail, model=model, state_dir=workdir / "state",
-                worker_args=[], seconds=args.seconds, rate_fractions=fractions,
-                max_rate=args.max_rate, timeout=args.timeout, warmup=warmup,
-            )
+        for system in systems:
+            for name, worker_args in _variants(system, process_counts):
+                run = Run(name, bootstrap, args.partitions, workdir / f"{name}.log")
+                results[name] = measure(
+                    run, peak_events, tail, model=model, state_dir=workdir / "state",
+                    worker_args=worker_args, seconds=args.seconds, rate_fractions=fractions,
+                    max_rate=args.max_rate, timeout=args.timeout, warmup=warmup,
+                )
     report: dict[str, Any] = {
         "benchmark": "end to end through Kafka",
         "machine": machine_info(),
@@ -577,6 +597,7 @@ def main(args: argparse.Namespace) -> int:
             "sweep_users": args.sweep_users if args.sweep else None,
             "rate_fractions": fractions, "max_rate": args.max_rate,
             "partitions": args.partitions, "systems": systems, "quick": args.quick,
+            "processes": process_counts,
             "broker": "given" if args.bootstrap_servers else "local launcher",
             "worker": "torch-cpu, --retrieval auto, at-least-once, default batch settings",
             "latency": "bench read time - input message Kafka timestamp (CreateTime)",
@@ -591,6 +612,12 @@ def main(args: argparse.Namespace) -> int:
         naive = {p["window"]: p["peak_events_per_s"] for p in sweep if p["system"] == "kvrec-no-cache"}
         report["sweep_kvrec_over_no_cache"] = {
             str(w): cached[w] / naive[w] for w in sorted(cached) if w in naive
+        }
+    scaled = {n: results[f"kvrec-{n}proc"]["peak_events_per_s"] for n in process_counts
+              if f"kvrec-{n}proc" in results}
+    if scaled and "kvrec" in results:
+        report["process_scaling"] = {
+            str(n): peak / results["kvrec"]["peak_events_per_s"] for n, peak in scaled.items()
         }
     if "kvrec" in results and "kvrec-no-cache" in results:
         report["kvrec_over_no_cache"] = {

@@ -10,8 +10,11 @@ measured first on a backlog of `--peak-events` (as `kvrec bench e2e` measures it
 The stream: at time t the active users are ids `[a*t, a*t + --active-users)` with a =
 `--new-users-per-s` (default: rate / 20, so a user sends ~20 events while it is active); each
 event picks one of them at random and a Zipf-popular item. Users keep arriving, so the worker
-keeps creating windows, evicting key/value cache entries (`--cache-bytes` is set below what
-the active users need) and dropping windows from memory (`--windows-in-memory`).
+keeps creating windows, evicting key/value cache entries (`--cache-bytes`, about what the
+active users need, far below all users') and dropping windows from memory
+(`--windows-in-memory`, `--live-users`: the worker's bounded per-user structures, set here so
+they fill within the first minutes; with the worker's defaults, 40,000 windows and 100,000
+users, they would still be filling at minute 30 at these arrival rates, growth by design).
 
 Every `--sample-seconds` it records the worker's resident memory (VmRSS, /proc), the
 `kvrec_cache_bytes` gauge (its /metrics), the outputs read in the interval (throughput), their
@@ -141,7 +144,8 @@ def soak(run: Run, *, model: Path, state_dir: Path, args: argparse.Namespace, ra
     """Run the worker at `rate` for `args.minutes`, one sample every `args.sample_seconds`."""
     users = ArrivingUsers(args.items, args.active_users, args.new_users_per_s or rate / 20)
     worker_args = ["--cache-bytes", str(args.cache_bytes), "--metrics-port", str(metrics_port),
-                   "--metrics-host", "127.0.0.1", *args.worker_arg]
+                   "--metrics-host", "127.0.0.1", "--windows-in-memory", str(args.windows_in_memory),
+                   "--live-users", str(args.live_users), *args.worker_arg]
     run.start(model, state_dir, worker_args)
     assert run.process is not None
     consumer = _reader(run.bootstrap, run.outputs, run.partitions)
@@ -278,6 +282,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the worker's key/value cache budget: about the active users' entries "
                              "(~51 KB each at W=50), far below every user's, so departed users "
                              "are evicted all the time")
+    parser.add_argument("--windows-in-memory", type=flags.integer(0), default=1_000,
+                        help="the worker's flag (per partition): with --live-users, the bounded "
+                             "per-user structures, sized to fill within the first minutes so "
+                             "that growth after minute 10 is not an LRU still filling")
+    parser.add_argument("--live-users", type=flags.integer(1), default=5_000,
+                        help="the worker's flag: users whose last list is kept for the live hit rate")
     parser.add_argument("--sample-seconds", type=flags.number(above=0), default=10.0)
     parser.add_argument("--rss-tolerance", type=flags.number(low=0), default=0.10)
     parser.add_argument("--partitions", type=flags.integer(1), default=4)
@@ -330,6 +340,8 @@ def main(args: argparse.Namespace) -> int:
             "active_users": args.active_users,
             "new_users_per_s": args.new_users_per_s or rate / 20,
             "cache_bytes": args.cache_bytes, "sample_seconds": args.sample_seconds,
+            "windows_in_memory_per_partition": args.windows_in_memory,
+            "live_users": args.live_users,
             "partitions": args.partitions, "worker_args": args.worker_arg,
             "broker": "given" if args.bootstrap_servers else "local launcher",
             "latency": "bench read time - recommendation source_ts (input Kafka timestamp)",

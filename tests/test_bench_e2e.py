@@ -50,3 +50,23 @@ def test_sweep_covers_every_axis_and_the_no_cache_worker() -> None:
     assert {p["batch_size"] for p in kvrec} == set(SWEEP_BATCHES)
     assert len({tuple(sorted(p.items())) for p in points}) == len(points)  # no point twice
     assert {p["window"] for p in points if p["system"] == "kvrec-no-cache"} == set(SWEEP_WINDOWS)
+
+
+def test_bench_e2e_measures_kvrec_with_one_and_two_processes(kafka_bootstrap, tmp_path: Path) -> None:
+    out = tmp_path / "e2e.json"
+    with open(tmp_path / "bench.log", "w") as log:
+        done = subprocess.run(
+            [sys.executable, "-m", "stream.cli", "bench", "e2e", "--quick", "--json", str(out),
+             "--systems", "kvrec", "--processes", "1,2", "--bootstrap-servers", kafka_bootstrap,
+             "--workdir", str(tmp_path / "w")],
+            cwd=Path(__file__).parent.parent, stdout=log, stderr=subprocess.STDOUT, timeout=300,
+        )
+    assert done.returncode == 0, (tmp_path / "bench.log").read_text()[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["systems"]) == {"kvrec", "kvrec-2proc"}
+    assert report["settings"]["processes"] == [1, 2]
+    for result in report["systems"].values():
+        assert result["events"] == 2000 and result["peak_events_per_s"] > 0
+    assert report["process_scaling"]["2"] == pytest.approx(
+        report["systems"]["kvrec-2proc"]["peak_events_per_s"]
+        / report["systems"]["kvrec"]["peak_events_per_s"])
