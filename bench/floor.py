@@ -8,6 +8,9 @@ Cases, each on fresh topics:
 
 - `direct`: read the produced topic itself (produce → broker → consume: one hop), producer
   linger 0 and 2 ms (2 ms: the worker's and the bench's default);
+- `direct, reader fetch.wait.max.ms 500` (librdkafka's default; the bench reader uses 5, the
+  worker its `--batch-wait-ms`): with `fetch.min.bytes` 1 the broker answers a fetch as soon as
+  one byte is there, so this bounds only an idle fetch, not a message's wait;
 - `direct, reader consume(1000, 50 ms)`: how `kvrec bench e2e` read its outputs before: that
   call returns only with 1,000 messages or after 50 ms, so at any rate below 20,000/s every
   message waits in the reader;
@@ -41,6 +44,8 @@ from stream.kafka_config import ensure_topics
 CASES: tuple[dict[str, Any], ...] = (
     {"name": "direct, linger 0", "relay": False, "linger_ms": 0, "reader": "poll"},
     {"name": "direct, linger 2", "relay": False, "linger_ms": 2, "reader": "poll"},
+    {"name": "direct, linger 2, reader fetch.wait.max.ms 500", "relay": False, "linger_ms": 2,
+     "reader": "poll", "fetch_wait_ms": 500},
     {"name": "direct, linger 2, reader consume(1000, 50 ms)", "relay": False, "linger_ms": 2,
      "reader": "consume"},
     {"name": "passthrough, linger 2", "relay": True, "linger_ms": 2, "reader": "poll",
@@ -80,7 +85,8 @@ def run_case(case: dict[str, Any], bootstrap: str, rate: float, seconds: float,
             )
     topic = sink if case["relay"] else source
     reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{tag}-reader",
-                       "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+                       "enable.auto.commit": False,
+                       "fetch.wait.max.ms": case.get("fetch_wait_ms", 5)})
     reader.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": case["linger_ms"],
                          "compression.type": "none"})
