@@ -122,6 +122,7 @@ class Run:
         )
         self.process: subprocess.Popen | None = None
         self.log_path = log_path
+        self.metrics_port = 0  # a kvrec worker's probes, on a free port at each start
 
     def command(self, model: Path, state_dir: Path, worker_args: Sequence[str],
                 system: str | None = None) -> tuple[list[str], dict]:
@@ -134,7 +135,8 @@ class Run:
                 "--dead-letter-topic", self.dead_letters, "--group-id", self.group,
                 "--instance-id", self.group, "--model", str(model),
                 "--state-dir", str(state_dir / self.name), "--retrieval", "auto",
-                "--metrics-port", "-1", "--log-level", "WARNING", *worker_args,
+                "--metrics-port", str(self.metrics_port), "--metrics-host", "127.0.0.1",
+                "--log-level", "WARNING", *worker_args,
             ]
             if system == "kvrec-no-cache":
                 command += ["--no-kv-cache"]
@@ -151,12 +153,31 @@ class Run:
 
     def start(self, model: Path, state_dir: Path, worker_args: Sequence[str],
               system: str | None = None) -> None:
+        from deploy.kafka.launcher import free_port
+
+        self.metrics_port = free_port()
         command, env = self.command(model, state_dir, worker_args, system)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until the worker's /ready answers 200: every process in the group with its
+        partitions assigned and restored (`kvrec worker --processes N`: all N)."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                url = f"http://127.0.0.1:{self.metrics_port}/ready"
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            self.check_alive()
+            time.sleep(0.3)
+        raise RuntimeError(f"{self.name}: not ready within {timeout:.0f}s")
 
     def check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
@@ -276,11 +297,19 @@ def measure(
             _drain(consumer, len(warmup), timeout, run)
         finally:
             run.stop()
-    _replay(producer_config, run, peak_events)
     # connected before the rate phases, so no event waits for a connection
     paced = Producer({**producer_config, "linger.ms": 2})
     paced.list_topics(run.events, timeout=10)
-    run.start(model, state_dir, worker_args)
+    if run.name.startswith("kvrec"):
+        # a worker starts, then the backlog arrives (at the producer's speed, far above the
+        # worker's): with several processes, all of them have their partitions first, so the
+        # peak is not one process draining alone until the other joins
+        run.start(model, state_dir, worker_args)
+        run.wait_ready(timeout)
+        _replay(producer_config, run, peak_events)
+    else:
+        _replay(producer_config, run, peak_events)
+        run.start(model, state_dir, worker_args)
     phases: list[dict[str, Any]] = []
     try:
         times = sorted(_drain(consumer, len(peak_events), timeout, run))
