@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
 from functools import cache
 from typing import Any
 
@@ -36,3 +37,17 @@ def release_free_memory() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+def release_periodically(interval_s: float) -> threading.Event:
+    """A daemon thread that calls `release_free_memory` every `interval_s` seconds until the
+    returned event is set. The call takes glibc's arena locks, not Python's GIL (ctypes
+    releases it), so a thread that allocates meanwhile waits for the lock at most."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            release_free_memory()
+
+    threading.Thread(target=loop, name="kvrec-malloc-trim", daemon=True).start()
+    return stop

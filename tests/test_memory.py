@@ -27,3 +27,20 @@ def test_freed_heap_pages_are_returned() -> None:
     after = _resident_mb()
     assert before - after > 100, (before, after)  # ~140 MB were free inside the heap
     assert len(pinned) == 48 * 1024
+
+
+def test_release_periodically_calls_until_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import model.memory as memory
+
+    calls: list[float] = []
+    monkeypatch.setattr(memory, "release_free_memory", lambda: calls.append(time.monotonic()))
+    stop = memory.release_periodically(0.02)
+    time.sleep(0.3)
+    stop.set()
+    time.sleep(0.05)
+    seen = len(calls)
+    assert seen >= 3
+    time.sleep(0.1)
+    assert len(calls) == seen  # stopped

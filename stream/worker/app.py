@@ -146,6 +146,11 @@ def main(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    trimming = None
+    if args.release_memory_s > 0:
+        from model.memory import release_periodically
+
+        trimming = release_periodically(args.release_memory_s)
 
     def stop(signum: int, frame: object) -> None:
         worker.running = False
@@ -171,6 +176,8 @@ def main(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(1)
     finally:
+        if trimming is not None:
+            trimming.set()
         if watcher is not None:
             watcher.stop()
         gc.unfreeze()  # hand the long-lived objects back to the collector for a clean exit

@@ -122,6 +122,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("at-least-once", "exactly-once"),
     )
     loop.add_argument("--state-dir", default="./state-data")
+    loop.add_argument(
+        "--release-memory-s", type=number(low=0), default=10.0,
+        help="every this many seconds, hand the heap's free pages back to the OS (glibc "
+             "malloc_trim; 0 = never): batches of different sizes leave freed memory inside "
+             "the heap, which the process's resident size would keep",
+    )
     loop.add_argument("--cache-bytes", type=integer(1), default=1 << 30, help="key/value cache budget")
     loop.add_argument(
         "--windows-in-memory", type=integer(0), default=10_000,
