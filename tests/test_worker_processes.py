@@ -174,3 +174,41 @@ def test_a_child_that_dies_stops_the_other_and_the_parent_fails(kafka_bootstrap,
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+# --- a commit that meets a rebalance --------------------------------------------------------------
+
+def test_a_commit_during_a_rebalance_is_retried_not_fatal(tmp_path: Path) -> None:
+    """When the second process joined, the first one's periodic commit failed with
+    ILLEGAL_GENERATION and the worker exited: that commit is retried once the client rejoined."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from state.partition import WorkerState
+    from stream.worker.checkpoint import Checkpoint, DeliveryError
+    from tests.fake_kafka import FakeConsumer, FakeProducer
+
+    class Rebalancing(FakeConsumer):
+        def __init__(self, failures: list[int]) -> None:
+            super().__init__()
+            self.failures = failures
+
+        def commit(self, offsets, asynchronous=True) -> None:
+            if self.failures:
+                raise KafkaException(KafkaError(self.failures.pop(0)))
+            super().commit(offsets, asynchronous)
+
+    def checkpoint(consumer: FakeConsumer, name: str) -> Checkpoint:
+        state = WorkerState(tmp_path / name, "g", "events", window_capacity=4)
+        state.open(0)
+        point = Checkpoint(consumer, FakeProducer(), state, input_topic="events",
+                           changelog_topic="changelog", exactly_once=False, interval_s=0.0,
+                           outage_limit_s=5.0)
+        point.store_offset(0, 41)
+        return point
+
+    consumer = Rebalancing([KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS])
+    assert checkpoint(consumer, "a").commit()
+    assert [(tp.partition, tp.offset) for tp in consumer.commits[-1]] == [(0, 42)]
+    # any other refusal still fails the checkpoint
+    with pytest.raises(DeliveryError):
+        checkpoint(Rebalancing([KafkaError.GROUP_AUTHORIZATION_FAILED]), "b").commit()

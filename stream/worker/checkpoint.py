@@ -24,7 +24,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from state.partition import WorkerState
 from stream.kafka_config import kafka_error_text
@@ -48,6 +55,14 @@ class ClientHang(DeliveryError):
 class TransactionAborted(RuntimeError):
     """The broker aborted the transaction (for example after it restarted): nothing of the
     work since the last checkpoint is committed, and the worker must replay it."""
+
+
+# A plain offset commit sent while the group rebalances (a member joins or leaves) fails with
+# one of these: the generation moved on under it. The client rejoins by itself and, with
+# cooperative rebalancing, this member still owns its partitions until its revoke callback has
+# run (which checkpoints), so the same commit goes through a moment later. Seen as a crash of
+# one of two `kvrec worker --processes 2` children when the second joined.
+REBALANCING = frozenset({KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS})
 
 
 class Checkpoint:
@@ -152,7 +167,8 @@ class Checkpoint:
             self._retrying("begin a transaction", deadline, self.producer.begin_transaction)
         else:
             self._retrying("commit offsets", deadline,
-                           lambda: self.consumer.commit(offsets=commit, asynchronous=False))
+                           lambda: self.consumer.commit(offsets=commit, asynchronous=False),
+                           also_retriable=REBALANCING)
         # 4. windows + changelog offset into RocksDB, atomically per partition
         for partition, windows in self.state.items():
             windows.flush(self._changelog_offsets.get(partition))
@@ -186,9 +202,11 @@ class Checkpoint:
         if raised:
             raise raised[0]
 
-    def _retrying(self, what: str, deadline: float, call: Callable[[], object]) -> None:
-        """`call`, again while its error is retriable (the broker is away) and the outage limit
-        is not reached; an aborted transaction raises `TransactionAborted`."""
+    def _retrying(self, what: str, deadline: float, call: Callable[[], object],
+                  also_retriable: frozenset[int] = frozenset()) -> None:
+        """`call`, again while its error is retriable (the broker is away, or a code in
+        `also_retriable`) and the outage limit is not reached; an aborted transaction raises
+        `TransactionAborted`."""
         while True:
             try:
                 call()
@@ -197,7 +215,8 @@ class Checkpoint:
                 error = exc.args[0] if exc.args else None
                 if getattr(error, "txn_requires_abort", lambda: False)():
                     raise TransactionAborted(f"could not {what}: {kafka_error_text(exc)}") from None
-                retriable = getattr(error, "retriable", lambda: False)()
+                retriable = (getattr(error, "retriable", lambda: False)()
+                             or getattr(error, "code", lambda: None)() in also_retriable)
                 if not retriable or time.monotonic() > deadline:
                     raise DeliveryError(
                         f"could not {what}: {kafka_error_text(exc)}"
