@@ -313,6 +313,7 @@ def measure(
     phases: list[dict[str, Any]] = []
     try:
         times = sorted(_drain(consumer, len(peak_events), timeout, run))
+        peak_load = os.getloadavg()[0]  # the machine is shared: how busy it was
         # + 1 ms: append times have millisecond resolution (and one per producer batch)
         span = times[-1] - times[0] + 0.001
         peak = len(times) / span
@@ -334,13 +335,13 @@ def measure(
             _drain(consumer, count, timeout + seconds, run, on_message)
             producer.join()
             phases.append({"fraction": fraction, "offered_rate": offered, "count": count,
-                           "read_ms": read_ms})
+                           "read_ms": read_ms, "load_average_1m": os.getloadavg()[0]})
     finally:
         consumer.close()
         run.stop()
     result: dict[str, Any] = {
         "events": len(times), "peak_seconds": span, "peak_events_per_s": peak, "phases": [],
-        "warmup_events": len(warmup),
+        "warmup_events": len(warmup), "load_average_1m": peak_load,
     }
     line = f"{run.name:22s} peak {peak:9,.0f} ev/s"
     if phases:

@@ -32,6 +32,8 @@ def machine_info() -> dict[str, Any]:
     return {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cores": os.cpu_count(),
+        # 1, 5 and 15 minutes, when the JSON was written: on a shared machine, how busy it was
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "cpu": cpu_model(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
