@@ -7,7 +7,7 @@ time (epoch ms, µs resolution); the reader subtracts it from the time it read t
 Cases, each on fresh topics:
 
 - `direct`: read the produced topic itself (produce → broker → consume: one hop), producer
-  linger 0 and 2 ms (2 ms: the worker's and the bench's default);
+  linger 0, 1 and 2 ms (2 ms: the worker's and the bench's default);
 - `direct, reader fetch.wait.max.ms 500` (librdkafka's default; the bench reader uses 5, the
   worker its `--batch-wait-ms`): with `fetch.min.bytes` 1 the broker answers a fetch as soon as
   one byte is there, so this bounds only an idle fetch, not a message's wait;
@@ -15,7 +15,7 @@ Cases, each on fresh topics:
   call returns only with 1,000 messages or after 50 ms, so at any rate below 20,000/s every
   message waits in the reader;
 - `passthrough`: through `bench/passthrough.py` (two hops), reading as it does now (one
-  `poll`, then what is fetched), linger 2 and 0 ms on both producers;
+  `poll`, then what is fetched), linger 2, 1 and 0 ms on both producers;
 - `passthrough, relay consume(512, 10 ms)`: the relay as it was (the same wait in the relay).
 """
 
@@ -43,12 +43,15 @@ from stream.kafka_config import ensure_topics
 
 CASES: tuple[dict[str, Any], ...] = (
     {"name": "direct, linger 0", "relay": False, "linger_ms": 0, "reader": "poll"},
+    {"name": "direct, linger 1", "relay": False, "linger_ms": 1, "reader": "poll"},
     {"name": "direct, linger 2", "relay": False, "linger_ms": 2, "reader": "poll"},
     {"name": "direct, linger 2, reader fetch.wait.max.ms 500", "relay": False, "linger_ms": 2,
      "reader": "poll", "fetch_wait_ms": 500},
     {"name": "direct, linger 2, reader consume(1000, 50 ms)", "relay": False, "linger_ms": 2,
      "reader": "consume"},
     {"name": "passthrough, linger 2", "relay": True, "linger_ms": 2, "reader": "poll",
+     "relay_wait_ms": 0},
+    {"name": "passthrough, linger 1", "relay": True, "linger_ms": 1, "reader": "poll",
      "relay_wait_ms": 0},
     {"name": "passthrough, linger 0", "relay": True, "linger_ms": 0, "reader": "poll",
      "relay_wait_ms": 0},
