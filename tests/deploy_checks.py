@@ -24,9 +24,9 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from unittest import mock
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import yaml
 
@@ -388,10 +388,10 @@ def _worker_problems(container: Container, args: argparse.Namespace) -> list[str
 
 
 def _retrain_problems(container: Container, args: argparse.Namespace) -> list[str]:
+    import torch
+
     from model.train import settings_from_args, shape_from_args
     from stream.retrain.command import _faust_brokers
-
-    import torch
 
     where, problems = container.where, []
     _faust_brokers(args)  # PLAINTEXT only: a ConfigError otherwise

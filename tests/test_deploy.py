@@ -8,12 +8,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
+import sys
+import time
+
 import pytest
 import yaml
+from confluent_kafka import Producer
 
 from tests import deploy_checks as checks
+from tests.conftest import create_topics, unique_topic
+from tests.test_worker_kafka import _consume, _free_port, _get
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -309,3 +316,81 @@ def test_the_image_leaves_out_only_packages_the_lock_has():
                 continue
             assert name.lower() in lock, name
 
+
+
+# -- and the worker, started as the StatefulSet starts it, works ------------------------------
+
+@pytest.mark.kafka
+def test_a_worker_with_the_manifests_settings_serves_and_stops_within_its_grace_period(
+    kafka_bootstrap, rendered, tmp_path
+):
+    """The StatefulSet's worker, with the variables the manifests give it (the broker, SASL
+    aside, and the topic names swapped for this test's), against the real broker: ready, one
+    recommendation per event (exactly-once, cold-start mode: no model announced yet), and a
+    SIGTERM that ends it, status 0, well within terminationGracePeriodSeconds."""
+    docs = rendered["cpu"]
+    statefulset = _by(docs, "StatefulSet", "kvrec-worker")
+    grace = statefulset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    worker = next(c for c in checks.kubernetes_containers(docs) if c.where.startswith("StatefulSet"))
+    topics = checks.topics()
+    group = unique_topic("deploy-group")
+    names = {name: unique_topic(f"deploy-{name}") for name in
+             ("events", "recommendations", "events-dead-letter", "model-updates", "model-live-stats")}
+    names["kvrec-worker-windows-changelog"] = f"{group}-windows-changelog"
+    partitions = topics["events"][0]
+    for name, (count, configs) in topics.items():  # as the topics Job creates them
+        create_topics(kafka_bootstrap, {names[name]: count}, config=configs)
+    port = _free_port()
+    env = checks._rerooted(worker.env, worker.mounts, tmp_path)
+    for key in ("KVREC_SECURITY_PROTOCOL", "KVREC_SASL_MECHANISM", "KVREC_SASL_USERNAME",
+                "KVREC_SASL_PASSWORD"):
+        env.pop(key)
+    env |= {
+        "KVREC_BOOTSTRAP_SERVERS": kafka_bootstrap, "KVREC_WORKER_GROUP_ID": group,
+        "KVREC_WORKER_INPUT_TOPIC": names["events"], "KVREC_WORKER_OUTPUT_TOPIC": names["recommendations"],
+        "KVREC_WORKER_DEAD_LETTER_TOPIC": names["events-dead-letter"],
+        "KVREC_WORKER_UPDATES_TOPIC": names["model-updates"],
+        "KVREC_WORKER_STATS_TOPIC": names["model-live-stats"],
+        "KVREC_WORKER_METRICS_PORT": str(port), "KVREC_WORKER_METRICS_HOST": "127.0.0.1",
+    }
+    assert env["KVREC_WORKER_PROCESSING_GUARANTEE"] == "exactly-once"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KVREC_")}
+    log = tmp_path / "worker.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", *worker.argv],
+            env={**base, **env, "PYTHONPATH": str(checks.REPO)}, stderr=stderr, text=True,
+        )
+    try:
+        started = time.monotonic()
+        deadline = started + 180
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-2000:]
+            try:
+                if _get(port, "/ready").startswith("ready"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"not ready in 180 s: {log.read_text()[-2000:]}")
+        ready_s = time.monotonic() - started
+        events = [{"user_id": f"u{i % 7}", "item_id": f"sku-{i}", "event_type": "view",
+                   "ts": int(time.time() * 1000)} for i in range(40)]
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        for event in events:
+            producer.produce(names["events"], key=event["user_id"], value=json.dumps(event))
+        producer.flush(30)
+        assert len(_consume(kafka_bootstrap, names["recommendations"], expected=len(events))) == len(events)
+        stopping = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=grace)
+        stop_s = time.monotonic() - stopping
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    print(f"worker with the manifests' settings: ready {ready_s:.1f} s after start, "
+          f"{partitions} partitions; SIGTERM to exit {stop_s:.2f} s (status {status}, grace {grace} s)")
+    assert status == 0, log.read_text()[-2000:]
+    assert stop_s < grace / 2
