@@ -127,6 +127,10 @@ def test_autoscaling_is_capped_at_the_partitions_and_scales_down_slowly(rendered
     assert trigger["type"] == "kafka"
     assert (trigger["metadata"]["topic"], trigger["metadata"]["consumerGroup"]) == (input_topic, group)
     assert trigger["metadata"]["allowIdleConsumers"] == "false"
+    kafka = _by(docs, "ConfigMap", "kvrec-kafka")["data"]
+    assert trigger["metadata"]["bootstrapServers"] == kafka["KVREC_BOOTSTRAP_SERVERS"]
+    keda_sasl = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
+    assert trigger["metadata"]["sasl"] == keda_sasl[kafka["KVREC_SASL_MECHANISM"]]
     assert scaled["maxReplicaCount"] == topics[input_topic][0]
     assert scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"][
         "stabilizationWindowSeconds"] >= 300
