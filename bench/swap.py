@@ -69,17 +69,29 @@ SWAPS_METRIC = "kvrec_model_swaps_total"
 # ------------------------------------------------------------------ subprocesses
 
 
-def kvrec(arguments: Sequence[str], log_path: Path, timeout: float) -> subprocess.CompletedProcess:
+def kvrec(arguments: Sequence[str], log_path: Path, timeout: float) -> None:
     """Run `kvrec ARGS` to completion, its output appended to `log_path`; RunFailed if it fails."""
+    command = start_kvrec(arguments, log_path)
+    try:
+        command.wait(timeout)
+    except subprocess.TimeoutExpired:
+        stop_process(command)
+    check_exit(command, arguments, log_path)
+
+
+def start_kvrec(arguments: Sequence[str], log_path: Path) -> subprocess.Popen:
     with open(log_path, "ab") as log:
         log.write(f"\n$ kvrec {' '.join(arguments)}\n".encode())
         log.flush()
-        done = subprocess.run([sys.executable, "-m", "stream.cli", *arguments], env=ENV, cwd=REPO,
-                              stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    if done.returncode != 0:
+        return subprocess.Popen([sys.executable, "-m", "stream.cli", *arguments], env=ENV,
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def check_exit(command: subprocess.Popen, arguments: Sequence[str], log_path: Path) -> None:
+    if command.returncode != 0:
         tail = log_path.read_text(errors="replace")[-2000:]
-        raise RunFailed(f"kvrec {arguments[0]} {arguments[1]} exited with {done.returncode}:\n{tail}")
-    return done
+        raise RunFailed(f"kvrec {' '.join(arguments[:2])} exited with {command.returncode}:\n{tail}")
 
 
 def free_port() -> int:
@@ -307,33 +319,32 @@ class Bench:
         raise RunFailed(f"the two workers were not both ready within {timeout:.0f}s "
                         f"(logs: {', '.join(str(w.log_path) for w in self.workers)})")
 
-    def wait_swapped(self, count: int, timeout: float) -> None:
-        """Until both workers counted `count` swaps; the time each was first seen is kept."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            done = True
-            for worker in self.workers:
-                worker.check_alive()
-                if len(worker.swap_seen_at) < count:
-                    if worker.metric(SWAPS_METRIC) >= count:
-                        worker.swap_seen_at.append(time.time())
-                    else:
-                        done = False
-            if done:
-                return
-            time.sleep(0.1)
-        seen = {w.name: w.metric(SWAPS_METRIC) for w in self.workers}
-        raise RunFailed(f"swap {count}: not every worker swapped within {timeout:.0f}s ({seen})")
-
     def swap(self, number: int, action: str, arguments: list[str]) -> None:
+        """Run the command that makes swap `number` and wait until both workers counted it,
+        polling their /metrics (every 0.1 s) while the command still runs."""
         triggered = time.time()
-        kvrec(arguments, self.cli_log, timeout=1800)
-        command_done = time.time()
-        self.wait_swapped(number, self.args.swap_timeout_s)
+        command = start_kvrec(arguments, self.cli_log)
+        deadline = time.monotonic() + self.args.swap_timeout_s
+        try:
+            while True:
+                for worker in self.workers:
+                    worker.check_alive()
+                    if len(worker.swap_seen_at) < number and worker.metric(SWAPS_METRIC) >= number:
+                        worker.swap_seen_at.append(time.time())
+                if command.poll() is not None:
+                    check_exit(command, arguments, self.cli_log)
+                    if all(len(w.swap_seen_at) >= number for w in self.workers):
+                        break
+                if time.monotonic() > deadline:
+                    seen = {w.name: w.metric(SWAPS_METRIC) for w in self.workers}
+                    raise RunFailed(f"swap {number}: not done within "
+                                    f"{self.args.swap_timeout_s:.0f}s (swaps counted: {seen})")
+                time.sleep(0.1)
+        finally:
+            stop_process(command)
         time.sleep(1.0)  # the old model's memory is released right after the swap
         self.swaps.append({
             "swap": number, "action": action, "triggered_s": triggered,
-            "command_done_s": command_done,
             "worker_swapped_s": {w.name: w.swap_seen_at[number - 1] for w in self.workers},
             "serving": {w.name: w.serving_version() for w in self.workers},
             "rss_bytes": {w.name: w.rss_bytes() for w in self.workers},
@@ -453,8 +464,9 @@ class Bench:
             announced = (serving_changes[index][0] if index < len(serving_changes)
                          else swap["triggered_s"])
             swap["announced_s"] = announced
-            swap["reason"] = (serving_changes[index][1].reason if index < len(serving_changes)
-                              else None)
+            known = index < len(serving_changes)
+            swap["reason"] = serving_changes[index][1].reason if known else None
+            swap["announced_version"] = serving_changes[index][1].version if known else None
             last = max(swap["worker_swapped_s"].values())
             swap["latency"] = window(announced, last + args.settle_s)
             if steady.get("p99_ms") and swap["latency"].get("p99_ms"):
@@ -477,7 +489,11 @@ class Bench:
             for w in self.workers
         }
         changes_ok = all(p["version_changes"] == swaps_total for p in partitions.values())
-        correct = missing == 0 and duplicated == 0 and unexpected == 0 and changes_ok
+        served_as_announced = all(
+            set(swap["serving"].values()) == {swap["announced_version"]} for swap in self.swaps
+        )
+        correct = (missing == 0 and duplicated == 0 and unexpected == 0 and changes_ok
+                   and served_as_announced)
         start = replay.started_at
         return {
             "benchmark": "hot model swaps under a fixed-rate replay, two exactly-once workers",
@@ -507,7 +523,8 @@ class Bench:
                 "duplicated": duplicated, "unexpected": unexpected, "swaps": swaps_total,
                 "version_changes_by_partition": {p: v["version_changes"]
                                                  for p, v in partitions.items()},
-                "each_partition_switches_once_per_swap": changes_ok, "ok": correct,
+                "each_partition_switches_once_per_swap": changes_ok,
+                "both_workers_serve_each_announced_version": served_as_announced, "ok": correct,
             },
             "latency_ms": {
                 "steady": steady, "retrain_training": training,
