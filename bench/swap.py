@@ -592,6 +592,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for name, rss in report["rss_bytes"].items():
         memory.plot(range(1, len(rss["by_swap"]) + 1), np.array(rss["by_swap"]) / 2**20,
                     marker="o", label=f"{name} (last/first {rss['last_over_first']:.3f})")
+    memory.set_xticks(range(1, len(report["swaps"]) + 1))
     memory.set_xlabel("swap")
     memory.set_ylabel("worker RSS, MiB")
     memory.legend(fontsize=8)
