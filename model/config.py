@@ -10,13 +10,15 @@ from model.errors import ConfigError
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The shape defaults are the measured recipe's, `kvrec train`'s defaults (model/train.py)."""
+
     n_items: int  # item indices 1..n_items; 0 = padding
     n_event_types: int = 4  # event type indices 1..n; 0 = none / padding
-    d_model: int = 64
+    d_model: int = 128
     n_layers: int = 2
     n_heads: int = 2
     window: int = 50  # W: each position attends to the last W positions, itself included
-    dropout: float = 0.2
+    dropout: float = 0.5
     rope_base: float = 10000.0
     mlp_ratio: int = 4
 

@@ -99,15 +99,23 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     return out
 
 
-@torch.inference_mode()
 def evaluate_split(
     encoder: Encoder, split: Split, *, max_len: int, batch_size: int = 512, device: str = "cpu"
 ) -> dict[str, float]:
+    return metrics_from_ranks(
+        rank_split(encoder, split, max_len=max_len, batch_size=batch_size, device=device)
+    )
+
+
+@torch.inference_mode()
+def rank_split(
+    encoder: Encoder, split: Split, *, max_len: int, batch_size: int = 512, device: str = "cpu"
+) -> np.ndarray:
+    """The 0-based rank of each user's target (`rank_targets`), in the split's order."""
     encoder.eval()
-    # users of similar length share a batch, so little of it is padding (the metrics are means
-    # over users: the order does not change them)
+    # users of similar length share a batch, so little of it is padding
     order = sorted(range(len(split.targets)), key=lambda u: len(split.inputs[u]))
-    all_ranks = []
+    ranks = np.zeros(len(order), dtype=np.int64)
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
         inputs = [split.inputs[u] for u in chosen]
@@ -116,8 +124,8 @@ def evaluate_split(
         vectors = encoder(items, types)[:, -1]
         scores = encoder.score(vectors).float()
         targets = torch.tensor([split.targets[u] for u in chosen], device=scores.device)
-        all_ranks.append(rank_targets(scores, inputs, targets))
-    return metrics_from_ranks(np.concatenate(all_ranks) if all_ranks else np.zeros(0))
+        ranks[chosen] = rank_targets(scores, inputs, targets)
+    return ranks
 
 
 def rank_targets(

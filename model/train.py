@@ -2,6 +2,10 @@
 
     kvrec train --data ../shared/datasets/amazon-games.txt --format sasrec --out artifacts/games
 
+The defaults are the measured recipe (docs/quality.md): full cross-entropy, d_model 128,
+2 layers, 2 heads, W 50, max-len 100, dropout 0.5, batch 128, lr 1e-3 with a one-epoch warm-up
+and a cosine decay over 30 epochs, patience 10, seed 0.
+
 Losses (`--loss`):
     ce       full-softmax cross-entropy over the whole catalog (the default; what makes SASRec
              strong, Klenitskiy & Vasilev 2023); logits only at non-padding positions, a block
@@ -10,10 +14,10 @@ Losses (`--loss`):
     sampled  sampled softmax: `--negatives` uniform negatives shared by the batch, for
              catalogs too large for the full softmax
 
-Learning rate (`--lr-schedule`): constant, or a cosine decay from `--lr` to
-`--min-lr-ratio` x `--lr` over `--epochs`, either after a linear `--warmup-epochs`. Batches
+Learning rate (`--lr-schedule`): a cosine decay from `--lr` to `--min-lr-ratio` x `--lr` over
+`--epochs` (the default), or constant, either after a linear `--warmup-epochs`. Batches
 (`--batching`): users of similar length together with a fixed budget of positions (the
-default; little padding), or shuffled users. docs/quality.md has the measured recipe.
+default; little padding), or shuffled users.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model.artifact import save_artifact
+from model.artifact import Artifact, save_artifact
 from model.config import ModelConfig
 from model.datasets import EVENT_TYPES, add_dataset_arguments, dataset_from_args
 from model.encoder import Encoder
@@ -48,20 +52,23 @@ TRIM_EVERY_STEPS = 50  # hand freed heap memory back to the OS this often (model
 
 @dataclass
 class TrainSettings:
+    """How to train. The defaults, with `ModelConfig`'s, are the measured recipe
+    (docs/quality.md), and they are `kvrec train`'s defaults (`add_arguments`)."""
+
     loss: str = "ce"
-    epochs: int = 200
+    epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
-    max_len: int = 200
+    max_len: int = 100
     patience: int = 10
     negatives: int = 256
     seed: int = 0
     device: str = "cpu"
     eval_every: int = 1
-    init_from: Path | None = None  # continue from this artifact's weights (same data, config)
-    lr_schedule: str = "constant"  # or "cosine": warm up, then decay to min_lr_ratio * lr
-    warmup_epochs: float = 0.0
+    init_from: Path | None = None  # continue from this artifact's weights (same model shape)
+    lr_schedule: str = "cosine"  # warm up, then decay to min_lr_ratio * lr; or "constant"
+    warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     batching: str = "length"  # or "random": a shuffled batch_size users at a time
 
@@ -157,16 +164,13 @@ def train(
     progress: bool = True,
 ) -> dict[str, Any]:
     seed_everything(settings.seed)
-    item_ids = [""]
-    item_index: dict[str, int] = {}
-    for interaction in interactions:
-        if interaction.item_id not in item_index:
-            item_index[interaction.item_id] = len(item_ids)
-            item_ids.append(interaction.item_id)
-    event_types = list(EVENT_TYPES)
-    for interaction in interactions:
-        if interaction.event_type not in event_types:
-            event_types.append(interaction.event_type)
+    earlier = _load_earlier(settings.init_from) if settings.init_from is not None else None
+    item_ids, event_types = grown_vocabulary(
+        interactions,
+        earlier.item_ids if earlier else [""],
+        earlier.event_types if earlier else list(EVENT_TYPES),
+    )
+    item_index = {item: i for i, item in enumerate(item_ids) if i > 0}
     type_index = {name: i + 1 for i, name in enumerate(event_types)}
     prepared = prepare(interactions, item_index, type_index)
     if not prepared.validation.targets:
@@ -184,8 +188,8 @@ def train(
     device = torch.device(settings.device)
     encoder = Encoder(config)
     earlier_seconds = 0.0
-    if settings.init_from is not None:
-        earlier_seconds = _warm_start(encoder, settings.init_from, item_ids, config)
+    if earlier is not None:
+        earlier_seconds = warm_start(encoder, earlier)
     encoder = encoder.to(device)
     optimizer = torch.optim.AdamW(
         encoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
@@ -295,21 +299,68 @@ def train(
     return metrics
 
 
-def _warm_start(encoder: Encoder, source: Path, item_ids: list[str], config: ModelConfig) -> float:
-    """Load the weights of an earlier artifact trained on the same catalog with the same shape
-    (dropout may differ); return its recorded training seconds."""
+def grown_vocabulary(
+    interactions: list, item_ids: list[str], event_types: list[str]
+) -> tuple[list[str], list[str]]:
+    """The item and event-type vocabularies of `interactions` grown from earlier ones: every
+    earlier entry keeps its index (also one the new data lacks), new ones follow in order of
+    first appearance. A fresh model starts from `[""]` (padding) and `EVENT_TYPES`."""
+    item_ids, event_types = list(item_ids), list(event_types)
+    known_items, known_types = set(item_ids), set(event_types)
+    for interaction in interactions:
+        if interaction.item_id not in known_items:
+            known_items.add(interaction.item_id)
+            item_ids.append(interaction.item_id)
+        if interaction.event_type not in known_types:
+            known_types.add(interaction.event_type)
+            event_types.append(interaction.event_type)
+    return item_ids, event_types
+
+
+def _load_earlier(source: Path) -> Artifact:
     from model.artifact import load_artifact
 
     earlier = load_artifact(source)
-    if earlier.item_ids != item_ids:
-        raise ConfigError(f"--init-from {source}: its item vocabulary differs from this dataset's")
-    shape = ("n_items", "n_event_types", "d_model", "n_layers", "n_heads", "window", "mlp_ratio")
-    differs = [n for n in shape if getattr(earlier.config, n) != getattr(config, n)]
-    if differs:
+    if earlier.item_ids[:1] != [""]:
+        raise ConfigError(f"--init-from {source}: its item vocabulary does not start with padding")
+    return earlier
+
+
+# the hyper-parameters that shape the weights (dropout does not: it may differ)
+SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "window", "mlp_ratio", "rope_base")
+EMBEDDINGS = {"item_embedding.weight": "n_items", "type_embedding.weight": "n_event_types"}
+
+
+def warm_start(encoder: Encoder, earlier: Artifact) -> float:
+    """Start `encoder` from the weights of the earlier artifact `earlier`, whose item and event
+    type vocabularies are prefixes of `encoder`'s (see `grown_vocabulary`): the embedding rows
+    of known items and types are copied (the output layer is tied to the item embedding), the
+    rows of new ones keep their fresh initialisation, and every other weight is copied and
+    must have the same shape. Returns the earlier runs' recorded training seconds."""
+    config, source = encoder.config, earlier.path
+    differs = [n for n in SHAPE_FIELDS if getattr(earlier.config, n) != getattr(config, n)]
+    shrunk = [n for n in EMBEDDINGS.values() if getattr(earlier.config, n) > getattr(config, n)]
+    if differs or shrunk:
         raise ConfigError(
-            f"--init-from {source}: model shape differs ({', '.join(differs)}); use its flags"
+            f"--init-from {source}: model shape differs ({', '.join(differs + shrunk)}); "
+            "use its flags"
         )
-    encoder.load_state_dict(earlier.encoder.state_dict())
+    state = encoder.state_dict()
+    earlier_state = earlier.encoder.state_dict()
+    if set(state) != set(earlier_state):
+        raise ConfigError(f"--init-from {source}: its weights are not this encoder's")
+    merged = {}
+    for name, weights in earlier_state.items():
+        if name in EMBEDDINGS:
+            grown = state[name].clone()
+            grown[: weights.shape[0]] = weights
+            merged[name] = grown
+        elif weights.shape != state[name].shape:
+            raise ConfigError(f"--init-from {source}: {name} has shape {tuple(weights.shape)}, "
+                              f"this model's is {tuple(state[name].shape)}")
+        else:
+            merged[name] = weights
+    encoder.load_state_dict(merged, strict=True)
     metrics = earlier.metrics
     return float(metrics.get("train_seconds_with_earlier_runs", metrics.get("train_seconds", 0.0)))
 
@@ -340,38 +391,77 @@ def plot_training_curve(history: list[dict[str, float]], path: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The defaults are `TrainSettings`' and `ModelConfig`'s: the measured recipe."""
     add_dataset_arguments(parser)
     parser.add_argument("--out", required=True, help="artifact directory to write")
-    parser.add_argument("--loss", default="ce", choices=("ce", "bce", "sampled"))
-    parser.add_argument("--epochs", type=integer(1), default=200)
-    parser.add_argument("--batch-size", type=integer(1), default=128)
-    parser.add_argument("--lr", type=number(above=0), default=1e-3, help="peak learning rate")
-    parser.add_argument("--batching", default="length", choices=("length", "random"),
+    add_training_arguments(parser)
+    parser.add_argument("--plot", default=None, help="default: <out>/training_curve.png")
+    parser.add_argument("--init-from", default=None,
+                        help="start from this artifact's weights (same model shape; its items "
+                             "keep their indices and embeddings, new items of the data get "
+                             "new ones), e.g. a second phase at a lower --lr")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recipe's flags (loss, schedule, model shape, device), shared by `kvrec train` and
+    `kvrec retrain`; `settings_from_args` and `shape_from_args` read them back. Their defaults
+    are `TrainSettings`' and `ModelConfig`'s: the measured recipe."""
+    settings, shape = TrainSettings(), ModelConfig(n_items=1)
+    parser.add_argument("--loss", default=settings.loss, choices=("ce", "bce", "sampled"))
+    parser.add_argument("--epochs", type=integer(1), default=settings.epochs)
+    parser.add_argument("--batch-size", type=integer(1), default=settings.batch_size)
+    parser.add_argument("--lr", type=number(above=0), default=settings.lr, help="peak learning rate")
+    parser.add_argument("--batching", default=settings.batching, choices=("length", "random"),
                         help="length: users of similar length batched together, about "
                              "--batch-size x (mean length) positions a batch (less padding); "
                              "random: --batch-size shuffled users a batch")
-    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+    parser.add_argument("--lr-schedule", default=settings.lr_schedule,
+                        choices=("constant", "cosine"),
                         help="cosine: decay from --lr to --min-lr-ratio x --lr over --epochs")
-    parser.add_argument("--warmup-epochs", type=number(0), default=0.0,
+    parser.add_argument("--warmup-epochs", type=number(0), default=settings.warmup_epochs,
                         help="linear learning-rate warm-up over this many epochs")
-    parser.add_argument("--min-lr-ratio", type=number(0, 1), default=0.01,
+    parser.add_argument("--min-lr-ratio", type=number(0, 1), default=settings.min_lr_ratio,
                         help="the cosine schedule's final learning rate, as a fraction of --lr")
-    parser.add_argument("--weight-decay", type=number(0), default=0.0)
-    parser.add_argument("--d-model", type=integer(1), default=64)
-    parser.add_argument("--layers", type=integer(1), default=2)
-    parser.add_argument("--heads", type=integer(1), default=2)
-    parser.add_argument("--window", type=integer(1), default=50)
-    parser.add_argument("--max-len", type=integer(1), default=200, help="training sequence length")
-    parser.add_argument("--dropout", type=number(0, below=1), default=0.2)
-    parser.add_argument("--patience", type=integer(1), default=10)
-    parser.add_argument("--negatives", type=integer(1), default=256, help="for --loss sampled")
-    parser.add_argument("--eval-every", type=integer(1), default=1)
+    parser.add_argument("--weight-decay", type=number(0), default=settings.weight_decay)
+    parser.add_argument("--d-model", type=integer(1), default=shape.d_model)
+    parser.add_argument("--layers", type=integer(1), default=shape.n_layers)
+    parser.add_argument("--heads", type=integer(1), default=shape.n_heads)
+    parser.add_argument("--window", type=integer(1), default=shape.window)
+    parser.add_argument("--max-len", type=integer(1), default=settings.max_len,
+                        help="training sequence length")
+    parser.add_argument("--dropout", type=number(0, below=1), default=shape.dropout)
+    parser.add_argument("--patience", type=integer(1), default=settings.patience)
+    parser.add_argument("--negatives", type=integer(1), default=settings.negatives,
+                        help="for --loss sampled")
+    parser.add_argument("--eval-every", type=integer(1), default=settings.eval_every)
     parser.add_argument("--threads", type=integer(0), default=0, help="torch threads (0 = default)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--plot", default=None, help="default: <out>/training_curve.png")
-    parser.add_argument("--init-from", default=None,
-                        help="start from this artifact's weights (same data and model shape), "
-                             "e.g. a second phase at a lower --lr")
+    parser.add_argument("--device", default=settings.device, choices=("cpu", "cuda"))
+
+
+def settings_from_args(args: argparse.Namespace, init_from: Path | None = None) -> TrainSettings:
+    """The settings of `add_training_arguments`' flags (and --seed); checks what one flag's
+    type cannot, and applies --threads."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    if args.warmup_epochs > args.epochs:  # each flag's own range is checked by its type
+        raise ConfigError("--warmup-epochs must be between 0 and --epochs")
+    return TrainSettings(
+        loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, max_len=args.max_len, patience=args.patience,
+        negatives=args.negatives, seed=args.seed, device=args.device, eval_every=args.eval_every,
+        init_from=init_from, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
+        min_lr_ratio=args.min_lr_ratio, batching=args.batching,
+    )
+
+
+def shape_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The model shape flags as `ModelConfig` overrides."""
+    return {
+        "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
+        "window": args.window, "dropout": args.dropout,
+    }
 
 
 def _stop_early(signum: int, frame: object) -> None:
@@ -384,26 +474,10 @@ def main(args: argparse.Namespace) -> int:
     # in the background with it ignored
     signal.signal(signal.SIGTERM, _stop_early)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    if args.warmup_epochs > args.epochs:  # each flag's own range is checked by its type
-        raise ConfigError("--warmup-epochs must be between 0 and --epochs")
+    settings = settings_from_args(args, Path(args.init_from) if args.init_from else None)
     interactions = dataset_from_args(args)
     out = Path(args.out)
-    settings = TrainSettings(
-        loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, max_len=args.max_len, patience=args.patience,
-        negatives=args.negatives, seed=args.seed, device=args.device, eval_every=args.eval_every,
-        init_from=Path(args.init_from) if args.init_from else None,
-        lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
-        min_lr_ratio=args.min_lr_ratio, batching=args.batching,
-    )
-    overrides = {
-        "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
-        "window": args.window, "dropout": args.dropout,
-    }
+    overrides = shape_from_args(args)
     plot = Path(args.plot) if args.plot else out / "training_curve.png"
     metrics = train(interactions, overrides, settings, out, plot)
     print(json.dumps({

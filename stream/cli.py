@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench.cli", "benchmarks: `kvrec bench model`, `kvrec bench e2e`"),
     "models": ("stream.models_cli", "the model store and what serves: list, show, publish, "
                                     "promote, shadow, rollback, guard"),
+    "retrain": ("stream.retrain", "side job: retrain from the input topic, publish only if not worse"),
 }
 
 ENV_PREFIX = "KVREC_"
@@ -164,12 +165,16 @@ def apply_environment(parser: argparse.ArgumentParser, prefix: str,
 
 
 def _help_with_default_and_variable(action: argparse.Action, name: str) -> str:
-    """`events per micro-batch (B) (default: 512; env KVREC_WORKER_BATCH_SIZE)`."""
+    """`events per micro-batch (B) (default: 512; env KVREC_WORKER_BATCH_SIZE)`. A flag whose
+    default is None and whose help says in words what happens without it (`default: start a
+    local broker`) keeps those words, not a second `default: None`."""
     text = (action.help or "").replace(" (default: %(default)s)", "")  # BooleanOptionalAction's
     notes = [f"env {name}"]
     if action.required:
         notes.insert(0, "required")
-    elif action.dest not in SECRET_DESTS and action.default is not argparse.SUPPRESS:
+    elif action.dest in SECRET_DESTS or action.default is argparse.SUPPRESS:
+        pass
+    elif action.default is not None or "default" not in text:
         notes.insert(0, "default: %(default)s")
     return f"{text} ({'; '.join(notes)})".strip()
 

@@ -39,6 +39,13 @@ from stream.replay import ReplayStats, replay_events
 from stream.schema import decode_recommendation
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared/datasets/amazon-games.txt"
+# the demo's small model, all of it named (not `kvrec train`'s defaults, the full recipe, which
+# takes most of an hour): trained for --train-epochs at a constant learning rate
+DEMO_MODEL_FLAGS = (
+    "--loss", "ce", "--d-model", "64", "--layers", "2", "--heads", "2", "--window", "50",
+    "--max-len", "100", "--dropout", "0.2", "--batch-size", "128", "--lr", "1e-3",
+    "--lr-schedule", "constant", "--warmup-epochs", "0",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,8 +112,8 @@ def _train(args: argparse.Namespace, workdir: Path) -> Path:
     threads, why = _chosen_threads(args.train_threads)
     command = [
         sys.executable, "-m", "stream.cli", "train", "--format", args.format,
-        "--out", str(out), "--epochs", str(args.train_epochs), "--loss", "ce",
-        "--max-len", "100", "--seed", str(args.seed), "--threads", str(threads),
+        "--out", str(out), "--epochs", str(args.train_epochs), *DEMO_MODEL_FLAGS,
+        "--seed", str(args.seed), "--threads", str(threads),
     ]
     if args.data:
         command += ["--data", str(args.data)]

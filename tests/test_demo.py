@@ -91,7 +91,8 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "model"
     subprocess.run(
         [sys.executable, "-m", "stream.cli", "train", *SYNTHETIC, "--out", str(out), "--epochs", "1",
-         "--d-model", "32", "--layers", "1", "--window", "8", "--max-len", "30", "--threads", "1"],
+         "--d-model", "32", "--layers", "1", "--window", "8", "--max-len", "30", "--threads", "1",
+         "--dropout", "0.2", "--lr-schedule", "constant", "--warmup-epochs", "0"],
         cwd=ROOT, check=True, capture_output=True, timeout=300,
     )
     return out

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.cli import BENCHMARKS
 from model.errors import ConfigError
+from stream.cli import COMMANDS
 from stream.cli import main as kvrec
 from stream.kafka_config import add_kafka_arguments, client_config
 from stream.kafka_logs import kafka_log
@@ -232,31 +234,101 @@ def _help_entries(help_text: str) -> dict[str, str]:
     return entries
 
 
-@pytest.mark.parametrize(
-    "command",
-    [["replay"], ["tail"], ["train"], ["eval"], ["export"], ["worker"], ["demo"], ["broker"],
-     ["bench", "model"], ["bench", "retrieval"], ["bench", "gpu"], ["bench", "e2e"],
-     ["bench", "train"], ["bench", "restore"]],
-)
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def _command_parser(command: list[str]) -> argparse.ArgumentParser:
+    """The parser of `kvrec <command...>`, with its variables applied, as `--help` renders it."""
+    from stream.cli import build_parser
+
+    parser = build_parser(command)
+    for name in command:
+        parser = _subparser(parser, name)
+    return parser
+
+
+def _every_command() -> list[list[str]]:
+    """Every command of COMMANDS, and every sub-command below it (`bench model`, `models list`)."""
+    found: list[list[str]] = []
+
+    def walk(command: list[str], parser: argparse.ArgumentParser) -> None:
+        found.append(command)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk([*command, name], child)
+
+    for name in COMMANDS:
+        walk([name], _command_parser([name]))
+    return found
+
+
+HELP_COMMANDS = _every_command()
+SECRET_FLAGS = {"--sasl-password", "--kafka-option"}  # no default shown: it may be a secret
+
+
+def _variable(command: list[str], option: str, group: str | None) -> str:
+    """The variable a flag must name: KVREC_<FLAG> for the Kafka connection flags, the command's
+    for the flags every action of a command shares, else KVREC_<COMMAND>_<SUB-COMMAND>_<FLAG>."""
+    from stream.cli import COMMAND_GROUP, SHARED_GROUP, env_name
+
+    if group == SHARED_GROUP:
+        return env_name(option)
+    words = command[:1] if group == COMMAND_GROUP else command
+    return env_name(option, "KVREC_" + "".join(w.replace("-", "_").upper() + "_" for w in words))
+
+
+def _shows_a_default(action: argparse.Action, entry: str) -> bool:
+    """`(default: ...)`, `(required; ...)`, or for a flag that is None unless given, its help's
+    own words for what happens then (`default: start a local broker`)."""
+    if "(default: " in entry or "(required; env" in entry:
+        return True
+    words = re.sub(r" \([^()]*env KVREC_[A-Z0-9_]+\)$", "", entry)  # without the final note
+    return action.default is None and "default" in words
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=" ".join)
 def test_every_help_shows_each_flags_default_and_variable(
-    command: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_:
         kvrec([*command, "--help"])
     assert exit_.value.code == 0
     entries = _help_entries(capsys.readouterr().out)
-    assert entries
-    prefix = "KVREC_" + "_".join(c.upper() for c in command) + "_"
-    for option, line in entries.items():
-        variable = re.search(r"env (KVREC_[A-Z0-9_]+)\)$", line)
-        assert variable, line
-        if not variable.group(1).startswith(prefix):  # only the Kafka connection flags are shared
-            assert option in {"--bootstrap-servers", "--security-protocol", "--sasl-mechanism",
-                              "--sasl-username", "--sasl-password", "--ssl-ca-location",
-                              "--ssl-certificate-location", "--ssl-key-location", "--client-id",
-                              "--connect-timeout", "--kafka-option"}, line
-        if option not in {"--sasl-password", "--kafka-option"}:  # secrets: no default shown
-            assert "(default: " in line or "(required; env" in line, line
+    parser = _command_parser(command)
+    groups = {id(a): g.title for g in parser._action_groups for a in g._group_actions}
+    flags = [a for a in parser._actions if a.option_strings and a.dest not in ("help", "version")]
+    long_options = [next((o for o in a.option_strings if o.startswith("--")), None) for a in flags]
+    assert None not in long_options, flags  # a flag with no long form would have no variable
+    assert set(long_options) == set(entries)  # --help lists each flag, and this reads each
+    for action, option in zip(flags, long_options, strict=True):
+        entry = entries[option]
+        variable = re.search(r"env (KVREC_[A-Z0-9_]+)\)$", entry)
+        assert variable, entry
+        assert variable.group(1) == _variable(command, option, groups.get(id(action))), entry
+        if option in SECRET_FLAGS:
+            assert "(default: " not in entry, entry
+        else:
+            assert _shows_a_default(action, entry), entry
+
+
+def test_the_help_check_covers_every_command_and_sub_command() -> None:
+    assert ["train"] in HELP_COMMANDS and ["bench", "restore"] in HELP_COMMANDS
+    assert [c[1] for c in HELP_COMMANDS if c[0] == "bench" and len(c) == 2] == list(BENCHMARKS)
+    assert len(HELP_COMMANDS) > len(COMMANDS) + len(BENCHMARKS)  # and `kvrec models` actions
+
+
+def test_a_flag_without_a_shown_default_fails_the_help_check() -> None:
+    plot = argparse.Action(["--plot"], "plot", default=None)
+    assert not _shows_a_default(plot, "--plot PLOT  output PNG (env KVREC_BENCH_MODEL_PLOT)")
+    assert not _shows_a_default(plot, "--plot PLOT  output PNG (no default; env KVREC_X_PLOT)")
+    assert _shows_a_default(plot, "--plot PLOT  output PNG (default: None; env KVREC_X_PLOT)")
+    assert _shows_a_default(plot, "--plot PLOT  default: none (env KVREC_X_PLOT)")
+    events = argparse.Action(["--events"], "events", default=5)
+    assert not _shows_a_default(events, "--events EVENTS  default: five (env KVREC_X_EVENTS)")
+    assert _shows_a_default(events, "--events EVENTS  (default: 5; env KVREC_X_EVENTS)")
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -186,7 +186,8 @@ def good_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     out = tmp_path_factory.mktemp("good") / "model"
     train(rows, {"d_model": 32, "n_layers": 2, "n_heads": 2, "window": 4, "dropout": 0.0},
-          TrainSettings(epochs=10, max_len=20, patience=10, batch_size=64, lr=5e-3), out,
+          TrainSettings(epochs=10, max_len=20, patience=10, batch_size=64, lr=5e-3,
+                        lr_schedule="constant", warmup_epochs=0.0), out,
           progress=False)
     return out
 

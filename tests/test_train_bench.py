@@ -22,7 +22,10 @@ def two_models(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, dic
     root = tmp_path_factory.mktemp("bench-train")
     models = []
     for loss, epochs in (("ce", 3), ("bce", 2)):
-        settings = TrainSettings(loss=loss, epochs=epochs, batch_size=32, max_len=20, patience=5)
+        settings = TrainSettings(
+            loss=loss, epochs=epochs, batch_size=32, max_len=20, patience=5,
+            lr_schedule="constant", warmup_epochs=0.0,
+        )
         metrics = train(data, SMALL, settings, root / loss, progress=False)
         models.append((root / loss, metrics))
     return models
