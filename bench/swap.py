@@ -373,6 +373,7 @@ class Bench:
             if model_b is None:
                 first = ["retrain", "--once", "--data", str(slice_file), "--format", "sasrec",
                          "--margin", "1", "--epochs", "1", "--web-port", "0",
+                         "--max-len", str(2 * args.window), "--threads", "1",
                          "--state-dir", str(self.workdir / "retrain-state"),
                          "--input-topic", self.inputs, *self.models_args()[:4],
                          "--bootstrap-servers", self.bootstrap]
