@@ -338,15 +338,15 @@ def settings_problems(container: Container, root: Path) -> list[str]:
     where, argv = container.where, container.argv
     if not argv or argv[0] not in ("worker", "retrain"):
         return [f"{where}: runs `kvrec {' '.join(argv)}`, expected worker or retrain"]
-    known = known_variables([argv[0]]) | known_variables(["models", "list"])
-    problems = [f"{where}: {name} is not a variable of kvrec {argv[0]} (nor of kvrec models)"
-                for name in sorted(container.env) if name.startswith("KVREC_") and name not in known]
     env = _rerooted(container.env, container.mounts, root)
     saved = {k: v for k, v in os.environ.items() if k.startswith("KVREC_")}
-    for key in saved:
+    for key in saved:  # only the container's variables count, not this process's
         del os.environ[key]
-    os.environ.update(env)
     try:
+        known = known_variables([argv[0]]) | known_variables(["models", "list"])
+        problems = [f"{where}: {name} is not a variable of kvrec {argv[0]} (nor of kvrec models)"
+                    for name in sorted(env) if name.startswith("KVREC_") and name not in known]
+        os.environ.update(env)
         args = build_parser(argv).parse_args(argv)
         client_config(args)
         if argv[0] == "worker":
