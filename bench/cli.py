@@ -1,4 +1,5 @@
-"""`kvrec bench model|retrieval|gpu|e2e|train|restore|soak|floor`: benchmarks that write JSON (and a plot)."""
+"""`kvrec bench model|retrieval|gpu|e2e|train|restore|swap|soak|floor`: benchmarks that write
+JSON (and a plot)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ BENCHMARKS = {
     "e2e": ("bench.e2e", "end to end through Kafka: kvrec vs no cache vs plain relays"),
     "train": ("bench.train", "trained models side by side: test metrics, time, curves"),
     "restore": ("bench.restore", "restoring windows from the changelog: windows/s against size"),
-    "floor": ("bench.floor", "the latency floor of bench e2e: Kafka round trips, relay, reader"),
+    "swap": ("bench.swap", "hot model swaps under a fixed-rate replay: exactly-once, latency, RSS"),
     "soak": ("bench.soak", "one worker for 30 minutes: memory, cache, throughput, p99 over time"),
+    "floor": ("bench.floor", "the latency floor of bench e2e: Kafka round trips, relay, reader"),
 }
 
 
