@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from bench.e2e import REPO, _broker, read_available
+from bench.e2e import REPO, broker, read_available
 from bench.machine import machine_info
 from model import flags
 from stream.kafka_config import ensure_topics
@@ -148,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrec-floor-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    with _broker(args.bootstrap_servers, workdir) as bootstrap:
+    with broker(args.bootstrap_servers, workdir) as bootstrap:
         results = [run_case(case, bootstrap, args.rate, args.seconds, args.partitions, workdir)
                    for case in CASES]
     report = {

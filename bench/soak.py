@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Producer
 
-from bench.e2e import Run, _broker, _reader, build_artifact, measure, read_available
+from bench.e2e import Run, broker, build_artifact, measure, read_available, reader
 from bench.machine import machine_info
 from deploy.kafka.launcher import free_port
 from model import flags
@@ -148,7 +148,7 @@ def soak(run: Run, *, model: Path, state_dir: Path, args: argparse.Namespace, ra
                    "--live-users", str(args.live_users), *args.worker_arg]
     run.start(model, state_dir, worker_args)
     assert run.process is not None
-    consumer = _reader(run.bootstrap, run.outputs, run.partitions)
+    consumer = reader(run.bootstrap, run.outputs, run.partitions)
     producer = Producer({"bootstrap.servers": run.bootstrap, "linger.ms": 2,
                          "compression.type": "none"})
     producer.list_topics(run.events, timeout=10)
@@ -310,7 +310,7 @@ def main(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     model = build_artifact(workdir / "model", n_items=args.items, window=args.window)
     peak = None
-    with _broker(args.bootstrap_servers, workdir) as bootstrap:
+    with broker(args.bootstrap_servers, workdir) as bootstrap:
         rate = args.rate
         if rate <= 0:
             users = ArrivingUsers(args.items, args.active_users, 1.0)
