@@ -33,8 +33,8 @@ def test_bytes_equal_encode_recommendation(catalog, user_id, version, data) -> N
     source_ts = data.draw(st.none() | st.integers(1, 2**45))
     wire = WireEncoder(version, item_ids, EVENT_TYPES)
     for _ in range(2):  # the second time from the fragments it kept
-        got = wire.encode(user_id, [i for i, _ in items], [s for _, s in items], because,
-                          cold_start, event_ts, emitted_ts, source_ts)
+        (got,) = wire.encode_batch([user_id], [[i for i, _ in items]], [[s for _, s in items]],
+                                   [because], [cold_start], [event_ts], emitted_ts, [source_ts])
         want = encode_recommendation(Recommendation(
             user_id=user_id,
             items=[ScoredItem(item_ids[i], s) for i, s in items],
@@ -52,6 +52,27 @@ def test_bytes_equal_encode_recommendation(catalog, user_id, version, data) -> N
 def test_a_non_finite_score_is_left_to_the_general_encoder() -> None:
     wire = WireEncoder("v1", ["", "a"], EVENT_TYPES)
     for bad in (math.inf, -math.inf, math.nan):
-        assert wire.encode("u", [1], [bad], [], False, 1, 2, None) is None
-        assert wire.encode("u", [1], [0.5], [(1, 1, bad)], False, 1, 2, None) is None
-    assert wire.encode("u", [1], [0.5], [(1, 1, 0.25)], False, 1, 2, None) is not None
+        got = wire.encode_batch(["u", "u", "u"], [[1], [1], [1]], [[bad], [0.5], [0.5]],
+                                [[], [(1, 1, bad)], [(1, 1, 0.25)]], [False] * 3, [1] * 3, 2,
+                                [None] * 3)
+        assert got[:2] == [None, None]
+        assert got[2] == encode_recommendation(Recommendation(
+            "u", [ScoredItem("a", 0.5)], "v1", 1, 2, [BecauseEvent("a", "view", 0.25)]))
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(TEXT, st.lists(st.tuples(st.integers(1, 3), FINITE), max_size=4),
+                          st.booleans()), min_size=1, max_size=6))
+def test_a_batch_equals_its_events_one_by_one(events) -> None:
+    item_ids = ["", "a", "b\u00e9", 'c"']
+    wire = WireEncoder("v", item_ids, EVENT_TYPES)
+    got = wire.encode_batch(
+        [u for u, _, _ in events], [[i for i, _ in row] for _, row, _ in events],
+        [[s for _, s in row] for _, row, _ in events], [[] for _ in events],
+        [c for _, _, c in events], list(range(len(events))), 7, [None] * len(events),
+    )
+    assert got == [
+        encode_recommendation(Recommendation(u, [ScoredItem(item_ids[i], s) for i, s in row], "v",
+                                             n, 7, [], c))
+        for n, (u, row, c) in enumerate(events)
+    ]

@@ -164,8 +164,8 @@ class _UserPlan:
     n_previous: int  # how many of them come before the wave
     answered_by: list[int]  # per new event: index into the new known events, -1 = before them
     kv: KVCache | None = None  # cache before the new known events (None: refill)
-    vectors: torch.Tensor | None = None  # [new known, d], after `extend`
-    attention: torch.Tensor | None = None  # [new known, W]
+    vectors: Sequence[torch.Tensor] | None = None  # per new known event: [d], after `extend`
+    attention: Sequence[torch.Tensor] | None = None  # per new known event: [W]
     previous_vector: torch.Tensor | None = None  # the answer before the wave's known events
 
     @property
@@ -344,6 +344,8 @@ class Recommender:
         vector = plan.vectors[-1] if plan.vectors is not None else plan.previous_vector
         if vector is None or plan.kv is None:
             return  # no known event yet: nothing to continue from
+        if vector._base is not None:  # a view: keep its own copy, not the wave's whole tensor
+            vector = vector.clone()
         total = user.first_index + len(user.previous) + len(user.events)
         first = total - min(user.capacity, len(user.previous) + len(user.events))
         self.cache.put(user.user_id, self.version, CacheEntry(
@@ -391,11 +393,17 @@ class Recommender:
                 vectors, new_cache, attention = self.backend.extend(
                     caches, items, types, counts, return_attention=True
                 )
+            # rows as lists of views, one C call each: no tensor indexing per user or event
+            width = vectors.shape[1]
+            vector_rows = vectors.reshape(-1, vectors.shape[-1]).unbind(0)
+            attention_rows = (attention.reshape(-1, attention.shape[-1]).unbind(0)
+                              if attention is not None else None)
             for r, (plan, kv) in enumerate(zip(group, new_cache.split(), strict=True)):
-                count = plan.new_count
+                first = r * width
                 plan.kv = kv
-                plan.vectors = vectors[r, :count]
-                plan.attention = attention[r, :count] if attention is not None else None
+                plan.vectors = vector_rows[first : first + plan.new_count]
+                if attention_rows is not None:
+                    plan.attention = attention_rows[first : first + plan.new_count]
 
     def _retrieve(self, wave: Sequence[WaveInput], plans: list[_UserPlan]) -> ScoredBatch:
         """One batched search for every event with a user vector; the rest get popular items.

@@ -469,16 +469,21 @@ class Worker:
                     for source in user.sources:
                         self.dead_letters.processing_error(source.message, user_exc)
         self.metrics.events_applied.inc(len(outputs))
+        topic, on_delivery, producer = self.settings.output_topic, self.checkpoint.on_delivery, self.producer
+        observe = self.metrics.event_to_emit_seconds.observe
+        waits, kinds = 0, dict.fromkeys(("model", "cold_start"), 0)
         for output in outputs:
-            waits = produce(self.producer, self.settings.output_topic,
-                            output.source.user_id.encode(), output.value, self.checkpoint.on_delivery)
-            self.metrics.producer_queue_full.inc(waits)
-            self.metrics.recommendations_out.labels(output.kind).inc()
+            waits += produce(producer, topic, output.source.user_id.encode(), output.value,
+                             on_delivery)
+            kinds[output.kind] += 1
             _, produced_ms = output.source.message.timestamp()
             if produced_ms > 0:
-                self.metrics.event_to_emit_seconds.observe(
-                    max(0, output.emitted_ms - produced_ms) / 1000.0
-                )
+                observe(max(0, output.emitted_ms - produced_ms) / 1000.0)
+        if waits:
+            self.metrics.producer_queue_full.inc(waits)
+        for kind, count in kinds.items():
+            if count:
+                self.metrics.recommendations_out.labels(kind).inc(count)
 
     def _recommend(self, users: dict[str, _UserWave]) -> list[_Output]:
         """The recommendations of `users`' new events, encoded for the wire, in the order the
@@ -524,21 +529,20 @@ class Worker:
         if self._wire is None or self._wire[0] is not recommender:
             self._wire = (recommender, WireEncoder(recommender.version, batch.item_ids,
                                                    batch.event_types))
-        wire = self._wire[1]
-        values = []
-        for e, source in enumerate(sources):
+        source_ts = []
+        for source in sources:
             _, produced_ms = source.message.timestamp()
-            value = wire.encode(
-                batch.user_ids[e], batch.items[e], batch.scores[e], batch.because[e],
-                batch.cold_start[e], source.event_ts, emitted_ms,
-                produced_ms if produced_ms > 0 else None,
-            )
+            source_ts.append(produced_ms if produced_ms > 0 else None)
+        values = self._wire[1].encode_batch(
+            batch.user_ids, batch.items, batch.scores, batch.because, batch.cold_start,
+            [source.event_ts for source in sources], emitted_ms, source_ts,
+        )
+        for e, value in enumerate(values):
             if value is None:  # a non-finite score: the general encoder writes it
-                value = self._encode(source, batch[e], emitted_ms)
-            elif len(value) > MAX_OUTPUT_BYTES:
+                values[e] = value = self._encode(sources[e], batch[e], emitted_ms)
+            if len(value) > MAX_OUTPUT_BYTES:
                 raise ValueError(f"recommendation of {len(value)} bytes > {MAX_OUTPUT_BYTES}")
-            values.append(value)
-        return values
+        return values  # type: ignore[return-value]
 
     def _encode(self, source: _Valid, result: Scored, emitted_ms: int) -> bytes:
         _, produced_ms = source.message.timestamp()

@@ -12,7 +12,6 @@ bytes against `encode_recommendation`.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 
 from stream.schema import RECOMMENDATION_SCHEMA_VERSION
@@ -21,88 +20,89 @@ from stream.worker.because import event_type_name
 _string = json.JSONEncoder(separators=(",", ":")).encode  # ensure_ascii, like stream.schema
 
 
-class ItemFragments:
-    """`{"item_id":"<id>","score":` of each item index of one catalog, made when first used."""
-
-    def __init__(self, item_ids: Sequence[str]) -> None:
-        self.item_ids = item_ids
-        self._made: dict[int, str] = {}
-
-    def __getitem__(self, index: int) -> str:
-        found = self._made.get(index)
-        if found is None:
-            found = self._made[index] = '{"item_id":' + _string(self.item_ids[index]) + ',"score":'
-        return found
-
-
 class WireEncoder:
-    """Encodes the recommendations of one model version (`model_version` is fixed)."""
+    """Encodes the recommendations of one model version (`model_version` is fixed) over one
+    catalog (`item_ids`, by the model's item index)."""
 
     def __init__(self, model_version: str, item_ids: Sequence[str],
                  event_type_names: Sequence[str]) -> None:
         self.model_version = model_version
-        self.items = ItemFragments(item_ids)
+        self.item_ids = item_ids
         self.event_type_names = list(event_type_names)
-        self._because: dict[tuple[int, int], str] = {}
-        self._users: dict[str, str] = {}
-        self._tail = (',"model_version":' + _string(model_version) + ',"event_ts":')
+        self._items: dict[int, str] = {}  # item index -> '{"item_id":"<id>","score":'
+        self._because: dict[int, str] = {}  # item index * 256 + event type -> its prefix
+        self._users: dict[str, str] = {}  # user id -> '{"user_id":"<id>","items":['
+        self._tail = ',"model_version":' + _string(model_version) + ',"event_ts":'
         self._schema = ',"schema":' + _string(RECOMMENDATION_SCHEMA_VERSION) + "}"
 
-    def user(self, user_id: str) -> str:
-        found = self._users.get(user_id)
-        if found is None:
-            if len(self._users) > 200_000:  # bounded: a user id costs a few dozen bytes
-                self._users.clear()
-            found = self._users[user_id] = '{"user_id":' + _string(user_id) + ',"items":['
+    def _item(self, index: int) -> str:
+        found = self._items[index] = '{"item_id":' + _string(self.item_ids[index]) + ',"score":'
         return found
 
-    def because_prefix(self, item: int, event_type: int) -> str:
+    def _user(self, user_id: str) -> str:
+        if len(self._users) >= _MAX_USERS:  # bounded: users come and go
+            self._users.clear()
+        found = self._users[user_id] = '{"user_id":' + _string(user_id) + ',"items":['
+        return found
+
+    def _because_prefix(self, key: int) -> str:
         """`{"item_id":"<id>","event_type":"<name>","weight":` (deployment's 1-based type)."""
-        key = (item, event_type)
-        found = self._because.get(key)
-        if found is None:
-            name = event_type_name(self.event_type_names, event_type)
-            found = self._because[key] = (
-                '{"item_id":' + _string(self.items.item_ids[item]) + ',"event_type":'
-                + _string(name) + ',"weight":'
-            )
-            if len(self._because) > 1_000_000:
-                self._because.clear()
+        if len(self._because) >= _MAX_BECAUSE:
+            self._because.clear()
+        item, event_type = divmod(key, 256)
+        found = self._because[key] = (
+            '{"item_id":' + _string(self.item_ids[item]) + ',"event_type":'
+            + _string(event_type_name(self.event_type_names, event_type)) + ',"weight":'
+        )
         return found
 
-    def encode(
+    def encode_batch(
         self,
-        user_id: str,
-        items: Sequence[int],
-        scores: Sequence[float],
-        because: Sequence[tuple[int, int, float]],
-        cold_start: bool,
-        event_ts: int,
+        user_ids: Sequence[str],
+        items: Sequence[Sequence[int]],
+        scores: Sequence[Sequence[float]],
+        because: Sequence[Sequence[tuple[int, int, float]]],
+        cold_start: Sequence[bool],
+        event_ts: Sequence[int],
         emitted_ts: int,
-        source_ts: int | None,
-    ) -> bytes | None:
-        """One recommendation's bytes; None when a score is not finite (the caller then uses
-        `encode_recommendation`, which writes them as JSON's `Infinity`/`NaN`)."""
-        fragments = self.items
-        try:
-            listed = ",".join([fragments[i] + _float(s) + "}" for i, s in zip(items, scores, strict=True)])
-            explained = ",".join([self.because_prefix(i, t) + _float(w) + "}"
-                                  for i, t, w in because])
-        except _NotFinite:
-            return None
-        return (
-            self.user(user_id) + listed + "]" + self._tail + str(event_ts) + ',"emitted_ts":'
-            + str(emitted_ts) + ',"because":[' + explained + '],"cold_start":'
-            + ("true" if cold_start else "false") + ',"source_ts":'
-            + ("null" if source_ts is None else str(source_ts)) + self._schema
-        ).encode()
+        source_ts: Sequence[int | None],
+    ) -> list[bytes | None]:
+        """One recommendation's bytes per event; None where a score is not finite (the caller
+        then uses `encode_recommendation`, which writes JSON's `Infinity`/`NaN`)."""
+        known_items, known_users, known_because = self._items, self._users, self._because
+        item, user, because_prefix = self._item, self._user, self._because_prefix
+        emitted = ',"emitted_ts":' + str(emitted_ts) + ',"because":['
+        tail, schema = self._tail, self._schema
+        out: list[bytes | None] = []
+        for e, user_id in enumerate(user_ids):
+            row = items[e]
+            # the scores' reprs in one C call: repr of a list of floats is float.__repr__ of each
+            written = repr(scores[e])[1:-1].split(", ") if row else []
+            explained = because[e]
+            if explained:
+                keys = [i * 256 + t for i, t, _ in explained]
+                weights = repr([w for _, _, w in explained])[1:-1].split(", ")
+                written_because = "},".join(map(
+                    str.__add__,
+                    [known_because.get(key) or because_prefix(key) for key in keys], weights,
+                )) + "}"
+            else:
+                weights, written_because = [], ""
+            if any(w[-1] in "fn" for w in written) or any(w[-1] in "fn" for w in weights):
+                out.append(None)  # inf or nan
+                continue
+            listed = "},".join(map(
+                str.__add__, [known_items.get(i) or item(i) for i in row], written,
+            )) + "}" if row else ""
+            source = source_ts[e]
+            out.append((
+                (known_users.get(user_id) or user(user_id)) + listed + "]" + tail
+                + str(event_ts[e]) + emitted + written_because + '],"cold_start":'
+                + ("true" if cold_start[e] else "false") + ',"source_ts":'
+                + ("null" if source is None else str(source)) + schema
+            ).encode())
+        return out
 
 
-class _NotFinite(ValueError):
-    pass
-
-
-def _float(value: float) -> str:
-    if value != value or value in (math.inf, -math.inf):
-        raise _NotFinite
-    return float.__repr__(value)
+_MAX_USERS = 200_000  # a user's prefix is a few dozen bytes
+_MAX_BECAUSE = 1_000_000
