@@ -70,33 +70,40 @@ class WireEncoder:
         """One recommendation's bytes per event; None where a score is not finite (the caller
         then uses `encode_recommendation`, which writes JSON's `Infinity`/`NaN`)."""
         known_items, known_users, known_because = self._items, self._users, self._because
-        item, user, because_prefix = self._item, self._user, self._because_prefix
         emitted = ',"emitted_ts":' + str(emitted_ts) + ',"because":['
         tail, schema = self._tail, self._schema
         out: list[bytes | None] = []
         for e, user_id in enumerate(user_ids):
             row = items[e]
-            # the scores' reprs in one C call: repr of a list of floats is float.__repr__ of each
-            written = repr(scores[e])[1:-1].split(", ") if row else []
+            listed = ""
+            if row:
+                # the scores' reprs in one C call: repr of a list of floats is float.__repr__ of
+                # each; a finite one has no "n" ("inf", "nan")
+                written = repr(scores[e])
+                if "n" in written:
+                    out.append(None)
+                    continue
+                prefixes = list(map(known_items.get, row))
+                if None in prefixes:
+                    prefixes = [p or self._item(i) for p, i in zip(prefixes, row, strict=True)]
+                listed = "},".join(map(str.__add__, prefixes, written[1:-1].split(", "))) + "}"
             explained = because[e]
+            written_because = ""
             if explained:
+                weights = repr([w for _, _, w in explained])
+                if "n" in weights:
+                    out.append(None)
+                    continue
                 keys = [i * 256 + t for i, t, _ in explained]
-                weights = repr([w for _, _, w in explained])[1:-1].split(", ")
-                written_because = "},".join(map(
-                    str.__add__,
-                    [known_because.get(key) or because_prefix(key) for key in keys], weights,
-                )) + "}"
-            else:
-                weights, written_because = [], ""
-            if any(w[-1] in "fn" for w in written) or any(w[-1] in "fn" for w in weights):
-                out.append(None)  # inf or nan
-                continue
-            listed = "},".join(map(
-                str.__add__, [known_items.get(i) or item(i) for i in row], written,
-            )) + "}" if row else ""
+                prefixes = list(map(known_because.get, keys))
+                if None in prefixes:
+                    prefixes = [p or self._because_prefix(k)
+                                for p, k in zip(prefixes, keys, strict=True)]
+                written_because = "},".join(map(str.__add__, prefixes,
+                                                weights[1:-1].split(", "))) + "}"
             source = source_ts[e]
             out.append((
-                (known_users.get(user_id) or user(user_id)) + listed + "]" + tail
+                (known_users.get(user_id) or self._user(user_id)) + listed + "]" + tail
                 + str(event_ts[e]) + emitted + written_because + '],"cold_start":'
                 + ("true" if cold_start[e] else "false") + ',"source_ts":'
                 + ("null" if source is None else str(source)) + schema
