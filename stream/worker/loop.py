@@ -237,10 +237,7 @@ class Worker:
         try:
             while self.running and not should_stop():
                 self.health.beat()
-                messages = self.consumer.consume(
-                    num_messages=self.settings.batch_size,
-                    timeout=self.settings.batch_wait_ms / 1000.0,
-                )
+                messages = self._consume()
                 if messages:
                     self.process(messages)
                 self.producer.poll(0)
@@ -259,6 +256,22 @@ class Worker:
             raise
         finally:
             self.close()
+
+    def _consume(self) -> list[Message]:
+        """The next micro-batch. Adaptive (the default): the messages the consumer already holds,
+        up to B, at once; only when it holds none, wait up to T for the first and take what
+        came with it. So the batch is the backlog: B at a high rate (throughput), a few events
+        at a low one (no wait to fill a batch). Otherwise: wait up to T for B messages."""
+        size, wait = self.settings.batch_size, self.settings.batch_wait_ms / 1000.0
+        if not self.settings.adaptive_batch:
+            return self.consumer.consume(num_messages=size, timeout=wait)
+        messages = self.consumer.consume(num_messages=size, timeout=0)
+        if messages:
+            return messages
+        messages = self.consumer.consume(num_messages=1, timeout=wait)
+        if messages and size > 1:
+            messages += self.consumer.consume(num_messages=size - 1, timeout=0)
+        return messages
 
     # --- models ------------------------------------------------------------------------------
     def _model_turn(self, watcher: ModelWatcher) -> None:

@@ -100,6 +100,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     loop = parser.add_argument_group("loop and state")
     loop.add_argument("--batch-size", type=integer(1), default=512, help="events per micro-batch (B)")
     loop.add_argument("--batch-wait-ms", type=integer(0), default=10, help="wait for a batch (T)")
+    loop.add_argument(
+        "--adaptive-batch", action=argparse.BooleanOptionalAction, default=True,
+        help="size each micro-batch from the backlog: take what the consumer holds now (up to "
+             "B) and wait up to T only when it holds nothing, so a low rate is not held back to "
+             "fill a batch; --no-adaptive-batch waits up to T for B events every time",
+    )
     loop.add_argument("--linger-ms", type=integer(0), default=2, help="producer linger")
     loop.add_argument("--commit-interval-ms", type=integer(1), default=1000)
     loop.add_argument(
@@ -168,6 +174,7 @@ class WorkerSettings:
     because: int
     batch_size: int
     batch_wait_ms: int
+    adaptive_batch: bool
     linger_ms: int
     commit_interval_ms: int
     outage_limit_s: float
@@ -234,6 +241,7 @@ class WorkerSettings:
             because=args.because,
             batch_size=args.batch_size,
             batch_wait_ms=args.batch_wait_ms,
+            adaptive_batch=args.adaptive_batch,
             linger_ms=args.linger_ms,
             commit_interval_ms=args.commit_interval_ms,
             outage_limit_s=args.outage_limit_s,
