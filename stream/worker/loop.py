@@ -167,6 +167,7 @@ class Worker:
         )
         self.metrics.serving(recommender.version)
         self._lag_due = 0.0
+        self._backlog = True  # the last batch was full: the next waits for a full one
         self._wire: tuple[object, WireEncoder] | None = None  # (recommender, its encoder)
 
     # --- rebalance -------------------------------------------------------------------------
@@ -258,19 +259,21 @@ class Worker:
             self.close()
 
     def _consume(self) -> list[Message]:
-        """The next micro-batch. Adaptive (the default): the messages the consumer already holds,
-        up to B, at once; only when it holds none, wait up to T for the first and take what
-        came with it. So the batch is the backlog: B at a high rate (throughput), a few events
-        at a low one (no wait to fill a batch). Otherwise: wait up to T for B messages."""
+        """The next micro-batch. Adaptive (the default), from the backlog: after a full batch
+        (a backlog), wait up to T for B messages as a fixed batch does (consume returns as soon
+        as B are there); otherwise take what the consumer already holds, up to B, at once, and
+        only when it holds none wait up to T for the first. So a high rate gets full batches
+        (throughput) and a low one small batches with no wait to fill them (latency)."""
         size, wait = self.settings.batch_size, self.settings.batch_wait_ms / 1000.0
-        if not self.settings.adaptive_batch:
-            return self.consumer.consume(num_messages=size, timeout=wait)
-        messages = self.consumer.consume(num_messages=size, timeout=0)
-        if messages:
-            return messages
-        messages = self.consumer.consume(num_messages=1, timeout=wait)
-        if messages and size > 1:
-            messages += self.consumer.consume(num_messages=size - 1, timeout=0)
+        if not self.settings.adaptive_batch or self._backlog:
+            messages = self.consumer.consume(num_messages=size, timeout=wait)
+        else:
+            messages = self.consumer.consume(num_messages=size, timeout=0)
+            if not messages:
+                messages = self.consumer.consume(num_messages=1, timeout=wait)
+                if messages and size > 1:
+                    messages += self.consumer.consume(num_messages=size - 1, timeout=0)
+        self._backlog = len(messages) >= size
         return messages
 
     # --- models ------------------------------------------------------------------------------
