@@ -1,4 +1,4 @@
-"""`kvrec bench model|retrieval|gpu|e2e|train|restore`: benchmarks that write JSON (and a plot)."""
+"""`kvrec bench model|retrieval|gpu|e2e|train|restore|swap`: benchmarks that write JSON (and a plot)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "e2e": ("bench.e2e", "end to end through Kafka: kvrec vs no cache vs plain relays"),
     "train": ("bench.train", "trained models side by side: test metrics, time, curves"),
     "restore": ("bench.restore", "restoring windows from the changelog: windows/s against size"),
+    "swap": ("bench.swap", "hot model swaps under a fixed-rate replay: exactly-once, latency, RSS"),
 }
 
 

@@ -164,14 +164,20 @@ class Run:
             raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{tail}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        stop_process(self.process)
+
+
+def stop_process(process: subprocess.Popen | None, timeout: float = 20.0) -> None:
+    """SIGTERM to the process group of a subprocess started with `start_new_session=True`
+    (a worker checkpoints and exits), SIGKILL after `timeout` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 def _replay(producer_config: dict, run: Run, events: Sequence[Interaction]) -> None:
@@ -180,7 +186,7 @@ def _replay(producer_config: dict, run: Run, events: Sequence[Interaction]) -> N
         raise RuntimeError(f"{run.name}: {stats.failed} events not delivered")
 
 
-def _reader(bootstrap: str, topic: str, partitions: int) -> Consumer:
+def reader(bootstrap: str, topic: str, partitions: int) -> Consumer:
     consumer = Consumer({
         "bootstrap.servers": bootstrap, "group.id": f"e2e-reader-{uuid.uuid4().hex[:8]}",
         "enable.auto.commit": False, "fetch.wait.max.ms": 5,
@@ -230,7 +236,7 @@ def produce_paced(producer: Producer, topic: str, events: Sequence[Interaction],
 
 
 def _input_timestamps(bootstrap: str, topic: str, partitions: int, expected: int) -> dict:
-    consumer = _reader(bootstrap, topic, partitions)
+    consumer = reader(bootstrap, topic, partitions)
     stamps: dict[tuple[str, int], int] = {}
     deadline = time.monotonic() + 60
     while len(stamps) < expected and time.monotonic() < deadline:
@@ -256,7 +262,7 @@ def measure(
     every stored window full, as a worker does in steady state, and a cold key/value cache."""
     # uncompressed for every system: aiokafka (Faust) has no lz4 codec installed here
     producer_config = {"bootstrap.servers": run.bootstrap, "compression.type": "none"}
-    consumer = _reader(run.bootstrap, run.outputs, run.partitions)
+    consumer = reader(run.bootstrap, run.outputs, run.partitions)
     warmup = warmup if run.name.startswith("kvrec") else ()
     if warmup:
         _replay(producer_config, run, warmup)
@@ -336,7 +342,7 @@ def measure(
 
 
 @contextlib.contextmanager
-def _broker(bootstrap: str | None, workdir: Path) -> Iterator[str]:
+def broker(bootstrap: str | None, workdir: Path) -> Iterator[str]:
     if bootstrap:
         yield bootstrap
         return
@@ -545,7 +551,7 @@ def main(args: argparse.Namespace) -> int:
     warmup = warmup_history(args.users, args.items, history_per_user(args.history, args.window))
     results: dict[str, Any] = {}
     sweep: list[dict[str, Any]] = []
-    with _broker(args.bootstrap_servers, workdir) as bootstrap:
+    with broker(args.bootstrap_servers, workdir) as bootstrap:
         if args.sweep:
             sweep_args = argparse.Namespace(**{**vars(args), "events": args.sweep_events})
             sweep = run_sweep(sweep_args, bootstrap, workdir)

@@ -19,7 +19,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
-from bench.e2e import _broker
+from bench.e2e import broker
 from bench.machine import machine_info
 from model.errors import ConfigError
 from model.flags import integer
@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--windows and --events-per-window must be positive")
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(args.workdir or scratch)
-        with _broker(args.bootstrap_servers, workdir) as bootstrap:
+        with broker(args.bootstrap_servers, workdir) as bootstrap:
             results = []
             for windows in sizes:
                 results.append(measure(bootstrap, workdir, windows, args.events_per_window))

@@ -20,12 +20,14 @@ from model.store import ModelStore, StoredVersion
 from model.train import TrainSettings, train
 from state.kvcache import LruByteCache
 from state.window import Window, WindowEvent
+from stream.cli import main as kvrec
 from stream.model_updates import (
     Announcement,
     Candidate,
     announce,
     ensure_model_topics,
     first_announcement,
+    latest_announcement,
     live_hit_rates,
 )
 from stream.worker.inference import Recommender, WaveInput
@@ -333,9 +335,9 @@ def test_cold_start_mode_then_the_first_announced_model(kafka_bootstrap: str, tm
 
 @pytest.mark.kafka
 @pytest.mark.slow
-def test_a_worse_shadow_candidate_shows_a_lower_live_hit_rate(kafka_bootstrap: str,
-                                                              tmp_path: Path,
-                                                              good_model: Path) -> None:
+def test_a_worse_shadow_candidate_is_held_back_by_its_live_hit_rate(
+    kafka_bootstrap: str, tmp_path: Path, good_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     life = Lifecycle(kafka_bootstrap, tmp_path)
     serving = life.publish(good_model)
     worse = life.publish(make_artifact(tmp_path / "worse", n_items=CATALOG, window=4, seed=9).path)
@@ -355,3 +357,12 @@ def test_a_worse_shadow_candidate_shows_a_lower_live_hit_rate(kafka_bootstrap: s
             (worse.version, "shadow")) is not None, "the live stats record", 30)
         rates = live_hit_rates(life.config, "default", life.stats)
         assert rates[(worse.version, "shadow")].hit_rate < rates[(serving.version, "serve")].hit_rate
+    # the live comparison holds the worse candidate back: `promote --require-live` refuses it
+    # from the counters this worker published, and nothing is announced
+    flags = ["--model-store", str(life.store.root), "--updates-topic", life.updates,
+             "--stats-topic", life.stats, "--bootstrap-servers", kafka_bootstrap,
+             "--min-live-events", "100"]
+    assert kvrec(["models", "promote", worse.version, "--require-live", *flags]) == 1
+    assert "the candidate is worse live" in capsys.readouterr().err
+    newest = latest_announcement(life.config, "default", life.updates)
+    assert newest is not None and newest.version == serving.version

@@ -440,8 +440,10 @@ def test_a_killed_member_restarted_gets_its_partitions_back_within_seconds(
         stderr = _stop(restarted)
     assert ready_after is not None, stderr[-3000:]
     print(f"restart to assignment: {ready_after:.1f} s (session timeout 45 s)")
-    # the process start (Python, torch, the model) is in it too; without static membership the
-    # restarted member waits for the old one's session to expire: 45 s and more
-    assert ready_after < 20, f"assigned {ready_after:.1f} s after the restart"
+    # the process start (Python, torch, the model) is in it too (3-7 s on a quiet 2-core machine,
+    # 22 s once at load 7.5); without static membership the restarted member waits for the old
+    # one's session to expire: 45 s and more. The bound is that difference: a process start is
+    # not what this test measures
+    assert ready_after < 40, f"assigned {ready_after:.1f} s after the restart"
     recs = _consume(kafka_bootstrap, topics.recommendations, expected=len(events), timeout=30)
     assert len(recs) == len(events)

@@ -1,0 +1,400 @@
+"""deploy/ checked offline: every rendered manifest validates strictly, KEDA's objects against
+their schema, the Dockerfile lints, compose validates, alerts and dashboard parse, and every
+setting a kvrec container gets is one kvrec accepts. Each check is also shown to fail on a
+broken copy (a misspelt field, a wrong type, an unknown flag or variable, a bad value)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from confluent_kafka import Producer
+
+from tests import deploy_checks as checks
+from tests.conftest import create_topics, unique_topic
+from tests.test_worker_kafka import _consume, _free_port, _get
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {overlay: checks.render(overlay) for overlay in checks.OVERLAYS}
+
+
+@pytest.fixture(scope="module")
+def series() -> set[str]:
+    return checks.exported_series()
+
+
+def _by(docs: list[dict], kind: str, name: str) -> dict:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def _worker(doc: dict) -> dict:
+    return doc["spec"]["template"]["spec"]["containers"][0]
+
+
+# -- the real files pass -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", checks.OVERLAYS)
+def test_every_rendered_manifest_validates_strictly(rendered, overlay, tmp_path):
+    docs = rendered[overlay]
+    kinds = {d["kind"] for d in docs}
+    assert {"StatefulSet", "PodDisruptionBudget", "Service", "ScaledObject", "TriggerAuthentication",
+            "Deployment", "CronJob", "Job", "ConfigMap", "Secret", "PersistentVolumeClaim"} <= kinds
+    assert checks.kubernetes_problems(docs, tmp_path) == []
+    assert checks.keda_problems(docs) == []
+
+
+def test_the_overlays_differ_only_where_they_should(rendered):
+    cpu, gpu = (_by(rendered[o], "StatefulSet", "kvrec-worker") for o in ("cpu", "gpu"))
+    assert _worker(cpu)["image"].endswith("-cpu") and _worker(gpu)["image"].endswith("-cuda")
+    assert "nvidia.com/gpu" not in _worker(cpu)["resources"].get("limits", {})
+    assert _worker(gpu)["resources"]["limits"]["nvidia.com/gpu"] == 1
+    backends = {o: _by(rendered[o], "ConfigMap", "kvrec-worker")["data"]["KVREC_WORKER_BACKEND"]
+                for o in checks.OVERLAYS}
+    assert backends == {"cpu": "torch-cpu", "gpu": "torch-cuda"}
+    assert _by(rendered["gpu"], "ConfigMap", "kvrec-retrain")["data"]["KVREC_RETRAIN_DEVICE"] == "cuda"
+
+
+@pytest.mark.parametrize("overlay", checks.OVERLAYS)
+def test_every_kvrec_setting_in_the_manifests_is_one_kvrec_accepts(rendered, overlay, tmp_path):
+    containers = list(checks.kubernetes_containers(rendered[overlay]))
+    assert sorted(c.where for c in containers) == [
+        "CronJob/kvrec-retrain-once/retrain", "Deployment/kvrec-retrain/retrain",
+        "StatefulSet/kvrec-worker/worker",
+    ]
+    for container in containers:
+        assert checks.settings_problems(container, tmp_path / container.where) == []
+
+
+def test_every_kvrec_setting_in_compose_is_one_kvrec_accepts(tmp_path):
+    compose = yaml.safe_load((checks.DEPLOY / "compose.yaml").read_text())
+    containers = list(checks.compose_containers(compose))
+    assert sorted(c.where for c in containers) == ["compose/retrain", "compose/worker-1", "compose/worker-2"]
+    for container in containers:
+        assert checks.settings_problems(container, tmp_path / container.where) == []
+    ids = {c.env["KVREC_WORKER_INSTANCE_ID"] for c in containers if c.argv == ["worker"]}
+    assert ids == {"worker-1", "worker-2"}  # static membership: one id per worker
+
+
+def test_the_worker_pods_fit_what_the_worker_does(rendered):
+    docs = rendered["cpu"]
+    statefulset = _by(docs, "StatefulSet", "kvrec-worker")
+    pod, worker = statefulset["spec"]["template"]["spec"], _worker(statefulset)
+    data = _by(docs, "ConfigMap", "kvrec-worker")["data"]
+    # static membership: the instance id is the pod name (downward API)
+    instance = next(e for e in worker["env"] if e["name"] == "KVREC_WORKER_INSTANCE_ID")
+    assert instance["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # liveness and startup on /health (a restore beats it), readiness on /ready
+    assert worker["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert worker["startupProbe"]["httpGet"]["path"] == "/health"
+    assert worker["readinessProbe"]["httpGet"]["path"] == "/ready"
+    # a final checkpoint waits for Kafka up to --outage-limit-s (120 s by default)
+    outage_limit_s = float(data.get("KVREC_WORKER_OUTAGE_LIMIT_S", 120))
+    assert pod["terminationGracePeriodSeconds"] > outage_limit_s
+    # the RocksDB state is on the pod's own volume
+    claim = statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    mount = next(m for m in worker["volumeMounts"] if m["name"] == claim)["mountPath"]
+    assert data["KVREC_WORKER_STATE_DIR"].startswith(mount + "/")
+    # the model store is the shared ReadWriteMany volume the retrain job writes
+    store = _by(docs, "PersistentVolumeClaim", "kvrec-models")
+    assert store["spec"]["accessModes"] == ["ReadWriteMany"]
+    retrain = _by(docs, "Deployment", "kvrec-retrain")["spec"]["template"]["spec"]
+    for spec in (pod, retrain):
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
+                  if "persistentVolumeClaim" in v]
+        assert claims == ["kvrec-models"]
+    assert _by(docs, "PodDisruptionBudget", "kvrec-worker")["spec"]["maxUnavailable"] == 1
+
+
+def test_autoscaling_is_capped_at_the_partitions_and_scales_down_slowly(rendered):
+    docs = rendered["cpu"]
+    topics = checks.topics()
+    scaled = _by(docs, "ScaledObject", "kvrec-worker")["spec"]
+    worker = _by(docs, "ConfigMap", "kvrec-worker")["data"]
+    trigger = scaled["triggers"][0]
+    input_topic, group = worker["KVREC_WORKER_INPUT_TOPIC"], worker["KVREC_WORKER_GROUP_ID"]
+    assert trigger["type"] == "kafka"
+    assert (trigger["metadata"]["topic"], trigger["metadata"]["consumerGroup"]) == (input_topic, group)
+    assert trigger["metadata"]["allowIdleConsumers"] == "false"
+    kafka = _by(docs, "ConfigMap", "kvrec-kafka")["data"]
+    assert trigger["metadata"]["bootstrapServers"] == kafka["KVREC_BOOTSTRAP_SERVERS"]
+    keda_sasl = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
+    assert trigger["metadata"]["sasl"] == keda_sasl[kafka["KVREC_SASL_MECHANISM"]]
+    assert scaled["maxReplicaCount"] == topics[input_topic][0]
+    assert scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"][
+        "stabilizationWindowSeconds"] >= 300
+    # the worker's changelog: its name, compacted, as many partitions as the input
+    changelog = f"{group}-windows-changelog"
+    assert topics[changelog][0] == topics[input_topic][0]
+    for name in (changelog, worker["KVREC_WORKER_OUTPUT_TOPIC"], worker["KVREC_WORKER_UPDATES_TOPIC"],
+                 worker["KVREC_WORKER_STATS_TOPIC"]):
+        assert topics[name][1]["cleanup.policy"] == "compact", name
+    assert worker["KVREC_WORKER_DEAD_LETTER_TOPIC"] in topics
+
+
+def test_the_topics_script_creates_each_topic_with_its_settings(tmp_path):
+    """create-topics.sh (the Kubernetes Job's and compose's) against a stand-in kafka-topics.sh
+    that records its arguments."""
+    (tmp_path / "bin").mkdir()
+    stub = tmp_path / "bin" / "kafka-topics.sh"
+    stub.write_text('#!/bin/sh\necho "$@" >> "$RECORD"\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    record = tmp_path / "calls.txt"
+    topics_dir = checks.DEPLOY / "k8s" / "base" / "topics"
+    env = {"PATH": os.environ["PATH"], "KAFKA_HOME": str(tmp_path), "RECORD": str(record),
+           "TMPDIR": str(tmp_path), "TOPICS_FILE": str(topics_dir / "topics.txt"),
+           "KVREC_BOOTSTRAP_SERVERS": "b:9092", "KVREC_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+           "KVREC_SASL_MECHANISM": "SCRAM-SHA-512", "KVREC_SASL_USERNAME": "u",
+           "KVREC_SASL_PASSWORD": "p"}
+    subprocess.run(["sh", str(topics_dir / "create-topics.sh")], env=env, check=True, timeout=30)
+    calls = [line.split() for line in record.read_text().splitlines()]
+    assert len(calls) == len(checks.topics())
+    for call, (name, (partitions, configs)) in zip(calls, checks.topics().items(), strict=True):
+        assert call[call.index("--topic") + 1] == name
+        assert call[call.index("--partitions") + 1] == str(partitions)
+        assert "--if-not-exists" in call
+        given = [call[i + 1] for i, word in enumerate(call) if word == "--config"]
+        assert given == [f"{k}={v}" for k, v in configs.items()]
+    properties = (tmp_path / "client.properties").read_text()
+    assert "security.protocol=SASL_PLAINTEXT" in properties and 'username="u"' in properties
+
+
+def test_the_dockerfile_lints():
+    assert checks.dockerfile_problems() == []
+
+
+def test_compose_validates_against_the_compose_specification():
+    assert checks.compose_problems() == []
+
+
+def test_alert_rules_parse_and_name_only_exported_metrics(series):
+    rules = yaml.safe_load((checks.DEPLOY / "monitoring" / "alerts.yaml").read_text())
+    assert checks.alert_problems(rules, series) == []
+    names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    assert {"KvrecConsumerLagHigh", "KvrecDeadLetters", "KvrecLatencyHigh", "KvrecCacheHitRateLow",
+            "KvrecRestoreSlow", "KvrecModelVersionSkew", "KvrecModelRefused",
+            "KvrecLiveHitRateDrop"} <= names
+
+
+def test_the_dashboard_parses_and_names_only_exported_metrics(series):
+    dashboard = json.loads((checks.DEPLOY / "monitoring" / "grafana-dashboard.json").read_text())
+    assert checks.dashboard_problems(dashboard, series) == []
+
+
+def test_prometheus_config_loads_the_alert_rules():
+    config = yaml.safe_load((checks.DEPLOY / "monitoring" / "prometheus.yml").read_text())
+    compose = yaml.safe_load((checks.DEPLOY / "compose.yaml").read_text())
+    mounts = dict(v.split(":")[1::-1][:2] for v in compose["services"]["prometheus"]["volumes"])
+    for rule_file in config["rule_files"]:
+        assert (checks.DEPLOY / "compose.yaml").parent.joinpath(mounts[rule_file]).is_file()
+
+
+# -- and broken copies fail --------------------------------------------------------------------
+
+def test_a_misspelt_field_fails_strict_validation(rendered, tmp_path):
+    def misspell(doc: dict) -> None:
+        probe = _worker(doc)["readinessProbe"]
+        probe["periodSecond"] = probe.pop("periodSeconds")
+
+    docs = checks.mutated(rendered["cpu"], "StatefulSet", "kvrec-worker", misspell)
+    problems = checks.kubernetes_problems(docs, tmp_path)
+    assert problems and "periodSecond" in problems[0]
+
+
+def test_a_wrong_type_fails_validation(rendered, tmp_path):
+    def stringly(doc: dict) -> None:
+        doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "150s"
+
+    docs = checks.mutated(rendered["cpu"], "StatefulSet", "kvrec-worker", stringly)
+    assert checks.kubernetes_problems(docs, tmp_path)
+
+
+def test_a_broken_scaled_object_fails_its_schema(rendered):
+    def wrong_type(doc: dict) -> None:
+        doc["spec"]["maxReplicaCount"] = "12"
+
+    def unknown_field(doc: dict) -> None:
+        doc["spec"]["maxReplicas"] = doc["spec"].pop("maxReplicaCount")
+
+    def number_in_metadata(doc: dict) -> None:
+        doc["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 20000
+
+    for change in (wrong_type, unknown_field, number_in_metadata):
+        docs = checks.mutated(rendered["cpu"], "ScaledObject", "kvrec-worker", change)
+        assert checks.keda_problems(docs), change.__name__
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("KVREC_WORKER_METRICS_PROT", "9464", "not a variable of kvrec worker"),  # unknown variable
+    ("KVREC_WORKER_SESSION_TIMEOUT_MS", "90s", "KVREC_WORKER_SESSION_TIMEOUT_MS"),  # not a number
+    ("KVREC_WORKER_PROCESSING_GUARANTEE", "exactly_once", "choose from"),  # not a choice
+    ("KVREC_WORKER_METRICS_PORT", "9465", "is not --metrics-port"),  # probes on another port
+    ("KVREC_MODEL_STORE", "/models", "KVREC_MODEL_STORE"),  # the refused un-namespaced form
+    ("KVREC_WORKER_STATE_DIR", "/var/lib/other", "not on a mounted volume"),
+    ("KVREC_SASL_MECHANISM", "SCRAM-SHA-256", None),  # still valid: the control case
+])
+def test_a_bad_worker_setting_fails_the_replay(rendered, tmp_path, key, value, expected):
+    def change(doc: dict) -> None:
+        doc.setdefault("data", {})[key] = value
+
+    docs = checks.mutated(rendered["cpu"], "ConfigMap", "kvrec-worker", change)
+    worker = next(c for c in checks.kubernetes_containers(docs) if c.where.startswith("StatefulSet"))
+    problems = checks.settings_problems(worker, tmp_path)
+    if expected is None:
+        assert problems == []
+    else:
+        assert problems and expected in " ".join(problems), problems
+
+
+def test_an_unknown_flag_fails_the_replay(rendered, tmp_path):
+    def add_flag(doc: dict) -> None:
+        _worker(doc)["args"] = ["worker", "--metrics-prot", "9464"]
+
+    docs = checks.mutated(rendered["cpu"], "StatefulSet", "kvrec-worker", add_flag)
+    worker = next(c for c in checks.kubernetes_containers(docs) if c.where.startswith("StatefulSet"))
+    problems = checks.settings_problems(worker, tmp_path)
+    assert problems and "unrecognized arguments: --metrics-prot" in problems[0]
+
+
+def test_a_sasl_retrain_fails_the_replay(rendered, tmp_path):
+    """kvrec retrain reads with Faust over PLAINTEXT only: a SASL setting in its ConfigMap is
+    refused, as the command itself would refuse it."""
+    def sasl(doc: dict) -> None:
+        doc["data"]["KVREC_SECURITY_PROTOCOL"] = "SASL_SSL"
+
+    docs = checks.mutated(rendered["cpu"], "ConfigMap", "kvrec-retrain", sasl)
+    retrain = next(c for c in checks.kubernetes_containers(docs) if c.where.startswith("Deployment"))
+    assert "PLAINTEXT only" in " ".join(checks.settings_problems(retrain, tmp_path))
+
+
+def test_a_bad_dockerfile_fails_the_lint(tmp_path):
+    dockerfile = tmp_path / "Dockerfile"
+    text = (checks.DEPLOY / "Dockerfile").read_text()
+    dockerfile.write_text(text.replace("USER 10001:10001", "USER root"))
+    assert checks.dockerfile_problems(dockerfile)
+    dockerfile.write_text(text.replace("WORKDIR /home/kvrec", "RUN cd /home/kvrec"))
+    assert checks.dockerfile_problems(dockerfile)
+
+
+def test_a_bad_compose_file_fails_the_specification(tmp_path):
+    compose = yaml.safe_load((checks.DEPLOY / "compose.yaml").read_text())
+    compose["services"]["worker-1"]["restart_policy"] = "always"  # not a service key
+    path = tmp_path / "compose.yaml"
+    path.write_text(yaml.safe_dump(compose))
+    assert checks.compose_problems(path)
+
+
+def test_broken_alerts_and_panels_fail(series):
+    rules = yaml.safe_load((checks.DEPLOY / "monitoring" / "alerts.yaml").read_text())
+    rule = rules["groups"][0]["rules"][0]
+    rule["expr"] = "sum(kvrec_consumer_lags) > 100000"  # a metric the worker does not export
+    assert "exports no kvrec_consumer_lags" in " ".join(checks.alert_problems(rules, series))
+    rule["expr"] = "sum(rate(kvrec_events_in_total[5m]) > 1"  # does not parse
+    assert "does not parse" in " ".join(checks.alert_problems(rules, series))
+    rule["expr"], rule["for"] = "sum(kvrec_consumer_lag) > 1", "10 minutes"
+    assert "not a Prometheus duration" in " ".join(checks.alert_problems(rules, series))
+    dashboard = {"panels": [{"title": "t", "targets": [{"expr": "rate(kvrec_cache_hit_total[5m])"}]}]}
+    assert checks.dashboard_problems(dashboard, series)
+
+
+def test_the_image_leaves_out_only_packages_the_lock_has():
+    """The Dockerfile's exclusions name packages of deploy/requirements.lock (a renamed or
+    dropped package would otherwise be silently installed, or silently missing)."""
+    lock = {line.split("==")[0].lower() for line in
+            (checks.DEPLOY / "requirements.lock").read_text().split()}
+    text = (checks.DEPLOY / "Dockerfile").read_text()
+    for group in re.findall(r"\^\(([a-z0-9|._-]+)\)==", text, re.I):
+        for name in group.split("|"):
+            if "[" in name:
+                continue
+            assert name.lower() in lock, name
+
+
+
+# -- and the worker, started as the StatefulSet starts it, works ------------------------------
+
+@pytest.mark.kafka
+def test_a_worker_with_the_manifests_settings_serves_and_stops_within_its_grace_period(
+    kafka_bootstrap, rendered, tmp_path
+):
+    """The StatefulSet's worker, with the variables the manifests give it (the broker, SASL
+    aside, and the topic names swapped for this test's), against the real broker: ready, one
+    recommendation per event (exactly-once, cold-start mode: no model announced yet), and a
+    SIGTERM that ends it, status 0, well within terminationGracePeriodSeconds."""
+    docs = rendered["cpu"]
+    statefulset = _by(docs, "StatefulSet", "kvrec-worker")
+    grace = statefulset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    worker = next(c for c in checks.kubernetes_containers(docs) if c.where.startswith("StatefulSet"))
+    topics = checks.topics()
+    group = unique_topic("deploy-group")
+    names = {name: unique_topic(f"deploy-{name}") for name in
+             ("events", "recommendations", "events-dead-letter", "model-updates", "model-live-stats")}
+    names["kvrec-worker-windows-changelog"] = f"{group}-windows-changelog"
+    partitions = topics["events"][0]
+    for name, (count, configs) in topics.items():  # as the topics Job creates them
+        create_topics(kafka_bootstrap, {names[name]: count}, config=configs)
+    port = _free_port()
+    env = checks._rerooted(worker.env, worker.mounts, tmp_path)
+    for key in ("KVREC_SECURITY_PROTOCOL", "KVREC_SASL_MECHANISM", "KVREC_SASL_USERNAME",
+                "KVREC_SASL_PASSWORD"):
+        env.pop(key)
+    env |= {
+        "KVREC_BOOTSTRAP_SERVERS": kafka_bootstrap, "KVREC_WORKER_GROUP_ID": group,
+        "KVREC_WORKER_INPUT_TOPIC": names["events"], "KVREC_WORKER_OUTPUT_TOPIC": names["recommendations"],
+        "KVREC_WORKER_DEAD_LETTER_TOPIC": names["events-dead-letter"],
+        "KVREC_WORKER_UPDATES_TOPIC": names["model-updates"],
+        "KVREC_WORKER_STATS_TOPIC": names["model-live-stats"],
+        "KVREC_WORKER_METRICS_PORT": str(port), "KVREC_WORKER_METRICS_HOST": "127.0.0.1",
+    }
+    assert env["KVREC_WORKER_PROCESSING_GUARANTEE"] == "exactly-once"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KVREC_")}
+    log = tmp_path / "worker.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", *worker.argv],
+            env={**base, **env, "PYTHONPATH": str(checks.REPO)}, stderr=stderr, text=True,
+        )
+    try:
+        started = time.monotonic()
+        deadline = started + 180
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-2000:]
+            try:
+                if _get(port, "/ready").startswith("ready"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"not ready in 180 s: {log.read_text()[-2000:]}")
+        ready_s = time.monotonic() - started
+        events = [{"user_id": f"u{i % 7}", "item_id": f"sku-{i}", "event_type": "view",
+                   "ts": int(time.time() * 1000)} for i in range(40)]
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        for event in events:
+            producer.produce(names["events"], key=event["user_id"], value=json.dumps(event))
+        producer.flush(30)
+        assert len(_consume(kafka_bootstrap, names["recommendations"], expected=len(events))) == len(events)
+        stopping = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=grace)
+        stop_s = time.monotonic() - stopping
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    print(f"worker with the manifests' settings: ready {ready_s:.1f} s after start, "
+          f"{partitions} partitions; SIGTERM to exit {stop_s:.2f} s (status {status}, grace {grace} s)")
+    assert status == 0, log.read_text()[-2000:]
+    assert stop_s < grace / 2
