@@ -66,6 +66,7 @@ from stream.worker.wire import WireEncoder
 
 log = logging.getLogger(__name__)
 
+_GRAB_S = 0.001  # adaptive batches: how long to gather what follows a batch's first message
 MAX_OUTPUT_BYTES = 900_000  # below the producer's default message.max.bytes (1,000,000)
 
 
@@ -259,20 +260,19 @@ class Worker:
             self.close()
 
     def _consume(self) -> list[Message]:
-        """The next micro-batch. Adaptive (the default), from the backlog: after a full batch
-        (a backlog), wait up to T for B messages as a fixed batch does (consume returns as soon
-        as B are there); otherwise take what the consumer already holds, up to B, at once, and
-        only when it holds none wait up to T for the first. So a high rate gets full batches
-        (throughput) and a low one small batches with no wait to fill them (latency)."""
+        """The next micro-batch. Adaptive (`--adaptive-batch`), from the backlog: after a full
+        batch (a backlog) wait up to T for B messages, as a fixed batch does (consume returns
+        as soon as B are there); otherwise take the first message (waiting up to T) and what
+        follows within a millisecond, up to B. So a high rate still gets full batches, and a
+        low one small batches with no wait to fill them. Fixed: wait up to T for B messages."""
         size, wait = self.settings.batch_size, self.settings.batch_wait_ms / 1000.0
         if not self.settings.adaptive_batch or self._backlog:
             messages = self.consumer.consume(num_messages=size, timeout=wait)
-        else:
-            messages = self.consumer.consume(num_messages=size, timeout=0)
-            if not messages:
-                messages = self.consumer.consume(num_messages=1, timeout=wait)
-                if messages and size > 1:
-                    messages += self.consumer.consume(num_messages=size - 1, timeout=0)
+        else:  # the first message (waiting up to T), then what is there within a millisecond
+            messages = self.consumer.consume(num_messages=1, timeout=wait)
+            if messages and size > 1:
+                messages += self.consumer.consume(num_messages=size - 1,
+                                                  timeout=min(wait, _GRAB_S))
         self._backlog = len(messages) >= size
         return messages
 
