@@ -91,11 +91,11 @@ def _on_host(
 
 
 class OnnxBackend:
-    """`step` in onnxruntime (exported by `model.export`); `encode` stays in torch. Only
-    `step` is exported, so `extend` advances one event per user (`max_extend` = 1): the worker
-    gives it one event per user per wave."""
+    """`extend` and `step` in onnxruntime (exported by `model.export`); `encode` stays in torch.
+    A file exported before `extend` was (inputs without `counts`) holds `step` only: then
+    `max_extend` is 1 and the worker gives it one event per user per wave."""
 
-    max_extend: int | None = 1
+    max_extend: int | None = None
 
     def __init__(self, encoder: Encoder, onnx_path: Path, threads: int = 0) -> None:
         import onnxruntime as ort
@@ -111,24 +111,19 @@ class OnnxBackend:
             )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ConfigError(f"backend onnx-cpu: cannot load {onnx_path}: {exc}") from exc
+        self.has_extend = "counts" in {i.name for i in self.session.get_inputs()}
+        self.max_extend = None if self.has_extend else 1
         self.torch = TorchBackend(encoder, "cpu")
 
     def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]:
         return self.torch.encode(items, event_types)
 
-    def step(
-        self, cache: KVCache, items: Tensor, event_types: Tensor, return_attention: bool = False
-    ) -> tuple[Tensor, KVCache, Tensor | None]:
-        vectors, keys, values, positions, attention = self.session.run(
-            None,
-            {
-                "keys": cache.keys.numpy(),
-                "values": cache.values.numpy(),
-                "positions": cache.positions.numpy(),
-                "items": items.numpy().astype(np.int64),
-                "event_types": event_types.numpy().astype(np.int64),
-            },
-        )
+    def _run(self, cache: KVCache, feeds: dict[str, np.ndarray], return_attention: bool
+             ) -> tuple[Tensor, KVCache, Tensor | None]:
+        vectors, keys, values, positions, attention = self.session.run(None, {
+            "keys": cache.keys.numpy(), "values": cache.values.numpy(),
+            "positions": cache.positions.numpy(), **feeds,
+        })
         new_cache = KVCache(
             torch.from_numpy(keys), torch.from_numpy(values), torch.from_numpy(positions)
         )
@@ -138,6 +133,17 @@ class OnnxBackend:
             torch.from_numpy(attention) if return_attention else None,
         )
 
+    def step(
+        self, cache: KVCache, items: Tensor, event_types: Tensor, return_attention: bool = False
+    ) -> tuple[Tensor, KVCache, Tensor | None]:
+        items64, types64 = items.numpy().astype(np.int64), event_types.numpy().astype(np.int64)
+        if not self.has_extend:
+            return self._run(cache, {"items": items64, "event_types": types64}, return_attention)
+        vectors, new_cache, attention = self._run(cache, {
+            "items": items64.reshape(-1, 1), "event_types": types64.reshape(-1, 1),
+            "counts": np.ones(len(items64), dtype=np.int64),
+        }, return_attention)
+        return vectors[:, 0], new_cache, attention[:, 0] if attention is not None else None
 
     def extend(
         self,
@@ -147,16 +153,20 @@ class OnnxBackend:
         counts: Tensor,
         return_attention: bool = False,
     ) -> tuple[Tensor, KVCache, Tensor | None]:
-        if items.shape[1] != 1 or bool((counts != 1).any()):
-            raise ValueError("backend onnx-cpu extends each user by exactly one event")
-        vectors, new_cache, attention = self.step(
-            cache, items[:, 0], event_types[:, 0], return_attention
-        )
-        return (
-            vectors.unsqueeze(1),
-            new_cache,
-            attention.unsqueeze(1) if attention is not None else None,
-        )
+        if not self.has_extend:
+            if items.shape[1] != 1 or bool((counts != 1).any()):
+                raise ValueError("this ONNX file holds step only: one event per user (re-export "
+                                 "it with `kvrec export` for extend)")
+            vectors, new_cache, attention = self.step(
+                cache, items[:, 0], event_types[:, 0], return_attention
+            )
+            return (vectors.unsqueeze(1), new_cache,
+                    attention.unsqueeze(1) if attention is not None else None)
+        return self._run(cache, {
+            "items": items.numpy().astype(np.int64),
+            "event_types": event_types.numpy().astype(np.int64),
+            "counts": counts.numpy().astype(np.int64),
+        }, return_attention)
 
 
 def make_backend(

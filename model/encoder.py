@@ -364,7 +364,8 @@ class Encoder(nn.Module):
         else:  # each new event sees the real new events up to itself (T <= W); padding itself
             causal = offsets.view(-1, 1) >= offsets.view(1, -1)
             sees_new = causal.view(1, length, length) & real.view(batch, 1, length)
-            sees_new = sees_new | torch.eye(length, dtype=torch.bool, device=device)
+            # the diagonal (padding sees itself), as a comparison: ONNX has no boolean EyeLike
+            sees_new = sees_new | (offsets.view(-1, 1) == offsets.view(1, -1)).view(1, length, length)
         mask = torch.cat([sees_cached, sees_new], dim=-1).unsqueeze(1)  # [B, 1, T, W + T]
         x = self.embed(items, event_types)  # [B, T, d]
         hidden, layer_keys, layer_values, probabilities = self._layers(

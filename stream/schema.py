@@ -165,6 +165,27 @@ def parse_event(
         data = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise InvalidEvent("malformed_json", str(exc)[:200]) from None
+    if type(data) is dict:  # the common case, checked in one pass; anything else below
+        user_id, item_id = data.get("user_id"), data.get("item_id")
+        event_type, ts, props = data.get("event_type"), data.get("ts"), data.get("props")
+        if (
+            type(user_id) is str and type(item_id) is str and type(event_type) is str
+            and type(ts) is int and (props is None or type(props) is dict)
+            and 0 < len(user_id) <= MAX_ID_LENGTH and 0 < len(item_id) <= MAX_ID_LENGTH
+            and event_type in event_types and 0 <= ts <= MAX_TS and ts <= now_ms + max_future_ms
+            and key is not None and user_id.isascii() and item_id.isascii()
+            and key == user_id.encode()
+        ):
+            return Event(user_id, item_id, event_type, ts, props)
+    return _checked_event(data, key, event_types=event_types, now_ms=now_ms,
+                          max_future_ms=max_future_ms, require_key=require_key)
+
+
+def _checked_event(
+    data: Any, key: bytes | None, *, event_types: frozenset[str], now_ms: int,
+    max_future_ms: int, require_key: bool,
+) -> Event:
+    """Every check of a decoded event, in order: the first that fails names the reason."""
     if not isinstance(data, dict):
         raise InvalidEvent("not_an_object", f"got {type(data).__name__}")
     missing = [name for name in REQUIRED_FIELDS if name not in data]

@@ -1,4 +1,4 @@
-"""ONNX export of `step`: parity with torch within 1e-4; backends share one contract."""
+"""ONNX export of `extend` and `step`: parity with torch within 1e-4; backends share one contract."""
 
 from __future__ import annotations
 
@@ -54,3 +54,31 @@ def test_backend_errors_are_clear(exported: tuple[Encoder, Path], tmp_path: Path
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             make_backend("torch-cuda", encoder)
+
+
+@pytest.mark.parametrize(("batch", "new"), [(1, 1), (5, 3), (4, 6)])
+def test_onnx_extend_matches_torch(exported: tuple[Encoder, Path], batch: int, new: int) -> None:
+    """Several new events per user in one ONNX call (T up to W, right-padded, counts vary)."""
+    encoder, path = exported
+    torch_backend = make_backend("torch-cpu", encoder)
+    onnx_backend = make_backend("onnx-cpu", encoder, onnx_path=path)
+    assert onnx_backend.max_extend is None
+    generator = torch.Generator().manual_seed(10 * batch + new)
+    items = torch.randint(1, 51, (batch, 9), generator=generator)
+    items[0, :5] = 0  # one shorter user
+    _, cache = torch_backend.encode(items, torch.randint(1, 5, (batch, 9), generator=generator))
+    for round_ in range(2):
+        new_items = torch.randint(1, 51, (batch, new), generator=generator)
+        new_types = torch.randint(1, 5, (batch, new), generator=generator)
+        counts = torch.randint(1, new + 1, (batch,), generator=generator)
+        counts[0] = new
+        new_items[torch.arange(new).view(1, -1) >= counts.view(-1, 1)] = 0  # right padding
+        want = torch_backend.extend(cache, new_items, new_types, counts, return_attention=True)
+        got = onnx_backend.extend(cache, new_items, new_types, counts, return_attention=True)
+        real = torch.arange(new).view(1, -1) < counts.view(-1, 1)
+        assert (want[0] - got[0])[real].abs().max().item() <= 1e-4, round_
+        assert (want[1].keys - got[1].keys).abs().max().item() <= 1e-4
+        assert (want[1].values - got[1].values).abs().max().item() <= 1e-4
+        assert torch.equal(want[1].positions, got[1].positions)
+        assert (want[2] - got[2])[real].abs().max().item() <= 1e-4
+        cache = want[1]

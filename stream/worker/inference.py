@@ -32,7 +32,7 @@ from model.errors import ArtifactError
 from model.retrieval import Retriever
 from state.kvcache import LruByteCache
 from state.window import WindowEvent, WindowSnapshot
-from stream.worker.because import Because, explain
+from stream.worker.because import Because, event_type_name
 
 
 @dataclass
@@ -92,6 +92,50 @@ class Scored:
     unknown_item: bool = False
 
 
+class ScoredBatch(Sequence[Scored]):
+    """The recommendations of a wave as columns, one entry per event (users in the wave's order,
+    each user's events in order): model item indices, scores rounded to 6 places, and `because`
+    as (item index, the deployment's event type, weight). Indexing gives a `Scored` (ids as
+    strings), for callers that want objects; the worker encodes the columns directly."""
+
+    def __init__(self, item_ids: Sequence[str], event_types: Sequence[str]) -> None:
+        self.item_ids = item_ids
+        self.event_types = event_types
+        self.user_ids: list[str] = []
+        self.items: list[list[int]] = []
+        self.scores: list[list[float]] = []
+        self.because: list[list[tuple[int, int, float]]] = []
+        self.cold_start: list[bool] = []
+        self.unknown_item: list[bool] = []
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def item_id_rows(self) -> list[list[str]]:
+        """Each event's recommended item ids, best first."""
+        ids = self.item_ids
+        return [[ids[i] for i in row] for row in self.items]
+
+    def _row(self, e: int) -> Scored:
+        ids, names = self.item_ids, self.event_types
+        return Scored(
+            self.user_ids[e],
+            [(ids[i], s) for i, s in zip(self.items[e], self.scores[e], strict=True)],
+            [Because(ids[i], event_type_name(names, t), w) for i, t, w in self.because[e]],
+            self.cold_start[e],
+            self.unknown_item[e],
+        )
+
+    def __getitem__(self, e):  # type: ignore[no-untyped-def,override]
+        if isinstance(e, slice):
+            return [self._row(i) for i in range(*e.indices(len(self)))]
+        if e < 0:
+            e += len(self)
+        if not 0 <= e < len(self):
+            raise IndexError(e)
+        return self._row(e)
+
+
 @dataclass(frozen=True)
 class RecommendCounters:
     """What one `recommend` call saw, for the worker's metrics."""
@@ -120,8 +164,8 @@ class _UserPlan:
     n_previous: int  # how many of them come before the wave
     answered_by: list[int]  # per new event: index into the new known events, -1 = before them
     kv: KVCache | None = None  # cache before the new known events (None: refill)
-    vectors: torch.Tensor | None = None  # [new known, d], after `extend`
-    attention: torch.Tensor | None = None  # [new known, W]
+    vectors: Sequence[torch.Tensor] | None = None  # per new known event: [d], after `extend`
+    attention: Sequence[torch.Tensor] | None = None  # per new known event: [W]
     previous_vector: torch.Tensor | None = None  # the answer before the wave's known events
 
     @property
@@ -171,6 +215,8 @@ class Recommender:
         popular = np.argsort(-artifact.popularity[1:], kind="stable")[: max(k, 1) * 4] + 1
         self._popular = [int(i) for i in popular]
         self._popular_scores = artifact.popularity.astype(np.float64)
+        self._popular_items = self._popular[: self.k]
+        self._popular_item_scores = [float(self._popular_scores[i]) for i in self._popular_items]
         self._unknown_items = 0
 
     @property
@@ -244,7 +290,7 @@ class Recommender:
         for user_id in user_ids:
             self.cache.discard(user_id, self.version)
 
-    def recommend(self, wave: Sequence[WaveInput]) -> tuple[list[Scored], RecommendCounters]:
+    def recommend(self, wave: Sequence[WaveInput]) -> tuple[ScoredBatch, RecommendCounters]:
         """One recommendation per event: users in the wave's order, each user's in order."""
         hits, misses, unknown = self.cache.stats.hits, self.cache.stats.misses, self._unknown_items
         plans = [self._plan(user) for user in wave]
@@ -298,6 +344,8 @@ class Recommender:
         vector = plan.vectors[-1] if plan.vectors is not None else plan.previous_vector
         if vector is None or plan.kv is None:
             return  # no known event yet: nothing to continue from
+        if vector._base is not None:  # a view: keep its own copy, not the wave's whole tensor
+            vector = vector.clone()
         total = user.first_index + len(user.previous) + len(user.events)
         first = total - min(user.capacity, len(user.previous) + len(user.events))
         self.cache.put(user.user_id, self.version, CacheEntry(
@@ -345,64 +393,98 @@ class Recommender:
                 vectors, new_cache, attention = self.backend.extend(
                     caches, items, types, counts, return_attention=True
                 )
+            # rows as lists of views, one C call each: no tensor indexing per user or event
+            width = vectors.shape[1]
+            vector_rows = vectors.reshape(-1, vectors.shape[-1]).unbind(0)
+            attention_rows = (attention.reshape(-1, attention.shape[-1]).unbind(0)
+                              if attention is not None else None)
             for r, (plan, kv) in enumerate(zip(group, new_cache.split(), strict=True)):
-                count = plan.new_count
+                first = r * width
                 plan.kv = kv
-                plan.vectors = vectors[r, :count]
-                plan.attention = attention[r, :count] if attention is not None else None
+                plan.vectors = vector_rows[first : first + plan.new_count]
+                if attention_rows is not None:
+                    plan.attention = attention_rows[first : first + plan.new_count]
 
-    def _retrieve(self, wave: Sequence[WaveInput], plans: list[_UserPlan]) -> list[Scored]:
-        results: list[Scored] = []
+    def _retrieve(self, wave: Sequence[WaveInput], plans: list[_UserPlan]) -> ScoredBatch:
+        """One batched search for every event with a user vector; the rest get popular items.
+        Results stay columns of item indices (`ScoredBatch`): no object per item or event."""
+        batch = ScoredBatch(self.artifact.item_ids, self.event_types)
+        users, cold, unknown = batch.user_ids, batch.cold_start, batch.unknown_item
         queries: list[torch.Tensor] = []
         exclude: list[list[int]] = []
-        attentions: list[torch.Tensor | None] = []
-        history: list[tuple[list[WindowEvent], int]] = []  # (known events, how many so far)
-        query_results: list[Scored] = []
+        query_events: list[int] = []  # per query: the event (position in the batch) it answers
+        explained: list[tuple[int, torch.Tensor, list[int], list[WindowEvent], int]] = []
         for user, plan in zip(wave, plans, strict=True):
             start = user.first_index + len(user.previous)  # history index of the first event
             known = plan.known
+            known_at, known_items = known.at, known.items
+            n_previous, vectors = plan.n_previous, plan.vectors
+            user_id, capacity = user.user_id, user.capacity
             for offset, j in enumerate(plan.answered_by):
                 at = start + offset
                 # this event's item is known: the newest known event is the event itself
-                own = j >= 0 and known.at[plan.n_previous + j] == at
-                if j >= 0 and plan.vectors is not None:
-                    vector = plan.vectors[j]
+                own = j >= 0 and known_at[n_previous + j] == at
+                users.append(user_id)
+                unknown.append(not own)
+                if j >= 0 and vectors is not None:
+                    vector = vectors[j]
                 elif plan.previous_vector is not None:
                     vector = plan.previous_vector
                 else:  # no known event at all yet: popular items
-                    results.append(self._cold_start(user.user_id, unknown=True))
+                    cold.append(True)
                     continue
-                upto = plan.n_previous + j + 1  # known events up to this one
-                first = known.first_from(at + 1 - user.capacity)  # its stored window
-                exclude.append(known.items[first:upto])
+                cold.append(False)
+                upto = n_previous + j + 1  # known events up to this one
+                first = bisect_left(known_at, at + 1 - capacity)  # its stored window
+                exclude.append(known_items[first:upto])
                 queries.append(vector)
-                attentions.append(plan.attention[j] if own and plan.attention is not None else None)
-                history.append((known.events, upto))
-                scored = Scored(user.user_id, [], unknown_item=not own)
-                query_results.append(scored)
-                results.append(scored)
+                query_events.append(len(users) - 1)
+                if own and plan.attention is not None:
+                    explained.append((len(users) - 1, plan.attention[j], known_items,
+                                      known.events, upto))
+        size = len(users)
+        batch.items = [self._popular_items] * size
+        batch.scores = [self._popular_item_scores] * size
+        batch.because = [[] for _ in range(size)]
         if not queries:
-            return results
+            return batch
         found = self.retriever.search(
             torch.stack(queries).float().cpu().numpy(),
             self.k,
             exclude=exclude if self.exclude_seen else None,
         )
-        because = explain(attentions, history, self.event_types, self.because_count)
-        item_ids = self.artifact.item_ids
-        scores = np.round(found.scores.astype(np.float64), 6).tolist()
-        for scored, ids, row_scores, row_because in zip(
-            query_results, found.indices.tolist(), scores, because, strict=True
-        ):
-            scored.items = [(item_ids[i], s) for i, s in zip(ids, row_scores, strict=True) if i > 0]
-            scored.because = row_because
-        return results
+        scores = np.round(found.scores.astype(np.float64), 6)
+        indices = found.indices
+        complete = bool((indices > 0).all())
+        items_rows, score_rows = indices.tolist(), scores.tolist()
+        if not complete:  # fewer than k items left: drop the -1 slots
+            valid = (indices > 0).tolist()
+            items_rows = [[i for i, v in zip(r, m, strict=True) if v]
+                          for r, m in zip(items_rows, valid, strict=True)]
+            score_rows = [[s for s, v in zip(r, m, strict=True) if v]
+                          for r, m in zip(score_rows, valid, strict=True)]
+        for event, row, row_scores in zip(query_events, items_rows, score_rows, strict=True):
+            batch.items[event] = row
+            batch.scores[event] = row_scores
+        self._explain(batch, explained)
+        return batch
 
-    def _cold_start(self, user_id: str, *, unknown: bool) -> Scored:
-        top = self._popular[: self.k]
-        return Scored(
-            user_id=user_id,
-            items=[(self.artifact.item_ids[i], float(self._popular_scores[i])) for i in top],
-            cold_start=True,
-            unknown_item=unknown,
-        )
+    def _explain(
+        self, batch: ScoredBatch,
+        explained: list[tuple[int, torch.Tensor, list[int], list[WindowEvent], int]],
+    ) -> None:
+        """`because` (see `stream.worker.because`) of the events whose own item was encoded: one
+        top-k over their stacked attention rows."""
+        count = self.because_count
+        if not explained or count <= 0:
+            return
+        weights = torch.stack([row for _, row, _, _, _ in explained]).float().cpu()
+        top = torch.topk(weights, min(count, weights.shape[1]), dim=1)
+        for (event, _, items, events, upto), values, ages in zip(
+            explained, top.values.tolist(), top.indices.tolist(), strict=True
+        ):
+            batch.because[event] = [
+                (items[upto - 1 - a], events[upto - 1 - a].event_type, round(w, 4))
+                for w, a in zip(values, ages, strict=True)
+                if w > 0.0 and a < upto
+            ]

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from stream.worker.inference import Scored, WaveInput
+from stream.worker.inference import Scored, ScoredBatch, WaveInput
 
 log = logging.getLogger("kvrec.worker")
 
@@ -32,21 +32,28 @@ class LiveHits:
 
     role: str
     max_users: int
-    last: OrderedDict[str, tuple[str, tuple[str, ...]]] = field(default_factory=OrderedDict)
+    last: OrderedDict[str, tuple[str, list[str]]] = field(default_factory=OrderedDict)
     counts: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # -> [events, hits]
 
     def observe(self, wave: Sequence[WaveInput], scored: Sequence[Scored], version: str) -> None:
         """`scored`: one result per event of `wave`, users in order, each user's in order."""
-        results = iter(scored)
+        if isinstance(scored, ScoredBatch):
+            lists = iter(scored.item_id_rows())
+        else:
+            lists = iter([item for item, _ in result.items] for result in scored)
+        last, role = self.last, self.role
         for user in wave:
+            user_id = user.user_id
             for event in user.events:
-                result = next(results)
-                before = self.last.pop(user.user_id, None)
+                listed = next(lists)
+                before = last.pop(user_id, None)
                 if before is not None:
-                    counts = self.counts.setdefault((before[0], self.role), [0, 0])
+                    counts = self.counts.get((before[0], role))
+                    if counts is None:
+                        counts = self.counts[(before[0], role)] = [0, 0]
                     counts[0] += 1
                     counts[1] += event.item_id in before[1]
-                self.last[user.user_id] = (version, tuple(item for item, _ in result.items))
+                last[user_id] = (version, listed)
         while len(self.last) > self.max_users:
             self.last.popitem(last=False)
 

@@ -55,16 +55,18 @@ from stream.schema import (
 )
 from stream.worker.checkpoint import Checkpoint, ClientHang, TransactionAborted
 from stream.worker.dead_letters import DeadLetters
-from stream.worker.inference import Recommender, Scored, WaveInput
+from stream.worker.inference import Recommender, Scored, ScoredBatch, WaveInput
 from stream.worker.live import SERVE, SHADOW, LiveHits, Shadow
 from stream.worker.metrics import HealthState, WorkerMetrics
 from stream.worker.produce import produce
 from stream.worker.recovery import RestoreProgress, recover_partition, restore_consumer_config
 from stream.worker.settings import WorkerSettings
 from stream.worker.watcher import ModelWatcher, Prepared
+from stream.worker.wire import WireEncoder
 
 log = logging.getLogger(__name__)
 
+_GRAB_S = 0.001  # adaptive batches: how long to gather what follows a batch's first message
 MAX_OUTPUT_BYTES = 900_000  # below the producer's default message.max.bytes (1,000,000)
 
 
@@ -166,6 +168,8 @@ class Worker:
         )
         self.metrics.serving(recommender.version)
         self._lag_due = 0.0
+        self._backlog = True  # the last batch was full: the next waits for a full one
+        self._wire: tuple[object, WireEncoder] | None = None  # (recommender, its encoder)
 
     # --- rebalance -------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -235,10 +239,7 @@ class Worker:
         try:
             while self.running and not should_stop():
                 self.health.beat()
-                messages = self.consumer.consume(
-                    num_messages=self.settings.batch_size,
-                    timeout=self.settings.batch_wait_ms / 1000.0,
-                )
+                messages = self._consume()
                 if messages:
                     self.process(messages)
                 self.producer.poll(0)
@@ -257,6 +258,23 @@ class Worker:
             raise
         finally:
             self.close()
+
+    def _consume(self) -> list[Message]:
+        """The next micro-batch. Adaptive (`--adaptive-batch`), from the backlog: after a full
+        batch (a backlog) wait up to T for B messages, as a fixed batch does (consume returns
+        as soon as B are there); otherwise take the first message (waiting up to T) and what
+        follows within a millisecond, up to B. So a high rate still gets full batches, and a
+        low one small batches with no wait to fill them. Fixed: wait up to T for B messages."""
+        size, wait = self.settings.batch_size, self.settings.batch_wait_ms / 1000.0
+        if not self.settings.adaptive_batch or self._backlog:
+            messages = self.consumer.consume(num_messages=size, timeout=wait)
+        else:  # the first message (waiting up to T), then what is there within a millisecond
+            messages = self.consumer.consume(num_messages=1, timeout=wait)
+            if messages and size > 1:
+                messages += self.consumer.consume(num_messages=size - 1,
+                                                  timeout=min(wait, _GRAB_S))
+        self._backlog = len(messages) >= size
+        return messages
 
     # --- models ------------------------------------------------------------------------------
     def _model_turn(self, watcher: ModelWatcher) -> None:
@@ -467,16 +485,21 @@ class Worker:
                     for source in user.sources:
                         self.dead_letters.processing_error(source.message, user_exc)
         self.metrics.events_applied.inc(len(outputs))
+        topic, on_delivery, producer = self.settings.output_topic, self.checkpoint.on_delivery, self.producer
+        observe = self.metrics.event_to_emit_seconds.observe
+        waits, kinds = 0, dict.fromkeys(("model", "cold_start"), 0)
         for output in outputs:
-            waits = produce(self.producer, self.settings.output_topic,
-                            output.source.user_id.encode(), output.value, self.checkpoint.on_delivery)
-            self.metrics.producer_queue_full.inc(waits)
-            self.metrics.recommendations_out.labels(output.kind).inc()
+            waits += produce(producer, topic, output.source.user_id.encode(), output.value,
+                             on_delivery)
+            kinds[output.kind] += 1
             _, produced_ms = output.source.message.timestamp()
             if produced_ms > 0:
-                self.metrics.event_to_emit_seconds.observe(
-                    max(0, output.emitted_ms - produced_ms) / 1000.0
-                )
+                observe(max(0, output.emitted_ms - produced_ms) / 1000.0)
+        if waits:
+            self.metrics.producer_queue_full.inc(waits)
+        for kind, count in kinds.items():
+            if count:
+                self.metrics.recommendations_out.labels(kind).inc(count)
 
     def _recommend(self, users: dict[str, _UserWave]) -> list[_Output]:
         """The recommendations of `users`' new events, encoded for the wire, in the order the
@@ -503,15 +526,39 @@ class Worker:
         self.metrics.unknown_items.inc(counters.unknown_items)
         self.metrics.cache_bytes.set(self.recommender.cache.bytes_used)
         emitted_ms = int(time.time() * 1000)
+        if isinstance(scored, ScoredBatch):
+            values = self._encode_batch(ordered, scored, emitted_ms)
+            kinds = ["cold_start" if cold else "model" for cold in scored.cold_start]
+        else:  # the cold-start mode's recommender (no model): a few objects per event
+            values = [self._encode(source, result, emitted_ms)
+                      for source, result in zip(ordered, scored, strict=True)]
+            kinds = ["cold_start" if result.cold_start else "model" for result in scored]
         return [
-            _Output(
-                source,
-                "cold_start" if result.cold_start else "model",
-                self._encode(source, result, emitted_ms),
-                emitted_ms,
-            )
-            for source, result in zip(ordered, scored, strict=True)
+            _Output(source, kind, value, emitted_ms)
+            for source, kind, value in zip(ordered, kinds, values, strict=True)
         ]
+
+    def _encode_batch(self, sources: list[_Valid], batch: ScoredBatch, emitted_ms: int) -> list[bytes]:
+        """The batch's recommendations in one pass (stream/worker/wire.py), bytes for bytes what
+        `_encode` makes of each."""
+        recommender = self.recommender
+        if self._wire is None or self._wire[0] is not recommender:
+            self._wire = (recommender, WireEncoder(recommender.version, batch.item_ids,
+                                                   batch.event_types))
+        source_ts = []
+        for source in sources:
+            _, produced_ms = source.message.timestamp()
+            source_ts.append(produced_ms if produced_ms > 0 else None)
+        values = self._wire[1].encode_batch(
+            batch.user_ids, batch.items, batch.scores, batch.because, batch.cold_start,
+            [source.event_ts for source in sources], emitted_ms, source_ts,
+        )
+        for e, value in enumerate(values):
+            if value is None:  # a non-finite score: the general encoder writes it
+                values[e] = value = self._encode(sources[e], batch[e], emitted_ms)
+            if len(value) > MAX_OUTPUT_BYTES:
+                raise ValueError(f"recommendation of {len(value)} bytes > {MAX_OUTPUT_BYTES}")
+        return values  # type: ignore[return-value]
 
     def _encode(self, source: _Valid, result: Scored, emitted_ms: int) -> bytes:
         _, produced_ms = source.message.timestamp()
