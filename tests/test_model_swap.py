@@ -366,3 +366,31 @@ def test_a_worse_shadow_candidate_is_held_back_by_its_live_hit_rate(
     assert "the candidate is worse live" in capsys.readouterr().err
     newest = latest_announcement(life.config, "default", life.updates)
     assert newest is not None and newest.version == serving.version
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_version_announced_before_it_reaches_the_mount_is_waited_for_not_refused(
+    kafka_bootstrap: str, tmp_path: Path, good_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shared storage may show a version later than the announcement reaches a worker."""
+    from stream.worker.watcher import ModelWatcher
+
+    monkeypatch.setattr(ModelWatcher, "missing_retry_s", 0.5)
+    life = Lifecycle(kafka_bootstrap, tmp_path)
+    first = life.publish(make_artifact(tmp_path / "first", n_items=CATALOG, window=4, seed=2).path)
+    life.announce(first, "retrain")
+    elsewhere = ModelStore(tmp_path / "elsewhere").publish(good_model)  # not on the mount yet
+    with life.worker() as worker:
+        worker.wait_ready()
+        life.announce(elsewhere)
+        time.sleep(2.0)  # several retries find nothing
+        assert worker.counter("kvrec_model_swaps_total") == 0
+        import shutil
+
+        shutil.copytree(elsewhere.path, life.store.folder / elsewhere.version)
+        _wait(lambda: worker.counter("kvrec_model_swaps_total") == 1, "the swap once it is there")
+        served = life.send(_sequence_events(range(5), 2, 1_000))
+        assert {r["model_version"] for r in served} == {elsewhere.version}
+        assert sum(worker.counter("kvrec_model_refusals_total", check=c)
+                   for c in ("verify", "compatibility", "build", "smoke", "announcement")) == 0

@@ -9,8 +9,9 @@ active users from their stored windows (the loop hands it snapshots between two 
 hand the ready recommender to the loop. A shadow candidate is prepared the same way, without
 the pre-warm. A version that fails is refused: logged, counted in
 `kvrec_model_refusals{check}`, and never retried for the same announcement; the serving model
-stays. Only the newest announcement counts: intermediate ones that arrive during a prepare are
-skipped.
+stays. A version whose folder is not on this worker's mount yet (shared storage that shows it
+later) is not refused: it is tried again every `missing_retry_s`. Only the newest
+announcement counts: intermediate ones that arrive during a prepare are skipped.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Prepared:
 
 class ModelWatcher:
     poll_s = 0.5
+    missing_retry_s = 10.0  # an announced version whose folder is not on the mount yet
     windows_wait_s = 30.0  # how long a prepare waits for the loop to hand over windows
 
     def __init__(
@@ -73,6 +75,8 @@ class ModelWatcher:
         self._windows: list[tuple[str, WindowSnapshot]] | None = None
         self._windows_given = threading.Event()
         self._stop = threading.Event()
+        self._acted = False  # the newest announcement read has been acted on
+        self._retry_at: float | None = None  # when to try an announced version not there yet
         self._thread = threading.Thread(target=self._run, name="kvrec-model-watcher", daemon=True)
 
     # --- the loop's side ---------------------------------------------------------------------
@@ -130,15 +134,16 @@ class ModelWatcher:
                 if (message.key() or b"") != self.settings.model_name.encode() or message.value() is None:
                     continue
                 try:
-                    newest = Announcement.from_json(message.value())
+                    newest, self._acted = Announcement.from_json(message.value()), False
                 except ValueError as exc:
                     log.error("model watcher: %s: offset %d: %s", self.settings.updates_topic,
                               message.offset(), exc)
                     self.metrics.model_refusals.labels("announcement").inc()
                 continue  # read on: only the newest counts
-            if newest is not None:  # caught up
+            retry_due = self._retry_at is not None and time.monotonic() >= self._retry_at
+            if newest is not None and (not self._acted or retry_due):  # caught up
+                self._acted, self._retry_at = True, None
                 self._act(newest)
-                newest = None
 
     def _act(self, announcement: Announcement) -> None:
         serve_key = _serve_key(announcement)
@@ -188,6 +193,11 @@ class ModelWatcher:
     def _load(
         self, choice: ModelChoice, key: tuple[str, str], cache_bytes: int | None = None
     ) -> object | None:
+        if not choice.path.is_dir():  # not visible on this mount yet (shared storage): wait
+            log.warning("model %s is announced but %s is not there yet: retrying in %.0f s",
+                        choice.version, choice.path, self.missing_retry_s)
+            self._retry_at = time.monotonic() + self.missing_retry_s
+            return None
         try:
             return load_recommender(self.settings, choice, cache_bytes=cache_bytes)
         except ModelRefused as refused:
