@@ -88,18 +88,15 @@ def starting_model(
 def resolve_window_capacity(
     settings: WorkerSettings, recommender: Recommender | PopularRecommender
 ) -> WorkerSettings:
+    """--window-capacity 0: the events the served model needs for exact refills."""
     from dataclasses import replace
 
     from stream.worker.cold_start import PopularRecommender
 
     if isinstance(recommender, PopularRecommender):  # no model yet: room for the usual ones
         return replace(settings, window_capacity=settings.window_capacity or CAPACITY_WITHOUT_MODEL)
+    # a --window-capacity below what the model needs was refused when it loaded (models.py)
     needed = recommender.artifact.config.history_needed
-    if settings.window_capacity and settings.window_capacity < needed:
-        raise ConfigError(
-            f"--window-capacity {settings.window_capacity} is below what exact cache refills "
-            f"need for this model (N*(W-1)+1 = {needed}); set 0 or at least {needed}"
-        )
     return replace(settings, window_capacity=settings.window_capacity or needed)
 
 

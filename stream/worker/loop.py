@@ -31,6 +31,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -315,7 +316,7 @@ class Worker:
         checkpointed (what the watcher pre-warms the new model's caches from)."""
         found: list[tuple[str, WindowSnapshot]] = []
         for _, windows in self.state.items():
-            for user_id, window in (*windows.dirty.items(), *reversed(windows.clean.items())):
+            for user_id, window in chain(windows.dirty.items(), reversed(windows.clean.items())):
                 if len(found) >= count:
                     return found
                 if window.events:
