@@ -13,6 +13,11 @@ Formats:
                users are mid-session at any moment whatever the file's size. The file is then
                sorted by (time, user's first line, k): each user's order is kept and a replay
                interleaves many users instead of playing them one after another.
+    sequences  one line per user, `user item item ...` (1-based integers), the items in time
+               order (the S3-Rec preprocessing of Amazon reviews, bench/datasets/). Read as
+               sasrec: every event a "purchase", with the same synthetic times (a file in
+               this form and its sasrec form, one `user item` line per event, give the same
+               interactions). A user on two lines is refused.
     movielens  `ratings.dat` (`user::movie::rating::seconds`) or MovieLens CSV
                (`userId,movieId,rating,timestamp`, header optional); integer ids.
                rating >= 4 -> "click" (liked), otherwise "view". Ties in time are broken by
@@ -46,8 +51,9 @@ import numpy as np
 
 from model.errors import DataError
 from model.flags import integer
+from model.named_datasets import check_named, resolve_named
 
-FORMATS = ("sasrec", "movielens", "csv", "synthetic")
+FORMATS = ("sasrec", "sequences", "movielens", "csv", "synthetic")
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 SYNTHETIC_TYPE_MIX = (0.7, 0.2, 0.07, 0.03)
 BASE_TS_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z, the epoch of synthetic times
@@ -114,10 +120,14 @@ def iter_interactions(
         return _iter_synthetic(synthetic)
     if path is None:
         raise DataError(f"--data is required for --format {fmt}")
-    file = Path(path)
+    file = resolve_named(path, fmt)
     if not file.is_file():
         raise DataError(f"{file}: no such file")
-    reader = {"sasrec": _read_sasrec, "movielens": _read_movielens, "csv": _read_csv}[fmt]
+    check_named(file)
+    reader = {
+        "sasrec": _read_sasrec, "sequences": _read_sequences,
+        "movielens": _read_movielens, "csv": _read_csv,
+    }[fmt]
     try:
         columns, order = reader(file)
     except UnicodeDecodeError as exc:
@@ -171,6 +181,32 @@ def _read_sasrec(file: Path) -> tuple[_Columns, np.ndarray]:
                 seen.append(0)
             position.append(seen[code])
             seen[code] += 1
+    return _synthetic_times(columns, position)
+
+
+def _read_sequences(file: Path) -> tuple[_Columns, np.ndarray]:
+    columns = _Columns()
+    position: list[int] = []  # k: index of the row within its user's sequence
+    with file.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 2 or not all(part.isdigit() for part in parts):
+                raise DataError(
+                    f"{file}:{number}: expected `user item item ...` integers, got {line!r}"
+                )
+            if parts[0] in columns.users:
+                raise DataError(f"{file}:{number}: user {parts[0]} already had a line")
+            for k, item in enumerate(parts[1:]):
+                columns.add(parts[0], item, "purchase", 0)
+                position.append(k)
+    return _synthetic_times(columns, position)
+
+
+def _synthetic_times(columns: _Columns, position: list[int]) -> tuple[_Columns, np.ndarray]:
+    """Set the sasrec synthetic times (module doc) from each row's index within its user's
+    sequence, and return the replay order: by time, then user's first line, then index."""
     starts = _session_starts(columns.users, len(columns.user))
     user = np.asarray(columns.user, dtype=np.int64)
     k = np.asarray(position, dtype=np.int64)
@@ -293,7 +329,11 @@ def _iter_synthetic(spec: SyntheticSpec) -> Iterator[Interaction]:
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("dataset")
-    group.add_argument("--data", default=None, help="dataset file (not for synthetic)")
+    group.add_argument(
+        "--data", default=None,
+        help="dataset file, or a named dataset (amazon-beauty, amazon-toys, amazon-games), "
+        "read from its committed file and sha256-checked (not for synthetic)",
+    )
     group.add_argument("--format", default="sasrec", choices=FORMATS, help="dataset format")
     group.add_argument("--synthetic-users", type=integer(1), default=2_000)
     group.add_argument("--synthetic-items", type=integer(2), default=1_000)
