@@ -1,4 +1,4 @@
-"""`kvrec bench model|retrieval|gpu|e2e|train|restore|swap|soak|floor`: benchmarks that write
+"""`kvrec bench model|retrieval|gpu|e2e|train|reference|restore|swap|soak|floor`: benchmarks that write
 JSON (and a plot)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "gpu": ("bench.gpu", "batched step + exact top-10 over 1M items on a GPU"),
     "e2e": ("bench.e2e", "end to end through Kafka: kvrec vs no cache vs plain relays"),
     "train": ("bench.train", "trained models side by side: test metrics, time, curves"),
+    "reference": ("bench.reference_sasrec", "the public reference: SASRec + full CE, run here"),
     "restore": ("bench.restore", "restoring windows from the changelog: windows/s against size"),
     "swap": ("bench.swap", "hot model swaps under a fixed-rate replay: exactly-once, latency, RSS"),
     "soak": ("bench.soak", "one worker for 30 minutes: memory, cache, throughput, p99 over time"),
