@@ -1,0 +1,76 @@
+"""Named datasets: the committed files, their sha256, and a changed copy refused."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from model import named_datasets
+from model.datasets import read_interactions
+from model.errors import DataError
+from model.named_datasets import BUNDLED_DIR, NAMED_DATASETS
+
+COMMITTED = [d for d in NAMED_DATASETS.values() if d.path.parent == BUNDLED_DIR]
+
+
+def test_two_or_more_datasets_are_committed() -> None:
+    assert {d.name for d in COMMITTED} >= {"amazon-beauty", "amazon-toys"}
+    readme = (BUNDLED_DIR / "README.md").read_text()
+    for dataset in COMMITTED:
+        assert dataset.sha256 in readme and dataset.path.name in readme
+
+
+@pytest.mark.parametrize("dataset", COMMITTED, ids=lambda d: d.name)
+def test_committed_file_has_its_recorded_sha256_and_size(dataset: named_datasets.NamedDataset) -> None:
+    assert hashlib.sha256(dataset.path.read_bytes()).hexdigest() == dataset.sha256
+    data = read_interactions(dataset.name, dataset.format)
+    assert len(data) == dataset.interactions
+    assert len({e.user_id for e in data}) == dataset.users
+    assert len({e.item_id for e in data}) == dataset.items
+    assert min(Counter(e.user_id for e in data).values()) >= 5  # 5-core
+
+
+def test_reading_by_name_and_by_path_agree() -> None:
+    beauty = NAMED_DATASETS["amazon-beauty"]
+    assert read_interactions("amazon-beauty", "sequences") == read_interactions(
+        beauty.path, "sequences"
+    )
+
+
+def test_a_name_with_another_format_is_refused() -> None:
+    with pytest.raises(DataError, match="amazon-beauty is stored in the sequences format"):
+        read_interactions("amazon-beauty", "sasrec")
+
+
+def test_a_changed_copy_is_refused_naming_the_file_and_both_hashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    beauty = NAMED_DATASETS["amazon-beauty"]
+    copy = tmp_path / "amazon-beauty.txt"
+    shutil.copyfile(beauty.path, copy)
+    monkeypatch.setitem(NAMED_DATASETS, beauty.name, replace(beauty, path=copy))
+    assert len(read_interactions("amazon-beauty", "sequences")) == beauty.interactions  # intact
+    text = copy.read_text()
+    changed = text.replace("1 1 2 3 4 5\n", "1 1 2 3 4 6\n", 1)  # one item of user 1
+    assert changed != text
+    copy.write_text(changed)
+    actual = hashlib.sha256(copy.read_bytes()).hexdigest()
+    for data in ("amazon-beauty", copy):  # by name and by path
+        with pytest.raises(DataError) as refused:
+            read_interactions(data, "sequences")
+        message = str(refused.value)
+        assert str(copy) in message and actual in message and beauty.sha256 in message
+
+
+def test_a_missing_named_file_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    games = NAMED_DATASETS["amazon-games"]
+    monkeypatch.setitem(NAMED_DATASETS, games.name, replace(games, path=tmp_path / "gone.txt"))
+    with pytest.raises(DataError, match=r"amazon-games: its file .*gone\.txt is missing"):
+        read_interactions("amazon-games", "sasrec")
