@@ -56,6 +56,7 @@ from torch.nn import functional as F
 
 from bench.machine import machine_info
 from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
+from model.errors import ConfigError
 from model.evaluate import Prepared, evaluate_popularity, metrics_from_ranks, prepare, rank_split
 from model.flags import integer, number
 from model.named_datasets import NAMED_DATASETS, file_sha256, resolve_named
@@ -315,7 +316,7 @@ def main(args: argparse.Namespace) -> int:
         patience=args.patience, seed=args.seed, time_limit_s=args.time_limit_s,
     )
     if settings.hidden % settings.heads:
-        raise SystemExit("kvrec: error: --hidden must be a multiple of --heads")
+        raise ConfigError("--hidden must be a multiple of --heads")
     interactions = dataset_from_args(args)
     result = train_reference(interactions, settings, log=lambda line: print(line, flush=True))
     data: dict[str, Any] = {"format": args.format, "data": args.data}

@@ -1,4 +1,4 @@
-"""`kvrec bench train`: trained model artifacts side by side.
+"""`kvrec bench train`: trained model artifacts side by side, or datasets side by side.
 
     kvrec bench train --models artifacts/ce artifacts/bce artifacts/sampled \\
         --json bench/results/train-2core.json --plot bench/results/train-2core.png
@@ -7,6 +7,20 @@ Reads what each `kvrec train` run recorded in its artifact (every artifact is ve
 its manifest first): the loss and the model's shape, the best epoch, the training time, the
 validation curve and the full-ranking test metrics with the popularity baseline. Writes one
 JSON object, and a plot of validation NDCG@10 against epochs and against training seconds.
+
+    kvrec bench train --dataset amazon-beauty artifacts/beauty \\
+            bench/results/quality-amazon-beauty-reference.json \\
+        --dataset amazon-games bench/results/train-2core.json@artifacts/ce-d128-cos \\
+            bench/results/quality-amazon-games-reference.json \\
+        --json bench/results/quality-datasets.json
+
+Datasets side by side (`--dataset NAME KVREC REFERENCE`, once per dataset): for each, test
+NDCG@10 and HR@10 of kvrec, of the reference SASRec + full CE (`kvrec bench reference`) and
+of popularity, kvrec / reference, training seconds, best and last epoch, and the
+validation-test gap (validation NDCG@10 at the chosen epoch minus test NDCG@10). KVREC is an
+artifact directory, a JSON written by `--models` for one artifact, or such a JSON's run
+`FILE.json@MODEL` (its `model` field); REFERENCE is a `kvrec bench reference` JSON. Either may
+be `-` when that run has no result; the table then says so.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ from typing import Any
 
 from bench.machine import machine_info
 from model.artifact import load_artifact
+from model.errors import ConfigError, DataError
 
 
 def summarise(path: str) -> dict[str, Any]:
@@ -77,13 +92,103 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def kvrec_run(source: str) -> dict[str, Any]:
+    """A kvrec run's summary from an artifact directory, a one-run `--models` JSON, or
+    `FILE.json@MODEL`."""
+    file, _, model = source.partition("@")
+    if Path(file).is_dir():
+        return summarise(file)
+    try:
+        recorded = json.loads(Path(file).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{file}: cannot read a kvrec run ({exc})") from None
+    runs = recorded.get("runs", [recorded])
+    chosen = [run for run in runs if not model or run.get("model") == model]
+    if len(chosen) != 1:
+        raise DataError(f"{source}: name exactly one run (FILE.json@MODEL)")
+    return {**chosen[0], "source": source}
+
+
+def _system(test: dict[str, Any], validation: dict[str, Any] | None, **rest: Any) -> dict[str, Any]:
+    row = {"test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"], **rest}
+    if validation is not None:
+        row["val_ndcg@10"] = validation["ndcg@10"]
+        row["val_test_gap_ndcg@10"] = validation["ndcg@10"] - test["ndcg@10"]
+    return row
+
+
+def dataset_row(name: str, kvrec_source: str, reference_source: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"dataset": name, "kvrec": None, "reference": None, "popularity": None}
+    if kvrec_source != "-":
+        run = kvrec_run(kvrec_source)
+        row["kvrec"] = _system(
+            run["test"], run["validation"], train_seconds=run["train_seconds"],
+            best_epoch=run["best_epoch"], epochs_run=run["epochs_run"],
+            source=kvrec_source, model_version=run.get("model_version"),
+        )
+        row["popularity"] = _system(run["popularity_test"], None)
+    if reference_source != "-":
+        reference = json.loads(Path(reference_source).read_text())
+        row["reference"] = _system(
+            reference["test"], reference["validation"],
+            train_seconds=reference["train_seconds"], best_epoch=reference["best_epoch"],
+            epochs_run=reference["epochs_run"], stopped_by=reference["stopped_by"],
+            source=reference_source,
+        )
+        row["popularity"] = _system(reference["popularity_test"], None)
+    if row["kvrec"] and row["reference"]:
+        row["kvrec_over_reference_ndcg@10"] = (
+            row["kvrec"]["test_ndcg@10"] / row["reference"]["test_ndcg@10"]
+        )
+    return row
+
+
+def _cell(system: dict[str, Any] | None, key: str, fmt: str) -> str:
+    return "-" if system is None or key not in system else format(system[key], fmt)
+
+
+def datasets_table(rows: list[dict[str, Any]]) -> str:
+    """The side by side as a Markdown table."""
+    lines = [
+        "| dataset | kvrec NDCG@10 | HR@10 | reference NDCG@10 | HR@10 | popularity NDCG@10 "
+        "| HR@10 | kvrec / reference | kvrec s (epochs) | reference s (epochs) "
+        "| val-test gap kvrec | reference |",
+        "|" + " --- |" * 12,
+    ]
+    for row in rows:
+        kv, ref, pop = row["kvrec"], row["reference"], row["popularity"]
+        ratio = row.get("kvrec_over_reference_ndcg@10")
+        seconds = [
+            "-" if s is None else f"{s['train_seconds']:,.0f} ({s['best_epoch']}/{s['epochs_run']})"
+            for s in (kv, ref)
+        ]
+        lines.append(
+            f"| {row['dataset']} | {_cell(kv, 'test_ndcg@10', '.4f')} "
+            f"| {_cell(kv, 'test_hr@10', '.4f')} | {_cell(ref, 'test_ndcg@10', '.4f')} "
+            f"| {_cell(ref, 'test_hr@10', '.4f')} | {_cell(pop, 'test_ndcg@10', '.4f')} "
+            f"| {_cell(pop, 'test_hr@10', '.4f')} | {'-' if ratio is None else f'{ratio:.3f}x'} "
+            f"| {seconds[0]} | {seconds[1]} | {_cell(kv, 'val_test_gap_ndcg@10', '+.4f')} "
+            f"| {_cell(ref, 'val_test_gap_ndcg@10', '+.4f')} |"
+        )
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", required=True, help="model artifact directories")
+    parser.add_argument("--models", nargs="+", default=None, help="model artifact directories")
+    parser.add_argument(
+        "--dataset", nargs=3, action="append", default=None,
+        metavar=("NAME", "KVREC", "REFERENCE"),
+        help="datasets side by side (repeat): kvrec's artifact or run JSON, the reference JSON",
+    )
     parser.add_argument("--json", required=True, help="write the comparison here")
-    parser.add_argument("--plot", default=None, help="PNG of the validation curves")
+    parser.add_argument("--plot", default=None, help="PNG of the validation curves (--models)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if (args.models is None) == (args.dataset is None):
+        raise ConfigError("give --models or --dataset (not both)")
+    if args.dataset is not None:
+        return compare_datasets(args.dataset, Path(args.json))
     runs = [summarise(path) for path in args.models]
     result = {"benchmark": "train", "machine": machine_info(), "runs": runs}
     out = Path(args.json)
@@ -97,4 +202,15 @@ def main(args: argparse.Namespace) -> int:
             f"test NDCG@10 {run['test']['ndcg@10']:.4f} HR@10 {run['test']['hr@10']:.4f}  "
             f"best epoch {run['best_epoch']}/{run['epochs_run']}  {run['train_seconds']:.0f} s"
         )
+    return 0
+
+
+def compare_datasets(datasets: list[list[str]], out: Path) -> int:
+    rows = [dataset_row(name, kvrec, reference) for name, kvrec, reference in datasets]
+    table = datasets_table(rows)
+    result = {"benchmark": "train-datasets", "machine": machine_info(), "datasets": rows,
+              "table": table}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table)
     return 0

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.train import summarise
+from bench.train import kvrec_run, summarise
 from model.datasets import SyntheticSpec, generate_synthetic
-from model.errors import ArtifactError
+from model.errors import ArtifactError, DataError
 from model.train import TrainSettings, train
 from stream.cli import main as kvrec
 
@@ -59,3 +59,42 @@ def test_a_tampered_artifact_is_refused(two_models: list[tuple[Path, dict]], tmp
     (copy / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(ArtifactError, match=r"metrics\.json"):
         summarise(str(copy))
+
+
+def test_datasets_side_by_side(two_models: list[tuple[Path, dict]], tmp_path: Path) -> None:
+    reference = tmp_path / "reference.json"
+    assert kvrec([
+        "bench", "reference", "--format", "synthetic", "--synthetic-users", "200",
+        "--synthetic-items", "60", "--synthetic-events", "3000", "--seed", "2", "--hidden", "16",
+        "--max-len", "20", "--epochs", "2", "--json", str(reference),
+    ]) == 0
+    ce, ce_metrics = two_models[0]
+    one_run = tmp_path / "ce.json"
+    assert kvrec(["bench", "train", "--models", str(ce), "--json", str(one_run)]) == 0
+    out = tmp_path / "datasets.json"
+    assert kvrec([
+        "bench", "train", "--json", str(out),
+        "--dataset", "syn-a", str(ce), str(reference),
+        "--dataset", "syn-b", f"{one_run}@{ce}", "-",
+        "--dataset", "syn-c", "-", str(reference),
+    ]) == 0
+    result = json.loads(out.read_text())
+    a, b, c = result["datasets"]
+    ref = json.loads(reference.read_text())
+    assert a["kvrec"]["test_ndcg@10"] == ce_metrics["test"]["ndcg@10"]
+    assert a["kvrec"]["train_seconds"] == ce_metrics["train_seconds"]
+    assert a["kvrec"]["val_test_gap_ndcg@10"] == pytest.approx(
+        ce_metrics["validation"]["ndcg@10"] - ce_metrics["test"]["ndcg@10"]
+    )
+    assert a["reference"]["test_hr@10"] == ref["test"]["hr@10"]
+    assert a["kvrec_over_reference_ndcg@10"] == pytest.approx(
+        ce_metrics["test"]["ndcg@10"] / ref["test"]["ndcg@10"]
+    )
+    # the same split: popularity measured by kvrec train and by the reference agree
+    assert ref["popularity_test"] == ce_metrics["popularity_test"]
+    assert b["kvrec"] == {**a["kvrec"], "source": f"{one_run}@{ce}"} and b["reference"] is None
+    assert c["kvrec"] is None and c["popularity"]["test_ndcg@10"] == ref["popularity_test"]["ndcg@10"]
+    assert "| syn-b |" in result["table"] and result["table"].count("\n") == 4
+    with pytest.raises(DataError):
+        kvrec_run(f"{one_run}@elsewhere")
+    assert kvrec(["bench", "train", "--json", str(out)]) == 2  # neither --models nor --dataset
