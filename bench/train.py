@@ -135,7 +135,10 @@ def dataset_row(name: str, kvrec_source: str, reference_source: str) -> dict[str
             epochs_run=reference["epochs_run"], stopped_by=reference["stopped_by"],
             source=reference_source,
         )
-        row["popularity"] = _system(reference["popularity_test"], None)
+        popularity = _system(reference["popularity_test"], None)
+        if row["popularity"] is not None:  # both measured it: the same split gives the same
+            row["popularity_agrees"] = row["popularity"] == popularity
+        row["popularity"] = popularity
     if row["kvrec"] and row["reference"]:
         row["kvrec_over_reference_ndcg@10"] = (
             row["kvrec"]["test_ndcg@10"] / row["reference"]["test_ndcg@10"]
@@ -151,7 +154,7 @@ def datasets_table(rows: list[dict[str, Any]]) -> str:
     """The side by side as a Markdown table."""
     lines = [
         "| dataset | kvrec NDCG@10 | HR@10 | reference NDCG@10 | HR@10 | popularity NDCG@10 "
-        "| HR@10 | kvrec / reference | kvrec s (epochs) | reference s (epochs) "
+        "| HR@10 | kvrec / reference | kvrec s (best/last epoch) | reference s (best/last epoch) "
         "| val-test gap kvrec | reference |",
         "|" + " --- |" * 12,
     ]
@@ -160,6 +163,7 @@ def datasets_table(rows: list[dict[str, Any]]) -> str:
         ratio = row.get("kvrec_over_reference_ndcg@10")
         seconds = [
             "-" if s is None else f"{s['train_seconds']:,.0f} ({s['best_epoch']}/{s['epochs_run']})"
+            + (", stopped by time" if s.get("stopped_by") == "time limit" else "")
             for s in (kv, ref)
         ]
         lines.append(

@@ -91,7 +91,7 @@ def test_datasets_side_by_side(two_models: list[tuple[Path, dict]], tmp_path: Pa
         ce_metrics["test"]["ndcg@10"] / ref["test"]["ndcg@10"]
     )
     # the same split: popularity measured by kvrec train and by the reference agree
-    assert ref["popularity_test"] == ce_metrics["popularity_test"]
+    assert ref["popularity_test"] == ce_metrics["popularity_test"] and a["popularity_agrees"]
     assert b["kvrec"] == {**a["kvrec"], "source": f"{one_run}@{ce}"} and b["reference"] is None
     assert c["kvrec"] is None and c["popularity"]["test_ndcg@10"] == ref["popularity_test"]["ndcg@10"]
     assert "| syn-b |" in result["table"] and result["table"].count("\n") == 4
