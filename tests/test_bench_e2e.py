@@ -40,6 +40,12 @@ def test_bench_e2e_quick_measures_every_system(kafka_bootstrap, tmp_path: Path) 
         assert len(result["latencies_ms"]) == result["rate_phase_events"] > 0, name
         (phase,) = result["phases"]  # quick: one phase at half the peak
         assert phase["fraction"] == 0.5 and phase["achieved_events_per_s"] > 0, name
+        if name.startswith("kvrec"):  # the worker's own timings over the phase, from /metrics
+            steps = phase["worker_timings"]["kvrec_step_seconds"]
+            assert steps["count"] > 0 and 0 < steps["mean_ms"] < 30_000, name
+            assert "kvrec_checkpoint_seconds" in phase["worker_timings"], name
+        else:
+            assert phase["worker_timings"] == {}, name
     assert report["kvrec_over_no_cache"]["peak_events_per_s"] > 0
 
 

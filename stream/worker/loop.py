@@ -367,8 +367,10 @@ class Worker:
     def _commit(self) -> None:
         """Checkpoint; if the broker aborted the transaction, replay from the last checkpoint."""
         try:
+            started = time.perf_counter()
             if self.checkpoint.commit():
                 self.metrics.checkpoints.inc()
+                self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         except TransactionAborted as aborted:
             log.warning("%s: replaying from the last checkpoint", aborted)
             self.metrics.transactions_aborted.inc()
