@@ -12,16 +12,17 @@ Kept apart from `model.retrieval` so that a CPU worker never imports Triton.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
 from model.retrieval import (
-    Exclusions,
+    ExcludeArg,
     SearchResult,
     check_item_vectors,
     check_queries,
+    exclusions_of,
     first_valid,
 )
 
@@ -154,11 +155,9 @@ class TorchExactRetriever:
             out_ids.append(torch.gather(candidates, 1, top.indices))
         return torch.cat(out_scores), torch.cat(out_ids)
 
-    def search(
-        self, queries: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None = None
-    ) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int, exclude: ExcludeArg = None) -> SearchResult:
         queries = check_queries(queries, self.dim, k)
-        excl = Exclusions(exclude, len(queries), self.n_rows) if exclude is not None else None
+        excl = exclusions_of(exclude, len(queries), self.n_rows)
         fetch = min(k + (excl.max_length if excl is not None else 0), self.n_rows)
         scores, ids = self.search_tensor(torch.from_numpy(queries), fetch)
         scores_np = scores.cpu().numpy()
