@@ -160,6 +160,11 @@ class KVPool:
         while self.allocated_bytes > self.max_bytes and self._slot_of:
             self._evict_oldest(free=True)
 
+    def invalidate(self, slots: np.ndarray) -> None:
+        """The slots are about to be written: until `store`d again they hold no valid window
+        (a wave that fails halfway leaves no slot that looks valid with half-written data)."""
+        self.window_end[slots] = NO_WINDOW
+
     def known_of(self, slots: np.ndarray) -> list[np.ndarray]:
         empty = np.empty((KNOWN_ROWS, 0), dtype=np.int64)
         return [held if (held := self.known[s]) is not None else empty for s in slots.tolist()]

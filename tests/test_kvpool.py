@@ -364,3 +364,32 @@ def test_csr_exclusions_equal_list_exclusions(lists: list[list[int]]) -> None:
     assert np.array_equal(by_csr.indices, by_list.indices)
     with pytest.raises(ValueError):
         Exclusions.from_csr(np.array([0, 3]), flat[:2], 21)
+
+
+def test_a_wave_that_fails_halfway_leaves_no_slot_that_looks_valid(artifacts) -> None:
+    """The model wrote the users' slots, then the wave failed: retried as it was, without a
+    `forget`, it must refill, not continue from the half-advanced slots."""
+    artifact = artifacts["a"]
+    capacity = artifact.config.history_needed
+    events = stream(n_users=3, n_events=40, seed=11)
+    feeder = Feeder(capacity)
+    recommender = recommender_for(artifact, slots=4)
+    feeder.run(recommender, events, wave_size=6, per_user=2)
+    wave = [WaveInput(user, list(window.events), [WindowEvent("sku-7", 2, 9_999, 1_000 + n)],
+                      capacity, window.total_events - len(window.events))
+            for n, (user, window) in enumerate(feeder.windows.items())]
+    real = recommender.backend.extend_into
+
+    def fails_after_writing(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError("after the write")
+
+    recommender.backend.extend_into = fails_after_writing
+    with pytest.raises(RuntimeError):
+        recommender.recommend(wave)
+    recommender.backend.extend_into = real
+    retried, counters = recommender.recommend(wave)
+    assert counters.cache_misses == len(wave) and counters.cache_hits == 0
+    fresh = recommender_for(artifact, slots=4)
+    want, _ = fresh.recommend(wave)
+    assert [r.items for r in retried] == [r.items for r in want]

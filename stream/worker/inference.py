@@ -405,6 +405,7 @@ class Recommender:
         N*(W-1)+1 stored known events) or emptied (no known event before the wave); returns
         the vectors from before the wave that some event needs (rows: `wave.previous_row`)."""
         pool = self.cache
+        pool.invalidate(wave.slots[wave.hit])  # valid again only once `_keep` stores them
         fresh = wave.needs_slot & ~wave.hit
         rows = np.flatnonzero(fresh)
         if len(rows):
