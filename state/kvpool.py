@@ -44,6 +44,13 @@ def slot_device_bytes(config: ModelConfig, dtype: torch.dtype = torch.float32) -
     return kv + 8 + config.d_model * size
 
 
+def budget_for(config: ModelConfig, users: int, known_per_user: int | None = None,
+               dtype: torch.dtype = torch.float32) -> int:
+    """The smallest budget whose pool holds `users` slots (with the same reserve)."""
+    reserve = ARRAY_HEADER_BYTES + KNOWN_EVENT_BYTES * (known_per_user or config.history_needed)
+    return users * (slot_device_bytes(config, dtype) + reserve)
+
+
 class KVPool:
     """Slots of key/value caches for users, least recently used first out (see the module)."""
 
@@ -60,12 +67,12 @@ class KVPool:
             raise ValueError("the key/value cache budget must be positive (bytes)")
         self.max_bytes = max_bytes
         self.slot_bytes = slot_device_bytes(config, dtype)
-        reserve = ARRAY_HEADER_BYTES + KNOWN_EVENT_BYTES * (known_per_user or config.history_needed)
-        self.slots = max_bytes // (self.slot_bytes + reserve)
+        per_user = budget_for(config, 1, known_per_user, dtype)
+        self.slots = max_bytes // per_user
         if self.slots < 1:
             raise ValueError(
                 f"a key/value cache budget of {max_bytes} bytes holds no user: one takes "
-                f"{self.slot_bytes + reserve} bytes (--cache-bytes)"
+                f"{per_user} bytes (--cache-bytes)"
             )
         shape = (config.n_layers, self.slots, config.n_heads, config.window, config.head_dim)
         device = torch.device(device)

@@ -20,7 +20,7 @@ from model.backends import make_backend
 from model.config import ModelConfig
 from model.encoder import Encoder, KVCache
 from model.retrieval import Exclusions, Retriever
-from state.kvpool import ARRAY_HEADER_BYTES, KNOWN_EVENT_BYTES, KVPool
+from state.kvpool import ARRAY_HEADER_BYTES, KNOWN_EVENT_BYTES, KVPool, budget_for
 from state.window import Window, WindowEvent
 from stream.worker.inference import Recommender, WaveInput
 from tests.worker_fixtures import make_artifact
@@ -39,10 +39,11 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Artifact]:
 
 
 def per_user_bytes(config: ModelConfig, known_per_user: int | None = None) -> int:
-    """What one slot costs against the budget (slabs and the known-events reserve)."""
-    pool = KVPool(config, 1 << 30)
-    return pool.slot_bytes + ARRAY_HEADER_BYTES + KNOWN_EVENT_BYTES * (
-        known_per_user or config.history_needed)
+    """What one slot costs against the budget (slabs and the known-events reserve), counted
+    here independently of `budget_for`."""
+    slab = 4 * (2 * config.n_layers * config.n_heads * config.window * config.head_dim
+                + config.d_model) + 8
+    return slab + ARRAY_HEADER_BYTES + KNOWN_EVENT_BYTES * (known_per_user or config.history_needed)
 
 
 def recommender_for(artifact: Artifact, slots: int, *, backend: str = "torch-cpu",
@@ -51,7 +52,7 @@ def recommender_for(artifact: Artifact, slots: int, *, backend: str = "torch-cpu
     made = make_backend(backend, artifact.encoder, **kwargs)
     budget = slots * per_user_bytes(artifact.config, known_per_user)
     pool = KVPool(artifact.config, budget, device=made.device, known_per_user=known_per_user)
-    assert pool.slots == slots
+    assert pool.slots == slots and budget == budget_for(artifact.config, slots, known_per_user)
     return Recommender(artifact, made, Retriever(np.ascontiguousarray(vectors), kind="exact"),
                        pool, k=5)
 
