@@ -1,4 +1,4 @@
-"""`kvrec bench model|retrieval|gpu|e2e|train|restore|swap|soak|floor`: benchmarks that write
+"""`kvrec bench model|retrieval|gpu|e2e|loop|train|restore|swap|soak|floor`: benchmarks that write
 JSON (and a plot)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ BENCHMARKS = {
     "retrieval": ("bench.retrieval", "top-k retrieval throughput and recall vs exact"),
     "gpu": ("bench.gpu", "batched step + exact top-10 over 1M items on a GPU"),
     "e2e": ("bench.e2e", "end to end through Kafka: kvrec vs no cache vs plain relays"),
+    "loop": ("bench.loop", "the worker loop without a broker: its own ceiling, stage by stage"),
     "train": ("bench.train", "trained models side by side: test metrics, time, curves"),
     "restore": ("bench.restore", "restoring windows from the changelog: windows/s against size"),
     "swap": ("bench.swap", "hot model swaps under a fixed-rate replay: exactly-once, latency, RSS"),

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,31 @@ class Run:
                 start_new_session=True,
             )
 
+    def worker_series(self, processes: int) -> dict[str, dict[str, float]]:
+        """The worker's own timing histograms from its /metrics (each child's, added up, with
+        `--processes`): how long its checkpoints and its waves' inference took so far; {} for
+        a system that serves none."""
+        import urllib.request
+
+        ports = [self.metrics_port] if processes == 1 else [
+            self.metrics_port + 1 + i for i in range(processes)
+        ]
+        totals: dict[str, dict[str, float]] = {}
+        for port in ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as got:
+                    text = got.read().decode()
+            except OSError:
+                return {}
+            for line in text.splitlines():
+                for name in ("kvrec_checkpoint_seconds", "kvrec_step_seconds"):
+                    if not line.startswith(name):
+                        continue
+                    key, _, value = line.rpartition(" ")
+                    series = totals.setdefault(name, {})
+                    series[key[len(name):]] = series.get(key[len(name):], 0.0) + float(value)
+        return totals
+
     def wait_ready(self, timeout: float) -> None:
         """Until the worker's /ready answers 200: every process in the group with its
         partitions assigned and restored (`kvrec worker --processes N`: all N)."""
@@ -186,6 +211,29 @@ class Run:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+
+def _timings_between(before: dict[str, dict[str, float]],
+                     after: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Each histogram's summary over what was observed between two scrapes."""
+    return {
+        name: _histogram_summary({key: value - before.get(name, {}).get(key, 0.0)
+                                  for key, value in series.items()})
+        for name, series in after.items()
+    }
+
+
+def _histogram_summary(series: dict[str, float]) -> dict[str, Any]:
+    """count, mean and the bucket bound under which 99% fall, from Prometheus text series
+    (`_count`, `_sum`, `_bucket{le="..."}`)."""
+    count = series.get("_count", 0.0)
+    buckets = sorted(
+        (float(key.split('le="')[1].rstrip('"}')), value)
+        for key, value in series.items() if key.startswith("_bucket")
+    )
+    p99 = next((bound for bound, below in buckets if count and below >= 0.99 * count), None)
+    return {"count": int(count), "mean_ms": 1000 * series.get("_sum", 0.0) / count if count else None,
+            "p99_at_most_ms": None if p99 is None else 1000 * p99}
 
 
 def stop_process(process: subprocess.Popen | None, timeout: float = 20.0) -> None:
@@ -216,8 +264,20 @@ def reader(bootstrap: str, topic: str, partitions: int) -> Consumer:
     return consumer
 
 
+_USER_PREFIX = b'{"user_id":"'
+_EVENT_TS = b'"event_ts":'
+
+
 def _event_key(system: str, value: bytes) -> tuple[str, int]:
-    """(user id, event ts) of an output: a recommendation, or a relayed event."""
+    """(user id, event ts) of an output: a recommendation, or a relayed event. A kvrec
+    recommendation is read without decoding all of it (the reader shares the machine with the
+    system under test): it starts with the user id, and `event_ts` is an integer field."""
+    if system.startswith("kvrec") and value.startswith(_USER_PREFIX):
+        end = value.find(b'"', len(_USER_PREFIX))
+        at = value.find(_EVENT_TS, end)
+        if end > 0 and at > 0 and b"\\" not in value[: end]:
+            stop = value.find(b",", at)
+            return value[len(_USER_PREFIX) : end].decode(), int(value[at + len(_EVENT_TS) : stop])
     data = json.loads(value)
     if system.startswith("kvrec"):
         return data["user_id"], int(data["event_ts"])
@@ -255,13 +315,26 @@ def _drain(consumer: Consumer, expected: int, timeout: float, run: Run,
     return times
 
 
-def produce_paced(producer: Producer, topic: str, events: Sequence[Interaction], rate: float) -> None:
+def produce_paced(producer: Producer, topic: str, events: Iterable[Interaction], rate: float) -> None:
     """Produce `events` at `rate` per second (replay's token bucket) with a connected producer."""
+    produce_records(producer, topic, encoded(events), rate)
+
+
+def encoded(events: Iterable[Interaction]) -> Iterator[tuple[bytes, bytes]]:
+    """Each event as its (key, value) on the wire."""
+    for event in events:
+        yield event.user_id.encode(), encode_event(
+            Event(event.user_id, event.item_id, event.event_type, event.ts))
+
+
+def produce_records(producer: Producer, topic: str, records: Iterable[tuple[bytes, bytes]],
+                    rate: float) -> None:
+    """Produce (key, value) records at `rate` per second; a phase's records are encoded before
+    it starts, so the paced thread does no JSON while the system under test runs."""
     bucket = TokenBucket(rate, rate * BURST_SECONDS)
-    for n, event in enumerate(events):
+    for n, (key, value) in enumerate(records):
         bucket.take()
-        value = encode_event(Event(event.user_id, event.item_id, event.event_type, event.ts))
-        producer.produce(topic, key=event.user_id.encode(), value=value)
+        producer.produce(topic, key=key, value=value)
         if n % 100 == 0:
             producer.poll(0)
     producer.flush(60)
@@ -323,6 +396,10 @@ def measure(
         # + 1 ms: append times have millisecond resolution (and one per producer batch)
         span = times[-1] - times[0] + 0.001
         peak = len(times) / span
+        is_kvrec = run.name.startswith("kvrec")
+        processes = (int(worker_args[list(worker_args).index("--processes") + 1])
+                     if "--processes" in worker_args else 1)
+        series = run.worker_series(processes) if is_kvrec else {}
         used = 0
         for fraction in rate_fractions:
             offered = min(max_rate, peak * fraction)
@@ -335,13 +412,17 @@ def measure(
                 read_ms[_event_key(run.name, value)] = now * 1000.0
 
             producer = threading.Thread(
-                target=produce_paced, args=(paced, run.events, phase, offered), daemon=True
+                target=produce_records, args=(paced, run.events, list(encoded(phase)), offered),
+                daemon=True,
             )
             producer.start()
             _drain(consumer, count, timeout + seconds, run, on_message)
             producer.join()
+            scraped = run.worker_series(processes) if is_kvrec else {}
             phases.append({"fraction": fraction, "offered_rate": offered, "count": count,
-                           "read_ms": read_ms, "load_average_1m": os.getloadavg()[0]})
+                           "read_ms": read_ms, "load_average_1m": os.getloadavg()[0],
+                           "worker_timings": _timings_between(series, scraped)})
+            series = scraped
     finally:
         consumer.close()
         run.stop()
@@ -372,6 +453,10 @@ def measure(
             line += (f"\n{'':22s}   at {phase['offered_rate']:7,.0f} ev/s: latency p50 "
                      f"{percentiles['p50']:7.1f}  p95 {percentiles['p95']:7.1f}  p99 "
                      f"{percentiles['p99']:7.1f}  max {phase['latency_ms']['max']:7.1f} ms")
+            checkpoints = phase["worker_timings"].get("kvrec_checkpoint_seconds")
+            if checkpoints and checkpoints["count"]:
+                line += (f"\n{'':22s}   {checkpoints['count']} checkpoints, mean "
+                         f"{checkpoints['mean_ms']:.1f} ms, 99% <= {checkpoints['p99_at_most_ms']} ms")
         # the headline phase: the one at half the peak (else the middle one)
         headline = min(result["phases"], key=lambda p: abs(p["fraction"] - 0.5))
         result.update(

@@ -3,4 +3,4 @@ torch nor faiss: parsing `kvrec worker`'s flags, and serving its probes from the
 do not wait for them (`model/backends.py` and `model/retrieval.py` use these names)."""
 
 BACKENDS = ("torch-cpu", "torch-cuda", "onnx-cpu")
-RETRIEVAL_KINDS = ("auto", "exact", "ivfflat", "ivfpq", "hnsw")
+RETRIEVAL_KINDS = ("auto", "exact", "ivfflat", "ivfpq", "hnsw", "torch-exact")

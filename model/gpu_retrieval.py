@@ -12,19 +12,13 @@ Kept apart from `model.retrieval` so that a CPU worker never imports Triton.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from model.retrieval import (
-    ExcludeArg,
-    SearchResult,
-    check_item_vectors,
-    check_queries,
-    exclusions_of,
-    first_valid,
-)
+from model.retrieval import ExcludeArg, Exclusions, SearchResult, check_item_vectors, check_queries
 
 try:  # Triton ships with torch's CUDA builds; absent elsewhere
     import triton
@@ -108,6 +102,10 @@ class TorchExactRetriever:
         self.query_chunk = query_chunk
         self.penalty = torch.zeros(padded, device=self.device)
         self.set_unavailable(())
+        self.build_report = {
+            "kind": "torch-exact", "items": self.n_rows - 1, "dim": self.dim,
+            "device": str(self.device), "block": block, "half": self.half,
+        }
 
     def set_unavailable(self, items: Iterable[int]) -> None:
         """Replace the set of items never to return."""
@@ -155,14 +153,66 @@ class TorchExactRetriever:
             out_ids.append(torch.gather(candidates, 1, top.indices))
         return torch.cat(out_scores), torch.cat(out_ids)
 
+    @torch.inference_mode()
+    def search_excluding(
+        self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of device tensors leaving out each query's `exclude` row ([B, E] item indices,
+        -1 = none), all on the device: only [B, k] scores and ids remain, best first, -inf / -1
+        where fewer than k items are left. The top k + E hold the top k of what is not
+        excluded (at most E of them are), so the result is exact."""
+        width = 0 if exclude is None else exclude.shape[1]
+        fetch = min(k + width, self.n_rows)
+        scores, ids = self.search_tensor(queries, fetch)
+        valid = torch.isfinite(scores)
+        if width:
+            exclude = exclude.to(self.device)  # type: ignore[union-attr]
+            # [b, fetch, E] comparisons per chunk of queries: bounded memory at any window
+            step = max(1, (64 << 20) // max(1, fetch * width))
+            for start in range(0, len(ids), step):
+                rows = slice(start, start + step)
+                excluded = (ids[rows].unsqueeze(2) == exclude[rows].unsqueeze(1)).any(dim=2)
+                valid[rows] &= ~excluded
+        # the first k valid candidates of each row, in rank order (a stable sort of "invalid")
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :k]
+        kept = torch.gather(valid, 1, order)
+        top_scores = torch.gather(scores, 1, order).masked_fill(~kept, float("-inf"))
+        top_ids = torch.gather(ids, 1, order).masked_fill(~kept, -1)
+        if top_scores.shape[1] < k:  # fewer candidates than k in the whole catalog
+            pad = k - top_scores.shape[1]
+            top_scores = torch.nn.functional.pad(top_scores, (0, pad), value=float("-inf"))
+            top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
+        return top_scores, top_ids
+
     def search(self, queries: np.ndarray, k: int, exclude: ExcludeArg = None) -> SearchResult:
+        """`Retriever.search`'s contract: exclusions applied on the device, and only the k best
+        of each query cross back to the host."""
         queries = check_queries(queries, self.dim, k)
-        excl = exclusions_of(exclude, len(queries), self.n_rows)
-        fetch = min(k + (excl.max_length if excl is not None else 0), self.n_rows)
-        scores, ids = self.search_tensor(torch.from_numpy(queries), fetch)
-        scores_np = scores.cpu().numpy()
-        ids_np = ids.cpu().numpy().astype(np.int64)
-        valid = np.isfinite(scores_np)
-        if excl is not None:
-            valid &= ~excl.contains(np.arange(len(queries)), ids_np)
-        return first_valid(scores_np, ids_np, valid, k)
+        excluded = None
+        if exclude is not None:
+            excluded = torch.from_numpy(padded_exclusions(exclude, len(queries)))
+        scores, ids = self.search_excluding(torch.from_numpy(queries), k, excluded)
+        return SearchResult(scores.cpu().numpy(), ids.cpu().numpy().astype(np.int64))
+
+
+def padded_exclusions(exclude: Sequence[Sequence[int]] | Exclusions, n_queries: int) -> np.ndarray:
+    """Per-query excluded items (lists, or `Exclusions` such as CSR-built ones) as one
+    [n_queries, longest] int64 array, -1 where a row ends."""
+    if isinstance(exclude, Exclusions):
+        if exclude.n_queries != n_queries:
+            raise ValueError(f"exclusions for {exclude.n_queries} queries, not {n_queries}")
+        lengths = np.bincount(exclude.rows, minlength=n_queries).astype(np.int64)
+        flat = exclude.items  # by row, in order (items that could never be returned left out)
+    else:
+        if len(exclude) != n_queries:
+            raise ValueError(f"exclude has {len(exclude)} lists for {n_queries} queries")
+        lengths = np.fromiter(map(len, exclude), dtype=np.int64, count=n_queries)
+        flat = np.fromiter(itertools.chain.from_iterable(exclude), dtype=np.int64,
+                           count=int(lengths.sum()))
+    width = int(lengths.max()) if n_queries else 0
+    out = np.full((n_queries, width), -1, dtype=np.int64)
+    if width:
+        rows = np.repeat(np.arange(n_queries), lengths)
+        cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[rows, cols] = flat
+    return out

@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bench.e2e import SYSTEMS
+from bench.e2e import SYSTEMS, _event_key
+from stream.schema import Recommendation, ScoredItem, encode_recommendation
 
 pytestmark = pytest.mark.kafka
 
@@ -37,6 +40,12 @@ def test_bench_e2e_quick_measures_every_system(kafka_bootstrap, tmp_path: Path) 
         assert len(result["latencies_ms"]) == result["rate_phase_events"] > 0, name
         (phase,) = result["phases"]  # quick: one phase at half the peak
         assert phase["fraction"] == 0.5 and phase["achieved_events_per_s"] > 0, name
+        if name.startswith("kvrec"):  # the worker's own timings over the phase, from /metrics
+            steps = phase["worker_timings"]["kvrec_step_seconds"]
+            assert steps["count"] > 0 and 0 < steps["mean_ms"] < 30_000, name
+            assert "kvrec_checkpoint_seconds" in phase["worker_timings"], name
+        else:
+            assert phase["worker_timings"] == {}, name
     assert report["kvrec_over_no_cache"]["peak_events_per_s"] > 0
 
 
@@ -70,3 +79,19 @@ def test_bench_e2e_measures_kvrec_with_one_and_two_processes(kafka_bootstrap, tm
     assert report["process_scaling"]["2"] == pytest.approx(
         report["systems"]["kvrec-2proc"]["peak_events_per_s"]
         / report["systems"]["kvrec"]["peak_events_per_s"])
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(user_id=st.text(min_size=1, max_size=20), event_ts=st.integers(0, 2**62),
+       cold_start=st.booleans())
+def test_the_readers_shortcut_finds_the_same_key_as_decoding(
+    user_id: str, event_ts: int, cold_start: bool
+) -> None:
+    """The bench reads (user id, event ts) of a recommendation without decoding all of it; for
+    any id (quotes, backslashes, non-ASCII) it must find what `json.loads` finds."""
+    value = encode_recommendation(Recommendation(
+        user_id=user_id, items=[ScoredItem("i1", 0.5)], model_version="v1", event_ts=event_ts,
+        emitted_ts=1, because=[], cold_start=cold_start, source_ts=None,
+    ))
+    data = json.loads(value)
+    assert _event_key("kvrec", value) == (data["user_id"], data["event_ts"]) == (user_id, event_ts)

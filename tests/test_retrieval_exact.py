@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from model.gpu_retrieval import TorchExactRetriever
+from model.gpu_retrieval import TorchExactRetriever, padded_exclusions
 from model.retrieval import Retriever, recall_at_k
 
 
@@ -145,3 +147,41 @@ def test_torch_block_pruning_is_exact(catalog, block):
     assert np.array_equal(found.indices, truth[:, 2:])
     _, ids = retriever.search_tensor(torch.from_numpy(queries), 10)
     assert np.array_equal(ids.numpy(), truth[:, :10])
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    n_items=st.integers(2, 300), n_queries=st.integers(1, 9), k=st.integers(1, 15),
+    block=st.sampled_from([4, 16, 64]), seed=st.integers(0, 2**16),
+    exclusion_share=st.floats(0.0, 1.0),
+)
+def test_exclusions_on_the_device_match_brute_force_for_any_shape(
+    n_items, n_queries, k, block, seed, exclusion_share
+):
+    """`search_excluding` filters on the device and returns only k per query: the same ids as
+    brute force for any catalog, k, block and exclusion list (rows longer than the catalog,
+    rows that leave fewer than k items, empty rows)."""
+    rng = np.random.default_rng(seed)
+    items = rng.standard_normal((n_items + 1, 8)).astype(np.float32)
+    queries = rng.standard_normal((n_queries, 8)).astype(np.float32)
+    exclude = [
+        rng.choice(np.arange(1, n_items + 1), size=int(rng.binomial(n_items, exclusion_share)),
+                   replace=False).tolist()
+        for _ in range(n_queries)
+    ]
+    retriever = TorchExactRetriever(items, block=block)
+    found = retriever.search(queries, k, exclude=exclude)
+    assert found.indices.shape == (n_queries, k) and found.scores.shape == (n_queries, k)
+    truth = brute_force(items, queries, k, exclude)  # k > the catalog: as many as there are
+    truth = np.pad(truth, ((0, 0), (0, k - truth.shape[1])), constant_values=-1)
+    assert np.array_equal(found.indices, truth)
+    assert np.isneginf(found.scores[found.indices == -1]).all()
+    assert np.isfinite(found.scores[found.indices != -1]).all()
+
+
+def test_padded_exclusions_keep_each_row_and_pad_with_minus_one():
+    out = padded_exclusions([[3, 1], [], [7, 8, 9]], 3)
+    assert out.tolist() == [[3, 1, -1], [-1, -1, -1], [7, 8, 9]]
+    assert padded_exclusions([[], []], 2).shape == (2, 0)
+    with pytest.raises(ValueError, match="1 lists for 2 queries"):
+        padded_exclusions([[1]], 2)

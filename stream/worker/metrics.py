@@ -81,6 +81,11 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.checkpoint_seconds = Histogram(
+            "kvrec_checkpoint_seconds",
+            "A checkpoint's duration (changelog, flush, offset commit, RocksDB): the loop waits",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.cache_hits = Counter("kvrec_cache_hits", "Key/value cache hits", registry=r)
         self.cache_misses = Counter("kvrec_cache_misses", "Key/value cache misses", registry=r)
         self.cache_bytes = Gauge("kvrec_cache_bytes", "Bytes held by key/value caches", registry=r)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from model.errors import ArtifactError, ConfigError
 from stream.worker.settings import WorkerSettings
@@ -84,7 +84,6 @@ def load_recommender(
 
     from model.artifact import event_type_map, load_artifact
     from model.backends import make_backend
-    from model.retrieval import Retriever
     from model.store import manifest_digest
     from state.kvpool import KVPool
     from state.partition import group_directory
@@ -126,12 +125,7 @@ def load_recommender(
                 export_step(artifact.encoder, onnx_path)
         backend = make_backend(settings.backend, artifact.encoder, onnx_path=onnx_path)
         item_vectors = artifact.encoder.item_embeddings().detach().float().cpu().numpy()
-        retriever = Retriever(
-            np.ascontiguousarray(item_vectors),
-            kind=settings.retrieval,
-            approx_threshold=settings.approx_threshold,
-            progress=progress,
-        )
+        retriever = build_retriever(settings, np.ascontiguousarray(item_vectors), progress)
         log.info("model %s: retrieval %s", artifact.version, retriever.build_report)
         if settings.unavailable_items is not None:
             ids = Path(settings.unavailable_items).read_text().split()
@@ -152,3 +146,25 @@ def load_recommender(
     with _check("smoke"):
         recommender.smoke_check()
     return recommender
+
+
+def retrieval_kind(settings: WorkerSettings) -> str:
+    """The retrieval `--retrieval` names; auto on a CUDA backend is the exact top-k on the GPU."""
+    if settings.retrieval == "auto" and settings.backend == "torch-cuda":
+        return "torch-exact"
+    return settings.retrieval
+
+
+def build_retriever(settings: WorkerSettings, item_vectors: Any, progress: bool) -> Any:
+    """faiss (`model.retrieval`) or, for torch-exact, the exact top-k in torch on the backend's
+    device (`model.gpu_retrieval`, imported only then: a CPU worker never loads Triton)."""
+    kind = retrieval_kind(settings)
+    if kind == "torch-exact":
+        from model.gpu_retrieval import TorchExactRetriever
+
+        device = "cuda" if settings.backend == "torch-cuda" else "cpu"
+        return TorchExactRetriever(item_vectors, device=device)
+    from model.retrieval import Retriever
+
+    return Retriever(item_vectors, kind=kind, approx_threshold=settings.approx_threshold,
+                     progress=progress)

@@ -80,7 +80,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--k", type=integer(1), default=10, help="recommendations per event")
     model.add_argument(
         "--retrieval", default="auto", choices=RETRIEVAL_KINDS,
-        help="auto: exact below --approx-threshold items, IVF-PQ fast-scan above",
+        help="auto: exact below --approx-threshold items, IVF-PQ fast-scan above; with "
+             "--backend torch-cuda, torch-exact (exact top-k on the GPU, exclusions applied "
+             "there, only the k best come back)",
     )
     model.add_argument(
         "--approx-threshold", type=integer(0), default=10_000,

@@ -1,0 +1,28 @@
+"""`kvrec bench loop`: the worker loop on real encoded events, in memory, measured and profiled."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_loop_measures_and_profiles_the_worker_loop(tmp_path: Path) -> None:
+    out = tmp_path / "loop.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "bench", "loop", "--json", str(out), "--items", "500",
+         "--users", "40", "--batch", "64", "--batches", "3", "--warmup-batches", "2",
+         "--profile", "--workdir", str(tmp_path / "w"), "--", "--k", "5"],
+        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["events"] == 3 * 64 and report["events_per_s"] > 0
+    assert report["settings"]["worker_flags"] == ["--k", "5"]
+    assert report["settings"]["retrieval"]["kind"] == "exact"  # 500 items: below the threshold
+    shares = report["profiled_stage_shares"]
+    assert 0.5 < shares["process (whole batch)"] <= 1.0
+    assert 0.0 < shares["recommend (model + retrieval)"] < shares["process (whole batch)"]
+    assert 0.0 < shares["  model: extend/step"] < shares["recommend (model + retrieval)"]
+    assert 0.0 < shares["  retrieval"] < shares["recommend (model + retrieval)"]
