@@ -33,7 +33,7 @@ from state.kvcache import CacheStats
 
 KNOWN_ROWS = 4  # history index, model item, model event type, deployment event type
 KNOWN_EVENT_BYTES = KNOWN_ROWS * 8
-ARRAY_HEADER_BYTES = 112  # sys.getsizeof of an empty numpy array on CPython 3.11/3.12
+ARRAY_HEADER_BYTES = 128  # sys.getsizeof of a 2-D numpy array less its data (numpy 2.4)
 NO_WINDOW = -2  # a slot's window end that no wave has (-1: an empty window)
 
 
