@@ -27,6 +27,7 @@ import ast
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -525,9 +526,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def _retrieval_report(log_path: Path) -> dict[str, Any] | None:
     """The worker's logged retrieval build report (kind, settings, measured recall@10)."""
     for line in log_path.read_text(errors="replace").splitlines():
-        if " retrieval: {" in line:
-            return ast.literal_eval(line.split(" retrieval: ", 1)[1])
+        found = _RETRIEVAL_LINE.search(line)  # `model V: retrieval {...}` (stream/worker/models.py)
+        if found:
+            return ast.literal_eval(found.group(1))
     return None
+
+
+_RETRIEVAL_LINE = re.compile(r" retrieval:? (\{.*\})\s*$")
 
 
 def _variants(system: str, process_counts: Sequence[int]) -> list[tuple[str, list[str]]]:
