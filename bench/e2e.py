@@ -27,6 +27,7 @@ import ast
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -515,7 +516,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     settings = report["settings"]
     figure.suptitle(
         f"kvrec bench e2e: {settings['events']} events, {settings['items']} items, "
-        f"W={settings['window']}, {report['machine']['cores']} cores"
+        f"W={settings['window']}, {settings['users']} users, 4 partitions; "
+        f"{machine_line(report['machine'])}"
     )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -525,9 +527,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def _retrieval_report(log_path: Path) -> dict[str, Any] | None:
     """The worker's logged retrieval build report (kind, settings, measured recall@10)."""
     for line in log_path.read_text(errors="replace").splitlines():
-        if " retrieval: {" in line:
-            return ast.literal_eval(line.split(" retrieval: ", 1)[1])
+        found = _RETRIEVAL_LINE.search(line)  # `model V: retrieval {...}` (stream/worker/models.py)
+        if found:
+            return ast.literal_eval(found.group(1))
     return None
+
+
+_RETRIEVAL_LINE = re.compile(r" retrieval:? (\{.*\})\s*$")
 
 
 def _variants(system: str, process_counts: Sequence[int]) -> list[tuple[str, list[str]]]:
@@ -595,7 +601,14 @@ def run_sweep(args: argparse.Namespace, bootstrap: str, workdir: Path) -> list[d
     return results
 
 
-def plot_sweep(sweep: list[dict[str, Any]], items: int, window: int, path: Path) -> None:
+def machine_line(machine: dict[str, Any]) -> str:
+    """The machine a figure was measured on, for plot titles."""
+    return (f"{machine['cpu']}, {machine['cores']} cores, {machine['gpu'] or 'no GPU'}, "
+            f"{machine['date_utc'][:16].replace('T', ' ')} UTC")
+
+
+def plot_sweep(sweep: list[dict[str, Any]], items: int, window: int, path: Path,
+               machine: dict[str, Any] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -622,7 +635,8 @@ def plot_sweep(sweep: list[dict[str, Any]], items: int, window: int, path: Path)
     axes[0].set_title(f"against W ({items:,} items)")
     axes[1].set_title(f"against catalog size (W={window})")
     axes[2].set_title(f"against batch size (W={window}, {items:,} items)")
-    figure.suptitle("kvrec bench e2e --sweep: one worker draining a backlog")
+    figure.suptitle("kvrec bench e2e --sweep: one worker draining a backlog"
+                    + (f"; {machine_line(machine)}" if machine else ""))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -753,5 +767,6 @@ def main(args: argparse.Namespace) -> int:
         plot(report, Path(args.plot))
         if sweep:
             plot_sweep(sweep, args.items, args.window,
-                       Path(args.plot).with_name(Path(args.plot).stem + "-sweep.png"))
+                       Path(args.plot).with_name(Path(args.plot).stem + "-sweep.png"),
+                       report["machine"])
     return 0

@@ -38,7 +38,8 @@ STAGES = (
     ("process (whole batch)", (("stream/worker/loop.py", "process"),)),
     ("validate and decode JSON", (("stream/worker/loop.py", "_validate"),)),
     ("recommend (model + retrieval)", (("stream/worker/inference.py", "recommend"),)),
-    ("  model: extend/step", (("model/encoder.py", "extend"),)),
+    # the worker's calls on its cache pool (`extend_into` runs `_extend`, never `extend`)
+    ("  model: extend/step", (("model/encoder.py", "extend"), ("model/encoder.py", "extend_into"))),
     ("  model: refill encode", (("model/encoder.py", "encode"),)),
     ("  retrieval", (("model/retrieval.py", "search"), ("model/gpu_retrieval.py", "search"))),
     ("encode outputs (wire)", (("stream/worker/loop.py", "_encode_batch"),)),

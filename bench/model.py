@@ -3,6 +3,9 @@
 A system without a key/value cache must run the encoder over the user's stored window
 (N*(W-1)+1 events, what an exact answer needs) on every event; kvrec runs `step` against
 the cache. Both are timed in the same run, per backend, for each window W and batch size.
+`pool step` is the worker's own call: one event per user against caches in a pool on the
+backend's device (`extend_into` on slots of state/kvpool.py: the batch's users scattered over
+a pool twice its size), with nothing but the new events and the vectors crossing to the host.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from model.encoder import Encoder
 from model.errors import ConfigError
 from model.export import export_step
 from model.flags import number
+from state.kvpool import KVPool, budget_for
 
 
 def _time(call: Callable[[], object], min_seconds: float, sync: Callable[[], None]) -> float:
@@ -79,20 +83,33 @@ def run_model_bench(
                     lambda b=backend, c=cache, i=new_items, t=new_types: b.step(c, i, t, True),
                     min_seconds, sync,
                 )
+                pool = KVPool(config, budget_for(config, 2 * batch), device=backend.device)
+                slots = torch.randperm(pool.slots)[:batch]
+                backend.encode_into(pool.kv, pool.vectors, slots, items[:, :-1], types[:, :-1])
+                one_each = (new_items.view(-1, 1), new_types.view(-1, 1),
+                            torch.ones(batch, dtype=torch.long))
+                pool_step_s = _time(
+                    lambda b=backend, p=pool, s=slots, e=one_each: b.extend_into(
+                        p.kv, p.vectors, s, *e, return_attention=True),
+                    min_seconds, sync,
+                )
                 encode_s = _time(
                     lambda b=backend, i=items, t=types: b.encode(i, t), min_seconds, sync
                 )
                 row = {
                     "backend": backend_name, "window": window, "history_events": history,
                     "batch": batch, "step_us_per_event": step_s / batch * 1e6,
+                    "pool_step_us_per_event": pool_step_s / batch * 1e6,
                     "reencode_us_per_event": encode_s / batch * 1e6,
-                    "speedup": encode_s / step_s,
+                    "speedup": encode_s / step_s, "pool_speedup": encode_s / pool_step_s,
                 }
                 results.append(row)
                 print(
                     f"{backend_name:10s} W={window:3d} batch={batch:3d}  step "
-                    f"{row['step_us_per_event']:9.1f} us/event  re-encode "
-                    f"{row['reencode_us_per_event']:10.1f} us/event  x{row['speedup']:.1f}",
+                    f"{row['step_us_per_event']:9.1f} us/event  pool step "
+                    f"{row['pool_step_us_per_event']:9.1f} us/event  re-encode "
+                    f"{row['reencode_us_per_event']:10.1f} us/event  x{row['speedup']:.1f} "
+                    f"(pool x{row['pool_speedup']:.1f})",
                     flush=True,
                 )
     return results
@@ -111,6 +128,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             rows = [r for r in results if r["window"] == window and r["backend"] == backend]
             batches = [r["batch"] for r in rows]
             axis.plot(batches, [r["step_us_per_event"] for r in rows], marker="o", label=f"{backend} step")
+            axis.plot(batches, [r["pool_step_us_per_event"] for r in rows], marker="s",
+                      linestyle=":", label=f"{backend} pool step")
             axis.plot(
                 batches, [r["reencode_us_per_event"] for r in rows], marker="x", linestyle="--",
                 label=f"{backend} re-encode",

@@ -1,6 +1,9 @@
 """Where `encode` and `step` run: torch on CPU, torch on CUDA, or onnxruntime on CPU.
 
 Every backend takes and returns CPU torch tensors, so the worker does not care which runs.
+The slot-indexed calls (`encode_into`, `extend_into`) work on a pool of caches that lives on
+the backend's `device` (state/kvpool.py): they take slot indices, read and write the pool
+there, and bring back only the user vectors and attention.
 """
 
 from __future__ import annotations
@@ -22,8 +25,30 @@ class StepBackend(Protocol):
     `max_extend` events each (`extend`; None: up to the model's window W)."""
 
     max_extend: int | None
+    device: torch.device  # where a pool of caches for `encode_into`/`extend_into` lives
 
     def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]: ...
+
+    def encode_into(
+        self, pool: KVCache, pool_vectors: Tensor, slots: Tensor, items: Tensor,
+        event_types: Tensor,
+    ) -> Tensor:
+        """`encode` written into rows `slots` of the pool; the vectors [B, d] on the host."""
+        ...
+
+    def extend_into(
+        self,
+        pool: KVCache,
+        pool_vectors: Tensor,
+        slots: Tensor,
+        items: Tensor,
+        event_types: Tensor,
+        counts: Tensor,
+        return_attention: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """`extend` of the caches in rows `slots` of the pool, in place (`Encoder.extend_into`);
+        vectors [B, T, d] and attention [B, T, W] on the host."""
+        ...
 
     def step(
         self, cache: KVCache, items: Tensor, event_types: Tensor, return_attention: bool = False
@@ -52,6 +77,34 @@ class TorchBackend:
     def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]:
         vectors, cache = self.encoder.encode(items.to(self.device), event_types.to(self.device))
         return vectors.cpu(), cache.to("cpu")
+
+    @torch.inference_mode()
+    def encode_into(
+        self, pool: KVCache, pool_vectors: Tensor, slots: Tensor, items: Tensor,
+        event_types: Tensor,
+    ) -> Tensor:
+        device = self.device
+        return self.encoder.encode_into(
+            pool, pool_vectors, slots.to(device), items.to(device), event_types.to(device)
+        ).cpu()
+
+    @torch.inference_mode()
+    def extend_into(
+        self,
+        pool: KVCache,
+        pool_vectors: Tensor,
+        slots: Tensor,
+        items: Tensor,
+        event_types: Tensor,
+        counts: Tensor,
+        return_attention: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        device = self.device
+        vectors, attention = self.encoder.extend_into(
+            pool, pool_vectors, slots.to(device), items.to(device), event_types.to(device),
+            counts.to(device), return_attention=return_attention,
+        )
+        return vectors.cpu(), attention.cpu() if attention is not None else None
 
     @torch.inference_mode()
     def step(
@@ -96,6 +149,7 @@ class OnnxBackend:
     `max_extend` is 1 and the worker gives it one event per user per wave."""
 
     max_extend: int | None = None
+    device = torch.device("cpu")  # a pool of caches for it stays on the host
 
     def __init__(self, encoder: Encoder, onnx_path: Path, threads: int = 0) -> None:
         import onnxruntime as ort
@@ -117,6 +171,35 @@ class OnnxBackend:
 
     def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]:
         return self.torch.encode(items, event_types)
+
+    def encode_into(
+        self, pool: KVCache, pool_vectors: Tensor, slots: Tensor, items: Tensor,
+        event_types: Tensor,
+    ) -> Tensor:
+        return self.torch.encode_into(pool, pool_vectors, slots, items, event_types)
+
+    @torch.inference_mode()
+    def extend_into(
+        self,
+        pool: KVCache,
+        pool_vectors: Tensor,
+        slots: Tensor,
+        items: Tensor,
+        event_types: Tensor,
+        counts: Tensor,
+        return_attention: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The session's `extend` on the gathered rows, whose new caches are copied back."""
+        past = KVCache(pool.keys.index_select(1, slots), pool.values.index_select(1, slots),
+                       pool.positions.index_select(0, slots))
+        vectors, new_cache, attention = self.extend(past, items, event_types, counts,
+                                                    return_attention)
+        pool.keys.index_copy_(1, slots, new_cache.keys)
+        pool.values.index_copy_(1, slots, new_cache.values)
+        pool.positions.index_copy_(0, slots, new_cache.positions)
+        last = vectors[torch.arange(len(counts)), counts - 1]
+        pool_vectors.index_copy_(0, slots, last)
+        return vectors, attention
 
     def _run(self, cache: KVCache, feeds: dict[str, np.ndarray], return_attention: bool
              ) -> tuple[Tensor, KVCache, Tensor | None]:

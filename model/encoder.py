@@ -9,6 +9,8 @@ needs:
     encode(items, types)                 full pass that also returns the cache
     extend(cache, items, types, counts)  up to W new events per user against the cache
     step(cache, items, types)            one new event per user: extend with T = 1
+    extend_into / encode_into            the same, on rows of a slab of many users' caches
+                                         (state/kvpool.py), read and written in place
 
 All four run the same `Block.forward`, with the cached keys and values as its past or none.
 After any number of events, `step` and `extend` equal `forward` over the whole history; an
@@ -82,6 +84,18 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+
+
+@dataclass
+class _NewEvents:
+    """What one `extend` pass computed for its new events (see `Encoder._extend`)."""
+
+    hidden: Tensor  # [B, T, d]
+    keys: Tensor  # [n_layers, B, n_heads, T, head_dim]: padding's = what its slot held
+    values: Tensor  # [n_layers, B, n_heads, T, head_dim]
+    positions: Tensor  # [B, T]: each new event's position (its slot: position % W)
+    index: Tensor  # [n_layers, B, n_heads, T, head_dim]: the slot of each, for `scatter`
+    attention: Tensor | None  # [B, T, W] by age, if asked for
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
@@ -340,6 +354,72 @@ class Encoder(nn.Module):
         age (index 0 = that event; zero before the user's first event).
 
         A chunked prefill against the rolling cache: equal to `counts[b]` calls of `step`."""
+        new = self._extend(cache, items, event_types, counts, return_attention)
+        new_cache = KVCache(
+            cache.keys.scatter(3, new.index, new.keys),
+            cache.values.scatter(3, new.index, new.values),
+            cache.positions + counts,
+        )
+        return new.hidden, new_cache, new.attention
+
+    def extend_into(
+        self,
+        pool: KVCache,
+        pool_vectors: Tensor,
+        slots: Tensor,
+        items: Tensor,
+        event_types: Tensor,
+        counts: Tensor,
+        return_attention: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """`extend` of the users whose caches are rows `slots` of `pool` (a cache of many
+        users: a slab), written back in place: each new event's key and value into its slot of
+        the rolling buffer (nothing else is copied back), the positions advanced, and the user
+        vector after each user's last new event into `pool_vectors` [S, d]. Returns the vectors
+        [B, T, d] and attention [B, T, W] as `extend` does; the result equals `extend` of the
+        gathered caches scattered back (the same arithmetic)."""
+        past = KVCache(
+            pool.keys.index_select(1, slots),
+            pool.values.index_select(1, slots),
+            pool.positions.index_select(0, slots),
+        )
+        new = self._extend(past, items, event_types, counts, return_attention)
+        cfg = self.config
+        batch, length = items.shape
+        # [L, B, H, T, D] -> [B * T, L, H, D]: the layout `pool.keys[:, slot, :, w]` takes
+        rows = slots.repeat_interleave(length)
+        where = torch.remainder(new.positions, cfg.window).reshape(-1)
+        pool.keys[:, rows, :, where] = new.keys.permute(1, 3, 0, 2, 4).reshape(
+            batch * length, cfg.n_layers, cfg.n_heads, cfg.head_dim)
+        pool.values[:, rows, :, where] = new.values.permute(1, 3, 0, 2, 4).reshape(
+            batch * length, cfg.n_layers, cfg.n_heads, cfg.head_dim)
+        pool.positions.index_copy_(0, slots, past.positions + counts)
+        last = new.hidden[torch.arange(batch, device=items.device), counts - 1]
+        pool_vectors.index_copy_(0, slots, last.to(pool_vectors.dtype))
+        return new.hidden, new.attention
+
+    def encode_into(
+        self, pool: KVCache, pool_vectors: Tensor, slots: Tensor, items: Tensor, event_types: Tensor
+    ) -> Tensor:
+        """`encode` of left-padded histories, written into rows `slots` of `pool` (cache) and
+        `pool_vectors` (the vector after each row's last event); returns the vectors [B, d]."""
+        vectors, cache = self.encode(items, event_types)
+        pool.keys.index_copy_(1, slots, cache.keys.to(pool.keys.dtype))
+        pool.values.index_copy_(1, slots, cache.values.to(pool.values.dtype))
+        pool.positions.index_copy_(0, slots, cache.positions)
+        pool_vectors.index_copy_(0, slots, vectors.to(pool_vectors.dtype))
+        return vectors
+
+    def _extend(
+        self,
+        cache: KVCache,
+        items: Tensor,
+        event_types: Tensor,
+        counts: Tensor,
+        return_attention: bool,
+    ) -> _NewEvents:
+        """The pass `extend` and `extend_into` share: the new events' outputs, keys and values
+        (padding's replaced by what its slot held), where they go, the attention."""
         cfg = self.config
         batch, length = items.shape
         window = cfg.window
@@ -371,7 +451,7 @@ class Encoder(nn.Module):
         hidden, layer_keys, layer_values, probabilities = self._layers(
             x, cos, sin, cache, mask, keep=True, need_weights=return_attention
         )
-        # write each new event's key and value into its slot p % W (T <= W: distinct slots)
+        # each new event's key and value go to its slot p % W (T <= W: distinct slots)
         slot = torch.remainder(positions, window).view(1, batch, 1, length, 1)
         index = slot.expand(cfg.n_layers, batch, cfg.n_heads, length, cfg.head_dim)
         new_keys, new_values = torch.stack(layer_keys), torch.stack(layer_values)
@@ -379,11 +459,6 @@ class Encoder(nn.Module):
             write = real.view(1, batch, 1, length, 1)
             new_keys = torch.where(write, new_keys, cache.keys.gather(3, index))
             new_values = torch.where(write, new_values, cache.values.gather(3, index))
-        new_cache = KVCache(
-            cache.keys.scatter(3, index, new_keys),
-            cache.values.scatter(3, index, new_values),
-            start + counts,
-        )
         attention = None
         if probabilities is not None:
             by_key = probabilities.mean(dim=1)  # [B, T, W + T]
@@ -394,7 +469,7 @@ class Encoder(nn.Module):
                 key_offset >= 0, window + key_offset, torch.remainder(key_position, window)
             )  # where the key of that age is: a new event, else its cached slot
             attention = torch.gather(by_key, 2, by_age) * (key_position >= 0)
-        return hidden, new_cache, attention
+        return _NewEvents(hidden, new_keys, new_values, positions, index, attention)
 
     def step(
         self,

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from model.retrieval import SearchResult, check_item_vectors, check_queries
+from model.retrieval import ExcludeArg, Exclusions, SearchResult, check_item_vectors, check_queries
 
 try:  # Triton ships with torch's CUDA builds; absent elsewhere
     import triton
@@ -184,9 +184,7 @@ class TorchExactRetriever:
             top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
         return top_scores, top_ids
 
-    def search(
-        self, queries: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None = None
-    ) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int, exclude: ExcludeArg = None) -> SearchResult:
         """`Retriever.search`'s contract: exclusions applied on the device, and only the k best
         of each query cross back to the host."""
         queries = check_queries(queries, self.dim, k)
@@ -197,16 +195,23 @@ class TorchExactRetriever:
         return SearchResult(scores.cpu().numpy(), ids.cpu().numpy().astype(np.int64))
 
 
-def padded_exclusions(exclude: Sequence[Sequence[int]], n_queries: int) -> np.ndarray:
-    """Per-query excluded items as one [n_queries, longest] int64 array, -1 where a row ends."""
-    if len(exclude) != n_queries:
-        raise ValueError(f"exclude has {len(exclude)} lists for {n_queries} queries")
-    lengths = np.fromiter(map(len, exclude), dtype=np.int64, count=n_queries)
+def padded_exclusions(exclude: Sequence[Sequence[int]] | Exclusions, n_queries: int) -> np.ndarray:
+    """Per-query excluded items (lists, or `Exclusions` such as CSR-built ones) as one
+    [n_queries, longest] int64 array, -1 where a row ends."""
+    if isinstance(exclude, Exclusions):
+        if exclude.n_queries != n_queries:
+            raise ValueError(f"exclusions for {exclude.n_queries} queries, not {n_queries}")
+        lengths = np.bincount(exclude.rows, minlength=n_queries).astype(np.int64)
+        flat = exclude.items  # by row, in order (items that could never be returned left out)
+    else:
+        if len(exclude) != n_queries:
+            raise ValueError(f"exclude has {len(exclude)} lists for {n_queries} queries")
+        lengths = np.fromiter(map(len, exclude), dtype=np.int64, count=n_queries)
+        flat = np.fromiter(itertools.chain.from_iterable(exclude), dtype=np.int64,
+                           count=int(lengths.sum()))
     width = int(lengths.max()) if n_queries else 0
     out = np.full((n_queries, width), -1, dtype=np.int64)
     if width:
-        flat = np.fromiter(itertools.chain.from_iterable(exclude), dtype=np.int64,
-                           count=int(lengths.sum()))
         rows = np.repeat(np.arange(n_queries), lengths)
         cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         out[rows, cols] = flat

@@ -78,21 +78,45 @@ def check_item_vectors(item_vectors: Any) -> np.ndarray:
 
 
 class Exclusions:
-    """Per-query excluded items of one batch, flattened to keys `row * n_rows + item`."""
+    """Per-query excluded items of one batch, flattened to keys `row * n_rows + item`: from a
+    list per query, or (`from_csr`) from one flat array with each query's offsets into it."""
 
     def __init__(self, exclude: Sequence[Sequence[int]], n_queries: int, n_rows: int) -> None:
         if len(exclude) != n_queries:
             raise ValueError(f"exclude has {len(exclude)} lists for {n_queries} queries")
-        self.lengths = np.fromiter(map(len, exclude), dtype=np.int64, count=n_queries)
-        total = int(self.lengths.sum())
+        lengths = np.fromiter(map(len, exclude), dtype=np.int64, count=n_queries)
+        total = int(lengths.sum())
         items = np.fromiter(itertools.chain.from_iterable(exclude), dtype=np.int64, count=total)
-        rows = np.repeat(np.arange(n_queries, dtype=np.int64), self.lengths)
+        self._set(lengths, items, n_rows)
+
+    @classmethod
+    def from_csr(cls, offsets: np.ndarray, items: np.ndarray, n_rows: int) -> Exclusions:
+        """Query q excludes `items[offsets[q]:offsets[q + 1]]` (offsets: [n_queries + 1],
+        starting at 0, non-decreasing, ending at len(items))."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        items = np.asarray(items, dtype=np.int64)
+        if offsets.ndim != 1 or not len(offsets) or offsets[0] != 0 or offsets[-1] != len(items):
+            raise ValueError("CSR offsets must start at 0 and end at the number of items")
+        lengths = np.diff(offsets)
+        if (lengths < 0).any():
+            raise ValueError("CSR offsets must be non-decreasing")
+        excl = cls.__new__(cls)
+        excl._set(lengths, items, n_rows)
+        return excl
+
+    def _set(self, lengths: np.ndarray, items: np.ndarray, n_rows: int) -> None:
+        self.lengths = lengths
+        rows = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
         keep = (items >= 0) & (items < n_rows)  # anything else can never be returned anyway
         self.n_rows = n_rows
         self.rows = rows[keep]
         self.items = items[keep]
         self.keys = self.rows * n_rows + self.items
         self.max_length = int(self.lengths.max(initial=0))
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.lengths)
 
     def contains(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Boolean mask like `ids`: is ids[r, j] excluded for query rows[r]?
@@ -130,6 +154,21 @@ class Exclusions:
         position = lookup[self.rows]
         mine = position >= 0
         return position[mine], self.items[mine]
+
+
+ExcludeArg = Sequence[Sequence[int]] | Exclusions | None
+
+
+def exclusions_of(exclude: ExcludeArg, n_queries: int, n_rows: int) -> Exclusions | None:
+    """`search`'s `exclude` (lists, a built `Exclusions`, or None) as `Exclusions`."""
+    if exclude is None:
+        return None
+    if isinstance(exclude, Exclusions):
+        if exclude.n_queries != n_queries or exclude.n_rows != n_rows:
+            raise ValueError(f"exclusions for {exclude.n_queries} queries over {exclude.n_rows} "
+                             f"rows, searching {n_queries} over {n_rows}")
+        return exclude
+    return Exclusions(exclude, n_queries, n_rows)
 
 
 def first_valid(scores: np.ndarray, ids: np.ndarray, valid: np.ndarray, k: int) -> SearchResult:
@@ -376,12 +415,11 @@ class Retriever:
         return {int(i) for i in np.nonzero(self._banned)[0] if i > 0}
 
     # ---------------------------------------------------------------- search
-    def search(
-        self, queries: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None = None
-    ) -> SearchResult:
-        """Top-k per query, best first, never padding, unavailable or the query's excluded items."""
+    def search(self, queries: np.ndarray, k: int, exclude: ExcludeArg = None) -> SearchResult:
+        """Top-k per query, best first, never padding, unavailable or the query's excluded items
+        (`exclude`: a list per query, or `Exclusions`, e.g. `Exclusions.from_csr`)."""
         queries = check_queries(queries, self.dim, k)
-        excl = Exclusions(exclude, len(queries), self.n_rows) if exclude is not None else None
+        excl = exclusions_of(exclude, len(queries), self.n_rows)
         if self.kind == "exact":
             return self._exact_search(queries, k, excl)
         return self._approximate_search(queries, k, excl)

@@ -95,3 +95,21 @@ def test_the_readers_shortcut_finds_the_same_key_as_decoding(
     ))
     data = json.loads(value)
     assert _event_key("kvrec", value) == (data["user_id"], data["event_ts"]) == (user_id, event_ts)
+
+
+def test_the_sweep_reads_the_retrieval_report_the_worker_logs(tmp_path: Path) -> None:
+    """`kvrec worker` logs `model V: retrieval {...}` (stream/worker/models.py); the sweep's
+    table takes kind, settings and recall from it (a format change once left them empty)."""
+    from bench.e2e import _retrieval_report
+
+    log = tmp_path / "worker.log"
+    log.write_text(
+        "2026-12-02 05:59:42,623 INFO kvrec.worker: loading the model and building retrieval\n"
+        "2026-12-02 05:59:47,382 INFO kvrec.worker: model 20261202T055939-49a14eaa: retrieval "
+        "{'kind': 'ivfpq', 'factory': 'IVF256,PQ64x4fs,RFlat', 'nprobe': 8, 'k_factor': 4, "
+        "'recall@10': 0.9787}\n"
+    )
+    report = _retrieval_report(log)
+    assert report is not None and report["kind"] == "ivfpq" and report["recall@10"] == 0.9787
+    assert 'log.info("model %s: retrieval %s"' in (
+        Path(__file__).parent.parent / "stream" / "worker" / "models.py").read_text()

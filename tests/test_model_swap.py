@@ -18,7 +18,6 @@ from model.errors import ArtifactError
 from model.retrieval import Retriever
 from model.store import ModelStore, StoredVersion
 from model.train import TrainSettings, train
-from state.kvcache import LruByteCache
 from state.window import Window, WindowEvent
 from stream.cli import main as kvrec
 from stream.model_updates import (
@@ -46,7 +45,7 @@ def _recommender(path: Path, event_types: list[str] | None = None) -> Recommende
     vectors = artifact.encoder.item_embeddings().detach().float().numpy()
     return Recommender(
         artifact, make_backend("torch-cpu", artifact.encoder), Retriever(vectors, kind="exact"),
-        LruByteCache(1 << 26), k=5, event_types=event_types,
+        1 << 26, k=5, event_types=event_types,
     )
 
 

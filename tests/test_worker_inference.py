@@ -10,9 +10,8 @@ import pytest
 
 from model.backends import make_backend
 from model.retrieval import Retriever
-from state.kvcache import LruByteCache
 from state.window import Window, WindowEvent
-from stream.worker.inference import CacheEntry, Recommender, WaveInput
+from stream.worker.inference import Recommender, WaveInput
 from tests.worker_fixtures import make_artifact
 from tests.worker_reference import ReferenceEvent, assert_same_ranking, reference_recommendations
 
@@ -23,7 +22,7 @@ def _recommender(artifact, cache_bytes: int = 1 << 26, reuse_cache: bool = True)
         artifact,
         make_backend("torch-cpu", artifact.encoder),
         Retriever(np.ascontiguousarray(vectors), kind="exact"),
-        LruByteCache[CacheEntry](cache_bytes),
+        cache_bytes,
         k=5,
         reuse_cache=reuse_cache,
     )
@@ -83,15 +82,16 @@ def test_worker_matches_full_forward_reference(
     events = list(_stream(n_users=6, n_events=150, n_items=60, seed=layers, unknown_share=unknown))
     recommender = _recommender(artifact)
     extend_calls = []
-    real_extend = recommender.backend.extend
+    real_extend = recommender.backend.extend_into
 
     def counted_extend(*args, **kwargs):
-        extend_calls.append(args[1].shape)
+        extend_calls.append(args[3].shape)  # items [B, T]
         return real_extend(*args, **kwargs)
 
-    recommender.backend.extend = counted_extend
+    recommender.backend.extend_into = counted_extend
     got = _run(recommender, events, capacity, wave_size, drop_cache_every=drop, per_user=per_user)
-    assert (len(extend_calls) > 0) == (per_user > 1)  # several events of a user in one pass
+    # several events of a user in one pass (T > 1) only where a wave may hold several
+    assert any(shape[1] > 1 for shape in extend_calls) == (per_user > 1)
     want = reference_recommendations(artifact, events, k=5, window_capacity=capacity)
     assert len(got) == len(want) == len(events)
     for g, w in zip(got, want, strict=True):
@@ -147,8 +147,8 @@ def test_no_cache_baseline_gives_the_same_answers_by_re_encoding(tmp_path: Path)
     baseline = _recommender(artifact, reuse_cache=False)
     assert baseline.max_events_per_user == 1
     encodes = []
-    real_encode = baseline.backend.encode
-    baseline.backend.encode = lambda *a: encodes.append(1) or real_encode(*a)
+    real_encode = baseline.backend.encode_into
+    baseline.backend.encode_into = lambda *a: encodes.append(1) or real_encode(*a)
     got = _run(baseline, events, capacity, wave_size=20)
     assert len(baseline.cache) == 0
     assert len(encodes) >= 20  # a re-encode in every wave

@@ -1,14 +1,20 @@
 """Micro-batched inference: windows + new events in, recommendations out.
 
 A wave holds, for each of its users, the stored window before the wave and the user's new
-events (up to W of them, in order). The user's key/value cache is looked up by (user, model
-version); it is valid only if it was built from exactly the known events before the new ones
-(it records the input offset of the last event it encoded); anything else is a miss. A miss
-refills the cache with `encode` over the last N*(W-1) known events before the new ones, which
-is exact, so a recommendation is the same whether the cache was warm or refilled. Then
-`extend` advances every user by all its new events in one pass (users grouped by how many
-they have; `step` where each has one), and one batched retrieval finds the top-k of every
-event: one recommendation per event, as if the events had come one by one.
+events (up to W of them, in order). Each user's key/value cache is a slot of the model
+version's pool (state/kvpool.py), looked up for the whole wave at once; it is valid only if it
+was written from exactly the known events before the new ones (the slot records the input
+offset of the window's newest event); anything else is a miss. The misses are refilled in one
+batched `encode` over each one's last N*(W-1)+1 known events before the new ones, written into
+their slots, which is exact, so a recommendation is the same whether the cache was warm or
+refilled. Then `extend_into` advances every user by all its new events in one pass per group
+(users grouped by how many they have), reading and writing the pool by slot index, and one
+batched retrieval finds the top-k of every event: one recommendation per event, as if the
+events had come one by one.
+
+A wave's events and known events are columns (numpy arrays), not objects: the known events of
+all its users are one [4, K] array, user by user (those before the wave, then the wave's), and
+the seen items each event leaves out are one CSR structure (`Exclusions.from_csr`).
 
 Events whose item the model does not know (a new product) stay in the window but are skipped
 by the encoder: the recommendation is the one of the user's latest known event. A user with no
@@ -17,7 +23,6 @@ known event at all gets the artifact's popular items, marked `cold_start`.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,59 +31,15 @@ import torch
 
 from model.artifact import Artifact, event_type_map
 from model.backends import StepBackend
-from model.batching import group_by_length, pad_left, pad_right
-from model.encoder import KVCache
+from model.batching import group_by_length
 from model.errors import ArtifactError
-from model.retrieval import Retriever
-from state.kvcache import LruByteCache
+from model.retrieval import Exclusions, Retriever
+from state.kvpool import KNOWN_ROWS, KVPool
 from state.window import WindowEvent, WindowSnapshot
 from stream.worker.because import Because, event_type_name
 
-
-@dataclass
-class KnownEvents:
-    """A user's events whose item the model knows, oldest first: the only ones it encodes."""
-
-    at: list[int] = field(default_factory=list)  # index of each in the user's whole history
-    items: list[int] = field(default_factory=list)  # its item index in the model's vocabulary
-    types: list[int] = field(default_factory=list)  # its event type index in the model's
-    events: list[WindowEvent] = field(default_factory=list)
-
-    def add(self, at: int, item: int, event_type: int, event: WindowEvent) -> None:
-        self.at.append(at)
-        self.items.append(item)
-        self.types.append(event_type)
-        self.events.append(event)
-
-    def __add__(self, other: KnownEvents) -> KnownEvents:
-        return KnownEvents(self.at + other.at, self.items + other.items, self.types + other.types,
-                           self.events + other.events)
-
-    def __getitem__(self, part: slice) -> KnownEvents:
-        return KnownEvents(self.at[part], self.items[part], self.types[part], self.events[part])
-
-    def __len__(self) -> int:
-        return len(self.at)
-
-    def first_from(self, at: int) -> int:
-        """Position of the first of them at history index `at` or later."""
-        return bisect_left(self.at, at)
-
-
-@dataclass
-class CacheEntry:
-    """What the worker keeps in memory for a user between waves: the key/value cache after
-    the user's last known event, and the window's known events, so that the next wave needs no
-    pass over the stored window."""
-
-    kv: KVCache  # batch of one
-    vector: torch.Tensor  # [d]: the user vector after the last known event
-    window_end_offset: int  # input offset of the window's newest event when this was made
-    known: KnownEvents  # the window's known events
-
-    def nbytes(self) -> int:
-        vector = self.vector.numel() * self.vector.element_size()
-        return self.kv.nbytes() + vector + 256 + 120 * len(self.known)
+AT, ITEM, TYPE, RAW_TYPE = range(KNOWN_ROWS)  # rows of a known-events array (state/kvpool.py)
+_USER_KEY = 1 << 42  # (user row, history index) as one sortable int64: row * _USER_KEY + index
 
 
 @dataclass
@@ -126,6 +87,15 @@ class ScoredBatch(Sequence[Scored]):
             self.unknown_item[e],
         )
 
+    def extend(self, other: ScoredBatch) -> None:
+        """Append another batch's events (a wave recommended in parts)."""
+        self.user_ids += other.user_ids
+        self.items += other.items
+        self.scores += other.scores
+        self.because += other.because
+        self.cold_start += other.cold_start
+        self.unknown_item += other.unknown_item
+
     def __getitem__(self, e):  # type: ignore[no-untyped-def,override]
         if isinstance(e, slice):
             return [self._row(i) for i in range(*e.indices(len(self)))]
@@ -157,28 +127,66 @@ class WaveInput:
 
 
 @dataclass
-class _UserPlan:
-    """What one user of a wave needs: its known events and where each answer comes from."""
+class _Wave:
+    """A wave (or part of one) as columns: per event, per user, and all known events."""
 
-    known: KnownEvents  # before the wave, then the wave's
-    n_previous: int  # how many of them come before the wave
-    answered_by: list[int]  # per new event: index into the new known events, -1 = before them
-    kv: KVCache | None = None  # cache before the new known events (None: refill)
-    vectors: Sequence[torch.Tensor] | None = None  # per new known event: [d], after `extend`
-    attention: Sequence[torch.Tensor] | None = None  # per new known event: [W]
-    previous_vector: torch.Tensor | None = None  # the answer before the wave's known events
+    users: Sequence[WaveInput]
+    user_ids: list[str]
+    event_user: np.ndarray  # [E]: the user (row) of each event
+    event_at: np.ndarray  # [E]: its index in the user's whole history
+    own: np.ndarray  # [E] bool: its item is known (it is encoded)
+    answered_by: np.ndarray  # [E]: the user's newest new known event at or before it, -1: none
+    n_events: np.ndarray  # [U]: new events
+    n_previous: np.ndarray  # [U]: known events before the wave (in the stored window)
+    n_new: np.ndarray  # [U]: the wave's known events
+    known_base: np.ndarray  # [U]: where the user's known events start in `known`
+    new_base: np.ndarray  # [U]: where its new known events start in the wave's new vectors
+    known: np.ndarray  # [4, K] int64, rows AT, ITEM, TYPE, RAW_TYPE: every user's, in order
+    known_keys: np.ndarray  # [K]: user row * _USER_KEY + history index (sorted)
+    slots: np.ndarray  # [U]: the user's pool slot, -1 none
+    hit: np.ndarray  # [U] bool: the slot held this window's cache
+    previous_row: np.ndarray  # [U]: row in the previous vectors, -1 none
 
     @property
-    def new_count(self) -> int:
-        return len(self.known) - self.n_previous
+    def n_known(self) -> np.ndarray:
+        return self.n_previous + self.n_new
 
     @property
-    def previous(self) -> KnownEvents:
-        return self.known[: self.n_previous]
+    def has_previous(self) -> np.ndarray:
+        """[U]: the user has a vector from before the wave (a valid cache or stored events)."""
+        return self.hit | (self.n_previous > 0)
 
     @property
-    def new(self) -> KnownEvents:
-        return self.known[self.n_previous :]
+    def needs_slot(self) -> np.ndarray:
+        return self.hit | (self.n_known > 0)
+
+
+def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(counts), dtype=np.int64)
+    if len(counts) > 1:
+        np.cumsum(counts[:-1], out=out[1:])
+    return out
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The ranges [starts[i], starts[i] + lengths[i]) one after another, as one index array."""
+    total = int(lengths.sum())
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - _exclusive_cumsum(lengths), lengths)
+
+
+def _padded(known: np.ndarray, starts: np.ndarray, lengths: np.ndarray, left: bool
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items and types of `known[:, starts[i] : starts[i] + lengths[i]]` as rows padded with 0
+    on the left (`encode`) or on the right (`extend`): [B, longest] each."""
+    longest = int(lengths.max())
+    columns = np.arange(longest, dtype=np.int64)
+    shift = (longest - lengths) if left else np.zeros_like(lengths)
+    source = starts[:, None] + columns[None, :] - shift[:, None]
+    valid = (columns[None, :] >= shift[:, None]) & (columns[None, :] < (shift + lengths)[:, None])
+    source = np.where(valid, source, 0)
+    items = np.where(valid, known[ITEM][source], 0)
+    types = np.where(valid, known[TYPE][source], 0)
+    return torch.from_numpy(items), torch.from_numpy(types)
 
 
 class Recommender:
@@ -189,29 +197,37 @@ class Recommender:
         artifact: Artifact,
         backend: StepBackend,
         retriever: Retriever,
-        cache: LruByteCache[CacheEntry],
+        cache: KVPool | int,
         *,
         k: int = 10,
         exclude_seen: bool = True,
         because_count: int = 3,
         reuse_cache: bool = True,
         event_types: Sequence[str] | None = None,
+        window_capacity: int = 0,
     ) -> None:
-        """`event_types`: the deployment's (`--event-types`), whose 1-based positions the
-        windows store; each is mapped to the model's own index by name (default: the model's).
-        `reuse_cache=False` is the no-cache baseline: every event is its own wave entry and
-        re-encodes the user's stored window (same answers, the cost a cache saves)."""
+        """`cache`: the pool of key/value caches, or its byte budget (a pool is then made on
+        the backend's device, sized for `window_capacity` stored events per user, default the
+        model's N*(W-1)+1). `event_types`: the deployment's (`--event-types`), whose 1-based
+        positions the windows store; each is mapped to the model's own index by name (default:
+        the model's). `reuse_cache=False` is the no-cache baseline: every event is its own
+        wave entry and re-encodes the user's stored window (same answers, the cost a cache
+        saves)."""
         self.artifact = artifact
         self.event_types = list(event_types if event_types is not None else artifact.event_types)
         self.type_map = event_type_map(self.event_types, artifact.event_types)
+        self._type_table = np.array([*self.type_map, 0], dtype=np.int64)
         self.reuse_cache = reuse_cache
         self.backend = backend
         self.retriever = retriever
+        self.history = artifact.config.history_needed
+        if not isinstance(cache, KVPool):
+            cache = KVPool(artifact.config, cache, device=backend.device,
+                           known_per_user=max(window_capacity, self.history))
         self.cache = cache
         self.k = k
         self.exclude_seen = exclude_seen
         self.because_count = because_count
-        self.history = artifact.config.history_needed
         popular = np.argsort(-artifact.popularity[1:], kind="stable")[: max(k, 1) * 4] + 1
         self._popular = [int(i) for i in popular]
         self._popular_scores = artifact.popularity.astype(np.float64)
@@ -231,31 +247,55 @@ class Recommender:
         return min(self.backend.max_extend or self.artifact.config.window,
                    self.artifact.config.window)
 
-    def _type(self, event: WindowEvent) -> int:
-        """The model's index of the event's type (the window stores the deployment's)."""
-        return self.type_map[event.event_type] if event.event_type < len(self.type_map) else 0
+    def _types(self, raw: np.ndarray) -> np.ndarray:
+        """The model's index of each event type (the window stores the deployment's)."""
+        table = self._type_table
+        return table[np.where(raw < len(table) - 1, raw, len(table) - 1)]
+
+    def _known_of(self, events: Sequence[WindowEvent], first_at: np.ndarray, counts: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The known events among `events` (users' runs of `counts`, the run of user i
+        starting at history index first_at[i]) as a [4, n] array, each user's count of them,
+        and which of `events` they are (a mask)."""
+        get = self.artifact.item_index.get
+        total = len(events)
+        items = np.fromiter((get(e.item_id, 0) for e in events), dtype=np.int64, count=total)
+        raw = np.fromiter((e.event_type for e in events), dtype=np.int64, count=total)
+        owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        at = first_at[owner] + np.arange(total, dtype=np.int64) - _exclusive_cumsum(counts)[owner]
+        known = items > 0
+        array = np.stack([at, items, self._types(raw), raw])[:, known]
+        return array, np.bincount(owner[known], minlength=len(counts)).astype(np.int64), known
 
     def prewarm(self, windows: Sequence[tuple[str, WindowSnapshot]], batch: int = 256) -> int:
-        """Fill the cache of these users from their stored windows (batched `encode`), as a
-        refill would: exact, and valid only while the window still ends at the same offset.
-        Runs before the model serves (off the hot path); returns how many users it warmed."""
-        index = self.artifact.item_index
-        ready: list[tuple[str, KnownEvents, int]] = []
-        for user_id, window in windows:
-            known = KnownEvents()
-            for at, event in enumerate(window.events, start=window.first_index):
-                item = index.get(event.item_id)
-                if item is not None:
-                    known.add(at, item, self._type(event), event)
-            if len(known) and window.events:
-                ready.append((user_id, known, window.events[-1].offset))
-        for start in range(0, len(ready), batch):
-            part = ready[start : start + batch]
-            stored = [known[-self.history :] for _, known, _ in part]
-            vectors, kv = self.backend.encode(*pad_left([s.items for s in stored],
-                                                        [s.types for s in stored]))
-            for (user_id, known, end), user_kv, vector in zip(part, kv.split(), vectors, strict=True):
-                self.cache.put(user_id, self.version, CacheEntry(user_kv, vector, end, known))
+        """Fill the cache of these users from their stored windows (batched `encode` into their
+        slots), as a refill would: exact, and valid only while the window still ends at the
+        same offset. Runs before the model serves (off the hot path); returns how many users it
+        warmed (the last ones stay if they outnumber the pool's slots)."""
+        pool = self.cache
+        windows = [(u, w) for u, w in windows if w.events]
+        if not windows:
+            return 0
+        known, counts, _ = self._known_of(
+            [e for _, w in windows for e in w.events],
+            np.fromiter((w.first_index for _, w in windows), dtype=np.int64, count=len(windows)),
+            np.fromiter((len(w.events) for _, w in windows), dtype=np.int64, count=len(windows)),
+        )
+        base = _exclusive_cumsum(counts)
+        ready = np.flatnonzero(counts > 0)
+        step = max(1, min(batch, pool.slots))
+        for start in range(0, len(ready), step):
+            rows = ready[start : start + step]
+            slots = pool.assign([windows[r][0] for r in rows.tolist()])
+            lengths = np.minimum(counts[rows], self.history)
+            self.backend.encode_into(
+                pool.kv, pool.vectors, torch.from_numpy(slots),
+                *_padded(known, base[rows] + counts[rows] - lengths, lengths, left=True),
+            )
+            pool.store(slots, [windows[r][1].events[-1].offset for r in rows.tolist()],
+                       [known[:, b : b + n].copy() for b, n in zip(base[rows].tolist(),
+                                                                   counts[rows].tolist(),
+                                                                   strict=True)])
         return len(ready)
 
     def smoke_check(self) -> None:
@@ -287,204 +327,224 @@ class Recommender:
 
     def forget(self, user_ids: Iterable[str]) -> None:
         """Drop the users' caches (after a failed wave): their next wave refills exactly."""
-        for user_id in user_ids:
-            self.cache.discard(user_id, self.version)
+        self.cache.discard(user_ids)
 
     def recommend(self, wave: Sequence[WaveInput]) -> tuple[ScoredBatch, RecommendCounters]:
-        """One recommendation per event: users in the wave's order, each user's in order."""
-        hits, misses, unknown = self.cache.stats.hits, self.cache.stats.misses, self._unknown_items
-        plans = [self._plan(user) for user in wave]
-        self._refill_caches([p for p in plans if p.new_count and p.kv is None])
-        self._advance([p for p in plans if p.new_count])
-        self._refill_previous_vectors([
-            p for p in plans
-            if p.n_previous and p.previous_vector is None and min(p.answered_by) < 0
-        ])
-        if self.reuse_cache:
-            for user, plan in zip(wave, plans, strict=True):
-                self._keep(user, plan)
-        scored = self._retrieve(wave, plans)
+        """One recommendation per event: users in the wave's order, each user's in order. A
+        wave of more users than the pool has slots runs in parts of that many users."""
+        stats = self.cache.stats
+        hits, misses, unknown = stats.hits, stats.misses, self._unknown_items
+        part = self.cache.slots
+        scored = self._recommend(wave[:part])
+        for start in range(part, len(wave), part):
+            scored.extend(self._recommend(wave[start : start + part]))
         return scored, RecommendCounters(
-            self.cache.stats.hits - hits, self.cache.stats.misses - misses,
-            self._unknown_items - unknown,
+            stats.hits - hits, stats.misses - misses, self._unknown_items - unknown
         )
 
-    def _plan(self, user: WaveInput) -> _UserPlan:
-        index = self.artifact.item_index
-        start = user.first_index + len(user.previous)  # history index of the wave's first event
-        cached = self.cache.get(user.user_id, self.version) if self.reuse_cache else None
-        window_end = user.previous[-1].offset if user.previous else -1
-        if cached is not None and cached.window_end_offset == window_end:
-            previous = cached.known
-        else:  # a cold or stale cache: one pass over the stored window
-            if cached is not None:
-                self.cache.count_stale()
-            cached = None
-            previous = KnownEvents()
-            for at, event in enumerate(user.previous, start=user.first_index):
-                item = index.get(event.item_id)
-                if item is not None:
-                    previous.add(at, item, self._type(event), event)
-        new, answered_by = KnownEvents(), []
-        for at, event in enumerate(user.events, start=start):
-            item = index.get(event.item_id)
-            if item is not None:
-                new.add(at, item, self._type(event), event)
-            answered_by.append(len(new) - 1)
-        self._unknown_items += len(user.events) - len(new)
-        plan = _UserPlan(previous + new, len(previous), answered_by)
-        if cached is not None:
-            plan.kv, plan.previous_vector = cached.kv, cached.vector
-        elif not len(previous):
-            plan.kv = KVCache.empty(self.artifact.config, 1)  # the user's first known events
-        return plan
+    def _recommend(self, users: Sequence[WaveInput]) -> ScoredBatch:
+        wave = self._plan(users)
+        previous_vectors = self._prepare_slots(wave)
+        new_vectors, new_attention = self._advance(wave)
+        if self.reuse_cache:
+            self._keep(wave)
+        else:  # the baseline keeps nothing: the slots were scratch space for this wave
+            self.cache.discard(wave.user_ids[r] for r in np.flatnonzero(wave.slots >= 0).tolist())
+        return self._retrieve(wave, new_vectors, new_attention, previous_vectors)
 
-    def _keep(self, user: WaveInput, plan: _UserPlan) -> None:
-        """Cache what the user's next wave needs, trimmed to the window after this one."""
-        vector = plan.vectors[-1] if plan.vectors is not None else plan.previous_vector
-        if vector is None or plan.kv is None:
-            return  # no known event yet: nothing to continue from
-        if vector._base is not None:  # a view: keep its own copy, not the wave's whole tensor
-            vector = vector.clone()
-        total = user.first_index + len(user.previous) + len(user.events)
-        first = total - min(user.capacity, len(user.previous) + len(user.events))
-        self.cache.put(user.user_id, self.version, CacheEntry(
-            plan.kv, vector, user.events[-1].offset, plan.known[plan.known.first_from(first) :],
-        ))
+    def _plan(self, users: Sequence[WaveInput]) -> _Wave:
+        """The wave's columns: its events, the cache lookup, every user's known events."""
+        count = len(users)
+        user_ids = [user.user_id for user in users]
+        n_events = np.fromiter((len(u.events) for u in users), dtype=np.int64, count=count)
+        n_before = np.fromiter((len(u.previous) for u in users), dtype=np.int64, count=count)
+        first_index = np.fromiter((u.first_index for u in users), dtype=np.int64, count=count)
+        new_known, n_new, own = self._known_of(
+            [e for user in users for e in user.events], first_index + n_before, n_events
+        )
+        events = int(n_events.sum())
+        event_user = np.repeat(np.arange(count, dtype=np.int64), n_events)
+        event_at = (first_index + n_before)[event_user] + np.arange(events, dtype=np.int64) \
+            - _exclusive_cumsum(n_events)[event_user]
+        self._unknown_items += events - int(own.sum())
+        new_base = _exclusive_cumsum(n_new)
+        answered_by = np.cumsum(own) - 1 - new_base[event_user]
 
-    def _refill_caches(self, plans: list[_UserPlan]) -> None:
-        """Rebuild missing caches from the stored events: one batched `encode`."""
-        if not plans:
+        if self.reuse_cache:
+            window_end = [u.previous[-1].offset if u.previous else -1 for u in users]
+            slots = self.cache.lookup(user_ids, window_end)
+        else:
+            slots = np.full(count, -1, dtype=np.int64)
+        hit = slots >= 0
+        hit_rows, miss_rows = np.flatnonzero(hit), np.flatnonzero(~hit)
+        held = self.cache.known_of(slots[hit_rows])
+        n_previous = np.zeros(count, dtype=np.int64)
+        n_previous[hit_rows] = [a.shape[1] for a in held]
+        missed = [users[r] for r in miss_rows.tolist()]
+        miss_known, n_miss, _ = self._known_of(
+            [e for user in missed for e in user.previous], first_index[miss_rows],
+            n_before[miss_rows],
+        )
+        n_previous[miss_rows] = n_miss
+
+        n_known = n_previous + n_new
+        known_base = _exclusive_cumsum(n_known)
+        known = np.empty((KNOWN_ROWS, int(n_known.sum())), dtype=np.int64)
+        if held:
+            known[:, _ranges(known_base[hit_rows], n_previous[hit_rows])] = np.concatenate(
+                held, axis=1)
+        known[:, _ranges(known_base[miss_rows], n_miss)] = miss_known
+        known[:, _ranges(known_base + n_previous, n_new)] = new_known
+        known_keys = np.repeat(np.arange(count, dtype=np.int64), n_known) * _USER_KEY + known[AT]
+        return _Wave(users, user_ids, event_user, event_at, own, answered_by, n_events,
+                     n_previous, n_new, known_base, new_base, known, known_keys, slots, hit,
+                     np.full(count, -1, dtype=np.int64))
+
+    def _prepare_slots(self, wave: _Wave) -> torch.Tensor:
+        """Slots for the users that lack one, refilled (one batched `encode` of each one's last
+        N*(W-1)+1 stored known events) or emptied (no known event before the wave); returns
+        the vectors from before the wave that some event needs (rows: `wave.previous_row`)."""
+        pool = self.cache
+        pool.invalidate(wave.slots[wave.hit])  # valid again only once `_keep` stores them
+        fresh = wave.needs_slot & ~wave.hit
+        rows = np.flatnonzero(fresh)
+        if len(rows):
+            wave.slots[rows] = pool.assign([wave.user_ids[r] for r in rows.tolist()])
+        refill = rows[wave.n_previous[rows] > 0]
+        empty = rows[wave.n_previous[rows] == 0]
+        if len(empty):
+            pool.clear_slots(torch.from_numpy(wave.slots[empty]))
+        if len(refill):
+            lengths = np.minimum(wave.n_previous[refill], self.history)
+            starts = wave.known_base[refill] + wave.n_previous[refill] - lengths
+            self.backend.encode_into(pool.kv, pool.vectors, torch.from_numpy(wave.slots[refill]),
+                                     *_padded(wave.known, starts, lengths, left=True))
+        before = (wave.answered_by < 0) & wave.has_previous[wave.event_user]
+        needed = np.unique(wave.event_user[before])
+        wave.previous_row[needed] = np.arange(len(needed))
+        if not len(needed):
+            return torch.empty((0, self.artifact.config.d_model))
+        index = torch.from_numpy(wave.slots[needed]).to(pool.device)
+        return pool.vectors.index_select(0, index).float().cpu()
+
+    def _advance(self, wave: _Wave) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the new known events through the model in their users' slots: one
+        `extend_into` per group (`model.batching.group_by_length`; T = 1 is `step`). Returns
+        the vectors [N, d] and attention [N, W] after each new known event, user by user."""
+        cfg = self.artifact.config
+        total = int(wave.n_new.sum())
+        vectors = torch.empty((total, cfg.d_model))
+        attention = torch.empty((total, cfg.window))
+        moving = np.flatnonzero(wave.n_new > 0)
+        for group in group_by_length(wave.n_new[moving].tolist()):
+            rows = moving[group]
+            counts = wave.n_new[rows]
+            items, types = _padded(wave.known, wave.known_base[rows] + wave.n_previous[rows],
+                                   counts, left=False)
+            out, weights = self.backend.extend_into(
+                self.cache.kv, self.cache.vectors, torch.from_numpy(wave.slots[rows]),
+                items, types, torch.from_numpy(counts), return_attention=True,
+            )
+            columns = np.arange(items.shape[1])
+            real = columns[None, :] < counts[:, None]
+            into = torch.from_numpy((wave.new_base[rows][:, None] + columns[None, :])[real])
+            real_rows = torch.from_numpy(real)
+            vectors[into] = out[real_rows].float()
+            if weights is not None:
+                attention[into] = weights[real_rows].float()
+        return vectors, attention
+
+    def _keep(self, wave: _Wave) -> None:
+        """Record each user's slot as valid for its window after this wave, with the known
+        events of that window (what its next wave needs)."""
+        rows = np.flatnonzero(wave.needs_slot & (wave.n_events > 0))
+        if not len(rows):
             return
-        stored = [plan.previous[-(self.history - 1) :] for plan in plans]
-        vectors, kv = self.backend.encode(*pad_left([s.items for s in stored],
-                                                    [s.types for s in stored]))
-        for plan, user_kv, vector in zip(plans, kv.split(), vectors, strict=True):
-            plan.kv, plan.previous_vector = user_kv, vector
+        users = wave.users
+        capacity = np.fromiter((users[r].capacity for r in rows.tolist()), dtype=np.int64,
+                               count=len(rows))
+        seen = wave.n_events[rows] + np.fromiter(
+            (len(users[r].previous) for r in rows.tolist()), dtype=np.int64, count=len(rows))
+        total = np.fromiter((users[r].first_index for r in rows.tolist()), dtype=np.int64,
+                            count=len(rows)) + seen
+        first = total - np.minimum(capacity, seen)  # history index of the next window's first
+        starts = np.searchsorted(wave.known_keys, rows * _USER_KEY + first)
+        ends = wave.known_base[rows] + wave.n_known[rows]
+        known = wave.known
+        self.cache.store(
+            wave.slots[rows],
+            [users[r].events[-1].offset for r in rows.tolist()],
+            [known[:, s:e].copy() for s, e in zip(starts.tolist(), ends.tolist(), strict=True)],
+        )
 
-    def _refill_previous_vectors(self, plans: list[_UserPlan]) -> None:
-        """Users whose wave has no known item before some event, with a cold cache: their
-        answer there is the vector after their last stored known event (exact from N*(W-1)+1)."""
-        for plan in plans:
-            stored = plan.previous[-self.history :]
-            vector, kv = self.backend.encode(*pad_left([stored.items], [stored.types]))
-            plan.previous_vector = vector[0]
-            if not plan.new_count:
-                plan.kv = kv.split()[0]  # kept for the next wave (a stepped one replaces it)
-
-    def _advance(self, plans: list[_UserPlan]) -> None:
-        """Run the new known events through the model: `step` where each user of a group has
-        one, `extend` where some have more (groups from `model.batching.group_by_length`)."""
-        for indices in group_by_length([plan.new_count for plan in plans]):
-            group = [plans[i] for i in indices]
-            caches = KVCache.cat([plan.kv for plan in group])  # type: ignore[misc]
-            new = [plan.new for plan in group]
-            if max(plan.new_count for plan in group) == 1:
-                vectors, new_cache, attention = self.backend.step(
-                    caches,
-                    torch.tensor([n.items[0] for n in new], dtype=torch.long),
-                    torch.tensor([n.types[0] for n in new], dtype=torch.long),
-                    return_attention=True,
-                )
-                vectors = vectors.unsqueeze(1)
-                attention = attention.unsqueeze(1) if attention is not None else None
-            else:
-                items, types, counts = pad_right([n.items for n in new], [n.types for n in new])
-                vectors, new_cache, attention = self.backend.extend(
-                    caches, items, types, counts, return_attention=True
-                )
-            # rows as lists of views, one C call each: no tensor indexing per user or event
-            width = vectors.shape[1]
-            vector_rows = vectors.reshape(-1, vectors.shape[-1]).unbind(0)
-            attention_rows = (attention.reshape(-1, attention.shape[-1]).unbind(0)
-                              if attention is not None else None)
-            for r, (plan, kv) in enumerate(zip(group, new_cache.split(), strict=True)):
-                first = r * width
-                plan.kv = kv
-                plan.vectors = vector_rows[first : first + plan.new_count]
-                if attention_rows is not None:
-                    plan.attention = attention_rows[first : first + plan.new_count]
-
-    def _retrieve(self, wave: Sequence[WaveInput], plans: list[_UserPlan]) -> ScoredBatch:
+    def _retrieve(self, wave: _Wave, new_vectors: torch.Tensor, new_attention: torch.Tensor,
+                  previous_vectors: torch.Tensor) -> ScoredBatch:
         """One batched search for every event with a user vector; the rest get popular items.
         Results stay columns of item indices (`ScoredBatch`): no object per item or event."""
         batch = ScoredBatch(self.artifact.item_ids, self.event_types)
-        users, cold, unknown = batch.user_ids, batch.cold_start, batch.unknown_item
-        queries: list[torch.Tensor] = []
-        exclude: list[list[int]] = []
-        query_events: list[int] = []  # per query: the event (position in the batch) it answers
-        explained: list[tuple[int, torch.Tensor, list[int], list[WindowEvent], int]] = []
-        for user, plan in zip(wave, plans, strict=True):
-            start = user.first_index + len(user.previous)  # history index of the first event
-            known = plan.known
-            known_at, known_items = known.at, known.items
-            n_previous, vectors = plan.n_previous, plan.vectors
-            user_id, capacity = user.user_id, user.capacity
-            for offset, j in enumerate(plan.answered_by):
-                at = start + offset
-                # this event's item is known: the newest known event is the event itself
-                own = j >= 0 and known_at[n_previous + j] == at
-                users.append(user_id)
-                unknown.append(not own)
-                if j >= 0 and vectors is not None:
-                    vector = vectors[j]
-                elif plan.previous_vector is not None:
-                    vector = plan.previous_vector
-                else:  # no known event at all yet: popular items
-                    cold.append(True)
-                    continue
-                cold.append(False)
-                upto = n_previous + j + 1  # known events up to this one
-                first = bisect_left(known_at, at + 1 - capacity)  # its stored window
-                exclude.append(known_items[first:upto])
-                queries.append(vector)
-                query_events.append(len(users) - 1)
-                if own and plan.attention is not None:
-                    explained.append((len(users) - 1, plan.attention[j], known_items,
-                                      known.events, upto))
-        size = len(users)
+        user, answered_by = wave.event_user, wave.answered_by
+        size = len(user)
+        cold = (answered_by < 0) & ~wave.has_previous[user]
+        batch.user_ids = [wave.user_ids[u] for u in user.tolist()]
+        batch.cold_start = cold.tolist()
+        batch.unknown_item = (~wave.own).tolist()
         batch.items = [self._popular_items] * size
         batch.scores = [self._popular_item_scores] * size
         batch.because = [[] for _ in range(size)]
-        if not queries:
+        query = np.flatnonzero(~cold)
+        if not len(query):
             return batch
-        found = self.retriever.search(
-            torch.stack(queries).float().cpu().numpy(),
-            self.k,
-            exclude=exclude if self.exclude_seen else None,
-        )
+        q_user, q_answer = user[query], answered_by[query]
+        source = np.where(q_answer >= 0, wave.new_base[q_user] + q_answer,
+                          len(new_vectors) + wave.previous_row[q_user])
+        queries = torch.cat([new_vectors, previous_vectors])[torch.from_numpy(source)]
+        exclude = None
+        if self.exclude_seen:
+            capacity = np.fromiter((u.capacity for u in wave.users), dtype=np.int64,
+                                   count=len(wave.users))
+            window_first = np.maximum(wave.event_at[query] + 1 - capacity[q_user], 0)
+            starts = np.searchsorted(wave.known_keys, q_user * _USER_KEY + window_first)
+            upto = wave.n_previous[q_user] + q_answer + 1  # known events up to this one
+            lengths = np.maximum(wave.known_base[q_user] + upto - starts, 0)
+            offsets = np.zeros(len(query) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            exclude = Exclusions.from_csr(offsets, wave.known[ITEM][_ranges(starts, lengths)],
+                                          self.retriever.n_rows)
+        found = self.retriever.search(queries.numpy(), self.k, exclude=exclude)
         scores = np.round(found.scores.astype(np.float64), 6)
         indices = found.indices
-        complete = bool((indices > 0).all())
         items_rows, score_rows = indices.tolist(), scores.tolist()
-        if not complete:  # fewer than k items left: drop the -1 slots
+        if not bool((indices > 0).all()):  # fewer than k items left: drop the -1 slots
             valid = (indices > 0).tolist()
             items_rows = [[i for i, v in zip(r, m, strict=True) if v]
                           for r, m in zip(items_rows, valid, strict=True)]
             score_rows = [[s for s, v in zip(r, m, strict=True) if v]
                           for r, m in zip(score_rows, valid, strict=True)]
-        for event, row, row_scores in zip(query_events, items_rows, score_rows, strict=True):
+        for event, row, row_scores in zip(query.tolist(), items_rows, score_rows, strict=True):
             batch.items[event] = row
             batch.scores[event] = row_scores
-        self._explain(batch, explained)
+        self._explain(batch, wave, new_attention)
         return batch
 
-    def _explain(
-        self, batch: ScoredBatch,
-        explained: list[tuple[int, torch.Tensor, list[int], list[WindowEvent], int]],
-    ) -> None:
+    def _explain(self, batch: ScoredBatch, wave: _Wave, new_attention: torch.Tensor) -> None:
         """`because` (see `stream.worker.because`) of the events whose own item was encoded: one
-        top-k over their stacked attention rows."""
+        top-k over their attention rows, the items and types looked up as columns."""
         count = self.because_count
-        if not explained or count <= 0:
+        events = np.flatnonzero(wave.own)
+        if not len(events) or count <= 0:
             return
-        weights = torch.stack([row for _, row, _, _, _ in explained]).float().cpu()
+        user, answer = wave.event_user[events], wave.answered_by[events]
+        weights = new_attention[torch.from_numpy(wave.new_base[user] + answer)]
         top = torch.topk(weights, min(count, weights.shape[1]), dim=1)
-        for (event, _, items, events, upto), values, ages in zip(
-            explained, top.values.tolist(), top.indices.tolist(), strict=True
+        ages = top.indices.numpy().astype(np.int64)
+        upto = (wave.n_previous[user] + answer + 1)[:, None]
+        position = np.clip(wave.known_base[user][:, None] + upto - 1 - ages, 0, None)
+        keep = ((top.values.numpy() > 0.0) & (ages < upto)).tolist()
+        items = wave.known[ITEM][position].tolist()
+        types = wave.known[RAW_TYPE][position].tolist()
+        because = batch.because
+        for event, row_keep, row_items, row_types, row_weights in zip(
+            events.tolist(), keep, items, types, top.values.tolist(), strict=True
         ):
-            batch.because[event] = [
-                (items[upto - 1 - a], events[upto - 1 - a].event_type, round(w, 4))
-                for w, a in zip(values, ages, strict=True)
-                if w > 0.0 and a < upto
-            ]
+            because[event] = [(i, t, round(w, 4)) for i, t, w, k in
+                              zip(row_items, row_types, row_weights, row_keep, strict=True) if k]

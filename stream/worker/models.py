@@ -85,9 +85,9 @@ def load_recommender(
     from model.artifact import event_type_map, load_artifact
     from model.backends import make_backend
     from model.store import manifest_digest
-    from state.kvcache import LruByteCache
+    from state.kvpool import KVPool
     from state.partition import group_directory
-    from stream.worker.inference import CacheEntry, Recommender
+    from stream.worker.inference import Recommender
 
     with _check("verify"):
         artifact = load_artifact(choice.path)
@@ -130,7 +130,8 @@ def load_recommender(
         if settings.unavailable_items is not None:
             ids = Path(settings.unavailable_items).read_text().split()
             retriever.set_unavailable(artifact.item_index[i] for i in ids if i in artifact.item_index)
-        cache: LruByteCache[CacheEntry] = LruByteCache(cache_bytes or settings.cache_bytes)
+        cache = KVPool(artifact.config, cache_bytes or settings.cache_bytes, device=backend.device,
+                       known_per_user=max(settings.window_capacity, needed))
         recommender = Recommender(
             artifact,
             backend,

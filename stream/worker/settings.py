@@ -137,7 +137,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
              "malloc_trim; 0 = never): batches of different sizes leave freed memory inside "
              "the heap, which the process's resident size would keep",
     )
-    loop.add_argument("--cache-bytes", type=integer(1), default=1 << 30, help="key/value cache budget")
+    loop.add_argument(
+        "--cache-bytes", type=integer(1), default=1 << 30,
+        help="key/value cache pool budget in bytes: the slabs of all its slots (allocated when a "
+             "model loads, on the backend's device) plus the cached users' known events",
+    )
     loop.add_argument(
         "--windows-in-memory", type=integer(0), default=10_000,
         help="checkpointed windows kept in memory per partition (least recently used out)",
