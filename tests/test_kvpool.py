@@ -24,7 +24,12 @@ from state.kvpool import ARRAY_HEADER_BYTES, KNOWN_EVENT_BYTES, KVPool, budget_f
 from state.window import Window, WindowEvent
 from stream.worker.inference import Recommender, WaveInput
 from tests.worker_fixtures import make_artifact
-from tests.worker_reference import ReferenceEvent, assert_same_ranking, reference_recommendations
+from tests.worker_reference import (
+    ReferenceEvent,
+    assert_matches_reference,
+    assert_same_ranking,
+    reference_recommendations,
+)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -107,17 +112,6 @@ class Feeder:
             if wave:
                 flush(wave)
         return got
-
-
-def assert_matches_reference(got: list, events: list[ReferenceEvent], artifact: Artifact,
-                             capacity: int) -> None:
-    want = reference_recommendations(artifact, events, k=5, window_capacity=capacity)
-    assert len(got) == len(want) == len(events)
-    for g, w in zip(got, want, strict=True):
-        assert g.user_id == w.user_id
-        assert g.cold_start == w.cold_start
-        if not w.cold_start:
-            assert_same_ranking([i for i, _ in g.items], [s for _, s in g.items], w)
 
 
 def within_budget(recommender: Recommender) -> None:

@@ -15,7 +15,7 @@ from stream.worker.models import retrieval_kind
 from stream.worker.settings import WorkerSettings
 from tests.test_worker_inference import _run, _stream
 from tests.worker_fixtures import make_artifact
-from tests.worker_reference import assert_same_ranking, reference_recommendations
+from tests.worker_reference import assert_matches_reference
 
 
 def _settings(*flags: str) -> WorkerSettings:
@@ -37,12 +37,7 @@ def test_torch_exact_retrieval_matches_the_full_forward_reference(
     capacity = artifact.config.history_needed
     events = list(_stream(n_users=6, n_events=150, n_items=300, seed=per_user))
     got = _run(recommender, events, capacity, wave_size, per_user=per_user)
-    want = reference_recommendations(artifact, events, k=5, window_capacity=capacity)
-    assert len(got) == len(want) == len(events)
-    for g, w in zip(got, want, strict=True):
-        assert g.user_id == w.user_id and g.cold_start == w.cold_start
-        if not w.cold_start:
-            assert_same_ranking([i for i, _ in g.items], [s for _, s in g.items], w)
+    assert_matches_reference(got, events, artifact, capacity)
 
 
 def test_auto_retrieval_is_torch_exact_on_the_cuda_backend_only() -> None:

@@ -13,7 +13,12 @@ from model.retrieval import Retriever
 from state.window import Window, WindowEvent
 from stream.worker.inference import Recommender, WaveInput
 from tests.worker_fixtures import make_artifact
-from tests.worker_reference import ReferenceEvent, assert_same_ranking, reference_recommendations
+from tests.worker_reference import (
+    ReferenceEvent,
+    assert_matches_reference,
+    assert_same_ranking,
+    reference_recommendations,
+)
 
 
 def _recommender(artifact, cache_bytes: int = 1 << 26, reuse_cache: bool = True) -> Recommender:
@@ -92,13 +97,7 @@ def test_worker_matches_full_forward_reference(
     got = _run(recommender, events, capacity, wave_size, drop_cache_every=drop, per_user=per_user)
     # several events of a user in one pass (T > 1) only where a wave may hold several
     assert any(shape[1] > 1 for shape in extend_calls) == (per_user > 1)
-    want = reference_recommendations(artifact, events, k=5, window_capacity=capacity)
-    assert len(got) == len(want) == len(events)
-    for g, w in zip(got, want, strict=True):
-        assert g.user_id == w.user_id
-        assert g.cold_start == w.cold_start
-        if not w.cold_start:
-            assert_same_ranking([i for i, _ in g.items], [s for _, s in g.items], w)
+    assert_matches_reference(got, events, artifact, capacity)
 
 
 def test_recommendations_same_with_warm_or_refilled_cache(tmp_path: Path) -> None:

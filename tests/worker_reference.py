@@ -87,3 +87,16 @@ def assert_same_ranking(
         if got != expected:
             tie = abs(got_scores[position] - want.scores[position]) <= atol
             assert tie and expected in got_items, (position, got_items, want.item_ids)
+
+
+def assert_matches_reference(got: list, events: list[ReferenceEvent], artifact: Artifact,
+                             capacity: int, k: int = 5) -> None:
+    """One recommendation per event, each the offline full-forward reference's (same user,
+    same cold start, same ranking up to ties)."""
+    want = reference_recommendations(artifact, events, k=k, window_capacity=capacity)
+    assert len(got) == len(want) == len(events)
+    for g, w in zip(got, want, strict=True):
+        assert g.user_id == w.user_id
+        assert g.cold_start == w.cold_start
+        if not w.cold_start:
+            assert_same_ranking([i for i, _ in g.items], [s for _, s in g.items], w)
