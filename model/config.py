@@ -7,6 +7,8 @@ from typing import Any
 
 from model.errors import ConfigError
 
+SIMILARITIES = ("dot", "cosine")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -21,6 +23,10 @@ class ModelConfig:
     dropout: float = 0.5
     rope_base: float = 10000.0
     mlp_ratio: int = 4
+    # how a user vector scores an item: "dot" = inner product of the final hidden state with
+    # the item embedding; "cosine" = both L2-normalised, divided by `temperature`
+    similarity: str = "dot"
+    temperature: float = 0.05
 
     @property
     def head_dim(self) -> int:
@@ -47,6 +53,10 @@ class ModelConfig:
             problems.append("dropout must be in [0, 1)")
         if self.rope_base <= 1.0:
             problems.append("rope_base must be > 1")
+        if self.similarity not in SIMILARITIES:
+            problems.append(f"similarity must be one of {SIMILARITIES}, not {self.similarity!r}")
+        if not self.temperature > 0.0:
+            problems.append("temperature must be > 0")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
         return self
@@ -60,6 +70,7 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"invalid model config: unknown keys {unknown}")
+        data = {"similarity": "dot", **data}  # artifacts written before the field scored by dot
         try:
             return cls(**data).validate()
         except TypeError as exc:

@@ -259,11 +259,22 @@ class Encoder(nn.Module):
         return self.embedding_dropout(x + self.type_embedding(event_types))
 
     def item_embeddings(self) -> Tensor:
-        """[n_items + 1, d]: the output scoring matrix (tied with the input); row 0 = padding."""
+        """[n_items + 1, d]: the output scoring matrix (tied with the input); row 0 = padding.
+        With cosine similarity its rows are L2-normalised (the padding row stays zero)."""
+        if self.config.similarity == "cosine":
+            return F.normalize(self.item_embedding.weight, dim=-1)
         return self.item_embedding.weight
 
+    def user_vectors(self, hidden: Tensor) -> Tensor:
+        """The final normed hidden states as user vectors: an item's score is the inner product
+        with its row of `item_embeddings()`. With cosine similarity they are L2-normalised and
+        divided by the temperature, so that inner product is cosine / temperature."""
+        if self.config.similarity == "cosine":
+            return F.normalize(hidden, dim=-1) / self.config.temperature
+        return hidden
+
     def score(self, user_vectors: Tensor) -> Tensor:
-        return user_vectors @ self.item_embedding.weight.T
+        return user_vectors @ self.item_embeddings().T
 
     def _layers(
         self,
@@ -288,7 +299,7 @@ class Encoder(nn.Module):
             if keep:
                 keys.append(k)
                 values.append(v)
-        return self.norm(x), keys, values, weights
+        return self.user_vectors(self.norm(x)), keys, values, weights
 
     # --- full pass ----------------------------------------------------------------------------
     def _full(

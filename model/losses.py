@@ -9,6 +9,10 @@ into the gradients of `hidden` and `items` at once, during the forward pass (as 
 linear-cross-entropy kernels do). The backward pass only scales the stored gradients.
 The result equals `F.cross_entropy(hidden @ items.T, targets)` with column 0 (padding)
 excluded, up to float rounding (tests/test_losses.py).
+
+`excluded` [N, K] optionally leaves more items out of each row's softmax (as evaluation leaves
+a user's earlier items out of the ranking); a row's own target is never left out, and 0
+entries mean nothing (column 0 is out anyway).
 """
 
 from __future__ import annotations
@@ -22,7 +26,12 @@ from torch import Tensor
 class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: Tensor, items: Tensor, targets: Tensor, block_rows: int
+        ctx: Any,
+        hidden: Tensor,
+        items: Tensor,
+        targets: Tensor,
+        excluded: Tensor | None,
+        block_rows: int,
     ) -> Tensor:
         count = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden)
@@ -33,6 +42,11 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
             block, block_targets = hidden[rows], targets[rows]
             logits = block @ items.T  # [rows, n_items + 1]
             logits[:, 0] = float("-inf")  # row 0 of `items` is padding, never a candidate
+            if excluded is not None:
+                block_excluded = excluded[rows]
+                block_excluded = block_excluded.masked_fill(
+                    block_excluded == block_targets.view(-1, 1), 0)
+                logits.scatter_(1, block_excluded, float("-inf"))
             log_normalizer = torch.logsumexp(logits, dim=1, keepdim=True)
             picked = logits.gather(1, block_targets.view(-1, 1))
             total += (log_normalizer - picked).sum()
@@ -49,17 +63,22 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
         return total * scale
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor, None, None, None]:  # type: ignore[override]
         grad_hidden, grad_items = ctx.saved_tensors
         factor = grad_output * ctx.scale
-        return grad_hidden * factor, grad_items * factor, None, None
+        return grad_hidden * factor, grad_items * factor, None, None, None
 
 
 def softmax_cross_entropy(
-    hidden: Tensor, items: Tensor, targets: Tensor, block_rows: int = 128
+    hidden: Tensor,
+    items: Tensor,
+    targets: Tensor,
+    block_rows: int = 128,
+    excluded: Tensor | None = None,
 ) -> Tensor:
     """Mean cross-entropy of `targets` [N] under softmax(hidden [N, d] @ items [V + 1, d].T),
-    with column 0 (padding) left out of the softmax."""
+    with column 0 (padding) and each row's `excluded` [N, K] items (not its target) left out
+    of the softmax."""
     if hidden.shape[0] == 0:
         return (hidden.sum() + items.sum()) * 0.0
-    return _ChunkedSoftmaxCrossEntropy.apply(hidden, items, targets, block_rows)
+    return _ChunkedSoftmaxCrossEntropy.apply(hidden, items, targets, excluded, block_rows)

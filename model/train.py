@@ -37,7 +37,7 @@ import torch
 from torch.nn import functional as F
 
 from model.artifact import Artifact, save_artifact
-from model.config import ModelConfig
+from model.config import SIMILARITIES, ModelConfig
 from model.datasets import EVENT_TYPES, add_dataset_arguments, dataset_from_args
 from model.encoder import Encoder
 from model.errors import ConfigError, DataError
@@ -71,6 +71,9 @@ class TrainSettings:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     batching: str = "length"  # or "random": a shuffled batch_size users at a time
+    # CE only: leave each position's earlier items (its input so far) out of its softmax, as
+    # evaluation leaves a user's earlier items out of the ranking
+    exclude_seen: bool = False
 
 
 def length_grouped_batches(
@@ -130,14 +133,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seen_items(items: torch.Tensor) -> torch.Tensor:
+    """[B, T, T]: at (b, t), the items of row b up to and including position t (0 after)."""
+    length = items.shape[1]
+    earlier = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
+    return items.unsqueeze(1) * earlier
+
+
 def _loss(
-    encoder: Encoder, hidden: torch.Tensor, targets: torch.Tensor, settings: TrainSettings
+    encoder: Encoder,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    settings: TrainSettings,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`hidden` [N, d] at non-padding positions, `targets` [N] item indices."""
+    """`hidden` [N, d] at non-padding positions, `targets` [N] item indices, `seen` [N, K]
+    the items each position has seen (for `exclude_seen`)."""
     embeddings = encoder.item_embeddings()
     n_items = embeddings.shape[0] - 1
     if settings.loss == "ce":
-        return softmax_cross_entropy(hidden, embeddings, targets)
+        excluded = seen if settings.exclude_seen else None
+        return softmax_cross_entropy(hidden, embeddings, targets, excluded=excluded)
     if settings.loss == "bce":
         negatives = torch.randint(1, n_items + 1, targets.shape, device=targets.device)
         positive = (hidden * embeddings[targets]).sum(-1)
@@ -225,7 +241,8 @@ def train(
                 targets = left_pad([s[0][1:] for s in chosen], settings.max_len).to(device)
                 hidden = encoder(items, types)
                 real = targets != 0
-                loss = _loss(encoder, hidden[real], targets[real], settings)
+                seen = seen_items(items)[real] if settings.exclude_seen else None
+                loss = _loss(encoder, hidden[real], targets[real], settings, seen)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -430,9 +447,18 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=integer(1), default=settings.max_len,
                         help="training sequence length")
     parser.add_argument("--dropout", type=number(0, below=1), default=shape.dropout)
+    parser.add_argument("--similarity", default=shape.similarity, choices=SIMILARITIES,
+                        help="dot: score = user vector . item embedding; cosine: both "
+                             "L2-normalised, divided by --temperature")
+    parser.add_argument("--temperature", type=number(above=0), default=shape.temperature,
+                        help="for --similarity cosine")
     parser.add_argument("--patience", type=integer(1), default=settings.patience)
     parser.add_argument("--negatives", type=integer(1), default=settings.negatives,
                         help="for --loss sampled")
+    parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction,
+                        default=settings.exclude_seen,
+                        help="--loss ce: leave each position's earlier items out of its softmax "
+                             "(evaluation leaves them out of the ranking)")
     parser.add_argument("--eval-every", type=integer(1), default=settings.eval_every)
     parser.add_argument("--threads", type=integer(0), default=0, help="torch threads (0 = default)")
     parser.add_argument("--device", default=settings.device, choices=("cpu", "cuda"))
@@ -452,7 +478,7 @@ def settings_from_args(args: argparse.Namespace, init_from: Path | None = None) 
         weight_decay=args.weight_decay, max_len=args.max_len, patience=args.patience,
         negatives=args.negatives, seed=args.seed, device=args.device, eval_every=args.eval_every,
         init_from=init_from, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
-        min_lr_ratio=args.min_lr_ratio, batching=args.batching,
+        min_lr_ratio=args.min_lr_ratio, batching=args.batching, exclude_seen=args.exclude_seen,
     )
 
 
@@ -460,7 +486,8 @@ def shape_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The model shape flags as `ModelConfig` overrides."""
     return {
         "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
-        "window": args.window, "dropout": args.dropout,
+        "window": args.window, "dropout": args.dropout, "similarity": args.similarity,
+        "temperature": args.temperature,
     }
 
 

@@ -14,11 +14,11 @@ from model.encoder import Encoder, KVCache
 TOLERANCE = 1e-4
 
 
-def _encoder(layers: int, window: int, seed: int) -> Encoder:
+def _encoder(layers: int, window: int, seed: int, similarity: str = "dot") -> Encoder:
     torch.manual_seed(seed)
     config = ModelConfig(
         n_items=40, n_event_types=4, d_model=16, n_layers=layers, n_heads=2, window=window,
-        dropout=0.0,
+        dropout=0.0, similarity=similarity,
     )
     return Encoder(config).eval()
 
@@ -67,10 +67,13 @@ def _step_batched(encoder: Encoder, sequences, cache: KVCache | None = None) -> 
     return torch.stack(vectors)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
 @pytest.mark.parametrize(("layers", "window", "seed"), [(2, 4, 0), (2, 7, 1), (3, 5, 2), (1, 6, 3)])
 @torch.no_grad()
-def test_step_equals_full_sliding_window_forward(layers: int, window: int, seed: int) -> None:
-    encoder = _encoder(layers, window, seed)
+def test_step_equals_full_sliding_window_forward(
+    layers: int, window: int, seed: int, similarity: str
+) -> None:
+    encoder = _encoder(layers, window, seed, similarity)
     lengths = [1, 2, window, 3 * window + 1, 5 * window - 2]  # mixed, several times W
     sequences = _sequences(lengths, seed)
     stepped = _step_batched(encoder, sequences)
@@ -78,10 +81,13 @@ def test_step_equals_full_sliding_window_forward(layers: int, window: int, seed:
     assert (stepped - full).abs().max().item() <= TOLERANCE
 
 
-@pytest.mark.parametrize(("layers", "window", "seed"), [(2, 4, 4), (3, 6, 5)])
+@pytest.mark.parametrize(("layers", "window", "seed", "similarity"),
+                         [(2, 4, 4, "dot"), (3, 6, 5, "dot"), (2, 5, 6, "cosine")])
 @torch.no_grad()
-def test_refill_from_last_history_needed_events_is_exact(layers: int, window: int, seed: int) -> None:
-    encoder = _encoder(layers, window, seed)
+def test_refill_from_last_history_needed_events_is_exact(
+    layers: int, window: int, seed: int, similarity: str
+) -> None:
+    encoder = _encoder(layers, window, seed, similarity)
     needed = encoder.config.history_needed
     sequences = _sequences([needed * 3, needed + 2, 4 * window, 2], seed)
     full = _full_forward_last(encoder, sequences)
@@ -176,3 +182,19 @@ def test_step_on_cuda_equals_full_forward() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     stepped = _step_batched(encoder, [(i.cuda(), t.cuda()) for i, t in sequences])
     assert (stepped.cpu() - want).abs().max().item() <= TOLERANCE
+
+
+def test_cosine_scores_are_cosines_over_the_temperature_and_old_configs_score_by_dot() -> None:
+    encoder = _encoder(2, 4, 7, "cosine")
+    items, types = _left_pad([s[0] for s in _sequences([9], 7)]), torch.ones(1, 9, dtype=torch.long)
+    with torch.no_grad():
+        vectors = encoder(items, types)[:, -1]
+        scores = encoder.score(vectors)[0, 1:]
+    rows = encoder.item_embedding.weight[1:]
+    assert torch.allclose(vectors.norm(dim=-1), torch.tensor([1 / 0.05]), rtol=1e-5)
+    direction = vectors[0] / vectors[0].norm()
+    expected = (rows @ direction) / rows.norm(dim=-1) / 0.05
+    assert torch.allclose(scores, expected, atol=1e-4)
+    config = ModelConfig(n_items=40).to_dict()
+    del config["similarity"]
+    assert ModelConfig.from_dict(config).similarity == "dot"

@@ -14,10 +14,13 @@ from model.errors import ConfigError
 from model.export import export_step
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Encoder, Path]:
+@pytest.fixture(scope="module", params=["dot", "cosine"])
+def exported(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> tuple[Encoder, Path]:
     torch.manual_seed(0)
-    config = ModelConfig(n_items=50, d_model=32, n_layers=2, n_heads=2, window=6, dropout=0.0)
+    config = ModelConfig(n_items=50, d_model=32, n_layers=2, n_heads=2, window=6, dropout=0.0,
+                         similarity=request.param)
     encoder = Encoder(config).eval()
     return encoder, export_step(encoder, tmp_path_factory.mktemp("onnx") / "step.onnx")
 

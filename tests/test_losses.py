@@ -47,3 +47,28 @@ def test_no_positions_gives_zero_loss_with_gradients() -> None:
     loss = softmax_cross_entropy(hidden, items, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0.0 and items.grad is not None
+
+
+@pytest.mark.parametrize("count, block_rows", [(1, 128), (37, 8), (300, 128)])
+def test_excluded_items_leave_the_softmax_but_never_the_target(count: int, block_rows: int) -> None:
+    generator = torch.Generator().manual_seed(count + 7)
+    hidden = torch.randn(count, 16, generator=generator)
+    items = torch.randn(201, 16, generator=generator)
+    targets = torch.randint(1, 201, (count,), generator=generator)
+    excluded = torch.randint(0, 201, (count, 12), generator=generator)
+    excluded[:, 0] = targets  # the target among a row's seen items stays a candidate
+    leaves = [hidden.clone().requires_grad_(), items.clone().requires_grad_()]
+    reference_leaves = [hidden.clone().requires_grad_(), items.clone().requires_grad_()]
+    loss = softmax_cross_entropy(*leaves, targets, block_rows=block_rows, excluded=excluded)
+    logits = reference_leaves[0] @ reference_leaves[1].T
+    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, excluded, True)
+    mask[:, 0] = True
+    mask[torch.arange(count), targets] = False
+    reference = F.cross_entropy(logits.masked_fill(mask, float("-inf")), targets)
+    loss.backward()
+    reference.backward()
+    assert torch.allclose(loss, reference, atol=1e-5, rtol=1e-5)
+    for mine, theirs in zip(leaves, reference_leaves, strict=True):
+        assert torch.allclose(mine.grad, theirs.grad, atol=1e-6, rtol=1e-4)
+    plain = softmax_cross_entropy(hidden, items, targets, block_rows=block_rows)
+    assert loss.item() < plain.item()  # fewer competitors: a smaller loss
