@@ -15,7 +15,6 @@ so a reader never sees half of one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -27,6 +26,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.checksums import file_sha256
 from model.config import ModelConfig
 from model.encoder import Encoder
 from model.errors import ArtifactError, KvrecError
@@ -46,14 +46,6 @@ class Artifact:
     event_types: list[str]
     popularity: np.ndarray
     metrics: dict[str, Any]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_artifact(
@@ -82,7 +74,7 @@ def save_artifact(
     }
     for name, document in documents.items():
         (staging / name).write_text(json.dumps(document, indent=1))
-    hashes = {name: _sha256(staging / name) for name in FILES}
+    hashes = {name: file_sha256(staging / name) for name in FILES}
     created = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     version = f"{created}-{hashes['weights.safetensors'][:8]}"
     manifest = {"version": version, "created": created, "sha256": hashes}
@@ -110,7 +102,7 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
         file = root / name
         if not file.is_file():
             raise ArtifactError(f"{root}: {name} is missing; re-export the artifact")
-        if verify and _sha256(file) != hashes.get(name):
+        if verify and file_sha256(file) != hashes.get(name):
             raise ArtifactError(
                 f"{file}: sha256 does not match {MANIFEST}; the file was changed or corrupted "
                 "after export: re-download or retrain it"

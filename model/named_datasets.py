@@ -12,10 +12,10 @@ sizes); amazon-games is read from ../shared/datasets/ beside the checkout, as be
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.checksums import file_sha256
 from model.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,14 +54,6 @@ NAMED_DATASETS: dict[str, NamedDataset] = {
         ),
     )
 }
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_named(data: str | Path, fmt: str) -> Path:
