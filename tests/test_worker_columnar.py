@@ -10,7 +10,6 @@ real broker runs the same loop in tests/test_worker_kafka.py, against the offlin
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import tempfile
@@ -22,12 +21,11 @@ import pytest
 from confluent_kafka import TopicPartition
 
 import stream.worker.loop as loop_module
-from stream.worker.app import add_arguments, build_recommender, resolve_window_capacity
 from stream.worker.loop import KafkaClients, Worker
 from stream.worker.metrics import HealthState, WorkerMetrics
 from stream.worker.settings import WorkerSettings
 from tests.fake_kafka import FakeConsumer, FakeMessage, FakeProducer, FakeRestoreConsumer
-from tests.worker_fixtures import EVENT_TYPES, make_artifact
+from tests.worker_fixtures import EVENT_TYPES, exact_worker_with_model, make_artifact
 
 NOW_MS = 1_800_000_000_000
 
@@ -36,13 +34,7 @@ NOW_MS = 1_800_000_000_000
 def setup(tmp_path_factory: pytest.TempPathFactory):
     model = make_artifact(tmp_path_factory.mktemp("columnar") / "model", n_items=60, window=4,
                           layers=2).path
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--model", str(model), "--retrieval", "exact", "--k", "5",
-                              "--input-topic", "events", "--metrics-port", "-1"])
-    base = WorkerSettings.from_args(args)
-    recommender = build_recommender(base)
-    return resolve_window_capacity(base, recommender), recommender
+    return exact_worker_with_model(model)
 
 
 def _messages(count: int, seed: int) -> list[FakeMessage]:

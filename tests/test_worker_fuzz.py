@@ -10,7 +10,6 @@ the real broker. KVREC_FUZZ_EXAMPLES sets the number of cases (default 2,000).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -26,13 +25,12 @@ from hypothesis import strategies as st
 from state.partition import WorkerState
 from state.window import Window, WindowEvent
 from stream.schema import InvalidEvent, parse_event
-from stream.worker.app import add_arguments, build_recommender, resolve_window_capacity
 from stream.worker.loop import KafkaClients, Worker
 from stream.worker.metrics import HealthState, WorkerMetrics
 from stream.worker.recovery import recover_partition
 from stream.worker.settings import WorkerSettings
 from tests.fake_kafka import FakeConsumer, FakeMessage, FakeProducer, FakeRestoreConsumer
-from tests.worker_fixtures import EVENT_TYPES, make_artifact
+from tests.worker_fixtures import EVENT_TYPES, exact_worker_with_model, make_artifact
 
 EXAMPLES = int(os.environ.get("KVREC_FUZZ_EXAMPLES", "2000"))
 REASONS = {"oversized", "malformed_json", "not_an_object", "missing_field", "wrong_type",
@@ -98,13 +96,7 @@ MESSAGES = st.one_of(
 def worker_settings(tmp_path_factory: pytest.TempPathFactory) -> tuple[WorkerSettings, object]:
     model = make_artifact(tmp_path_factory.mktemp("fuzz") / "model", n_items=60, window=4,
                           layers=2).path
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--model", str(model), "--retrieval", "exact", "--k", "5",
-                              "--input-topic", "events", "--metrics-port", "-1"])
-    base = WorkerSettings.from_args(args)
-    recommender = build_recommender(base)
-    return resolve_window_capacity(base, recommender), recommender
+    return exact_worker_with_model(model)
 
 
 def _reference(messages: list[tuple[bytes | None, bytes | None]], rejected: set[int],

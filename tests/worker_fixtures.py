@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,6 +12,8 @@ import torch
 from model.artifact import Artifact, load_artifact, save_artifact
 from model.config import ModelConfig
 from model.encoder import Encoder
+from stream.worker.app import add_arguments, build_recommender, resolve_window_capacity
+from stream.worker.settings import WorkerSettings
 
 EVENT_TYPES = ["view", "click", "add_to_cart", "purchase"]
 
@@ -53,3 +57,16 @@ def make_artifact(
         metrics={"note": "random weights for tests"},
     )
     return load_artifact(out_dir)
+
+
+def exact_worker_with_model(model: Path) -> tuple[Any, Any]:
+    """(settings, recommender) of a worker parsed from flags as `kvrec worker` parses them:
+    this model, exact retrieval, k 5, input topic `events`, no metrics port; its window
+    capacity resolved against the model."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(model), "--retrieval", "exact", "--k", "5",
+                              "--input-topic", "events", "--metrics-port", "-1"])
+    base = WorkerSettings.from_args(args)
+    recommender = build_recommender(base)
+    return resolve_window_capacity(base, recommender), recommender
