@@ -19,8 +19,10 @@ NDCG@10 and HR@10 of kvrec, of the reference SASRec + full CE (`kvrec bench refe
 of popularity, kvrec / reference, training seconds, best and last epoch, and the
 validation-test gap (validation NDCG@10 at the chosen epoch minus test NDCG@10). KVREC is an
 artifact directory, a JSON written by `--models` for one artifact, or such a JSON's run
-`FILE.json@MODEL` (its `model` field); REFERENCE is a `kvrec bench reference` JSON. Either may
-be `-` when that run has no result; the table then says so.
+`FILE.json@MODEL` (its `model` field); REFERENCE is a `kvrec bench reference` JSON, or several
+separated by commas (runs with different settings): the one with the best validation NDCG@10
+is the reference, the rule applied to every dataset alike (test never chooses), and the row
+lists every candidate. Either may be `-` when that run has no result; the table then says so.
 """
 
 from __future__ import annotations
@@ -128,13 +130,16 @@ def dataset_row(name: str, kvrec_source: str, reference_source: str) -> dict[str
         )
         row["popularity"] = _system(run["popularity_test"], None)
     if reference_source != "-":
-        reference = json.loads(Path(reference_source).read_text())
-        row["reference"] = _system(
-            reference["test"], reference["validation"],
-            train_seconds=reference["train_seconds"], best_epoch=reference["best_epoch"],
-            epochs_run=reference["epochs_run"], stopped_by=reference["stopped_by"],
-            source=reference_source,
-        )
+        candidates = [_reference_run(source) for source in reference_source.split(",")]
+        chosen = max(candidates, key=lambda run: run["val_ndcg@10"])
+        reference = chosen.pop("recorded")
+        row["reference"] = chosen
+        if len(candidates) > 1:
+            row["reference_candidates"] = [
+                {key: run[key] for key in ("source", "settings", "val_ndcg@10", "test_ndcg@10",
+                                            "stopped_by")}
+                for run in candidates
+            ]
         popularity = _system(reference["popularity_test"], None)
         if row["popularity"] is not None:  # both measured it: the same split gives the same
             row["popularity_agrees"] = row["popularity"] == popularity
@@ -144,6 +149,23 @@ def dataset_row(name: str, kvrec_source: str, reference_source: str) -> dict[str
             row["kvrec"]["test_ndcg@10"] / row["reference"]["test_ndcg@10"]
         )
     return row
+
+
+def _reference_run(source: str) -> dict[str, Any]:
+    """One `kvrec bench reference` JSON as a row's system (its whole record under
+    "recorded")."""
+    try:
+        recorded = json.loads(Path(source).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{source}: cannot read a reference run ({exc})") from None
+    return {
+        **_system(
+            recorded["test"], recorded["validation"], train_seconds=recorded["train_seconds"],
+            best_epoch=recorded["best_epoch"], epochs_run=recorded["epochs_run"],
+            stopped_by=recorded["stopped_by"], settings=recorded["settings"], source=source,
+        ),
+        "recorded": recorded,
+    }
 
 
 def _cell(system: dict[str, Any] | None, key: str, fmt: str) -> str:
@@ -182,7 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset", nargs=3, action="append", default=None,
         metavar=("NAME", "KVREC", "REFERENCE"),
-        help="datasets side by side (repeat): kvrec's artifact or run JSON, the reference JSON",
+        help="datasets side by side (repeat): kvrec's artifact or run JSON, the reference JSON "
+             "(or several, comma-separated: the best on validation is the reference)",
     )
     parser.add_argument("--json", required=True, help="write the comparison here")
     parser.add_argument("--plot", default=None, help="PNG of the validation curves (--models)")

@@ -98,3 +98,29 @@ def test_datasets_side_by_side(two_models: list[tuple[Path, dict]], tmp_path: Pa
     with pytest.raises(DataError):
         kvrec_run(f"{one_run}@elsewhere")
     assert kvrec(["bench", "train", "--json", str(out)]) == 2  # neither --models nor --dataset
+
+
+def test_the_reference_is_the_candidate_best_on_validation(tmp_path: Path) -> None:
+    runs = []
+    for name, epochs, dropout in (("short", "1", "0.0"), ("long", "3", "0.2")):
+        runs.append(tmp_path / f"{name}.json")
+        assert kvrec([
+            "bench", "reference", "--format", "synthetic", "--synthetic-users", "200",
+            "--synthetic-items", "60", "--synthetic-events", "3000", "--seed", "2", "--hidden",
+            "16", "--max-len", "20", "--epochs", epochs, "--dropout", dropout,
+            "--json", str(runs[-1]),
+        ]) == 0
+    recorded = [json.loads(run.read_text()) for run in runs]
+    validation = [r["validation"]["ndcg@10"] for r in recorded]
+    assert validation[0] != validation[1]
+    best = max(range(2), key=validation.__getitem__)
+    out = tmp_path / "datasets.json"
+    for order in (runs, runs[::-1]):
+        assert kvrec(["bench", "train", "--json", str(out),
+                      "--dataset", "syn", "-", ",".join(map(str, order))]) == 0
+        row = json.loads(out.read_text())["datasets"][0]
+        assert row["reference"]["source"] == str(runs[best])
+        assert row["reference"]["test_ndcg@10"] == recorded[best]["test"]["ndcg@10"]
+        assert row["reference"]["settings"]["dropout"] == recorded[best]["settings"]["dropout"]
+        assert [c["val_ndcg@10"] for c in row["reference_candidates"]] == [
+            json.loads(run.read_text())["validation"]["ndcg@10"] for run in order]
