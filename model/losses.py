@@ -31,6 +31,7 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
         items: Tensor,
         targets: Tensor,
         excluded: Tensor | None,
+        smoothing: float,
         block_rows: int,
     ) -> Tensor:
         count = hidden.shape[0]
@@ -41,6 +42,8 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + block_rows)
             block, block_targets = hidden[rows], targets[rows]
             logits = block @ items.T  # [rows, n_items + 1]
+            if smoothing:
+                mean_logit = logits[:, 1:].mean(dim=1, keepdim=True)
             logits[:, 0] = float("-inf")  # row 0 of `items` is padding, never a candidate
             if excluded is not None:
                 block_excluded = excluded[rows]
@@ -49,11 +52,16 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
                 logits.scatter_(1, block_excluded, float("-inf"))
             log_normalizer = torch.logsumexp(logits, dim=1, keepdim=True)
             picked = logits.gather(1, block_targets.view(-1, 1))
-            total += (log_normalizer - picked).sum()
-            # d(sum of losses)/d(logits) = softmax - one-hot, computed in place
+            total += (1.0 - smoothing) * (log_normalizer - picked).sum()
+            if smoothing:  # the uniform target over the catalog, with weight `smoothing`
+                total += smoothing * (log_normalizer - mean_logit).sum()
+            # d(sum of losses)/d(logits) = softmax - target distribution, computed in place
             probabilities = logits.sub_(log_normalizer).exp_()
+            if smoothing:
+                probabilities[:, 1:] -= smoothing / (items.shape[0] - 1)
             probabilities.scatter_add_(
-                1, block_targets.view(-1, 1), probabilities.new_full((len(block_targets), 1), -1.0)
+                1, block_targets.view(-1, 1),
+                probabilities.new_full((len(block_targets), 1), -(1.0 - smoothing)),
             )
             torch.mm(probabilities, items, out=grad_hidden[rows])
             grad_items.addmm_(probabilities.T, block)
@@ -63,10 +71,10 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
         return total * scale
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor, None, None, None, None]:  # type: ignore[override]
         grad_hidden, grad_items = ctx.saved_tensors
         factor = grad_output * ctx.scale
-        return grad_hidden * factor, grad_items * factor, None, None, None
+        return grad_hidden * factor, grad_items * factor, None, None, None, None
 
 
 def softmax_cross_entropy(
@@ -75,10 +83,15 @@ def softmax_cross_entropy(
     targets: Tensor,
     block_rows: int = 128,
     excluded: Tensor | None = None,
+    smoothing: float = 0.0,
 ) -> Tensor:
     """Mean cross-entropy of `targets` [N] under softmax(hidden [N, d] @ items [V + 1, d].T),
     with column 0 (padding) and each row's `excluded` [N, K] items (not its target) left out
-    of the softmax."""
+    of the softmax; with label `smoothing` e, the target distribution is (1 - e) on the target
+    plus e spread evenly over the V items (not with `excluded`)."""
+    if smoothing and excluded is not None:
+        raise ValueError("label smoothing with excluded items is not supported")
     if hidden.shape[0] == 0:
         return (hidden.sum() + items.sum()) * 0.0
-    return _ChunkedSoftmaxCrossEntropy.apply(hidden, items, targets, excluded, block_rows)
+    return _ChunkedSoftmaxCrossEntropy.apply(
+        hidden, items, targets, excluded, smoothing, block_rows)

@@ -74,6 +74,11 @@ class TrainSettings:
     # CE only: leave each position's earlier items (its input so far) out of its softmax, as
     # evaluation leaves a user's earlier items out of the ranking
     exclude_seen: bool = False
+    label_smoothing: float = 0.0  # CE only: weight of the uniform target over the catalog
+    # a second pass of each batch under other dropout masks; InfoNCE between the two views of
+    # each user's last position (in-batch negatives), weighted by `contrastive_weight`
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.2
 
 
 def length_grouped_batches(
@@ -140,6 +145,15 @@ def seen_items(items: torch.Tensor) -> torch.Tensor:
     return items.unsqueeze(1) * earlier
 
 
+def contrastive_loss(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE between two views [B, d] of the same users: each row's positive is its own
+    other view, the batch's other users are the negatives (both directions)."""
+    first, second = F.normalize(first, dim=-1), F.normalize(second, dim=-1)
+    logits = first @ second.T / temperature
+    labels = torch.arange(first.shape[0], device=first.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
 def _loss(
     encoder: Encoder,
     hidden: torch.Tensor,
@@ -153,7 +167,8 @@ def _loss(
     n_items = embeddings.shape[0] - 1
     if settings.loss == "ce":
         excluded = seen if settings.exclude_seen else None
-        return softmax_cross_entropy(hidden, embeddings, targets, excluded=excluded)
+        return softmax_cross_entropy(hidden, embeddings, targets, excluded=excluded,
+                                     smoothing=settings.label_smoothing)
     if settings.loss == "bce":
         negatives = torch.randint(1, n_items + 1, targets.shape, device=targets.device)
         positive = (hidden * embeddings[targets]).sum(-1)
@@ -243,6 +258,10 @@ def train(
                 real = targets != 0
                 seen = seen_items(items)[real] if settings.exclude_seen else None
                 loss = _loss(encoder, hidden[real], targets[real], settings, seen)
+                if settings.contrastive_weight:
+                    other_view = encoder(items, types)  # other dropout masks
+                    loss = loss + settings.contrastive_weight * contrastive_loss(
+                        hidden[:, -1], other_view[:, -1], settings.contrastive_temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -455,6 +474,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=integer(1), default=settings.patience)
     parser.add_argument("--negatives", type=integer(1), default=settings.negatives,
                         help="for --loss sampled")
+    parser.add_argument("--label-smoothing", type=number(0, below=1),
+                        default=settings.label_smoothing,
+                        help="--loss ce: weight of a uniform target over the catalog")
+    parser.add_argument("--contrastive-weight", type=number(0), default=settings.contrastive_weight,
+                        help="weight of an InfoNCE term between two dropout views of each "
+                             "user's last position (a second forward pass; 0 = off)")
+    parser.add_argument("--contrastive-temperature", type=number(above=0),
+                        default=settings.contrastive_temperature)
     parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction,
                         default=settings.exclude_seen,
                         help="--loss ce: leave each position's earlier items out of its softmax "
@@ -473,12 +500,16 @@ def settings_from_args(args: argparse.Namespace, init_from: Path | None = None) 
         raise ConfigError("--device cuda: no CUDA device is available")
     if args.warmup_epochs > args.epochs:  # each flag's own range is checked by its type
         raise ConfigError("--warmup-epochs must be between 0 and --epochs")
+    if args.label_smoothing and args.exclude_seen:
+        raise ConfigError("--label-smoothing and --exclude-seen cannot be combined: use one")
     return TrainSettings(
         loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, max_len=args.max_len, patience=args.patience,
         negatives=args.negatives, seed=args.seed, device=args.device, eval_every=args.eval_every,
         init_from=init_from, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
         min_lr_ratio=args.min_lr_ratio, batching=args.batching, exclude_seen=args.exclude_seen,
+        label_smoothing=args.label_smoothing, contrastive_weight=args.contrastive_weight,
+        contrastive_temperature=args.contrastive_temperature,
     )
 
 

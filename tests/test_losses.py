@@ -72,3 +72,21 @@ def test_excluded_items_leave_the_softmax_but_never_the_target(count: int, block
         assert torch.allclose(mine.grad, theirs.grad, atol=1e-6, rtol=1e-4)
     plain = softmax_cross_entropy(hidden, items, targets, block_rows=block_rows)
     assert loss.item() < plain.item()  # fewer competitors: a smaller loss
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_label_smoothing_equals_torch_label_smoothing(smoothing: float) -> None:
+    generator = torch.Generator().manual_seed(11)
+    hidden = torch.randn(45, 16, generator=generator)
+    items = torch.randn(301, 16, generator=generator)
+    targets = torch.randint(1, 301, (45,), generator=generator)
+    leaves = [hidden.clone().requires_grad_(), items.clone().requires_grad_()]
+    reference_leaves = [hidden.clone().requires_grad_(), items.clone().requires_grad_()]
+    loss = softmax_cross_entropy(*leaves, targets, block_rows=16, smoothing=smoothing)
+    logits = reference_leaves[0] @ reference_leaves[1][1:].T  # the catalog without padding
+    reference = F.cross_entropy(logits, targets - 1, label_smoothing=smoothing)
+    loss.backward()
+    reference.backward()
+    assert torch.allclose(loss, reference, atol=1e-5, rtol=1e-5)
+    for mine, theirs in zip(leaves, reference_leaves, strict=True):
+        assert torch.allclose(mine.grad, theirs.grad, atol=1e-6, rtol=1e-4)

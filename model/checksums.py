@@ -1,0 +1,15 @@
+"""sha256 of a file, read in blocks: the one digest that artifacts and committed datasets use
+(torch-free, so reading a dataset does not import the model)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
