@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
-from bench.machine import machine_info
+from bench.machine import machine_info, machine_line
 from model import flags
 from model.datasets import BASE_TS_MS, Interaction, SyntheticSpec, generate_synthetic
 from model.errors import ConfigError
@@ -599,12 +599,6 @@ def run_sweep(args: argparse.Namespace, bootstrap: str, workdir: Path) -> list[d
                                                         "recall@10", "build_seconds")},
         })
     return results
-
-
-def machine_line(machine: dict[str, Any]) -> str:
-    """The machine a figure was measured on, for plot titles."""
-    return (f"{machine['cpu']}, {machine['cores']} cores, {machine['gpu'] or 'no GPU'}, "
-            f"{machine['date_utc'][:16].replace('T', ' ')} UTC")
 
 
 def plot_sweep(sweep: list[dict[str, Any]], items: int, window: int, path: Path,

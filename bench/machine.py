@@ -40,3 +40,9 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
     }
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """The machine a figure was measured on (`machine_info()`'s record), for plot titles."""
+    return (f"{machine['cpu']}, {machine['cores']} cores, {machine['gpu'] or 'no GPU'}, "
+            f"{machine['date_utc'][:16].replace('T', ' ')} UTC")

@@ -32,7 +32,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.machine import machine_info
+from bench.machine import machine_info, machine_line
 from model.artifact import load_artifact
 from model.errors import ConfigError, DataError
 
@@ -71,8 +71,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     figure, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for run in runs:
         label = (
-            f"{run['loss']} d={run['config']['d_model']}: "
-            f"test NDCG@10 {run['test']['ndcg@10']:.4f}"
+            f"{Path(run['model']).name} ({run['loss']} d={run['config']['d_model']}): "
+            f"val {run['validation']['ndcg@10']:.4f}, test {run['test']['ndcg@10']:.4f}"
         )
         epochs = [point["epoch"] for point in run["curve"]]
         seconds = [point["seconds"] for point in run["curve"]]
@@ -86,8 +86,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     by_epoch.set_xlabel("epoch")
     by_time.set_xlabel("training seconds")
     by_epoch.set_ylabel("validation NDCG@10 (full ranking)")
-    by_time.legend(fontsize=8, loc="lower right")
-    figure.suptitle("kvrec: the losses side by side")
+    by_time.legend(fontsize=7, loc="lower right")
+    figure.suptitle(f"kvrec: training runs side by side; {machine_line(machine_info())}",
+                    fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
