@@ -79,6 +79,9 @@ class TrainSettings:
     # each user's last position (in-batch negatives), weighted by `contrastive_weight`
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.2
+    # stochastic shared embeddings (SSE, Wu et al. 2019): each input item (never a target) is
+    # replaced by a uniformly drawn item with this probability, in training
+    item_noise: float = 0.0
 
 
 def length_grouped_batches(
@@ -136,6 +139,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def replace_items(items: torch.Tensor, probability: float, n_items: int) -> torch.Tensor:
+    """`items` with each real (non-zero) entry replaced, with `probability`, by an item drawn
+    uniformly from 1..n_items (padding stays padding)."""
+    replaced = (torch.rand(items.shape, device=items.device) < probability) & (items != 0)
+    drawn = torch.randint(1, n_items + 1, items.shape, device=items.device)
+    return torch.where(replaced, drawn, items)
 
 
 def seen_items(items: torch.Tensor) -> torch.Tensor:
@@ -254,6 +265,8 @@ def train(
                 items = left_pad([s[0][:-1] for s in chosen], settings.max_len).to(device)
                 types = left_pad([s[1][:-1] for s in chosen], settings.max_len).to(device)
                 targets = left_pad([s[0][1:] for s in chosen], settings.max_len).to(device)
+                if settings.item_noise:
+                    items = replace_items(items, settings.item_noise, config.n_items)
                 hidden = encoder(items, types)
                 real = targets != 0
                 seen = seen_items(items)[real] if settings.exclude_seen else None
@@ -482,6 +495,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                              "user's last position (a second forward pass; 0 = off)")
     parser.add_argument("--contrastive-temperature", type=number(above=0),
                         default=settings.contrastive_temperature)
+    parser.add_argument("--item-noise", type=number(0, below=1), default=settings.item_noise,
+                        help="replace each input item (never a target) by a random item with "
+                             "this probability in training (stochastic shared embeddings)")
     parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction,
                         default=settings.exclude_seen,
                         help="--loss ce: leave each position's earlier items out of its softmax "
@@ -509,7 +525,7 @@ def settings_from_args(args: argparse.Namespace, init_from: Path | None = None) 
         init_from=init_from, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
         min_lr_ratio=args.min_lr_ratio, batching=args.batching, exclude_seen=args.exclude_seen,
         label_smoothing=args.label_smoothing, contrastive_weight=args.contrastive_weight,
-        contrastive_temperature=args.contrastive_temperature,
+        contrastive_temperature=args.contrastive_temperature, item_noise=args.item_noise,
     )
 
 

@@ -1,0 +1,52 @@
+"""The training options of issue 16's recipe screens: item noise, the contrastive term, label
+smoothing and cosine scoring, each recorded in the artifact it trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.train import contrastive_loss, replace_items
+from stream.cli import main as kvrec
+
+
+def test_item_noise_replaces_real_items_at_its_rate_and_never_padding() -> None:
+    torch.manual_seed(0)
+    items = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8]] * 2000)
+    noisy = replace_items(items, 0.3, 50)
+    assert torch.equal(noisy[:, :2], items[:, :2])  # padding stays padding
+    assert int(noisy.min()) >= 0 and int(noisy.max()) <= 50 and bool((noisy[:, 2:] != 0).all())
+    changed = (noisy != items)[:, 2:].float().mean().item()
+    assert changed == pytest.approx(0.3 * 49 / 50, abs=0.01)  # a draw may give the same item
+    assert torch.equal(replace_items(items, 0.0, 50), items)
+
+
+def test_contrastive_loss_is_low_for_matching_views_and_symmetric() -> None:
+    generator = torch.Generator().manual_seed(1)
+    first = torch.randn(32, 16, generator=generator)
+    second = first + 0.01 * torch.randn(32, 16, generator=generator)
+    matched = contrastive_loss(first, second, 0.2)
+    shuffled = contrastive_loss(first, second[torch.randperm(32, generator=generator)], 0.2)
+    assert matched.item() < 1.0 < 3.0 < shuffled.item()  # log(32) = 3.47 is chance
+    assert torch.allclose(matched, contrastive_loss(second, first, 0.2))
+
+
+def test_the_options_train_and_are_recorded_in_the_artifact(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    assert kvrec([
+        "train", "--format", "synthetic", "--synthetic-users", "150", "--synthetic-items", "40",
+        "--synthetic-events", "2000", "--epochs", "2", "--d-model", "16", "--window", "4",
+        "--max-len", "20", "--item-noise", "0.1", "--contrastive-weight", "0.1",
+        "--label-smoothing", "0.1", "--similarity", "cosine", "--temperature", "0.1",
+        "--out", str(out),
+    ]) == 0
+    config = json.loads((out / "config.json").read_text())
+    training = config["training"]
+    assert (training["item_noise"], training["contrastive_weight"], training["label_smoothing"]) \
+        == (0.1, 0.1, 0.1)
+    assert config["model"]["similarity"] == "cosine" and config["model"]["temperature"] == 0.1
+    assert kvrec(["train", "--format", "synthetic", "--label-smoothing", "0.1", "--exclude-seen",
+                  "--out", str(tmp_path / "refused")]) == 2
