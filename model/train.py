@@ -265,11 +265,11 @@ def train(
                 items = left_pad([s[0][:-1] for s in chosen], settings.max_len).to(device)
                 types = left_pad([s[1][:-1] for s in chosen], settings.max_len).to(device)
                 targets = left_pad([s[0][1:] for s in chosen], settings.max_len).to(device)
-                if settings.item_noise:
-                    items = replace_items(items, settings.item_noise, config.n_items)
-                hidden = encoder(items, types)
                 real = targets != 0
                 seen = seen_items(items)[real] if settings.exclude_seen else None
+                if settings.item_noise:  # the inputs only: targets and seen items stay true
+                    items = replace_items(items, settings.item_noise, config.n_items)
+                hidden = encoder(items, types)
                 loss = _loss(encoder, hidden[real], targets[real], settings, seen)
                 if settings.contrastive_weight:
                     other_view = encoder(items, types)  # other dropout masks
@@ -375,8 +375,10 @@ def _load_earlier(source: Path) -> Artifact:
     return earlier
 
 
-# the hyper-parameters that shape the weights (dropout does not: it may differ)
-SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "window", "mlp_ratio", "rope_base")
+# the hyper-parameters that shape the weights or what they mean (how a user vector scores an
+# item); dropout does not: it may differ
+SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "window", "mlp_ratio", "rope_base",
+                "similarity", "temperature")
 EMBEDDINGS = {"item_embedding.weight": "n_items", "type_embedding.weight": "n_event_types"}
 
 
@@ -518,6 +520,8 @@ def settings_from_args(args: argparse.Namespace, init_from: Path | None = None) 
         raise ConfigError("--warmup-epochs must be between 0 and --epochs")
     if args.label_smoothing and args.exclude_seen:
         raise ConfigError("--label-smoothing and --exclude-seen cannot be combined: use one")
+    if args.loss != "ce" and (args.label_smoothing or args.exclude_seen):
+        raise ConfigError("--label-smoothing and --exclude-seen apply to --loss ce only")
     return TrainSettings(
         loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, max_len=args.max_len, patience=args.patience,

@@ -136,6 +136,8 @@ def test_init_from_continues_from_the_earlier_weights(trained: tuple[Path, dict]
     assert load_artifact(tmp_path / "other").item_ids[: len(earlier_ids)] == earlier_ids
     with pytest.raises(ConfigError, match="model shape differs \\(d_model\\)"):
         train(data, {**SMALL, "d_model": 16}, frozen, tmp_path / "shape", progress=False)
+    with pytest.raises(ConfigError, match="model shape differs \\(similarity\\)"):
+        train(data, {**SMALL, "similarity": "cosine"}, frozen, tmp_path / "scoring", progress=False)
 
 
 def test_sigterm_stops_training_and_still_publishes_the_best_weights(tmp_path: Path) -> None:

@@ -50,3 +50,5 @@ def test_the_options_train_and_are_recorded_in_the_artifact(tmp_path: Path) -> N
     assert config["model"]["similarity"] == "cosine" and config["model"]["temperature"] == 0.1
     assert kvrec(["train", "--format", "synthetic", "--label-smoothing", "0.1", "--exclude-seen",
                   "--out", str(tmp_path / "refused")]) == 2
+    assert kvrec(["train", "--format", "synthetic", "--loss", "bce", "--label-smoothing", "0.1",
+                  "--out", str(tmp_path / "refused")]) == 2
