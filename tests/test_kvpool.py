@@ -121,6 +121,14 @@ def within_budget(recommender: Recommender) -> None:
     assert len(pool) <= pool.slots
 
 
+def run_and_match_reference(artifact: Artifact, recommender: Recommender, events: list,
+                            capacity: int, wave_size: int, per_user: int) -> None:
+    """Feed `events` in waves, checking the budget after each; every recommendation must equal
+    the full pass's (tests/worker_reference.py)."""
+    got = Feeder(capacity).run(recommender, events, wave_size, per_user, between=within_budget)
+    assert_matches_reference(got, events, artifact, capacity)
+
+
 # --- the pool's bookkeeping --------------------------------------------------------------------
 def test_pool_sizes_its_slots_from_the_budget_and_says_when_none_fits() -> None:
     config = ModelConfig(n_items=10, n_event_types=2, d_model=16, n_layers=2, n_heads=2, window=4)
@@ -231,8 +239,7 @@ def test_pool_recommendations_equal_the_full_pass_whatever_the_pool_size(
     capacity = artifact.config.history_needed
     events = stream(n_users, n_events, seed, unknown if slots >= n_users else 0.0)
     recommender = recommender_for(artifact, slots)
-    got = Feeder(capacity).run(recommender, events, wave_size, per_user, between=within_budget)
-    assert_matches_reference(got, events, artifact, capacity)
+    run_and_match_reference(artifact, recommender, events, capacity, wave_size, per_user)
     if n_users > slots and n_events > 3 * n_users:  # more users than slots: eviction ran
         assert recommender.cache.stats.evictions > 0
 
@@ -242,11 +249,9 @@ def test_an_evicted_user_refills_exactly(artifacts) -> None:
     capacity = artifact.config.history_needed
     events = stream(n_users=8, n_events=200, seed=3)
     recommender = recommender_for(artifact, slots=2)
-    got = Feeder(capacity).run(recommender, events, wave_size=5, per_user=2,
-                               between=within_budget)
+    run_and_match_reference(artifact, recommender, events, capacity, wave_size=5, per_user=2)
     stats = recommender.cache.stats
     assert stats.evictions > 20 and stats.misses > 20 and stats.hits > 0
-    assert_matches_reference(got, events, artifact, capacity)
 
 
 def test_known_events_larger_than_the_reserve_stay_exact_and_within_budget(artifacts) -> None:
@@ -254,10 +259,8 @@ def test_known_events_larger_than_the_reserve_stay_exact_and_within_budget(artif
     capacity = 3 * artifact.config.history_needed  # windows hold more than the pool reserved
     events = stream(n_users=5, n_events=160, seed=4)
     recommender = recommender_for(artifact, slots=4, known_per_user=2)
-    got = Feeder(capacity).run(recommender, events, wave_size=6, per_user=3,
-                               between=within_budget)
+    run_and_match_reference(artifact, recommender, events, capacity, wave_size=6, per_user=3)
     assert recommender.cache.stats.evictions > 0
-    assert_matches_reference(got, events, artifact, capacity)
 
 
 def test_a_user_that_leaves_and_comes_back_refills_exactly(artifacts) -> None:
@@ -310,9 +313,7 @@ def test_a_wave_of_more_users_than_slots_runs_in_parts(artifacts) -> None:
     capacity = artifact.config.history_needed
     events = stream(n_users=12, n_events=120, seed=8)
     recommender = recommender_for(artifact, slots=3)
-    got = Feeder(capacity).run(recommender, events, wave_size=60, per_user=4,
-                               between=within_budget)
-    assert_matches_reference(got, events, artifact, capacity)
+    run_and_match_reference(artifact, recommender, events, capacity, wave_size=60, per_user=4)
 
 
 def test_onnx_backend_on_a_host_pool(artifacts, tmp_path: Path) -> None:
