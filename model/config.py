@@ -8,6 +8,7 @@ from typing import Any
 from model.errors import ConfigError
 
 SIMILARITIES = ("dot", "cosine")
+BLOCKS = ("transformer", "hstu")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class ModelConfig:
     # the item embedding; "cosine" = both L2-normalised, divided by `temperature`
     similarity: str = "dot"
     temperature: float = 0.05
+    # the layer: "transformer" = softmax attention and a feed-forward network; "hstu" = HSTU's
+    # gated pointwise (SiLU) attention with a learned bias by the age of each key (model/hstu.py)
+    block: str = "transformer"
 
     @property
     def head_dim(self) -> int:
@@ -55,6 +59,8 @@ class ModelConfig:
             problems.append("rope_base must be > 1")
         if self.similarity not in SIMILARITIES:
             problems.append(f"similarity must be one of {SIMILARITIES}, not {self.similarity!r}")
+        if self.block not in BLOCKS:
+            problems.append(f"block must be one of {BLOCKS}, not {self.block!r}")
         if not self.temperature > 0.0:
             problems.append("temperature must be > 0")
         if problems:

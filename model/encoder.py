@@ -1,7 +1,8 @@
 """A SASRec-style next-item encoder with an exact rolling key/value cache.
 
 Attention is causal over a sliding window of the last W events, and positions enter only
-through rotary embeddings, so an event's key and value never change once computed. A rolling
+through rotary embeddings (and, in HSTU blocks, a learned bias by the age of each key: a
+relative position too), so an event's key and value never change once computed. A rolling
 buffer of W slots per layer (position p in slot p % W, as in Mistral 7B) is all the next event
 needs:
 
@@ -12,7 +13,8 @@ needs:
     extend_into / encode_into            the same, on rows of a slab of many users' caches
                                          (state/kvpool.py), read and written in place
 
-All four run the same `Block.forward`, with the cached keys and values as its past or none.
+All four run the same `Block.forward` (or `HSTUBlock.forward`, model/hstu.py, with
+`config.block = "hstu"`), with the cached keys and values as its past or none.
 After any number of events, `step` and `extend` equal `forward` over the whole history; an
 N-layer output depends on the last N*(W-1)+1 events (`config.history_needed`), so `encode`
 over those refills a cache exactly. Rotary angles are reduced modulo 2*pi in float64 before
@@ -30,8 +32,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from model.config import ModelConfig
-
-TWO_PI = 2.0 * math.pi
+from model.hstu import HSTUBlock
+from model.layers import Dropout, apply_rope, dropout, rope_cos_sin
 
 
 @dataclass
@@ -98,21 +100,6 @@ class _NewEvents:
     attention: Tensor | None  # [B, T, W] by age, if asked for
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotary angles, [..., head_dim // 2], exact for huge positions."""
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64)
-    inv_freq = 1.0 / (base ** (exponents / head_dim))
-    angles = torch.remainder(positions.to(torch.float64).unsqueeze(-1) * inv_freq, TWO_PI)
-    return torch.cos(angles).float(), torch.sin(angles).float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[..., i], x[..., i + half]) of x [B, H, T, D] by cos/sin [B, 1, T, D/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
 class Attention(nn.Module):
     """Multi-head attention with rotary positions; the new events attend to a past (cached
     keys and values, or none) followed by themselves."""
@@ -172,24 +159,6 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
 
 
-class Dropout(nn.Module):
-    """`nn.Dropout` with the keep mask drawn by `torch.rand`: the same distribution, and on CPU
-    2-3x faster than `bernoulli_`, which took half of a training step's time."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        return dropout(x, self.p, self.training)
-
-
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    if not training or p == 0.0:
-        return x
-    return x * (torch.rand_like(x) >= p) * (1.0 / (1.0 - p))
-
-
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -220,9 +189,11 @@ class Block(nn.Module):
         sin: Tensor,
         past: tuple[Tensor, Tensor] | None,
         mask: Tensor,
+        age: Tensor | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """x [B, T, d] -> (x, new keys, new values, weights), as `Attention.forward`."""
+        """x [B, T, d] -> (x, new keys, new values, weights), as `Attention.forward` (rotary
+        positions only: `age` is for `HSTUBlock`)."""
         h, keys, values, weights = self.attention(
             self.attention_norm(x), cos, sin, past, mask, need_weights
         )
@@ -240,7 +211,8 @@ class Encoder(nn.Module):
         self.item_embedding = nn.Embedding(config.n_items + 1, config.d_model, padding_idx=0)
         self.type_embedding = nn.Embedding(config.n_event_types + 1, config.d_model, padding_idx=0)
         self.embedding_dropout = Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        layer = HSTUBlock if config.block == "hstu" else Block
+        self.blocks = nn.ModuleList(layer(config) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(config.d_model)
         self.apply(self._init_weights)
 
@@ -283,19 +255,20 @@ class Encoder(nn.Module):
         sin: Tensor,
         cache: KVCache | None,
         mask: Tensor,
+        age: Tensor | None,
         keep: bool,
         need_weights: bool = False,
     ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor | None]:
         """All blocks over x [B, T, d], layer l with past `cache[l]` (if any): the normed
         output, each layer's new keys and values (if `keep`), the last layer's weights (if
-        `need_weights`)."""
+        `need_weights`). `age` (HSTU blocks only) is each key's age for each query, as `mask`."""
         keys: list[Tensor] = []
         values: list[Tensor] = []
         weights = None
         last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
             past = None if cache is None else (cache.keys[layer], cache.values[layer])
-            x, k, v, weights = block(x, cos, sin, past, mask, need_weights and layer == last)
+            x, k, v, weights = block(x, cos, sin, past, mask, age, need_weights and layer == last)
             if keep:
                 keys.append(k)
                 values.append(v)
@@ -318,8 +291,9 @@ class Encoder(nn.Module):
         mask = allowed & real.unsqueeze(1)  # [B, T(query), T(key)]
         mask = mask | torch.eye(length, dtype=torch.bool, device=items.device)  # pads see self
         mask = mask.unsqueeze(1)
+        age = distance.clamp(0, cfg.window - 1).unsqueeze(0) if cfg.block == "hstu" else None
         x = self.embed(items, event_types)
-        hidden, keys, values, _ = self._layers(x, cos, sin, None, mask, keep_cache)
+        hidden, keys, values, _ = self._layers(x, cos, sin, None, mask, age, keep_cache)
         return hidden, keys, values
 
     def forward(self, items: Tensor, event_types: Tensor) -> Tensor:
@@ -458,9 +432,14 @@ class Encoder(nn.Module):
             # the diagonal (padding sees itself), as a comparison: ONNX has no boolean EyeLike
             sees_new = sees_new | (offsets.view(-1, 1) == offsets.view(1, -1)).view(1, length, length)
         mask = torch.cat([sees_cached, sees_new], dim=-1).unsqueeze(1)  # [B, 1, T, W + T]
+        key_age = None
+        if cfg.block == "hstu":  # new event t is t + 1 + age[s] after slot s, t - t' after t'
+            cached_age = offsets.view(1, -1, 1) + 1 + age.view(batch, 1, window)  # [B, T, W]
+            new_age = (offsets.view(-1, 1) - offsets.view(1, -1)).expand(batch, length, length)
+            key_age = torch.cat([cached_age, new_age], dim=-1).clamp(0, window - 1)
         x = self.embed(items, event_types)  # [B, T, d]
         hidden, layer_keys, layer_values, probabilities = self._layers(
-            x, cos, sin, cache, mask, keep=True, need_weights=return_attention
+            x, cos, sin, cache, mask, key_age, keep=True, need_weights=return_attention
         )
         # each new event's key and value go to its slot p % W (T <= W: distinct slots)
         slot = torch.remainder(positions, window).view(1, batch, 1, length, 1)

@@ -37,7 +37,7 @@ import torch
 from torch.nn import functional as F
 
 from model.artifact import Artifact, save_artifact
-from model.config import SIMILARITIES, ModelConfig
+from model.config import BLOCKS, SIMILARITIES, ModelConfig
 from model.datasets import EVENT_TYPES, add_dataset_arguments, dataset_from_args
 from model.encoder import Encoder
 from model.errors import ConfigError, DataError
@@ -378,7 +378,7 @@ def _load_earlier(source: Path) -> Artifact:
 # the hyper-parameters that shape the weights or what they mean (how a user vector scores an
 # item); dropout does not: it may differ
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "window", "mlp_ratio", "rope_base",
-                "similarity", "temperature")
+                "similarity", "temperature", "block")
 EMBEDDINGS = {"item_embedding.weight": "n_items", "type_embedding.weight": "n_event_types"}
 
 
@@ -481,6 +481,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=integer(1), default=settings.max_len,
                         help="training sequence length")
     parser.add_argument("--dropout", type=number(0, below=1), default=shape.dropout)
+    parser.add_argument("--block", default=shape.block, choices=BLOCKS,
+                        help="transformer: softmax attention and a feed-forward network; hstu: "
+                             "HSTU's gated SiLU attention with a learned bias by key age")
     parser.add_argument("--similarity", default=shape.similarity, choices=SIMILARITIES,
                         help="dot: score = user vector . item embedding; cosine: both "
                              "L2-normalised, divided by --temperature")
@@ -538,7 +541,7 @@ def shape_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
         "window": args.window, "dropout": args.dropout, "similarity": args.similarity,
-        "temperature": args.temperature,
+        "temperature": args.temperature, "block": args.block,
     }
 
 

@@ -14,13 +14,20 @@ from model.encoder import Encoder, KVCache
 TOLERANCE = 1e-4
 
 
-def _encoder(layers: int, window: int, seed: int, similarity: str = "dot") -> Encoder:
+def _encoder(
+    layers: int, window: int, seed: int, similarity: str = "dot", block: str = "transformer"
+) -> Encoder:
     torch.manual_seed(seed)
     config = ModelConfig(
         n_items=40, n_event_types=4, d_model=16, n_layers=layers, n_heads=2, window=window,
-        dropout=0.0, similarity=similarity,
+        dropout=0.0, similarity=similarity, block=block,
     )
-    return Encoder(config).eval()
+    encoder = Encoder(config).eval()
+    if block == "hstu":  # a bias by age as large as the scores, so a wrong age shows
+        with torch.no_grad():
+            for layer in encoder.blocks:
+                layer.age_bias.normal_(std=1.0)
+    return encoder
 
 
 def _sequences(lengths: list[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -67,13 +74,14 @@ def _step_batched(encoder: Encoder, sequences, cache: KVCache | None = None) -> 
     return torch.stack(vectors)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("block", ["transformer", "hstu"])
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 @pytest.mark.parametrize(("layers", "window", "seed"), [(2, 4, 0), (2, 7, 1), (3, 5, 2), (1, 6, 3)])
 @torch.no_grad()
 def test_step_equals_full_sliding_window_forward(
-    layers: int, window: int, seed: int, similarity: str
+    layers: int, window: int, seed: int, similarity: str, block: str
 ) -> None:
-    encoder = _encoder(layers, window, seed, similarity)
+    encoder = _encoder(layers, window, seed, similarity, block)
     lengths = [1, 2, window, 3 * window + 1, 5 * window - 2]  # mixed, several times W
     sequences = _sequences(lengths, seed)
     stepped = _step_batched(encoder, sequences)
@@ -81,13 +89,14 @@ def test_step_equals_full_sliding_window_forward(
     assert (stepped - full).abs().max().item() <= TOLERANCE
 
 
-@pytest.mark.parametrize(("layers", "window", "seed", "similarity"),
-                         [(2, 4, 4, "dot"), (3, 6, 5, "dot"), (2, 5, 6, "cosine")])
+@pytest.mark.parametrize(("layers", "window", "seed", "similarity", "block"),
+                         [(2, 4, 4, "dot", "transformer"), (3, 6, 5, "dot", "transformer"),
+                          (2, 5, 6, "cosine", "transformer"), (3, 5, 8, "dot", "hstu")])
 @torch.no_grad()
 def test_refill_from_last_history_needed_events_is_exact(
-    layers: int, window: int, seed: int, similarity: str
+    layers: int, window: int, seed: int, similarity: str, block: str
 ) -> None:
-    encoder = _encoder(layers, window, seed, similarity)
+    encoder = _encoder(layers, window, seed, similarity, block)
     needed = encoder.config.history_needed
     sequences = _sequences([needed * 3, needed + 2, 4 * window, 2], seed)
     full = _full_forward_last(encoder, sequences)
@@ -104,10 +113,11 @@ def test_refill_from_last_history_needed_events_is_exact(
     assert (vectors - full).abs().max().item() <= TOLERANCE
 
 
+@pytest.mark.parametrize("block", ["transformer", "hstu"])
 @torch.no_grad()
-def test_a_shorter_refill_is_not_exact() -> None:
+def test_a_shorter_refill_is_not_exact(block: str) -> None:
     """N*(W-1)+1 is the least: one event fewer changes the answer (so the test above can fail)."""
-    encoder = _encoder(2, 4, 6)
+    encoder = _encoder(2, 4, 6, block=block)
     needed = encoder.config.history_needed
     sequences = _sequences([needed * 3], 6)
     full = _full_forward_last(encoder, sequences)
@@ -198,3 +208,27 @@ def test_cosine_scores_are_cosines_over_the_temperature_and_old_configs_score_by
     config = ModelConfig(n_items=40).to_dict()
     del config["similarity"]
     assert ModelConfig.from_dict(config).similarity == "dot"
+
+
+@torch.no_grad()
+def test_the_hstu_bias_by_age_takes_part_in_both_passes() -> None:
+    """The bias changes the output (so the hstu cases above test it) and a bias that moved one
+    age over (what an off-by-one age in `extend` would read) breaks step = full pass."""
+    encoder = _encoder(2, 4, 9, block="hstu")
+    sequences = _sequences([3, 9, 14], 9)
+    full = _full_forward_last(encoder, sequences)
+    shifted = copy.deepcopy(encoder)
+    for layer in shifted.blocks:
+        layer.age_bias.copy_(layer.age_bias.roll(1, dims=-1))
+    assert (_full_forward_last(shifted, sequences) - full).abs().max().item() > 10 * TOLERANCE
+    assert (_step_batched(shifted, sequences) - full).abs().max().item() > 10 * TOLERANCE
+
+
+def test_configs_without_a_block_read_as_the_transformer_and_unknown_blocks_are_refused() -> None:
+    from model.errors import ConfigError
+
+    old = ModelConfig(n_items=5).to_dict()
+    del old["block"]  # an artifact written before the field
+    assert ModelConfig.from_dict(old).block == "transformer"
+    with pytest.raises(ConfigError, match="block must be one of"):
+        ModelConfig.from_dict({**old, "block": "mamba"})

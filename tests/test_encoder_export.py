@@ -14,13 +14,15 @@ from model.errors import ConfigError
 from model.export import export_step
 
 
-@pytest.fixture(scope="module", params=["dot", "cosine"])
+@pytest.fixture(scope="module",
+                params=[("dot", "transformer"), ("cosine", "transformer"), ("dot", "hstu")])
 def exported(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> tuple[Encoder, Path]:
     torch.manual_seed(0)
+    similarity, block = request.param
     config = ModelConfig(n_items=50, d_model=32, n_layers=2, n_heads=2, window=6, dropout=0.0,
-                         similarity=request.param)
+                         similarity=similarity, block=block)
     encoder = Encoder(config).eval()
     return encoder, export_step(encoder, tmp_path_factory.mktemp("onnx") / "step.onnx")
 

@@ -51,12 +51,14 @@ def _extend_in_chunks(
 
 
 @pytest.mark.parametrize(
-    ("layers", "window", "seed", "chunks"),
-    [(2, 4, 0, [4]), (2, 7, 1, [3, 1, 7, 2]), (3, 5, 2, [5, 2]), (1, 6, 3, [1])],
+    ("layers", "window", "seed", "chunks", "block"),
+    [(2, 4, 0, [4], "transformer"), (2, 7, 1, [3, 1, 7, 2], "transformer"),
+     (3, 5, 2, [5, 2], "transformer"), (1, 6, 3, [1], "transformer"),
+     (2, 7, 1, [3, 1, 7, 2], "hstu"), (3, 5, 2, [5, 2], "hstu")],
 )
 @torch.no_grad()
-def test_extend_equals_full_forward_after_every_event(layers, window, seed, chunks) -> None:
-    encoder = _encoder(layers, window, seed)
+def test_extend_equals_full_forward_after_every_event(layers, window, seed, chunks, block) -> None:
+    encoder = _encoder(layers, window, seed, block=block)
     sequences = _sequences([1, 2, window, 3 * window + 1, 5 * window - 2], seed)
     vectors, _, _ = _extend_in_chunks(encoder, sequences, chunks)
     for (items, types), got in zip(sequences, vectors, strict=True):
@@ -64,9 +66,10 @@ def test_extend_equals_full_forward_after_every_event(layers, window, seed, chun
         assert (got - expected).abs().max().item() <= TOLERANCE
 
 
+@pytest.mark.parametrize("block", ["transformer", "hstu"])
 @torch.no_grad()
-def test_extend_leaves_the_cache_and_attention_of_one_step_per_event() -> None:
-    encoder = _encoder(2, 5, 7)
+def test_extend_leaves_the_cache_and_attention_of_one_step_per_event(block: str) -> None:
+    encoder = _encoder(2, 5, 7, block=block)
     sequences = _sequences([3, 11, 17, 6], 7)
     _, extended_cache, extended_attention = _extend_in_chunks(encoder, sequences, [4, 5, 2])
     _, stepped_cache, stepped_attention = _extend_in_chunks(encoder, sequences, [1])

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from model.artifact import Artifact
 from model.backends import make_backend
-from model.config import ModelConfig
+from model.config import BLOCKS, ModelConfig
 from model.encoder import Encoder, KVCache
 from model.retrieval import Exclusions, Retriever
 from state.kvpool import ARRAY_HEADER_BYTES, KNOWN_EVENT_BYTES, KVPool, budget_for
@@ -181,13 +181,14 @@ def test_known_events_past_their_reserve_evict_instead_of_exceeding_the_budget()
     layers=st.integers(1, 3), window=st.integers(1, 5), users=st.integers(1, 5),
     extra_slots=st.integers(0, 4), history=st.lists(st.integers(0, 12), min_size=5, max_size=5),
     new=st.lists(st.integers(1, 5), min_size=5, max_size=5), seed=st.integers(0, 2**16),
+    block=st.sampled_from(BLOCKS),
 )
 def test_extend_into_equals_extend_of_each_users_cache(
-    layers, window, users, extra_slots, history, new, seed
+    layers, window, users, extra_slots, history, new, seed, block
 ) -> None:
     torch.manual_seed(seed)
     config = ModelConfig(n_items=30, n_event_types=3, d_model=16, n_layers=layers, n_heads=2,
-                         window=window, dropout=0.0)
+                         window=window, dropout=0.0, block=block)
     encoder = Encoder(config).eval()
     rng = np.random.default_rng(seed)
     pool = KVPool(config, (users + extra_slots) * per_user_bytes(config))

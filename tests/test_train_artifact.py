@@ -138,6 +138,8 @@ def test_init_from_continues_from_the_earlier_weights(trained: tuple[Path, dict]
         train(data, {**SMALL, "d_model": 16}, frozen, tmp_path / "shape", progress=False)
     with pytest.raises(ConfigError, match="model shape differs \\(similarity\\)"):
         train(data, {**SMALL, "similarity": "cosine"}, frozen, tmp_path / "scoring", progress=False)
+    with pytest.raises(ConfigError, match="model shape differs \\(block\\)"):
+        train(data, {**SMALL, "block": "hstu"}, frozen, tmp_path / "block", progress=False)
 
 
 def test_sigterm_stops_training_and_still_publishes_the_best_weights(tmp_path: Path) -> None:

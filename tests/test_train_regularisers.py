@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.artifact import load_artifact
 from model.train import contrastive_loss, replace_items
 from stream.cli import main as kvrec
 
@@ -41,13 +42,15 @@ def test_the_options_train_and_are_recorded_in_the_artifact(tmp_path: Path) -> N
         "--synthetic-events", "2000", "--epochs", "2", "--d-model", "16", "--window", "4",
         "--max-len", "20", "--item-noise", "0.1", "--contrastive-weight", "0.1",
         "--label-smoothing", "0.1", "--similarity", "cosine", "--temperature", "0.1",
-        "--out", str(out),
+        "--block", "hstu", "--out", str(out),
     ]) == 0
     config = json.loads((out / "config.json").read_text())
     training = config["training"]
     assert (training["item_noise"], training["contrastive_weight"], training["label_smoothing"]) \
         == (0.1, 0.1, 0.1)
     assert config["model"]["similarity"] == "cosine" and config["model"]["temperature"] == 0.1
+    assert config["model"]["block"] == "hstu"
+    assert load_artifact(out).config.block == "hstu"  # and it loads as what it trained
     assert kvrec(["train", "--format", "synthetic", "--label-smoothing", "0.1", "--exclude-seen",
                   "--out", str(tmp_path / "refused")]) == 2
     assert kvrec(["train", "--format", "synthetic", "--loss", "bce", "--label-smoothing", "0.1",
