@@ -23,11 +23,11 @@ import torch
 
 from bench.machine import machine_info
 from model.backends import BACKENDS, make_backend
-from model.config import ModelConfig
+from model.config import BLOCKS, ModelConfig
 from model.encoder import Encoder
 from model.errors import ConfigError
 from model.export import export_step
-from model.flags import number
+from model.flags import integer, number
 from state.kvpool import KVPool, budget_for
 
 
@@ -56,12 +56,14 @@ def run_model_bench(
     layers: int = 2,
     n_items: int = 100_000,
     min_seconds: float = 1.0,
+    block: str = "transformer",
 ) -> list[dict[str, Any]]:
     results = []
     for window in windows:
         torch.manual_seed(0)
         config = ModelConfig(
-            n_items=n_items, d_model=d_model, n_layers=layers, n_heads=2, window=window, dropout=0.0
+            n_items=n_items, d_model=d_model, n_layers=layers, n_heads=2, window=window,
+            dropout=0.0, block=block,
         )
         encoder = Encoder(config).eval()
         onnx_path = None
@@ -97,7 +99,7 @@ def run_model_bench(
                     lambda b=backend, i=items, t=types: b.encode(i, t), min_seconds, sync
                 )
                 row = {
-                    "backend": backend_name, "window": window, "history_events": history,
+                    "block": block, "backend": backend_name, "window": window, "history_events": history,
                     "batch": batch, "step_us_per_event": step_s / batch * 1e6,
                     "pool_step_us_per_event": pool_step_s / batch * 1e6,
                     "reencode_us_per_event": encode_s / batch * 1e6,
@@ -105,7 +107,7 @@ def run_model_bench(
                 }
                 results.append(row)
                 print(
-                    f"{backend_name:10s} W={window:3d} batch={batch:3d}  step "
+                    f"{block:11s} {backend_name:10s} W={window:3d} batch={batch:3d}  step "
                     f"{row['step_us_per_event']:9.1f} us/event  pool step "
                     f"{row['pool_step_us_per_event']:9.1f} us/event  re-encode "
                     f"{row['reencode_us_per_event']:10.1f} us/event  x{row['speedup']:.1f} "
@@ -122,18 +124,23 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     windows = sorted({r["window"] for r in results})
+    blocks = sorted({r.get("block", "transformer") for r in results})
     figure, axes = plt.subplots(1, len(windows), figsize=(6 * len(windows), 4), squeeze=False)
     for axis, window in zip(axes[0], windows, strict=True):
-        for backend in sorted({r["backend"] for r in results}):
-            rows = [r for r in results if r["window"] == window and r["backend"] == backend]
-            batches = [r["batch"] for r in rows]
-            axis.plot(batches, [r["step_us_per_event"] for r in rows], marker="o", label=f"{backend} step")
-            axis.plot(batches, [r["pool_step_us_per_event"] for r in rows], marker="s",
-                      linestyle=":", label=f"{backend} pool step")
-            axis.plot(
-                batches, [r["reencode_us_per_event"] for r in rows], marker="x", linestyle="--",
-                label=f"{backend} re-encode",
-            )
+        for block in blocks:
+            for backend in sorted({r["backend"] for r in results}):
+                rows = [r for r in results if r["window"] == window and r["backend"] == backend
+                        and r.get("block", "transformer") == block]
+                name = backend if len(blocks) == 1 else f"{block} {backend}"
+                batches = [r["batch"] for r in rows]
+                axis.plot(batches, [r["step_us_per_event"] for r in rows], marker="o",
+                          label=f"{name} step")
+                axis.plot(batches, [r["pool_step_us_per_event"] for r in rows], marker="s",
+                          linestyle=":", label=f"{name} pool step")
+                axis.plot(
+                    batches, [r["reencode_us_per_event"] for r in rows], marker="x",
+                    linestyle="--", label=f"{name} re-encode",
+                )
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("batch (users per call)")
@@ -152,6 +159,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", default="50,200")
     parser.add_argument("--batches", default="1,64,512")
     parser.add_argument("--backends", default="auto", help="comma list or auto")
+    parser.add_argument("--d-model", type=integer(2), default=64)
+    parser.add_argument("--blocks", default="transformer",
+                        help=f"comma list of {', '.join(BLOCKS)}: each timed in the same run")
     parser.add_argument("--min-seconds", type=number(above=0), default=1.0, help="timing per measurement")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds (CI smoke)")
 
@@ -175,14 +185,23 @@ def main(args: argparse.Namespace) -> int:
         unknown = sorted(set(backends) - set(BACKENDS))
         if unknown or not backends:
             raise ConfigError(f"--backends: unknown {unknown}; choose from {', '.join(BACKENDS)}")
+    blocks = [name.strip() for name in args.blocks.split(",") if name.strip()]
+    if not blocks or set(blocks) - set(BLOCKS):
+        raise ConfigError(f"--blocks: {args.blocks!r}; choose from {', '.join(BLOCKS)}")
     n_items, min_seconds = 100_000, args.min_seconds
     if args.quick:
         windows, batches, n_items, min_seconds = [8], [1, 16], 1000, 0.05
-    results = run_model_bench(windows, batches, backends, n_items=n_items, min_seconds=min_seconds)
+    results = [
+        row
+        for block in blocks
+        for row in run_model_bench(windows, batches, backends, d_model=args.d_model,
+                                   n_items=n_items, min_seconds=min_seconds, block=block)
+    ]
     report = {
         "benchmark": "model step vs re-encode",
         "machine": machine_info(),
-        "settings": {"d_model": 64, "layers": 2, "heads": 2, "n_items": n_items,
+        "settings": {"d_model": args.d_model, "layers": 2, "heads": 2, "n_items": n_items,
+                     "blocks": blocks,
                      "windows": windows, "batches": batches, "backends": backends,
                      "min_seconds": min_seconds, "quick": args.quick},
         "results": results,

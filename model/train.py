@@ -28,6 +28,7 @@ import math
 import random
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from model.artifact import Artifact, save_artifact
+from model.averaging import WeightAverage
 from model.config import BLOCKS, SIMILARITIES, ModelConfig
 from model.datasets import EVENT_TYPES, add_dataset_arguments, dataset_from_args
 from model.encoder import Encoder
@@ -82,6 +84,9 @@ class TrainSettings:
     # stochastic shared embeddings (SSE, Wu et al. 2019): each input item (never a target) is
     # replaced by a uniformly drawn item with this probability, in training
     item_noise: float = 0.0
+    # validate and publish an exponential moving average of the weights (decay per step; 0 =
+    # the weights themselves): the average of the last ~1 / (1 - decay) steps' models
+    ema_decay: float = 0.0
 
 
 def length_grouped_batches(
@@ -244,6 +249,7 @@ def train(
     lengths = [len(items) - 1 for items, _ in sequences]  # positions with a target
     history: list[dict[str, float]] = []
     best_ndcg, best_state, best_epoch, waited = -1.0, None, 0, 0
+    average = WeightAverage(encoder, settings.ema_decay) if settings.ema_decay else None
     started = time.perf_counter()
     rng = random.Random(settings.seed)
     try:  # Ctrl-C stops training early and still publishes the best weights so far
@@ -278,6 +284,8 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if average is not None:
+                    average.update()
                 total += loss.item() * int(real.sum())
                 count += int(real.sum())
                 bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
@@ -290,14 +298,16 @@ def train(
                 "seconds": time.perf_counter() - started,
             }
             if epoch % settings.eval_every == 0 or epoch == settings.epochs:
-                validation = evaluate_split(
-                    encoder, prepared.validation, max_len=settings.max_len, device=str(device)
-                )
+                with average.swapped_in() if average else nullcontext():
+                    validation = evaluate_split(
+                        encoder, prepared.validation, max_len=settings.max_len, device=str(device)
+                    )
+                    state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
                 record.update({f"val_{k}": v for k, v in validation.items()})
                 release_free_memory()
                 if validation["ndcg@10"] > best_ndcg:
                     best_ndcg, best_epoch, waited = validation["ndcg@10"], epoch, 0
-                    best_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+                    best_state = state
                 else:
                     waited += 1
             history.append(record)
@@ -503,6 +513,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--item-noise", type=number(0, below=1), default=settings.item_noise,
                         help="replace each input item (never a target) by a random item with "
                              "this probability in training (stochastic shared embeddings)")
+    parser.add_argument("--ema-decay", type=number(0, below=1), default=settings.ema_decay,
+                        help="validate and publish an exponential moving average of the "
+                             "weights, with this decay per step (0 = off)")
     parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction,
                         default=settings.exclude_seen,
                         help="--loss ce: leave each position's earlier items out of its softmax "
@@ -533,6 +546,7 @@ def settings_from_args(args: argparse.Namespace, init_from: Path | None = None) 
         min_lr_ratio=args.min_lr_ratio, batching=args.batching, exclude_seen=args.exclude_seen,
         label_smoothing=args.label_smoothing, contrastive_weight=args.contrastive_weight,
         contrastive_temperature=args.contrastive_temperature, item_noise=args.item_noise,
+        ema_decay=args.ema_decay,
     )
 
 

@@ -14,7 +14,7 @@ def test_quick_model_bench_writes_json_and_plot(tmp_path: Path) -> None:
     out, png = tmp_path / "model.json", tmp_path / "model.png"
     code = kvrec(
         ["bench", "model", "--quick", "--backends", "torch-cpu,onnx-cpu",
-         "--json", str(out), "--plot", str(png)]
+         "--blocks", "transformer,hstu", "--json", str(out), "--plot", str(png)]
     )
     assert code == 0
     report = json.loads(out.read_text())
@@ -22,8 +22,10 @@ def test_quick_model_bench_writes_json_and_plot(tmp_path: Path) -> None:
     assert machine["cores"] >= 1 and machine["cpu"] and machine["versions"]["torch"]
     assert report["settings"]["quick"] is True
     rows = report["results"]
-    grid = {(r["backend"], r["window"], r["batch"]) for r in rows}
-    assert grid == {(b, 8, n) for b in ("torch-cpu", "onnx-cpu") for n in (1, 16)}
+    grid = {(r["block"], r["backend"], r["window"], r["batch"]) for r in rows}
+    assert grid == {(k, b, 8, n) for k in ("transformer", "hstu")
+                    for b in ("torch-cpu", "onnx-cpu") for n in (1, 16)}
+    assert len(rows) == len(grid)
     for row in rows:
         assert row["history_events"] == 2 * (8 - 1) + 1
         assert row["step_us_per_event"] > 0 and row["reencode_us_per_event"] > 0
@@ -38,6 +40,7 @@ def test_quick_model_bench_writes_json_and_plot(tmp_path: Path) -> None:
         (["--windows", "8,x"], "--windows"),
         (["--batches", "0"], "--batches"),
         (["--backends", "tpu"], "unknown"),
+        (["--blocks", "transformer,lstm"], "--blocks"),
     ],
 )
 def test_bad_bench_flags_are_one_line_errors(

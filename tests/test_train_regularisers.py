@@ -55,3 +55,35 @@ def test_the_options_train_and_are_recorded_in_the_artifact(tmp_path: Path) -> N
                   "--out", str(tmp_path / "refused")]) == 2
     assert kvrec(["train", "--format", "synthetic", "--loss", "bce", "--label-smoothing", "0.1",
                   "--out", str(tmp_path / "refused")]) == 2
+
+
+def test_the_weight_average_follows_the_weights_and_swaps_in_and_out() -> None:
+    from model.averaging import WeightAverage
+
+    model = torch.nn.Linear(3, 2)
+    start = model.weight.detach().clone()
+    average = WeightAverage(model, decay=0.75)
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    average.update()
+    assert torch.allclose(average.averages[0], start + 1.0)  # 0.75 * w + 0.25 * (w + 4)
+    with average.swapped_in():
+        assert torch.allclose(model.weight, start + 1.0)
+    assert torch.allclose(model.weight, start + 4.0)  # its own weights again
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(model, decay=1.0)
+
+
+def test_training_with_a_weight_average_publishes_the_average(tmp_path: Path) -> None:
+    """Validation, the best state and the artifact are the averaged weights: a decay near 1
+    barely leaves the initial weights, so the model stays near chance."""
+    common = ["train", "--format", "synthetic", "--synthetic-users", "150",
+              "--synthetic-items", "40", "--synthetic-events", "2000", "--epochs", "2",
+              "--d-model", "16", "--window", "4", "--max-len", "20", "--threads", "1"]
+    assert kvrec([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert kvrec([*common, "--ema-decay", "0.9999", "--out", str(tmp_path / "slow")]) == 0
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    slow = json.loads((tmp_path / "slow" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "slow" / "config.json").read_text())["training"]["ema_decay"] \
+        == 0.9999
+    assert slow["validation"]["ndcg@10"] < plain["validation"]["ndcg@10"]
