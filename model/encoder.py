@@ -33,7 +33,14 @@ from torch.nn import functional as F
 
 from model.config import ModelConfig
 from model.hstu import HSTUBlock
-from model.layers import Dropout, apply_rope, dropout, rope_cos_sin
+from model.layers import (
+    Dropout,
+    apply_rope,
+    attention_scores,
+    dropout,
+    rope_cos_sin,
+    weighted_values,
+)
 
 
 @dataclass
@@ -129,20 +136,10 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if past is None and not need_weights and p == 0.0:  # the fused kernel
             return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), k, v, None
-        scale = 1.0 / math.sqrt(self.head_dim)
-        if past is None:
-            scores = (q @ k.transpose(-1, -2)) * scale
-        else:  # two products rather than one over a copy of the cache with the new keys
-            past_keys, past_values = past
-            scores = torch.cat([q @ past_keys.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1)
-            scores = scores * scale
+        scores = attention_scores(q, k, past) * (1.0 / math.sqrt(self.head_dim))
         weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         kept = dropout(weights, p, self.training)  # scaled_dot_product_attention's dropout_p
-        if past is None:
-            y = kept @ v
-        else:
-            n_past = past_keys.shape[2]
-            y = kept[..., :n_past] @ past_values + kept[..., n_past:] @ v
+        y = weighted_values(kept, v, past)
         return self.merge(y), k, v, weights if need_weights else None
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:

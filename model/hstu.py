@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from model.config import ModelConfig
-from model.layers import apply_rope, dropout
+from model.layers import apply_rope, attention_scores, dropout, weighted_values
 
 
 class HSTUBlock(nn.Module):
@@ -58,17 +58,7 @@ class HSTUBlock(nn.Module):
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         bias = F.embedding(age, self.age_bias.T).permute(0, 3, 1, 2)  # [B or 1, H, T, S + T]
-        if past is None:
-            scores = q @ k.transpose(-1, -2)
-        else:
-            past_keys, past_values = past
-            scores = torch.cat([q @ past_keys.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1)
-        weights = F.silu(scores + bias) * mask * (1.0 / self.window)
-        if past is None:
-            y = weights @ v
-        else:
-            n_past = past_keys.shape[2]
-            y = weights[..., :n_past] @ past_values + weights[..., n_past:] @ v
-        y = y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
+        weights = F.silu(attention_scores(q, k, past) + bias) * mask * (1.0 / self.window)
+        y = weighted_values(weights, v, past).transpose(1, 2).reshape(batch, length, -1)
         gated = dropout(u * self.output_norm(y), self.dropout, self.training)
         return x + self.out(gated), k, v, weights if need_weights else None

@@ -42,3 +42,20 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     if not training or p == 0.0:
         return x
     return x * (torch.rand_like(x) >= p) * (1.0 / (1.0 - p))
+
+
+def attention_scores(q: Tensor, k: Tensor, past: tuple[Tensor, Tensor] | None) -> Tensor:
+    """Queries q [B, H, T, D] against the S past keys (if any), then the T new keys k:
+    [B, H, T, S + T]. Two products rather than one over a copy of the cache with the new keys."""
+    if past is None:
+        return q @ k.transpose(-1, -2)
+    return torch.cat([q @ past[0].transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1)
+
+
+def weighted_values(weights: Tensor, v: Tensor, past: tuple[Tensor, Tensor] | None) -> Tensor:
+    """`weights` [B, H, T, S + T] applied to the S past values (if any), then the T new ones v:
+    [B, H, T, D]."""
+    if past is None:
+        return weights @ v
+    n_past = past[1].shape[2]
+    return weights[..., :n_past] @ past[1] + weights[..., n_past:] @ v
