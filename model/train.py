@@ -302,12 +302,13 @@ def train(
                     validation = evaluate_split(
                         encoder, prepared.validation, max_len=settings.max_len, device=str(device)
                     )
-                    state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+                    improved = validation["ndcg@10"] > best_ndcg
+                    if improved:
+                        best_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
                 record.update({f"val_{k}": v for k, v in validation.items()})
                 release_free_memory()
-                if validation["ndcg@10"] > best_ndcg:
+                if improved:
                     best_ndcg, best_epoch, waited = validation["ndcg@10"], epoch, 0
-                    best_state = state
                 else:
                     waited += 1
             history.append(record)
