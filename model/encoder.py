@@ -418,9 +418,8 @@ class Encoder(nn.Module):
         # slot s holds position start - 1 - age[b, s], or nothing where age >= start; new event t
         # sees it while t + 1 + age < W
         age = torch.remainder(start.view(-1, 1) - 1 - slots.view(1, -1), window)  # [B, W]
-        sees_cached = (age.view(batch, 1, window) + offsets.view(1, -1, 1) < window - 1) & (
-            age < start.view(-1, 1)
-        ).view(batch, 1, window)  # [B, T, W]
+        cached_distance = offsets.view(1, -1, 1) + 1 + age.view(batch, 1, window)  # [B, T, W]
+        sees_cached = (cached_distance < window) & (age < start.view(-1, 1)).view(batch, 1, window)
         if length == 1:  # every user's one event is real, and sees itself
             sees_new = real.view(batch, 1, 1)
         else:  # each new event sees the real new events up to itself (T <= W); padding itself
@@ -430,10 +429,9 @@ class Encoder(nn.Module):
             sees_new = sees_new | (offsets.view(-1, 1) == offsets.view(1, -1)).view(1, length, length)
         mask = torch.cat([sees_cached, sees_new], dim=-1).unsqueeze(1)  # [B, 1, T, W + T]
         key_age = None
-        if cfg.block == "hstu":  # new event t is t + 1 + age[s] after slot s, t - t' after t'
-            cached_age = offsets.view(1, -1, 1) + 1 + age.view(batch, 1, window)  # [B, T, W]
-            new_age = (offsets.view(-1, 1) - offsets.view(1, -1)).expand(batch, length, length)
-            key_age = torch.cat([cached_age, new_age], dim=-1).clamp(0, window - 1)
+        if cfg.block == "hstu":  # new event t comes t - t' after new event t'
+            new_distance = (offsets.view(-1, 1) - offsets.view(1, -1)).expand(batch, length, length)
+            key_age = torch.cat([cached_distance, new_distance], dim=-1).clamp(0, window - 1)
         x = self.embed(items, event_types)  # [B, T, d]
         hidden, layer_keys, layer_values, probabilities = self._layers(
             x, cos, sin, cache, mask, key_age, keep=True, need_weights=return_attention
