@@ -18,6 +18,7 @@ import pytest
 from confluent_kafka import Producer
 
 from deploy.kafka.launcher import LocalKafka
+from stream.worker.checkpoint import RESTART
 from tests.test_worker_kafka import (
     Topics,
     _committed_total,
@@ -112,7 +113,8 @@ def _account(broker, topics, events, state_dir, capacity, exactly_once: bool) ->
     return {"recommendations": len(recs), "duplicates": duplicates}
 
 
-HANG = "kvrec: error: sending the offsets to the transaction did not return"
+# a worker whose Kafka client hung (or whose transaction could not be aborted) says so and exits 1
+HANG = RESTART
 
 
 class Supervised:
@@ -122,15 +124,25 @@ class Supervised:
     def __init__(self, start) -> None:  # type: ignore[no-untyped-def]
         self.start = start
         self.process = start()
-        self.restarts = 0
+        self.reasons: list[str] = []  # why each restart was needed, as the worker said
+        self.log_offset = 0  # where the running process's lines begin in the shared log
+
+    @property
+    def restarts(self) -> int:
+        return len(self.reasons)
 
     def check(self, log: Path) -> None:
         code = self.process.poll()
         if code is None:
             return
-        tail = _log_tail(log)
-        assert code == 1 and HANG in tail, f"the worker exited ({code}): {tail}"
-        self.restarts += 1
+        with open(log, errors="replace") as text:  # what this process wrote, not its predecessors
+            text.seek(self.log_offset)
+            tail = "\n".join(text.read().splitlines()[-60:])
+        assert code == 1 and "kvrec: error:" in tail and HANG in tail, (
+            f"the worker exited ({code}): {tail}")
+        said = [line for line in tail.splitlines() if "kvrec: error:" in line]
+        self.reasons.append(said[-1][:300])
+        self.log_offset = log.stat().st_size
         self.process = self.start()
 
 
@@ -220,4 +232,98 @@ def test_a_broker_frozen_past_the_session_timeout_loses_nothing(broker, artifact
         stderr = _log_tail(log)
     assert worker.process.returncode == 0, stderr
     counts = _account(broker, topics, events, state_dir, artifact.config.history_needed, True)
-    print(f"\nfrozen 10 s (session timeout 6 s): worker restarts {worker.restarts}, {counts}")
+    print(f"\nfrozen 10 s (session timeout 6 s): worker restarts {worker.restarts} "
+          f"{worker.reasons}, {counts}")
+
+
+# --- a transaction that cannot be aborted, against this real broker ------------------------------
+# (the rule over every sequence of client answers: tests/test_worker_stuck_transaction.py)
+
+def _transactional_checkpoint(bootstrap: str, tmp_path: Path, producer, topic: str):  # type: ignore[no-untyped-def]
+    from state.partition import WorkerState
+    from stream.worker.checkpoint import Checkpoint
+    from tests.fake_kafka import FakeConsumer
+
+    state = WorkerState(tmp_path / "state", "g", "events", window_capacity=4)
+    state.open(0)
+    point = Checkpoint(FakeConsumer(), producer, state, input_topic="events",  # type: ignore[arg-type]
+                       changelog_topic=topic, exactly_once=True, interval_s=0.0,
+                       outage_limit_s=60.0, call_timeout_s=2.0)
+    point.store_offset(0, 41)
+    return point
+
+
+def test_an_abort_stuck_in_the_client_while_the_broker_answers_ends_the_worker(broker, tmp_path):
+    """The client's abort keeps timing out (as it did after a freeze in a loaded CI run) while
+    the real broker answers metadata: the checkpoint gives up after four timeouts, with the
+    error the worker exits and restarts on, instead of retrying until the outage limit."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from stream.worker.checkpoint import STUCK_AFTER_TIMEOUTS, ClientHang
+    from tests.conftest import create_topics, unique_topic
+
+    topic = unique_topic("stuck")
+    create_topics(broker.bootstrap_servers, {topic: 1})
+    real = Producer({"bootstrap.servers": broker.bootstrap_servers,
+                     "transactional.id": unique_topic("stuck-txn")})
+    real.init_transactions(30)
+
+    class StuckAbort:  # the real producer, but its abort request never leaves the client
+        aborts = 0
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(real, name)
+
+        def abort_transaction(self, timeout: float) -> None:
+            StuckAbort.aborts += 1
+            time.sleep(timeout)
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "Timed out (1 out-queue)",
+                                            retriable=True))
+
+    point = _transactional_checkpoint(broker.bootstrap_servers, tmp_path, StuckAbort(), topic)
+    real.produce(topic, b"v", b"k")
+    started = time.monotonic()
+    with pytest.raises(ClientHang, match="while the cluster answered") as hang:
+        point.abort()
+    assert StuckAbort.aborts == STUCK_AFTER_TIMEOUTS + 1
+    assert time.monotonic() - started < 20  # not the 60 s outage limit
+    assert str(hang.value).endswith(RESTART)
+
+
+def test_an_abort_while_the_broker_is_frozen_waits_for_it_and_goes_on(broker, tmp_path):
+    """A real transaction, the broker frozen for 8 s while the checkpoint aborts it (2 s calls:
+    several timeouts in a row, but the cluster does not answer either): the abort waits for
+    the broker and succeeds, the worker goes on, and only the next committed record is seen."""
+    from tests.conftest import create_topics, unique_topic
+    from tests.test_kafka_transactions import _read_all
+
+    topic = unique_topic("frozen-abort")
+    create_topics(broker.bootstrap_servers, {topic: 1})
+    producer = Producer({"bootstrap.servers": broker.bootstrap_servers,
+                         "transactional.id": unique_topic("frozen-txn"), "log_level": 0})
+    producer.init_transactions(30)
+    point = _transactional_checkpoint(broker.bootstrap_servers, tmp_path, producer, topic)
+    producer.produce(topic, b"aborted", b"k")
+    producer.flush(10)
+    failed: list[BaseException] = []
+
+    def abort() -> None:
+        try:
+            point.abort()
+        except BaseException as exc:  # reported below
+            failed.append(exc)
+
+    broker.freeze()
+    try:
+        aborting = threading.Thread(target=abort, daemon=True)
+        aborting.start()
+        time.sleep(8)
+    finally:
+        broker.thaw()
+    aborting.join(timeout=60)
+    assert not aborting.is_alive(), "the abort did not end after the broker came back"
+    assert not failed, failed
+    producer.produce(topic, b"committed", b"k")  # the transaction begun by abort()
+    producer.commit_transaction(30)
+    values = [m.value() for m in _read_all(broker.bootstrap_servers, topic, "read_committed", 1)]
+    assert values == [b"committed"]

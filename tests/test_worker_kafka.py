@@ -131,7 +131,7 @@ def _start_worker(
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     if log is not None:  # a worker that may log a lot while nobody reads: to a file, not a pipe
-        with open(log, "w") as stderr:
+        with open(log, "a") as stderr:  # a restarted worker's log follows its predecessor's
             return subprocess.Popen(command, env=env, stderr=stderr, text=True)
     return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
 

@@ -45,11 +45,25 @@ class DeliveryError(RuntimeError):
     limit; the checkpoint is abandoned and the worker stops (nothing of it is committed)."""
 
 
+# how every ClientHang ends: what the worker does about it (the tests' supervisors look for it)
+RESTART = "the worker exits without committing, and a restart replays the work"
+
+# A transactional call that timed out this many times in a row, and once more after the cluster
+# had answered a metadata request, while the cluster answers again, is stuck in the client, not
+# waiting for the broker (seen after a broker froze past the session timeout: the static
+# consumer was fenced, the transaction failed, and abort_transaction then timed out every 10 s
+# for minutes with its request in the out-queue). One answer is not enough: a metadata request
+# sent while the broker is frozen is answered when it thaws, and the next call then succeeds.
+STUCK_AFTER_TIMEOUTS = 3
+
+
 class ClientHang(DeliveryError):
-    """A transactional call did not return long after its own timeout: librdkafka can wait
-    forever for a group coordinator that went away (confluentinc/librdkafka#5456, #5511).
+    """A transactional call did not return long after its own timeout (librdkafka can wait
+    forever for a group coordinator that went away: confluentinc/librdkafka#5456, #5511), kept
+    timing out while the cluster answered, or the transaction could not be aborted at all.
     Nothing of the checkpoint is committed; the worker must exit without touching its clients
-    again (they may hang too), and a restart replays the work."""
+    again (they may hang too), and a restart replays the work (the new producer's
+    init_transactions fences this one and aborts its transaction)."""
 
 
 class TransactionAborted(RuntimeError):
@@ -158,11 +172,11 @@ class Checkpoint:
                 lambda: self.producer.send_offsets_to_transaction(
                     commit, metadata, self.call_timeout_s
                 ),
-            ))
+            ), transactional=True)
             self._retrying("commit the transaction", deadline, lambda: self._bounded(
                 "committing the transaction",
                 lambda: self.producer.commit_transaction(self.call_timeout_s),
-            ))
+            ), transactional=True)
             self.producer.flush(0)  # the delivery reports of what the commit flushed
             self._retrying("begin a transaction", deadline, self.producer.begin_transaction)
         else:
@@ -196,17 +210,20 @@ class Checkpoint:
             raise ClientHang(
                 f"{what} did not return in {limit:.0f} s although its timeout is "
                 f"{self.call_timeout_s:.0f} s (the Kafka client waits for a group coordinator "
-                "that went away; confluentinc/librdkafka#5456): the worker exits without "
-                "committing, and a restart replays the work"
+                f"that went away; confluentinc/librdkafka#5456): {RESTART}"
             )
         if raised:
             raise raised[0]
 
     def _retrying(self, what: str, deadline: float, call: Callable[[], object],
-                  also_retriable: frozenset[int] = frozenset()) -> None:
+                  also_retriable: frozenset[int] = frozenset(),
+                  transactional: bool = False) -> None:
         """`call`, again while its error is retriable (the broker is away, or a code in
         `also_retriable`) and the outage limit is not reached; an aborted transaction raises
-        `TransactionAborted`."""
+        `TransactionAborted`. A `transactional` call that keeps timing out while the cluster
+        answers is stuck in the client: `ClientHang` (see `STUCK_AFTER_TIMEOUTS`)."""
+        timeouts = 0
+        answered_before_this_call = False
         while True:
             try:
                 call()
@@ -215,8 +232,22 @@ class Checkpoint:
                 error = exc.args[0] if exc.args else None
                 if getattr(error, "txn_requires_abort", lambda: False)():
                     raise TransactionAborted(f"could not {what}: {kafka_error_text(exc)}") from None
+                code = getattr(error, "code", lambda: None)()
                 retriable = (getattr(error, "retriable", lambda: False)()
-                             or getattr(error, "code", lambda: None)() in also_retriable)
+                             or code in also_retriable)
+                timeouts = timeouts + 1 if code == KafkaError._TIMED_OUT else 0
+                if transactional and timeouts >= STUCK_AFTER_TIMEOUTS:
+                    answers = self._cluster_answers()
+                    if answers and answered_before_this_call:
+                        raise ClientHang(
+                            f"could not {what}: it timed out {timeouts} times in a row "
+                            f"({self.call_timeout_s:.0f} s each), the last one sent after the "
+                            "cluster had answered and while the cluster answered, so the Kafka "
+                            f"client's transaction is stuck ({kafka_error_text(exc)}): {RESTART}"
+                        ) from None
+                    answered_before_this_call = answers
+                else:
+                    answered_before_this_call = False
                 if not retriable or time.monotonic() > deadline:
                     raise DeliveryError(
                         f"could not {what}: {kafka_error_text(exc)}"
@@ -226,17 +257,33 @@ class Checkpoint:
                 log.warning("could not %s yet (%s); retrying", what, kafka_error_text(exc))
                 time.sleep(0.5)
 
+    def _cluster_answers(self) -> bool:
+        """Whether the cluster answers a metadata request (the changelog topic's) now."""
+        try:
+            self._bounded("asking the cluster for metadata", lambda: self.producer.list_topics(
+                self.changelog_topic, timeout=self.call_timeout_s))
+        except KafkaException:
+            return False
+        return True
+
     def abort(self) -> None:
         """Give up everything since the last commit: nothing of it becomes durable. With
-        exactly-once, a new transaction is begun (for a worker that goes on)."""
+        exactly-once, a new transaction is begun (for a worker that goes on); a transaction that
+        cannot be aborted (stuck, fenced, or Kafka away past the outage limit) leaves a producer
+        that can do nothing more, and `ClientHang` says the worker must exit and restart."""
         self.pending_offsets.clear()
         self._errors.clear()
         for _, windows in self.state.items():
             windows.abort()
         if self.exactly_once:
             deadline = time.monotonic() + self.outage_limit_s
-            self._retrying("abort the transaction", deadline, lambda: self._bounded(
-                "aborting the transaction",
-                lambda: self.producer.abort_transaction(self.call_timeout_s),
-            ))
-            self._retrying("begin a transaction", deadline, self.producer.begin_transaction)
+            try:
+                self._retrying("abort the transaction", deadline, lambda: self._bounded(
+                    "aborting the transaction",
+                    lambda: self.producer.abort_transaction(self.call_timeout_s),
+                ), transactional=True)
+                self._retrying("begin a transaction", deadline, self.producer.begin_transaction)
+            except (DeliveryError, TransactionAborted) as failed:
+                if isinstance(failed, ClientHang):
+                    raise
+                raise ClientHang(f"{failed}: {RESTART}") from None

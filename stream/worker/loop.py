@@ -361,8 +361,9 @@ class Worker:
             self.consumer.close()  # revokes: the revoke callback checkpoints unless failed
         finally:
             self.state.close_all()
-            self.restore_consumer.close()
-            self.producer.flush(10.0)
+            if not self.hung:  # an abort that could not be done: the clients are left alone
+                self.restore_consumer.close()
+                self.producer.flush(10.0)
 
     def _commit(self) -> None:
         """Checkpoint; if the broker aborted the transaction, replay from the last checkpoint."""
@@ -385,11 +386,14 @@ class Worker:
             self.consumer.seek(tp)
 
     def _abort(self) -> None:
+        """After a failure: abort the work since the last checkpoint. A transaction that cannot
+        be aborted raises `ClientHang` (the process exits at once, app.py)."""
         log.error("the worker failed: the work since the last checkpoint is aborted, not committed")
         try:
             self.checkpoint.abort()
-        except Exception:  # a fenced or broken producer: its transaction is void anyway
-            log.exception("aborting the transaction failed")
+        except ClientHang:
+            self.hung = True  # the producer can do nothing more: leave the clients alone
+            raise
 
     def process(self, messages: list[Message]) -> None:
         """Every message ends as exactly one of: applied to its user's window (with its

@@ -1,0 +1,197 @@
+"""A transaction that cannot be aborted ends the worker at once (to be restarted), a broker that
+is merely away does not: `Checkpoint.abort` over every sequence of client answers.
+
+Seen in a loaded CI run (2026-12-02): a broker frozen past the session timeout fenced the static
+consumer, the transaction failed, and `abort_transaction` then timed out every 10 s for minutes
+while the broker answered everything else, so the worker never caught up. The rule: a
+transactional call that times out `STUCK_AFTER_TIMEOUTS` times in a row, then once more after
+the cluster answered a metadata request, while it answers again, is stuck in the client (one
+answer is not enough: a request sent to a frozen broker is answered when it thaws). An abort
+that fails for any reason (stuck, fenced, Kafka away past the outage limit) leaves a producer
+that can do nothing more. Both raise `ClientHang`: the worker exits and its restart replays the
+work. The real-broker halves of these tests are in `tests/test_worker_faults.py` (they freeze
+their own broker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from state.partition import WorkerState
+from stream.worker import checkpoint as checkpoint_module
+from stream.worker.checkpoint import (
+    RESTART,
+    STUCK_AFTER_TIMEOUTS,
+    Checkpoint,
+    ClientHang,
+)
+from tests.fake_kafka import FakeConsumer
+
+OUTAGE_LIMIT_S = 30.0
+CALL_TIMEOUT_S = 2.0
+
+# what one abort_transaction call does
+OK, TIMEOUT, TRANSPORT, FENCED = "ok", "timeout", "transport", "fenced"
+ERRORS = {
+    TIMEOUT: KafkaError(KafkaError._TIMED_OUT, "timed out", retriable=True),
+    TRANSPORT: KafkaError(KafkaError._TRANSPORT, "broker down", retriable=True),
+    FENCED: KafkaError(KafkaError._FENCED, "fenced", fatal=True),
+}
+
+
+class FakeClock:
+    """time.monotonic and time.sleep for the checkpoint module: a call that times out takes its
+    timeout, a retry's pause its pause, and nothing really waits."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class ScriptedProducer:
+    """A transactional producer whose abort_transaction answers from `aborts` (the last answer
+    repeats) and whose metadata request answers from `cluster` (likewise)."""
+
+    clock: FakeClock
+    aborts: list[str]
+    cluster: list[bool]
+    calls: list[str] = field(default_factory=list)
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+
+    def abort_transaction(self, timeout: float) -> None:
+        answer = self.aborts.pop(0) if len(self.aborts) > 1 else self.aborts[0]
+        self.calls.append(f"abort:{answer}")
+        if answer == TIMEOUT:
+            self.clock.now += timeout
+        if answer != OK:
+            raise KafkaException(ERRORS[answer])
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> object:
+        answers = self.cluster.pop(0) if len(self.cluster) > 1 else self.cluster[0]
+        self.calls.append(f"metadata:{answers}")
+        if not answers:
+            self.clock.now += timeout
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "no broker", retriable=True))
+        return object()
+
+
+def _checkpoint(tmp_path: Path, producer: ScriptedProducer) -> Checkpoint:
+    state = WorkerState(tmp_path, "g", "events", window_capacity=4)
+    state.open(0)
+    point = Checkpoint(FakeConsumer(), producer, state, input_topic="events",  # type: ignore[arg-type]
+                       changelog_topic="changelog", exactly_once=True, interval_s=0.0,
+                       outage_limit_s=OUTAGE_LIMIT_S, call_timeout_s=CALL_TIMEOUT_S)
+    point.store_offset(0, 41)
+    producer.calls.clear()
+    return point
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(checkpoint_module.time, "monotonic", fake.monotonic)
+    monkeypatch.setattr(checkpoint_module.time, "sleep", fake.sleep)
+    return fake
+
+
+def test_an_abort_that_keeps_timing_out_while_the_cluster_answers_exits_soon(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    producer = ScriptedProducer(clock, [TIMEOUT], [True])
+    point = _checkpoint(tmp_path, producer)
+    with pytest.raises(ClientHang, match="timed out 4 times in a row") as hang:
+        point.abort()
+    assert str(hang.value).endswith(RESTART)
+    assert producer.calls.count("abort:timeout") == STUCK_AFTER_TIMEOUTS + 1
+    assert "begin" not in producer.calls
+    assert clock.now < OUTAGE_LIMIT_S / 2  # long before the outage limit
+    assert point.pending_offsets == {}
+
+
+def test_a_broker_that_is_away_is_waited_for_and_the_abort_then_succeeds(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    # six timeouts (12 s, and the metadata requests that went unanswered) with no answer from
+    # the cluster, then the broker is back
+    producer = ScriptedProducer(clock, [TIMEOUT] * 6 + [OK], [False])
+    point = _checkpoint(tmp_path, producer)
+    point.abort()
+    assert producer.calls[-2:] == ["abort:ok", "begin"]
+    assert producer.calls.count("abort:timeout") == 6
+
+
+def test_an_abort_that_fails_for_good_exits_whatever_the_reason(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    for case, (answers, cluster, reason) in enumerate((
+        ([FENCED], [True], "fenced"),  # another instance took the transactional id
+        ([TRANSPORT], [False], "--outage-limit-s"),  # Kafka away past the outage limit
+        ([TIMEOUT], [False], "--outage-limit-s"),
+    )):
+        producer = ScriptedProducer(clock, answers, cluster)
+        point = _checkpoint(tmp_path / str(case), producer)
+        with pytest.raises(ClientHang, match=reason) as hang:
+            point.abort()
+        assert str(hang.value).endswith(RESTART)
+        assert "begin" not in producer.calls
+
+
+ANSWER = st.sampled_from([OK, TIMEOUT, TRANSPORT, FENCED])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(aborts=st.lists(ANSWER, min_size=1, max_size=40),
+       cluster=st.lists(st.booleans(), min_size=1, max_size=40))
+def test_every_abort_ends_in_bounded_time_either_going_on_or_exiting(
+    tmp_path_factory: pytest.TempPathFactory, aborts: list[str], cluster: list[bool]
+) -> None:
+    """Whatever the client answers: abort() returns with a new transaction begun, or raises
+    ClientHang (never another error, never a loop past the outage limit); it exits only for a
+    reason (a fatal error, the outage limit, or timeouts in a row while the cluster answered),
+    and a cluster that never answers never counts as stuck."""
+    clock = FakeClock()
+    patch = pytest.MonkeyPatch()
+    patch.setattr(checkpoint_module.time, "monotonic", clock.monotonic)
+    patch.setattr(checkpoint_module.time, "sleep", clock.sleep)
+    try:
+        producer = ScriptedProducer(clock, list(aborts), list(cluster))
+        point = _checkpoint(tmp_path_factory.mktemp("abort"), producer)
+        try:
+            point.abort()
+        except ClientHang as hang:
+            message = str(hang)
+            assert message.endswith(RESTART)
+            made = [c.removeprefix("abort:") for c in producer.calls if c.startswith("abort:")]
+            assert OK not in made and "begin" not in producer.calls
+            if "while the cluster answered" in message:
+                assert made[-STUCK_AFTER_TIMEOUTS - 1:] == [TIMEOUT] * (STUCK_AFTER_TIMEOUTS + 1)
+                # the cluster answered before the last call was sent, and after it timed out
+                assert producer.calls[-4:] == ["abort:timeout", "metadata:True",
+                                               "abort:timeout", "metadata:True"]
+            elif made[-1] == FENCED:
+                assert "fenced" in message
+            else:  # retried until the outage limit
+                assert clock.now > OUTAGE_LIMIT_S and "--outage-limit-s" in message
+        else:
+            assert producer.calls[-2:] == ["abort:ok", "begin"]
+            assert clock.now <= OUTAGE_LIMIT_S + CALL_TIMEOUT_S
+        assert clock.now <= OUTAGE_LIMIT_S + 2 * CALL_TIMEOUT_S + 1.0
+        if not any(cluster):
+            assert "metadata:True" not in producer.calls
+        assert point.pending_offsets == {}
+    finally:
+        patch.undo()
