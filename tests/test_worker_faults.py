@@ -327,3 +327,50 @@ def test_an_abort_while_the_broker_is_frozen_waits_for_it_and_goes_on(broker, tm
     producer.commit_transaction(30)
     values = [m.value() for m in _read_all(broker.bootstrap_servers, topic, "read_committed", 1)]
     assert values == [b"committed"]
+
+
+# --- a second worker with the same instance id --------------------------------------------------
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_a_worker_fenced_by_its_own_instance_id_exits_and_nothing_is_lost(
+    broker, artifact, tmp_path, guarantee
+):
+    """A second worker starts with the first one's instance id (a pod that came back while its
+    old self still ran, or a misconfiguration), as after a freeze the consumer's own rejoin did
+    in a loaded run: the broker fences the first (its static membership and, with exactly-once,
+    its transactional id). The fenced worker exits with status 1 and says why in one line,
+    instead of consuming nothing ever after; the second carries on, and every event is
+    accounted for."""
+    bootstrap = broker.bootstrap_servers
+    topics = Topics(bootstrap, f"dup-{guarantee}")
+    events = _events(1500, users=40, items=60, seed=13)
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = _start_worker(bootstrap, topics, artifact.path, tmp_path / "first", "same",
+                          guarantee, -1, "--commit-interval-ms", "500", log=first_log)
+    producer = PacedProducer(bootstrap, topics.events, events, rate=150)
+    producer.start()
+    second = None
+    try:
+        _wait_committed(bootstrap, topics, 300, timeout=90)
+        second = _start_worker(bootstrap, topics, artifact.path, tmp_path / "second", "same",
+                               guarantee, -1, "--commit-interval-ms", "500", log=second_log)
+        try:
+            code = first.wait(timeout=90)
+        except Exception:  # subprocess.TimeoutExpired: reported below
+            code = None
+        said = _log_tail(first_log)
+        assert code == 1, f"the fenced worker did not exit ({code}): {said}"
+        assert "kvrec: error:" in said and RESTART in said, said
+        producer.join(timeout=60)
+        assert not producer.failed, producer.failed[:3]
+        _wait_committed(bootstrap, topics, len(events), timeout=120)
+        assert second.poll() is None, _log_tail(second_log)
+    finally:
+        _stop(first)
+        if second is not None:
+            _stop(second)
+    assert second.returncode == 0, _log_tail(second_log)
+    reason = [line for line in said.splitlines() if "kvrec: error:" in line][-1]
+    counts = _account(broker, topics, events, tmp_path / "second",
+                      artifact.config.history_needed, guarantee == "exactly-once")
+    print(f"\n{guarantee}: the fenced worker said {reason[:240]!r}; {counts}")

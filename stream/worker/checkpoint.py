@@ -33,6 +33,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from model.errors import RunFailed
 from state.partition import WorkerState
 from stream.kafka_config import kafka_error_text
 from stream.worker.produce import produce
@@ -64,6 +65,35 @@ class ClientHang(DeliveryError):
     Nothing of the checkpoint is committed; the worker must exit without touching its clients
     again (they may hang too), and a restart replays the work (the new producer's
     init_transactions fences this one and aborts its transaction)."""
+
+
+class ClientFailed(RunFailed):
+    """A Kafka client failed for good (a fatal error: e.g. a static consumer fenced by its own
+    rejoin after a broker froze past the session timeout), so it can consume or produce nothing
+    more. The worker aborts what it has not committed and exits with status 1, saying so in one
+    line; a restart (Kubernetes restarts the pod) replays the work with new clients."""
+
+
+# Error codes after which a client can do nothing more: it must be replaced (the process
+# restarted). librdkafka flags most of them fatal, but not all where they surface (a fenced
+# static consumer's commit fails with FENCED_INSTANCE_ID unflagged; consume() hands out _FATAL
+# unflagged).
+FAILED_FOR_GOOD = frozenset({
+    KafkaError._FATAL, KafkaError._FENCED, KafkaError.PRODUCER_FENCED,
+    KafkaError.FENCED_INSTANCE_ID, KafkaError.TRANSACTION_COORDINATOR_FENCED,
+})
+
+
+def failed_for_good(exc: BaseException | KafkaError) -> bool:
+    """Whether `exc` says a Kafka client failed for good (fatal, or fenced by a newer instance)."""
+    if isinstance(exc, KafkaException):
+        return bool(exc.args) and failed_for_good(exc.args[0])
+    if isinstance(exc, KafkaError):
+        return exc.fatal() or exc.code() in FAILED_FOR_GOOD
+    # A fenced producer's delivery report reaches Python with an exception already pending in
+    # confluent-kafka's C code: the callback cannot even look at its error, and flush() / poll()
+    # return NULL without an exception (seen with confluent-kafka 2.x, tests/test_worker_faults.py)
+    return isinstance(exc, SystemError) and "cimpl." in str(exc)
 
 
 class TransactionAborted(RuntimeError):
@@ -126,7 +156,10 @@ class Checkpoint:
     def on_delivery(self, error: object, message: Message) -> None:
         """Delivery callback for every record the worker produces."""
         if error is not None:
-            self._errors.append(f"{message.topic()}[{message.partition()}]: {error}")
+            try:
+                self._errors.append(f"{message.topic()}[{message.partition()}]: {error}")
+            except BaseException:  # confluent-kafka left an exception pending: see failed_for_good
+                self._errors.append("a delivery failed, and the Kafka client could not say why")
         elif message.topic() == self.changelog_topic:
             partition = message.partition()
             offset = message.offset()
@@ -233,6 +266,11 @@ class Checkpoint:
                 if getattr(error, "txn_requires_abort", lambda: False)():
                     raise TransactionAborted(f"could not {what}: {kafka_error_text(exc)}") from None
                 code = getattr(error, "code", lambda: None)()
+                if failed_for_good(exc):
+                    raise ClientFailed(  # e.g. fenced: another process has this transactional id
+                        f"could not {what}: the Kafka client failed for good "
+                        f"({kafka_error_text(exc)}): {RESTART}"
+                    ) from None
                 retriable = (getattr(error, "retriable", lambda: False)()
                              or code in also_retriable)
                 timeouts = timeouts + 1 if code == KafkaError._TIMED_OUT else 0

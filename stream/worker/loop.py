@@ -54,7 +54,14 @@ from stream.schema import (
     encode_recommendation,
     parse_event,
 )
-from stream.worker.checkpoint import Checkpoint, ClientHang, TransactionAborted
+from stream.worker.checkpoint import (
+    RESTART,
+    Checkpoint,
+    ClientFailed,
+    ClientHang,
+    TransactionAborted,
+    failed_for_good,
+)
 from stream.worker.dead_letters import DeadLetters
 from stream.worker.inference import Recommender, Scored, ScoredBatch, WaveInput
 from stream.worker.live import SERVE, SHADOW, LiveHits, Shadow
@@ -254,8 +261,13 @@ class Worker:
         except ClientHang:
             self.failed = self.hung = True  # its clients may hang again: leave them alone
             raise
-        except BaseException:
+        except ClientFailed:
             self.failed = True
+            raise
+        except BaseException as exc:
+            self.failed = True
+            if failed_for_good(exc):  # from any client call: one line that says what to do
+                raise ClientFailed(f"the Kafka client failed for good ({exc}): {RESTART}") from exc
             raise
         finally:
             self.close()
@@ -363,7 +375,8 @@ class Worker:
             self.state.close_all()
             if not self.hung:  # an abort that could not be done: the clients are left alone
                 self.restore_consumer.close()
-                self.producer.flush(10.0)
+                if not self.failed:  # after a failure nothing is left to deliver: it is replayed
+                    self.producer.flush(10.0)
 
     def _commit(self) -> None:
         """Checkpoint; if the broker aborted the transaction, replay from the last checkpoint."""
@@ -394,6 +407,8 @@ class Worker:
         except ClientHang:
             self.hung = True  # the producer can do nothing more: leave the clients alone
             raise
+        except ClientFailed as failed:  # fenced: its transaction is void anyway
+            log.error("%s", failed)
 
     def process(self, messages: list[Message]) -> None:
         """Every message ends as exactly one of: applied to its user's window (with its
@@ -407,8 +422,9 @@ class Worker:
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
                     continue
-                if error.fatal():
-                    raise RuntimeError(f"fatal Kafka error: {error}")
+                if failed_for_good(error):
+                    raise ClientFailed(f"the Kafka consumer failed for good ({error.str()}): "
+                                       f"{RESTART}")
                 kafka_log.warning("consumer error: %s", error)  # repeats: once a minute
                 continue
             consumed += 1

@@ -1,5 +1,5 @@
-"""A transaction that cannot be aborted ends the worker at once (to be restarted), a broker that
-is merely away does not: `Checkpoint.abort` over every sequence of client answers.
+"""Kafka clients that fail for good end the worker, to be restarted; a broker that is merely away
+does not. `Checkpoint.abort` over every sequence of client answers, and the consumer's errors.
 
 Seen in a loaded CI run (2026-12-02): a broker frozen past the session timeout fenced the static
 consumer, the transaction failed, and `abort_transaction` then timed out every 10 s for minutes
@@ -29,6 +29,7 @@ from stream.worker.checkpoint import (
     RESTART,
     STUCK_AFTER_TIMEOUTS,
     Checkpoint,
+    ClientFailed,
     ClientHang,
 )
 from tests.fake_kafka import FakeConsumer
@@ -137,16 +138,17 @@ def test_a_broker_that_is_away_is_waited_for_and_the_abort_then_succeeds(
 def test_an_abort_that_fails_for_good_exits_whatever_the_reason(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    for case, (answers, cluster, reason) in enumerate((
-        ([FENCED], [True], "fenced"),  # another instance took the transactional id
-        ([TRANSPORT], [False], "--outage-limit-s"),  # Kafka away past the outage limit
-        ([TIMEOUT], [False], "--outage-limit-s"),
+    for case, (answers, cluster, error, reason) in enumerate((
+        # another process took the transactional id: the client failed for good
+        ([FENCED], [True], ClientFailed, "failed for good"),
+        ([TRANSPORT], [False], ClientHang, "--outage-limit-s"),  # Kafka away past the limit
+        ([TIMEOUT], [False], ClientHang, "--outage-limit-s"),
     )):
         producer = ScriptedProducer(clock, answers, cluster)
         point = _checkpoint(tmp_path / str(case), producer)
-        with pytest.raises(ClientHang, match=reason) as hang:
+        with pytest.raises(error, match=reason) as failed:
             point.abort()
-        assert str(hang.value).endswith(RESTART)
+        assert str(failed.value).endswith(RESTART)
         assert "begin" not in producer.calls
 
 
@@ -160,9 +162,9 @@ def test_every_abort_ends_in_bounded_time_either_going_on_or_exiting(
     tmp_path_factory: pytest.TempPathFactory, aborts: list[str], cluster: list[bool]
 ) -> None:
     """Whatever the client answers: abort() returns with a new transaction begun, or raises
-    ClientHang (never another error, never a loop past the outage limit); it exits only for a
-    reason (a fatal error, the outage limit, or timeouts in a row while the cluster answered),
-    and a cluster that never answers never counts as stuck."""
+    ClientHang or ClientFailed (never another error, never a loop past the outage limit); it
+    exits only for a reason (a fatal error, the outage limit, or timeouts in a row while the
+    cluster answered), and a cluster that never answers never counts as stuck."""
     clock = FakeClock()
     patch = pytest.MonkeyPatch()
     patch.setattr(checkpoint_module.time, "monotonic", clock.monotonic)
@@ -172,7 +174,7 @@ def test_every_abort_ends_in_bounded_time_either_going_on_or_exiting(
         point = _checkpoint(tmp_path_factory.mktemp("abort"), producer)
         try:
             point.abort()
-        except ClientHang as hang:
+        except (ClientHang, ClientFailed) as hang:
             message = str(hang)
             assert message.endswith(RESTART)
             made = [c.removeprefix("abort:") for c in producer.calls if c.startswith("abort:")]
@@ -183,7 +185,7 @@ def test_every_abort_ends_in_bounded_time_either_going_on_or_exiting(
                 assert producer.calls[-4:] == ["abort:timeout", "metadata:True",
                                                "abort:timeout", "metadata:True"]
             elif made[-1] == FENCED:
-                assert "fenced" in message
+                assert isinstance(hang, ClientFailed) and "fenced" in message
             else:  # retried until the outage limit
                 assert clock.now > OUTAGE_LIMIT_S and "--outage-limit-s" in message
         else:
@@ -195,3 +197,73 @@ def test_every_abort_ends_in_bounded_time_either_going_on_or_exiting(
         assert point.pending_offsets == {}
     finally:
         patch.undo()
+
+
+# --- a consumer that failed for good --------------------------------------------------------------
+# Seen in a loaded run of tests/test_worker_faults.py (2026-12-02): after the broker froze past
+# the session timeout, the static consumer's rejoin fenced it ("Static consumer fenced by other
+# consumer with same group.instance.id"); consume() then returned that error with the code _FATAL
+# but fatal() false, the worker logged it as a passing error, and consumed nothing ever after.
+
+@pytest.fixture(scope="module")
+def fake_worker_settings(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.worker_fixtures import exact_worker_with_model, make_artifact
+
+    model = make_artifact(tmp_path_factory.mktemp("failures") / "model", n_items=60, window=4,
+                          layers=1).path
+    return exact_worker_with_model(model)
+
+
+CONSUMER_ERRORS = st.sampled_from([
+    KafkaError._FATAL, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._TIMED_OUT, KafkaError.FENCED_INSTANCE_ID, KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._PARTITION_EOF, KafkaError.GROUP_AUTHORIZATION_FAILED,
+])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(code=CONSUMER_ERRORS, flagged_fatal=st.booleans(), before=st.integers(0, 3))
+def test_a_consumer_error_ends_the_worker_exactly_when_it_is_fatal(
+    fake_worker_settings, tmp_path_factory: pytest.TempPathFactory, code: int,
+    flagged_fatal: bool, before: int,
+) -> None:
+    """A fatal consumer error (flagged fatal, or _FATAL, or fenced) raises ClientFailed, a
+    one-line error with exit status 1 that says a restart replays the work, and nothing of the
+    batch is committed; any other error is passed over and the events around it are applied."""
+    import json
+    from dataclasses import replace
+
+    from confluent_kafka import TopicPartition
+
+    from stream.worker.checkpoint import ClientFailed
+    from stream.worker.loop import KafkaClients, Worker
+    from stream.worker.metrics import HealthState, WorkerMetrics
+    from tests.fake_kafka import FakeMessage, FakeProducer, FakeRestoreConsumer
+
+    base, recommender = fake_worker_settings
+    settings_ = replace(base, state_dir=tmp_path_factory.mktemp("worker"))
+    producer, consumer = FakeProducer(), FakeConsumer()
+    worker = Worker(settings_, recommender, WorkerMetrics(), HealthState(), {},
+                    clients=KafkaClients(consumer, producer, FakeRestoreConsumer(producer)))
+    worker._on_assign(consumer, [TopicPartition("events", 0)])
+    events = [FakeMessage("events", 0, offset, b"u1", json.dumps(
+        {"user_id": "u1", "item_id": f"sku-{offset + 1}", "event_type": "click",
+         "ts": 1_700_000_000_000 + offset}).encode()) for offset in range(before + 1)]
+    error = KafkaError(code, "consumer error", fatal=flagged_fatal)
+    batch = [*events[:before], FakeMessage("events", 0, -1, None, None, _error=error),
+             events[before]]
+    # the end of a partition is a notice, whatever its flags
+    fatal = ((flagged_fatal or code in (KafkaError._FATAL, KafkaError.FENCED_INSTANCE_ID))
+             and code != KafkaError._PARTITION_EOF)
+    try:
+        if fatal:
+            with pytest.raises(ClientFailed) as failed:
+                worker.process(batch)
+            assert str(failed.value).endswith(RESTART) and failed.value.exit_status == 1
+            assert worker.checkpoint.commit() is False or not consumer.commits
+        else:
+            worker.process(batch)
+            assert worker.checkpoint.pending_offsets == {0: before}
+            assert len(producer.topic(settings_.output_topic)) == before + 1
+    finally:
+        worker.state.close_all()
