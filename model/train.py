@@ -81,6 +81,10 @@ class TrainSettings:
     # each user's last position (in-batch negatives), weighted by `contrastive_weight`
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.2
+    # the second view: "dropout" (the same sequence under other dropout masks: CL4SRec's
+    # unsupervised positive) or "same-target" (another user's sequence whose last training item
+    # is the same: DuoRec's supervised positive; the sequence itself when it has none)
+    contrastive_positives: str = "dropout"
     # stochastic shared embeddings (SSE, Wu et al. 2019): each input item (never a target) is
     # replaced by a uniformly drawn item with this probability, in training
     item_noise: float = 0.0
@@ -161,13 +165,37 @@ def seen_items(items: torch.Tensor) -> torch.Tensor:
     return items.unsqueeze(1) * earlier
 
 
-def contrastive_loss(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+def contrastive_loss(first: torch.Tensor, second: torch.Tensor, temperature: float,
+                     same: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE between two views [B, d] of the same users: each row's positive is its own
-    other view, the batch's other users are the negatives (both directions)."""
+    other view, the batch's other users are the negatives (both directions), except those
+    `same` [B, B] marks as positives too (e.g. the same next item)."""
     first, second = F.normalize(first, dim=-1), F.normalize(second, dim=-1)
     logits = first @ second.T / temperature
     labels = torch.arange(first.shape[0], device=first.device)
+    if same is not None:
+        others = same & ~torch.eye(len(labels), dtype=torch.bool, device=same.device)
+        logits = logits.masked_fill(others, float("-inf"))
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def same_target_partners(last_items: list[int], batch: list[int], rng: random.Random) -> list[int]:
+    """For each sequence of `batch`, another sequence whose last item is the same (drawn at
+    random), or itself when no other has it (DuoRec's supervised positives)."""
+    by_item: dict[int, list[int]] = {}
+    for index, item in enumerate(last_items):
+        by_item.setdefault(item, []).append(index)
+    partners = []
+    for index in batch:
+        sharing = by_item[last_items[index]]
+        if len(sharing) == 1:
+            partners.append(index)
+            continue
+        partner = index
+        while partner == index:
+            partner = sharing[rng.randrange(len(sharing))]
+        partners.append(partner)
+    return partners
 
 
 def _loss(
@@ -247,6 +275,7 @@ def train(
         if len(items) >= 2
     ]
     lengths = [len(items) - 1 for items, _ in sequences]  # positions with a target
+    last_items = [items[-1] for items, _ in sequences]  # each sequence's last training target
     history: list[dict[str, float]] = []
     best_ndcg, best_state, best_epoch, waited = -1.0, None, 0, 0
     average = WeightAverage(encoder, settings.ema_decay) if settings.ema_decay else None
@@ -278,9 +307,19 @@ def train(
                 hidden = encoder(items, types)
                 loss = _loss(encoder, hidden[real], targets[real], settings, seen)
                 if settings.contrastive_weight:
-                    other_view = encoder(items, types)  # other dropout masks
+                    same = None
+                    if settings.contrastive_positives == "same-target":
+                        partners = [sequences[i] for i in
+                                    same_target_partners(last_items, batch, rng)]
+                        other_view = encoder(
+                            left_pad([s[0][:-1] for s in partners], settings.max_len).to(device),
+                            left_pad([s[1][:-1] for s in partners], settings.max_len).to(device))
+                        last = targets[:, -1]
+                        same = last.view(-1, 1) == last.view(1, -1)
+                    else:
+                        other_view = encoder(items, types)  # other dropout masks
                     loss = loss + settings.contrastive_weight * contrastive_loss(
-                        hidden[:, -1], other_view[:, -1], settings.contrastive_temperature)
+                        hidden[:, -1], other_view[:, -1], settings.contrastive_temperature, same)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -511,6 +550,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                              "user's last position (a second forward pass; 0 = off)")
     parser.add_argument("--contrastive-temperature", type=number(above=0),
                         default=settings.contrastive_temperature)
+    parser.add_argument("--contrastive-positives", default=settings.contrastive_positives,
+                        choices=("dropout", "same-target"),
+                        help="the contrastive term's second view: the same sequence under other "
+                             "dropout masks, or another user's sequence with the same last item "
+                             "(DuoRec's supervised positive)")
     parser.add_argument("--item-noise", type=number(0, below=1), default=settings.item_noise,
                         help="replace each input item (never a target) by a random item with "
                              "this probability in training (stochastic shared embeddings)")
@@ -546,7 +590,8 @@ def settings_from_args(args: argparse.Namespace, init_from: Path | None = None) 
         init_from=init_from, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
         min_lr_ratio=args.min_lr_ratio, batching=args.batching, exclude_seen=args.exclude_seen,
         label_smoothing=args.label_smoothing, contrastive_weight=args.contrastive_weight,
-        contrastive_temperature=args.contrastive_temperature, item_noise=args.item_noise,
+        contrastive_temperature=args.contrastive_temperature,
+        contrastive_positives=args.contrastive_positives, item_noise=args.item_noise,
         ema_decay=args.ema_decay,
     )
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.artifact import load_artifact
-from model.train import contrastive_loss, replace_items
+from model.train import contrastive_loss, replace_items, same_target_partners
 from stream.cli import main as kvrec
 
 
@@ -35,6 +35,33 @@ def test_contrastive_loss_is_low_for_matching_views_and_symmetric() -> None:
     assert torch.allclose(matched, contrastive_loss(second, first, 0.2))
 
 
+def test_same_target_partners_share_the_last_item_and_are_other_users_where_there_are() -> None:
+    import random
+
+    last_items = [5, 7, 5, 9, 5, 7, 3]
+    rng = random.Random(0)
+    for _ in range(50):
+        batch = rng.sample(range(len(last_items)), 4)
+        partners = same_target_partners(last_items, batch, rng)
+        for index, partner in zip(batch, partners, strict=True):
+            assert last_items[partner] == last_items[index]
+            assert (partner == index) == (last_items.count(last_items[index]) == 1)
+    drawn = {same_target_partners(last_items, [0], rng)[0] for _ in range(100)}
+    assert drawn == {2, 4}  # every other sequence with the same last item, at random
+
+
+def test_contrastive_loss_leaves_rows_marked_same_out_of_the_negatives() -> None:
+    generator = torch.Generator().manual_seed(2)
+    first = torch.randn(8, 16, generator=generator)
+    second = first.clone()
+    second[1] = first[0]  # rows 0 and 1 are the same in the second view
+    same = torch.zeros(8, 8, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True
+    assert contrastive_loss(first, second, 0.1, same) < contrastive_loss(first, second, 0.1)
+    assert torch.allclose(contrastive_loss(first, first, 0.1, torch.zeros(8, 8, dtype=torch.bool)),
+                          contrastive_loss(first, first, 0.1))
+
+
 def test_the_options_train_and_are_recorded_in_the_artifact(tmp_path: Path) -> None:
     out = tmp_path / "model"
     assert kvrec([
@@ -42,7 +69,7 @@ def test_the_options_train_and_are_recorded_in_the_artifact(tmp_path: Path) -> N
         "--synthetic-events", "2000", "--epochs", "2", "--d-model", "16", "--window", "4",
         "--max-len", "20", "--item-noise", "0.1", "--contrastive-weight", "0.1",
         "--label-smoothing", "0.1", "--similarity", "cosine", "--temperature", "0.1",
-        "--block", "hstu", "--out", str(out),
+        "--block", "hstu", "--contrastive-positives", "same-target", "--out", str(out),
     ]) == 0
     config = json.loads((out / "config.json").read_text())
     training = config["training"]
@@ -50,6 +77,7 @@ def test_the_options_train_and_are_recorded_in_the_artifact(tmp_path: Path) -> N
         == (0.1, 0.1, 0.1)
     assert config["model"]["similarity"] == "cosine" and config["model"]["temperature"] == 0.1
     assert config["model"]["block"] == "hstu"
+    assert training["contrastive_positives"] == "same-target"
     assert load_artifact(out).config.block == "hstu"  # and it loads as what it trained
     assert kvrec(["train", "--format", "synthetic", "--label-smoothing", "0.1", "--exclude-seen",
                   "--out", str(tmp_path / "refused")]) == 2
