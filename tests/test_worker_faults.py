@@ -192,7 +192,8 @@ def test_a_broker_killed_and_restarted_under_load_loses_nothing(
     counts = _account(broker, topics, events, state_dir, artifact.config.history_needed,
                       guarantee == "exactly-once")
     print(f"\n{guarantee}: outage {restarted - killed:.1f} s, resumed committing "
-          f"{resumed:.1f} s after the broker was back, worker restarts {worker.restarts}, {counts}")
+          f"{resumed:.1f} s after the broker was back, worker restarts {worker.restarts} "
+          f"{worker.reasons}, {counts}")
     assert resumed is not None
 
 
@@ -239,7 +240,7 @@ def test_a_broker_frozen_past_the_session_timeout_loses_nothing(broker, artifact
 # --- a transaction that cannot be aborted, against this real broker ------------------------------
 # (the rule over every sequence of client answers: tests/test_worker_stuck_transaction.py)
 
-def _transactional_checkpoint(bootstrap: str, tmp_path: Path, producer, topic: str):  # type: ignore[no-untyped-def]
+def _transactional_checkpoint(tmp_path: Path, producer, topic: str):  # type: ignore[no-untyped-def]
     from state.partition import WorkerState
     from stream.worker.checkpoint import Checkpoint
     from tests.fake_kafka import FakeConsumer
@@ -280,7 +281,7 @@ def test_an_abort_stuck_in_the_client_while_the_broker_answers_ends_the_worker(b
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "Timed out (1 out-queue)",
                                             retriable=True))
 
-    point = _transactional_checkpoint(broker.bootstrap_servers, tmp_path, StuckAbort(), topic)
+    point = _transactional_checkpoint(tmp_path, StuckAbort(), topic)
     real.produce(topic, b"v", b"k")
     started = time.monotonic()
     with pytest.raises(ClientHang, match="while the cluster answered") as hang:
@@ -302,7 +303,7 @@ def test_an_abort_while_the_broker_is_frozen_waits_for_it_and_goes_on(broker, tm
     producer = Producer({"bootstrap.servers": broker.bootstrap_servers,
                          "transactional.id": unique_topic("frozen-txn"), "log_level": 0})
     producer.init_transactions(30)
-    point = _transactional_checkpoint(broker.bootstrap_servers, tmp_path, producer, topic)
+    point = _transactional_checkpoint(tmp_path, producer, topic)
     producer.produce(topic, b"aborted", b"k")
     producer.flush(10)
     failed: list[BaseException] = []

@@ -46,7 +46,8 @@ class DeliveryError(RuntimeError):
     limit; the checkpoint is abandoned and the worker stops (nothing of it is committed)."""
 
 
-# how every ClientHang ends: what the worker does about it (the tests' supervisors look for it)
+# how every ClientHang and ClientFailed ends: what the worker does about it (the tests'
+# supervisors look for it)
 RESTART = "the worker exits without committing, and a restart replays the work"
 
 # A transactional call that timed out this many times in a row, and once more after the cluster
@@ -321,7 +322,7 @@ class Checkpoint:
                     lambda: self.producer.abort_transaction(self.call_timeout_s),
                 ), transactional=True)
                 self._retrying("begin a transaction", deadline, self.producer.begin_transaction)
+            except ClientHang:
+                raise
             except (DeliveryError, TransactionAborted) as failed:
-                if isinstance(failed, ClientHang):
-                    raise
                 raise ClientHang(f"{failed}: {RESTART}") from None

@@ -261,9 +261,6 @@ class Worker:
         except ClientHang:
             self.failed = self.hung = True  # its clients may hang again: leave them alone
             raise
-        except ClientFailed:
-            self.failed = True
-            raise
         except BaseException as exc:
             self.failed = True
             if failed_for_good(exc):  # from any client call: one line that says what to do
@@ -409,6 +406,8 @@ class Worker:
             raise
         except ClientFailed as failed:  # fenced: its transaction is void anyway
             log.error("%s", failed)
+        except Exception:  # the error that stopped the worker is the one to report
+            log.exception("aborting the work since the last checkpoint failed")
 
     def process(self, messages: list[Message]) -> None:
         """Every message ends as exactly one of: applied to its user's window (with its
