@@ -179,12 +179,19 @@ def contrastive_loss(first: torch.Tensor, second: torch.Tensor, temperature: flo
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def same_target_partners(last_items: list[int], batch: list[int], rng: random.Random) -> list[int]:
-    """For each sequence of `batch`, another sequence whose last item is the same (drawn at
-    random), or itself when no other has it (DuoRec's supervised positives)."""
+def sequences_by_last_item(last_items: list[int]) -> dict[int, list[int]]:
+    """The sequences (indices into `last_items`) that end on each item."""
     by_item: dict[int, list[int]] = {}
     for index, item in enumerate(last_items):
         by_item.setdefault(item, []).append(index)
+    return by_item
+
+
+def same_target_partners(last_items: list[int], by_item: dict[int, list[int]],
+                         batch: list[int], rng: random.Random) -> list[int]:
+    """For each sequence of `batch`, another sequence whose last item is the same (drawn at
+    random from `by_item`, `sequences_by_last_item(last_items)`), or itself when no other has
+    it (DuoRec's supervised positives)."""
     partners = []
     for index in batch:
         sharing = by_item[last_items[index]]
@@ -276,6 +283,8 @@ def train(
     ]
     lengths = [len(items) - 1 for items, _ in sequences]  # positions with a target
     last_items = [items[-1] for items, _ in sequences]  # each sequence's last training target
+    by_last_item = (sequences_by_last_item(last_items)
+                    if settings.contrastive_positives == "same-target" else {})
     history: list[dict[str, float]] = []
     best_ndcg, best_state, best_epoch, waited = -1.0, None, 0, 0
     average = WeightAverage(encoder, settings.ema_decay) if settings.ema_decay else None
@@ -310,7 +319,7 @@ def train(
                     same = None
                     if settings.contrastive_positives == "same-target":
                         partners = [sequences[i] for i in
-                                    same_target_partners(last_items, batch, rng)]
+                                    same_target_partners(last_items, by_last_item, batch, rng)]
                         other_view = encoder(
                             left_pad([s[0][:-1] for s in partners], settings.max_len).to(device),
                             left_pad([s[1][:-1] for s in partners], settings.max_len).to(device))

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from model.artifact import load_artifact
-from model.train import contrastive_loss, replace_items, same_target_partners
+from model.train import (
+    contrastive_loss,
+    replace_items,
+    same_target_partners,
+    sequences_by_last_item,
+)
 from stream.cli import main as kvrec
 
 
@@ -39,14 +44,16 @@ def test_same_target_partners_share_the_last_item_and_are_other_users_where_ther
     import random
 
     last_items = [5, 7, 5, 9, 5, 7, 3]
+    by_item = sequences_by_last_item(last_items)
+    assert by_item == {5: [0, 2, 4], 7: [1, 5], 9: [3], 3: [6]}
     rng = random.Random(0)
     for _ in range(50):
         batch = rng.sample(range(len(last_items)), 4)
-        partners = same_target_partners(last_items, batch, rng)
+        partners = same_target_partners(last_items, by_item, batch, rng)
         for index, partner in zip(batch, partners, strict=True):
             assert last_items[partner] == last_items[index]
             assert (partner == index) == (last_items.count(last_items[index]) == 1)
-    drawn = {same_target_partners(last_items, [0], rng)[0] for _ in range(100)}
+    drawn = {same_target_partners(last_items, by_item, [0], rng)[0] for _ in range(100)}
     assert drawn == {2, 4}  # every other sequence with the same last item, at random
 
 

@@ -235,7 +235,6 @@ def test_a_consumer_error_ends_the_worker_exactly_when_it_is_fatal(
 
     from confluent_kafka import TopicPartition
 
-    from stream.worker.checkpoint import ClientFailed
     from stream.worker.loop import KafkaClients, Worker
     from stream.worker.metrics import HealthState, WorkerMetrics
     from tests.fake_kafka import FakeMessage, FakeProducer, FakeRestoreConsumer
