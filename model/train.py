@@ -91,6 +91,12 @@ class TrainSettings:
     # validate and publish an exponential moving average of the weights (decay per step; 0 =
     # the weights themselves): the average of the last ~1 / (1 - decay) steps' models
     ema_decay: float = 0.0
+    # CE only: a share of each position's target on the items after its next one (a "future"
+    # target distribution: 1 - future_weight on the next item, future_weight split evenly over
+    # the next `future_items` items after it that the training sequence has; all on the next
+    # item where it has none)
+    future_weight: float = 0.0
+    future_items: int = 3
 
 
 def length_grouped_batches(
@@ -205,21 +211,43 @@ def same_target_partners(last_items: list[int], by_item: dict[int, list[int]],
     return partners
 
 
+def future_targets(
+    targets: torch.Tensor, horizon: int, weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded next-item targets [B, L] -> each position's target distribution: targets
+    [B, L, 1 + horizon] (the next item, then the `horizon` items after it in the sequence, 0
+    past its end) and their weights: 1 - `weight` on the next item and `weight` split evenly
+    over the later items that exist; 1 on the next item where none does."""
+    length = targets.shape[1]
+    later = [torch.nn.functional.pad(targets[:, k:], (0, min(k, length)))[:, :length]
+             for k in range(1, horizon + 1)]
+    stacked = torch.stack([targets, *later], dim=-1)
+    present = (stacked[..., 1:] != 0).to(torch.float32)
+    count = present.sum(dim=-1, keepdim=True)
+    share = torch.where(count > 0, weight / count.clamp(min=1), torch.zeros_like(count))
+    next_weight = 1.0 - share * count
+    return stacked, torch.cat([next_weight, present * share], dim=-1)
+
+
 def _loss(
     encoder: Encoder,
     hidden: torch.Tensor,
     targets: torch.Tensor,
     settings: TrainSettings,
     seen: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`hidden` [N, d] at non-padding positions, `targets` [N] item indices, `seen` [N, K]
-    the items each position has seen (for `exclude_seen`)."""
+    """`hidden` [N, d] at non-padding positions, `targets` [N] item indices (or [N, K] with
+    `weights` [N, K]: a target distribution, `--loss ce` only), `seen` [N, K] the items each
+    position has seen (for `exclude_seen`)."""
     embeddings = encoder.item_embeddings()
     n_items = embeddings.shape[0] - 1
     if settings.loss == "ce":
         excluded = seen if settings.exclude_seen else None
+        if weights is not None:
+            weights = weights * (1.0 - settings.label_smoothing)
         return softmax_cross_entropy(hidden, embeddings, targets, excluded=excluded,
-                                     smoothing=settings.label_smoothing)
+                                     smoothing=settings.label_smoothing, weights=weights)
     if settings.loss == "bce":
         negatives = torch.randint(1, n_items + 1, targets.shape, device=targets.device)
         positive = (hidden * embeddings[targets]).sum(-1)
@@ -314,7 +342,13 @@ def train(
                 if settings.item_noise:  # the inputs only: targets and seen items stay true
                     items = replace_items(items, settings.item_noise, config.n_items)
                 hidden = encoder(items, types)
-                loss = _loss(encoder, hidden[real], targets[real], settings, seen)
+                if settings.future_weight:
+                    distribution, weights = future_targets(
+                        targets, settings.future_items, settings.future_weight)
+                    loss = _loss(encoder, hidden[real], distribution[real], settings, seen,
+                                 weights[real])
+                else:
+                    loss = _loss(encoder, hidden[real], targets[real], settings, seen)
                 if settings.contrastive_weight:
                     same = None
                     if settings.contrastive_positives == "same-target":
@@ -570,6 +604,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema-decay", type=number(0, below=1), default=settings.ema_decay,
                         help="validate and publish an exponential moving average of the "
                              "weights, with this decay per step (0 = off)")
+    parser.add_argument("--future-weight", type=number(0, below=1),
+                        default=settings.future_weight,
+                        help="--loss ce: share of each position's target spread over the "
+                             "--future-items items after its next one (0 = the next item only)")
+    parser.add_argument("--future-items", type=integer(1), default=settings.future_items,
+                        help="how many items after the next one share --future-weight")
     parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction,
                         default=settings.exclude_seen,
                         help="--loss ce: leave each position's earlier items out of its softmax "
@@ -590,8 +630,9 @@ def settings_from_args(args: argparse.Namespace, init_from: Path | None = None) 
         raise ConfigError("--warmup-epochs must be between 0 and --epochs")
     if args.label_smoothing and args.exclude_seen:
         raise ConfigError("--label-smoothing and --exclude-seen cannot be combined: use one")
-    if args.loss != "ce" and (args.label_smoothing or args.exclude_seen):
-        raise ConfigError("--label-smoothing and --exclude-seen apply to --loss ce only")
+    if args.loss != "ce" and (args.label_smoothing or args.exclude_seen or args.future_weight):
+        raise ConfigError(
+            "--label-smoothing, --exclude-seen and --future-weight apply to --loss ce only")
     return TrainSettings(
         loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, max_len=args.max_len, patience=args.patience,
@@ -601,7 +642,8 @@ def settings_from_args(args: argparse.Namespace, init_from: Path | None = None) 
         label_smoothing=args.label_smoothing, contrastive_weight=args.contrastive_weight,
         contrastive_temperature=args.contrastive_temperature,
         contrastive_positives=args.contrastive_positives, item_noise=args.item_noise,
-        ema_decay=args.ema_decay,
+        ema_decay=args.ema_decay, future_weight=args.future_weight,
+        future_items=args.future_items,
     )
 
 

@@ -90,3 +90,45 @@ def test_label_smoothing_equals_torch_label_smoothing(smoothing: float) -> None:
     assert torch.allclose(loss, reference, atol=1e-5, rtol=1e-5)
     for mine, theirs in zip(leaves, reference_leaves, strict=True):
         assert torch.allclose(mine.grad, theirs.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("count, block_rows, smoothing", [(1, 128, 0.0), (37, 8, 0.0), (90, 32, 0.2)])
+def test_several_weighted_targets_equal_the_weighted_sum_of_cross_entropies(
+    count: int, block_rows: int, smoothing: float
+) -> None:
+    generator = torch.Generator().manual_seed(count + 3)
+    hidden = torch.randn(count, 16, generator=generator)
+    items = torch.randn(201, 16, generator=generator)
+    targets = torch.randint(1, 201, (count, 4), generator=generator)
+    weights = torch.rand(count, 4, generator=generator)
+    weights[:, 2] = 0.0  # no target here: its index must not matter, padding included
+    targets[:, 2] = 0
+    weights[0, 1:] = 0.0  # a row with its next item only
+    weights = weights / weights.sum(dim=1, keepdim=True) * (1.0 - smoothing)
+    leaves = [hidden.clone().requires_grad_(), items.clone().requires_grad_()]
+    reference_leaves = [hidden.clone().requires_grad_(), items.clone().requires_grad_()]
+    loss = softmax_cross_entropy(*leaves, targets, block_rows=block_rows, smoothing=smoothing,
+                                 weights=weights)
+    logits = reference_leaves[0] @ reference_leaves[1][1:].T  # the catalog without padding
+    log_probabilities = torch.log_softmax(logits, dim=1)
+    picked = log_probabilities.gather(1, (targets - 1).clamp(min=0))
+    reference = -(weights * picked).sum(dim=1)
+    reference = reference - smoothing * log_probabilities.mean(dim=1)
+    reference = reference.mean()
+    (loss * 2.0).backward()
+    (reference * 2.0).backward()
+    assert torch.allclose(loss, reference, atol=1e-5, rtol=1e-5)
+    for mine, theirs in zip(leaves, reference_leaves, strict=True):
+        assert torch.allclose(mine.grad, theirs.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_one_target_of_weight_one_is_the_plain_loss_and_weights_must_match() -> None:
+    generator = torch.Generator().manual_seed(5)
+    hidden, items = torch.randn(20, 8, generator=generator), torch.randn(50, 8, generator=generator)
+    targets = torch.randint(1, 50, (20,), generator=generator)
+    several = torch.stack([targets, torch.zeros_like(targets)], dim=1)
+    weights = torch.tensor([[1.0, 0.0]]).expand(20, 2)
+    assert torch.allclose(softmax_cross_entropy(hidden, items, several, weights=weights),
+                          softmax_cross_entropy(hidden, items, targets))
+    with pytest.raises(ValueError, match="weights"):
+        softmax_cross_entropy(hidden, items, several)

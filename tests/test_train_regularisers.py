@@ -1,5 +1,5 @@
 """The training options of issue 16's recipe screens: item noise, the contrastive term, label
-smoothing and cosine scoring, each recorded in the artifact it trains."""
+smoothing, future targets and cosine scoring, each recorded in the artifact it trains."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.artifact import load_artifact
 from model.train import (
     contrastive_loss,
+    future_targets,
     replace_items,
     same_target_partners,
     sequences_by_last_item,
@@ -76,7 +79,8 @@ def test_the_options_train_and_are_recorded_in_the_artifact(tmp_path: Path) -> N
         "--synthetic-events", "2000", "--epochs", "2", "--d-model", "16", "--window", "4",
         "--max-len", "20", "--item-noise", "0.1", "--contrastive-weight", "0.1",
         "--label-smoothing", "0.1", "--similarity", "cosine", "--temperature", "0.1",
-        "--block", "hstu", "--contrastive-positives", "same-target", "--out", str(out),
+        "--block", "hstu", "--contrastive-positives", "same-target", "--future-weight", "0.3",
+        "--future-items", "2", "--out", str(out),
     ]) == 0
     config = json.loads((out / "config.json").read_text())
     training = config["training"]
@@ -85,10 +89,13 @@ def test_the_options_train_and_are_recorded_in_the_artifact(tmp_path: Path) -> N
     assert config["model"]["similarity"] == "cosine" and config["model"]["temperature"] == 0.1
     assert config["model"]["block"] == "hstu"
     assert training["contrastive_positives"] == "same-target"
+    assert (training["future_weight"], training["future_items"]) == (0.3, 2)
     assert load_artifact(out).config.block == "hstu"  # and it loads as what it trained
     assert kvrec(["train", "--format", "synthetic", "--label-smoothing", "0.1", "--exclude-seen",
                   "--out", str(tmp_path / "refused")]) == 2
     assert kvrec(["train", "--format", "synthetic", "--loss", "bce", "--label-smoothing", "0.1",
+                  "--out", str(tmp_path / "refused")]) == 2
+    assert kvrec(["train", "--format", "synthetic", "--loss", "sampled", "--future-weight", "0.2",
                   "--out", str(tmp_path / "refused")]) == 2
 
 
@@ -122,3 +129,32 @@ def test_training_with_a_weight_average_publishes_the_average(tmp_path: Path) ->
     assert json.loads((tmp_path / "slow" / "config.json").read_text())["training"]["ema_decay"] \
         == 0.9999
     assert slow["validation"]["ndcg@10"] < plain["validation"]["ndcg@10"]
+
+
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=6),
+       horizon=st.integers(1, 12), weight=st.floats(0.0, 0.95))
+@settings(max_examples=150, deadline=None)
+def test_future_targets_are_the_items_that_follow_each_position_in_its_own_sequence(
+    lengths: list[int], horizon: int, weight: float
+) -> None:
+    width = 10
+    rows = [[0] * (width - n) + [100 * r + i + 1 for i in range(n)] for r, n in enumerate(lengths)]
+    targets = torch.tensor(rows)
+    distribution, weights = future_targets(targets, horizon, weight)
+    assert distribution.shape == weights.shape == (len(rows), width, 1 + horizon)
+    for r, row in enumerate(rows):
+        for t in range(width):
+            if row[t] == 0:
+                continue  # padding positions carry no loss
+            later = [item for item in row[t + 1 : t + 1 + horizon]]
+            got = distribution[r, t].tolist()
+            assert got[0] == row[t] and got[1 : 1 + len(later)] == later
+            assert all(item == 0 for item in got[1 + len(later):])
+            share = weights[r, t].tolist()
+            assert abs(sum(share) - 1.0) < 1e-5
+            if later:
+                assert abs(share[0] - (1.0 - weight)) < 1e-6
+                assert all(abs(s - weight / len(later)) < 1e-6 for s in share[1 : 1 + len(later)])
+            else:
+                assert share[0] == 1.0
+            assert all(s == 0.0 for s in share[1 + len(later):])
