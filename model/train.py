@@ -97,6 +97,9 @@ class TrainSettings:
     # item where it has none)
     future_weight: float = 0.0
     future_items: int = 3
+    # CE only: each sequence's last training target (its user's most recent training event)
+    # counts this many times in the loss; every other position once
+    last_target_weight: float = 1.0
 
 
 def length_grouped_batches(
@@ -229,6 +232,16 @@ def future_targets(
     return stacked, torch.cat([next_weight, present * share], dim=-1)
 
 
+def target_distribution(
+    targets: torch.Tensor, settings: TrainSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`future_targets` of left-padded targets [B, L], each row's last position (its most
+    recent training target) weighted `settings.last_target_weight` times."""
+    distribution, weights = future_targets(targets, settings.future_items, settings.future_weight)
+    weights[:, -1] *= settings.last_target_weight
+    return distribution, weights
+
+
 def _loss(
     encoder: Encoder,
     hidden: torch.Tensor,
@@ -342,9 +355,8 @@ def train(
                 if settings.item_noise:  # the inputs only: targets and seen items stay true
                     items = replace_items(items, settings.item_noise, config.n_items)
                 hidden = encoder(items, types)
-                if settings.future_weight:
-                    distribution, weights = future_targets(
-                        targets, settings.future_items, settings.future_weight)
+                if settings.future_weight or settings.last_target_weight != 1.0:
+                    distribution, weights = target_distribution(targets, settings)
                     loss = _loss(encoder, hidden[real], distribution[real], settings, seen,
                                  weights[real])
                 else:
@@ -610,6 +622,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                              "--future-items items after its next one (0 = the next item only)")
     parser.add_argument("--future-items", type=integer(1), default=settings.future_items,
                         help="how many items after the next one share --future-weight")
+    parser.add_argument("--last-target-weight", type=number(above=0),
+                        default=settings.last_target_weight,
+                        help="--loss ce: how many times each user's most recent training target "
+                             "counts in the loss (every other position once)")
     parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction,
                         default=settings.exclude_seen,
                         help="--loss ce: leave each position's earlier items out of its softmax "
@@ -630,9 +646,10 @@ def settings_from_args(args: argparse.Namespace, init_from: Path | None = None) 
         raise ConfigError("--warmup-epochs must be between 0 and --epochs")
     if args.label_smoothing and args.exclude_seen:
         raise ConfigError("--label-smoothing and --exclude-seen cannot be combined: use one")
-    if args.loss != "ce" and (args.label_smoothing or args.exclude_seen or args.future_weight):
-        raise ConfigError(
-            "--label-smoothing, --exclude-seen and --future-weight apply to --loss ce only")
+    if args.loss != "ce" and (args.label_smoothing or args.exclude_seen or args.future_weight
+                              or args.last_target_weight != 1.0):
+        raise ConfigError("--label-smoothing, --exclude-seen, --future-weight and "
+                          "--last-target-weight apply to --loss ce only")
     return TrainSettings(
         loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, max_len=args.max_len, patience=args.patience,
@@ -643,7 +660,7 @@ def settings_from_args(args: argparse.Namespace, init_from: Path | None = None) 
         contrastive_temperature=args.contrastive_temperature,
         contrastive_positives=args.contrastive_positives, item_noise=args.item_noise,
         ema_decay=args.ema_decay, future_weight=args.future_weight,
-        future_items=args.future_items,
+        future_items=args.future_items, last_target_weight=args.last_target_weight,
     )
 
 

@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 
 from model.artifact import load_artifact
 from model.train import (
+    TrainSettings,
     contrastive_loss,
     future_targets,
     replace_items,
     same_target_partners,
     sequences_by_last_item,
+    target_distribution,
 )
 from stream.cli import main as kvrec
 
@@ -80,7 +82,7 @@ def test_the_options_train_and_are_recorded_in_the_artifact(tmp_path: Path) -> N
         "--max-len", "20", "--item-noise", "0.1", "--contrastive-weight", "0.1",
         "--label-smoothing", "0.1", "--similarity", "cosine", "--temperature", "0.1",
         "--block", "hstu", "--contrastive-positives", "same-target", "--future-weight", "0.3",
-        "--future-items", "2", "--out", str(out),
+        "--future-items", "2", "--last-target-weight", "2", "--out", str(out),
     ]) == 0
     config = json.loads((out / "config.json").read_text())
     training = config["training"]
@@ -90,6 +92,7 @@ def test_the_options_train_and_are_recorded_in_the_artifact(tmp_path: Path) -> N
     assert config["model"]["block"] == "hstu"
     assert training["contrastive_positives"] == "same-target"
     assert (training["future_weight"], training["future_items"]) == (0.3, 2)
+    assert training["last_target_weight"] == 2.0
     assert load_artifact(out).config.block == "hstu"  # and it loads as what it trained
     assert kvrec(["train", "--format", "synthetic", "--label-smoothing", "0.1", "--exclude-seen",
                   "--out", str(tmp_path / "refused")]) == 2
@@ -158,3 +161,14 @@ def test_future_targets_are_the_items_that_follow_each_position_in_its_own_seque
             else:
                 assert share[0] == 1.0
             assert all(s == 0.0 for s in share[1 + len(later):])
+
+
+def test_the_last_target_weight_scales_each_users_most_recent_position_only() -> None:
+    targets = torch.tensor([[0, 0, 4, 5, 6], [1, 2, 3, 4, 5]])
+    plain = target_distribution(targets, TrainSettings(future_weight=0.2, future_items=2))
+    weighted = target_distribution(
+        targets, TrainSettings(future_weight=0.2, future_items=2, last_target_weight=3.0))
+    assert torch.equal(plain[0], weighted[0])
+    assert torch.allclose(weighted[1][:, :-1], plain[1][:, :-1])
+    assert torch.allclose(weighted[1][:, -1], 3.0 * plain[1][:, -1])
+    assert torch.allclose(plain[1][:, -1].sum(dim=-1), torch.ones(2))  # all on the next item
