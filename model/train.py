@@ -236,8 +236,10 @@ def target_distribution(
     targets: torch.Tensor, settings: TrainSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`future_targets` of left-padded targets [B, L], each row's last position (its most
-    recent training target) weighted `settings.last_target_weight` times."""
-    distribution, weights = future_targets(targets, settings.future_items, settings.future_weight)
+    recent training target) weighted `settings.last_target_weight` times. Without a future
+    weight the distribution is the next item alone (no columns of zero weight)."""
+    horizon = settings.future_items if settings.future_weight else 0
+    distribution, weights = future_targets(targets, horizon, settings.future_weight)
     weights[:, -1] *= settings.last_target_weight
     return distribution, weights
 

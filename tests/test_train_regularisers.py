@@ -135,7 +135,7 @@ def test_training_with_a_weight_average_publishes_the_average(tmp_path: Path) ->
 
 
 @given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=6),
-       horizon=st.integers(1, 12), weight=st.floats(0.0, 0.95))
+       horizon=st.integers(0, 12), weight=st.floats(0.0, 0.95))
 @settings(max_examples=150, deadline=None)
 def test_future_targets_are_the_items_that_follow_each_position_in_its_own_sequence(
     lengths: list[int], horizon: int, weight: float
@@ -172,3 +172,7 @@ def test_the_last_target_weight_scales_each_users_most_recent_position_only() ->
     assert torch.allclose(weighted[1][:, :-1], plain[1][:, :-1])
     assert torch.allclose(weighted[1][:, -1], 3.0 * plain[1][:, -1])
     assert torch.allclose(plain[1][:, -1].sum(dim=-1), torch.ones(2))  # all on the next item
+    alone = target_distribution(targets, TrainSettings(last_target_weight=2.0))
+    assert torch.equal(alone[0], targets.unsqueeze(-1))  # no future weight: the next item only
+    assert torch.equal(alone[1][:, :-1], torch.ones(2, 4, 1))
+    assert torch.equal(alone[1][:, -1], torch.full((2, 1), 2.0))
