@@ -78,8 +78,8 @@ def test_the_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
         "KVREC_BROKER_DATA_DIR": str(data_dir),
         # one torch thread: on a shared, loaded machine more threads only spin against each other
         "KVREC_TRAIN_THREADS": "1",
-        "PS4": "+ $(date +%T) ",  # each command of the block, with the time it started
     })
+    # -x: the report shows each command; -e: the first one that fails ends the run with its status
     process = subprocess.Popen(
         ["bash", "-xeuo", "pipefail", "-c", block], cwd=ROOT, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
