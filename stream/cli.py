@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("stream.worker.app", "run the streaming recommender worker"),
     "demo": ("stream.demo", "start a broker, train, run a worker, replay, show results"),
     "broker": ("deploy.kafka.launcher", "start a local single-node Kafka broker (KRaft)"),
+    "topics": ("stream.topics_cli", "create the topics a worker and `kvrec models` use"),
     "bench": ("bench.cli", "benchmarks: `kvrec bench model`, `kvrec bench e2e`"),
     "models": ("stream.models_cli", "the model store and what serves: list, show, publish, "
                                     "promote, shadow, rollback, guard"),
