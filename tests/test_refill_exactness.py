@@ -167,7 +167,7 @@ def far_sighted_models(tmp_path_factory):
     return model
 
 
-@settings(max_examples=14, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     block=st.sampled_from(BLOCKS), window=st.sampled_from([2, 3, 9, 50]),
     layers=st.integers(1, 3), beyond=st.integers(1, 120), waves=st.lists(
