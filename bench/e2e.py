@@ -8,10 +8,12 @@ For each system, on fresh topics of one broker:
    (startup time, model load and index build, is left out);
 2. **latency**: events are then produced at a fixed offered rate (`--rate-fraction` of that
    system's peak, at most `--max-rate`) for `--seconds`; each output is matched to its input
-   event by (user id, event ts), and its latency is the time the bench read it minus the Kafka
-   timestamp of the input message (CreateTime, set by the producer; read back from the input
-   topic afterwards, so every system is measured the same way; it is also the worker's
-   `source_ts`). The fixed-rate producer is connected before the phase starts (linger 2 ms);
+   event by (user id, event ts), and its latency is the output's broker append time minus the
+   Kafka timestamp of the input message (CreateTime, set by the producer; read back from the
+   input topic afterwards, so every system is measured the same way; it is also the worker's
+   `source_ts`): the bench's reader cannot delay it; its own share (read time minus append
+   time) is reported beside it, as `kvrec demo` does (`stream/latency.py`). The fixed-rate
+   producer is connected before the phase starts (linger 2 ms);
    every producer here sends uncompressed (aiokafka, under Faust, has no lz4 codec installed).
 
 Systems: `kvrec` (the worker, `--retrieval auto`), `kvrec-no-cache` (the worker with
@@ -47,6 +49,7 @@ from model import flags
 from model.datasets import BASE_TS_MS, Interaction, SyntheticSpec, generate_synthetic
 from model.errors import ConfigError
 from stream.kafka_config import ensure_topics
+from stream.latency import LOG_APPEND_TIME, Latencies, output_stamp, read_available
 from stream.replay import BURST_SECONDS, TokenBucket, replay_events
 from stream.schema import Event, encode_event
 
@@ -116,7 +119,7 @@ class Run:
             {
                 self.events: (partitions, {}),
                 # the broker stamps each output when it appends it: the system's emit times
-                self.outputs: (partitions, {"message.timestamp.type": "LogAppendTime"}),
+                self.outputs: (partitions, LOG_APPEND_TIME),
                 self.dead_letters: (1, {}),
                 f"{self.group}-windows-changelog": (partitions, {"cleanup.policy": "compact"}),
             },
@@ -285,20 +288,10 @@ def _event_key(system: str, value: bytes) -> tuple[str, int]:
     return data["user_id"], int(data["ts"])
 
 
-def read_available(consumer: Consumer, timeout: float, most: int = 1000) -> list[Message]:
-    """Wait up to `timeout` for one message, then take what is already fetched, without
-    waiting. Not `consume(most, timeout)`: that returns only once it has `most` messages or
-    `timeout` passed, so at any rate below most/timeout every message waited up to `timeout`
-    in the reader (`consume(1000, 0.05)` added ~33 ms to every latency measured here)."""
-    first = consumer.poll(timeout)
-    if first is None:
-        return []
-    return [first, *consumer.consume(most - 1, timeout=0)]
-
-
 def _drain(consumer: Consumer, expected: int, timeout: float, run: Run,
-           on_message: Callable[[bytes, float], None] | None = None) -> list[float]:
-    """Read until `expected` outputs arrived; return each one's broker append time (s, epoch)."""
+           on_message: Callable[[Message, float], None] | None = None) -> list[float]:
+    """Read until `expected` outputs arrived; return each one's broker append time (s, epoch).
+    `on_message(message, read time in s)` for each."""
     times: list[float] = []
     deadline = time.monotonic() + timeout
     while len(times) < expected:
@@ -310,7 +303,7 @@ def _drain(consumer: Consumer, expected: int, timeout: float, run: Run,
             if message.error() is None:
                 times.append(message.timestamp()[1] / 1000.0)
                 if on_message is not None:
-                    on_message(message.value(), now)
+                    on_message(message, now)
         if not messages:
             run.check_alive()
     return times
@@ -407,10 +400,12 @@ def measure(
             count = min(len(rate_events) - used, max(1, int(offered * seconds)))
             phase = rate_events[used : used + count]
             used += count
-            read_ms: dict[tuple[str, int], float] = {}
+            read_ms: dict[tuple[str, int], tuple[float, float]] = {}  # (append, read) time
 
-            def on_message(value: bytes, now: float, read_ms: dict = read_ms) -> None:
-                read_ms[_event_key(run.name, value)] = now * 1000.0
+            def on_message(message: Message, now: float, read_ms: dict = read_ms) -> None:
+                now_ms = now * 1000.0
+                read_ms[_event_key(run.name, message.value() or b"")] = (
+                    output_stamp(message, now_ms)[0], now_ms)
 
             producer = threading.Thread(
                 target=produce_records, args=(paced, run.events, list(encoded(phase)), offered),
@@ -437,23 +432,30 @@ def measure(
         stamps = _input_timestamps(run.bootstrap, run.events, run.partitions, total)
         for phase in phases:
             read_ms = phase.pop("read_ms")
-            latencies = np.array([read_ms[k] - stamps[k] for k in read_ms if k in stamps])
-            if len(latencies) < phase["count"]:
+            measured = Latencies()
+            for key, (appended_ms, at_ms) in read_ms.items():
+                if key in stamps:
+                    measured.add_stamped(stamps[key], appended_ms, at_ms)
+            if len(measured) < phase["count"]:
                 raise RuntimeError(
-                    f"{run.name}: matched {len(latencies)} of {phase['count']} outputs to inputs"
+                    f"{run.name}: matched {len(measured)} of {phase['count']} outputs to inputs"
                 )
+            latencies = np.array(measured.system_ms)
             first_input = min(stamps[k] for k in read_ms)
-            achieved = phase["count"] / max(1e-3, (max(read_ms.values()) - first_input) / 1000.0)
-            percentiles = {f"p{q}": float(np.percentile(latencies, q)) for q in (50, 95, 99)}
+            last_output = max(appended for appended, _ in read_ms.values())
+            achieved = phase["count"] / max(1e-3, (last_output - first_input) / 1000.0)
+            percentiles, reader_share = measured.percentiles((50, 95, 99))
             phase.update(
                 achieved_events_per_s=achieved,
                 latency_ms={**percentiles, "max": float(latencies.max())},
                 latencies_ms=[round(float(x), 2) for x in latencies],
+                reader_ms={**reader_share, "max": float(max(measured.reader_ms))},
             )
             result["phases"].append(phase)
             line += (f"\n{'':22s}   at {phase['offered_rate']:7,.0f} ev/s: latency p50 "
                      f"{percentiles['p50']:7.1f}  p95 {percentiles['p95']:7.1f}  p99 "
-                     f"{percentiles['p99']:7.1f}  max {phase['latency_ms']['max']:7.1f} ms")
+                     f"{percentiles['p99']:7.1f}  max {phase['latency_ms']['max']:7.1f} ms"
+                     f"  (reader +{reader_share['p50']:.1f} p50, +{reader_share['p99']:.1f} p99)")
             checkpoints = phase["worker_timings"].get("kvrec_checkpoint_seconds")
             if checkpoints and checkpoints["count"]:
                 line += (f"\n{'':22s}   {checkpoints['count']} checkpoints, mean "
@@ -463,6 +465,7 @@ def measure(
         result.update(
             offered_rate=headline["offered_rate"], rate_phase_events=headline["count"],
             latency_ms=headline["latency_ms"], latencies_ms=headline["latencies_ms"],
+            reader_ms=headline["reader_ms"],
         )
     print(line, flush=True)
     return result
@@ -729,7 +732,8 @@ def main(args: argparse.Namespace) -> int:
             "processes": process_counts,
             "broker": "given" if args.bootstrap_servers else "local launcher",
             "worker": "torch-cpu, --retrieval auto, at-least-once, default batch settings",
-            "latency": "bench read time - input message Kafka timestamp (CreateTime)",
+            "latency": "output's broker append time (LogAppendTime) - input message Kafka "
+                       "timestamp (CreateTime); reader_ms: bench read time - append time",
         },
         "systems": results,
         "seconds_total": time.monotonic() - started,

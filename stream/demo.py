@@ -27,14 +27,14 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
 from model.errors import ConfigError, RunFailed
 from model.flags import integer, number
 from stream.demo_worker import WorkerProcess, free_port
 from stream.kafka_config import ensure_topics, kafka_error_text
+from stream.latency import LOG_APPEND_TIME, Latencies, read_available
 from stream.replay import ReplayStats, replay_events
 from stream.schema import decode_recommendation
 
@@ -142,16 +142,21 @@ class LiveStats:
         self.hits = 0
         self.judged = 0
         self.cold = 0
-        self.latencies_ms: list[float] = []
+        self.latency = Latencies()  # event to the output's broker append time, and the reader's
         self.last_example: str = ""
 
-    def add(self, value: bytes, consumed_ms: float) -> None:
+    def add(self, message: Message, read_ms: float) -> None:
+        """One recommendation, read at `read_ms`: its latency is stamped by the broker (the
+        output topic's LogAppendTime), not by when this reader got to it (`stream.latency`)."""
+        value = message.value()
+        if value is None:
+            return
         rec = decode_recommendation(value)
         self.count += 1
         self.cold += int(rec.cold_start)
         produced = getattr(rec, "source_ts", None)
         if produced:
-            self.latencies_ms.append(consumed_ms - produced)
+            self.latency.add(produced, message, read_ms)
         item = self.items_by_event.get((rec.user_id, rec.event_ts))
         previous = self.previous.get(rec.user_id)
         if item is not None and previous is not None:
@@ -164,13 +169,23 @@ class LiveStats:
             self.last_example = f"user {rec.user_id}: {top}  because {because}"
 
     def line(self, elapsed: float, window_count: int, window_s: float) -> str:
-        latency = np.array(self.latencies_ms[-5000:]) if self.latencies_ms else np.array([0.0])
+        latency, reader = self.latency.percentiles(last=5000)
         hit_rate = self.hits / self.judged if self.judged else 0.0
         return (
             f"{elapsed:6.1f}s  recs {self.count:7d}  {window_count / window_s:7.0f}/s  "
-            f"latency p50 {np.percentile(latency, 50):6.1f} ms  p99 "
-            f"{np.percentile(latency, 99):6.1f} ms  hit rate {hit_rate:6.2%}  cold {self.cold}"
+            f"latency p50 {latency['p50']:6.1f} ms  p99 {latency['p99']:6.1f} ms  (reader "
+            f"+{reader['p50']:.1f}/+{reader['p99']:.1f})  hit rate {hit_rate:6.2%}  cold {self.cold}"
         )
+
+    def summary(self) -> dict[str, float | str]:
+        latency, reader = self.latency.percentiles()
+        return {
+            "latency_ms_p50": round(latency["p50"], 1),
+            "latency_ms_p99": round(latency["p99"], 1),
+            "reader_ms_p50": round(reader["p50"], 1),
+            "reader_ms_p99": round(reader["p99"], 1),
+            "latency_stamp": self.latency.stamp,
+        }
 
 
 class Replay(threading.Thread):
@@ -219,7 +234,7 @@ def main(args: argparse.Namespace) -> int:
     with _broker(args.bootstrap_servers, workdir) as bootstrap:
         topics = {
             names["events"]: (args.partitions, {}),
-            names["recommendations"]: (args.partitions, {}),
+            names["recommendations"]: (args.partitions, LOG_APPEND_TIME),
             names["events-dead-letter"]: (1, {}),
             f"{group}-windows-changelog": (args.partitions, {"cleanup.policy": "compact"}),
         }
@@ -289,11 +304,11 @@ def _replay_and_watch(
     replayed = len(interactions)
     try:
         while True:
-            messages = consumer.consume(1000, timeout=0.2)
+            messages = read_available(consumer, 0.2)
             now_ms = time.time() * 1000
             for message in messages:
                 if message.error() is None:
-                    stats.add(message.value(), now_ms)
+                    stats.add(message, now_ms)
             now = time.monotonic()
             if messages:
                 last_arrival = now
@@ -320,8 +335,7 @@ def _replay_and_watch(
         "recommendations": stats.count,
         "seconds": round(elapsed, 1),
         "recommendations_per_s": round(stats.count / elapsed, 1),
-        "latency_ms_p50": round(float(np.percentile(stats.latencies_ms or [0], 50)), 1),
-        "latency_ms_p99": round(float(np.percentile(stats.latencies_ms or [0], 99)), 1),
+        **stats.summary(),
         "live_hit_rate": round(stats.hits / stats.judged, 4) if stats.judged else None,
         "cold_start": stats.cold,
         "worker_ready_s": round(ready_s, 1),

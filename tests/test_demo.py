@@ -123,6 +123,10 @@ def test_demo_with_onnx_delivers_every_recommendation(kafka_bootstrap: str, tmp_
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["events_replayed"] == 2000
     assert summary["recommendations"] == 2000
+    # stamped by the broker when it appended each recommendation; the reader's wait beside it
+    assert summary["latency_stamp"] == "LogAppendTime"
+    assert 0 <= summary["latency_ms_p50"] <= summary["latency_ms_p99"]
+    assert 0 <= summary["reader_ms_p50"] <= summary["reader_ms_p99"]
     assert (tmp_path / "state").is_dir() and any((tmp_path / "state").rglob("step-*.onnx"))
 
 

@@ -28,8 +28,12 @@ def make_artifact(
     seed: int = 0,
     event_types: list[str] | None = None,
     nan_weights: bool = False,
+    block: str = "transformer",
+    far_sighted: bool = False,
 ) -> Artifact:
-    """`nan_weights`: a broken model that passes every file check (its outputs are NaN)."""
+    """`nan_weights`: a broken model that passes every file check (its outputs are NaN).
+    `far_sighted`: weights that make the oldest event of the receptive field matter (see
+    `make_far_sighted`)."""
     torch.manual_seed(seed)
     event_types = event_types or EVENT_TYPES
     config = ModelConfig(
@@ -40,8 +44,11 @@ def make_artifact(
         n_heads=2,
         window=window,
         dropout=0.0,
+        block=block,
     )
     encoder = Encoder(config).eval()
+    if far_sighted:
+        make_far_sighted(encoder)
     if nan_weights:
         with torch.no_grad():
             list(encoder.parameters())[-1].fill_(float("nan"))  # not the item table
@@ -57,6 +64,42 @@ def make_artifact(
         metrics={"note": "random weights for tests"},
     )
     return load_artifact(out_dir)
+
+
+@torch.no_grad()
+def make_far_sighted(encoder: Encoder) -> None:
+    """Make every layer attend to the oldest event its window holds, with values that outweigh
+    the residual, so an N-layer output depends on the event N*(W-1) positions back by O(1).
+
+    With random weights (std 0.02) attention is near uniform and each layer passes on ~1/W of an
+    event: at W=50 a refill one event short differs from the full pass by ~1e-5 with two layers
+    and ~1e-7 with three, below the 1e-4 the invariant is checked at, so a test on a random
+    model cannot see a window that keeps one event too few. Here it differs by ~0.1-1 (checked
+    by `tests/test_refill_exactness.py`), while every exact path still agrees to ~1e-6.
+
+    Transformer: queries and keys are constants (their biases), the key rotated by (W-1) times
+    each rotary frequency, so q . R(age) k peaks at age W-1 and, scaled up, the softmax puts
+    all its weight there; value and output projections are scaled by 10. HSTU: a large age bias
+    at W-1 and a negative one elsewhere."""
+    cfg = encoder.config
+    window, head_dim, d_model = cfg.window, cfg.head_dim, cfg.d_model
+    for block in encoder.blocks:
+        if cfg.block == "hstu":
+            block.age_bias.fill_(-8.0)
+            block.age_bias[:, window - 1] = 2.0 * window
+            block.out.weight.mul_(20.0)
+            continue
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+        angle = (window - 1) / cfg.rope_base**exponents
+        scale = 40.0
+        query = torch.cat([torch.full_like(angle, scale), torch.zeros_like(angle)])
+        key = torch.cat([scale * torch.cos(angle), scale * torch.sin(angle)])
+        qkv = block.attention.qkv
+        qkv.weight[: 2 * d_model].zero_()
+        qkv.bias[:d_model] = query.float().repeat(cfg.n_heads)
+        qkv.bias[d_model : 2 * d_model] = key.float().repeat(cfg.n_heads)
+        qkv.weight[2 * d_model :].mul_(10.0)
+        block.attention.out.weight.mul_(10.0)
 
 
 def exact_worker_with_model(model: Path) -> tuple[Any, Any]:
