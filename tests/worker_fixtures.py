@@ -28,6 +28,7 @@ def make_artifact(
     seed: int = 0,
     event_types: list[str] | None = None,
     nan_weights: bool = False,
+    metrics: dict[str, Any] | None = None,
 ) -> Artifact:
     """`nan_weights`: a broken model that passes every file check (its outputs are NaN)."""
     torch.manual_seed(seed)
@@ -54,7 +55,7 @@ def make_artifact(
         item_ids=item_ids,
         event_types=event_types,
         popularity=popularity,
-        metrics={"note": "random weights for tests"},
+        metrics=metrics or {"note": "random weights for tests"},
     )
     return load_artifact(out_dir)
 
