@@ -264,7 +264,8 @@ def _wait(condition, what: str, timeout: float = 60.0) -> None:  # type: ignore[
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_swap_refuse_and_roll_back_under_exactly_once(kafka_bootstrap: str, tmp_path: Path,
-                                                      good_model: Path) -> None:
+                                                      good_model: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     life = Lifecycle(kafka_bootstrap, tmp_path)
     v1 = life.publish(good_model)
     v2 = life.publish(make_artifact(tmp_path / "v2", n_items=CATALOG, window=4, seed=2).path)
@@ -300,6 +301,28 @@ def test_swap_refuse_and_roll_back_under_exactly_once(kafka_bootstrap: str, tmp_
             after = life.send(_sequence_events(range(20), 1, 3_000 + attempt))
             assert {r["model_version"] for r in after} == {v2.version}, check
         assert worker.counter("kvrec_model_swaps_total") == 1
+
+        # the worker reports what it serves and what it refused; `kvrec models list` shows it
+        from stream.model_updates import read_live
+
+        def reported() -> bool:
+            reports = read_live(life.config, "default", life.stats).reports
+            return bool(reports) and reports[0].status is not None and \
+                len(reports[0].status.refused) == len(bad)
+
+        _wait(reported, "the worker's report of its refusals", 30)
+        status = read_live(life.config, "default", life.stats).reports[0].status
+        assert status is not None and status.serving == v2.version
+        assert [r.check for r in status.refused] == list(bad)
+        assert kvrec(["models", "list", "--json", "--model-store", str(life.store.root),
+                      "--updates-topic", life.updates, "--stats-topic", life.stats,
+                      "--bootstrap-servers", life.config["bootstrap.servers"]]) == 0
+        listing = json.loads(capsys.readouterr().out)
+        rows = {row["version"]: row for row in listing["versions"]}
+        assert rows[v2.version]["state"] == "serving" and rows[v2.version]["workers_serving"]
+        nan = life.current.version  # type: ignore[union-attr]  # the smoke-refused one, announced
+        assert rows[nan]["state"] == "announced"
+        assert [r["check"] for r in rows[nan]["refused_by"]] == ["smoke"]
 
         life.announce(v1, "rollback")
         _wait(lambda: worker.counter("kvrec_model_swaps_total") == 2, "the rollback swap")
