@@ -354,14 +354,11 @@ def measured_on(metrics: Mapping[str, Any], split: str) -> str | None:
     return f"own {split} split: the {position} event of {who} of its training data"
 
 
-def _worker_line(report: WorkerReport, max_age_s: float) -> str:
+def _worker_line(report: WorkerReport) -> str:
     status = report.status
-    age = report.age_s()
-    stale = f", not counted: older than {max_age_s:g} s" if age > max_age_s else ""
-    if status is None:
-        return f"worker   {report.instance}: no serving report ({age:.0f} s ago{stale})"
+    assert status is not None  # a current report says what serves
     shadow = f", shadow {status.shadow}" if status.shadow else ""
-    return f"worker   {report.instance}: serves {status.serving}{shadow} ({age:.0f} s ago{stale})"
+    return f"worker   {report.instance}: serves {status.serving}{shadow} ({report.age_s():.0f} s ago)"
 
 
 # ---------------------------------------------------------------- list and show
@@ -418,8 +415,12 @@ def run_list(context: Context) -> int:
         print(f"nothing announced yet on {args.updates_topic} for this model")
     else:
         print("\n".join(describe_announcement(announcement, serving)))
-    for report in view.reports:
-        print(_worker_line(report, args.report_max_age_s))
+    current = serving.reports if serving is not None else []
+    for report in current:
+        print(_worker_line(report))
+    if len(view.reports) > len(current):
+        print(f"workers  {len(view.reports) - len(current)} more report(s) not counted: older than "
+              f"{args.report_max_age_s:g} s, or without what serves (`--json` lists them)")
     if rows:
         print()
         print(f"{'VERSION':<26} {'CREATED':<16} {'MANIFEST':<12} {'NDCG@10':>8} "
@@ -431,9 +432,9 @@ def run_list(context: Context) -> int:
             line = (f"{row['version']:<26} {row['created']:<16} {row['manifest_sha256'][:12]:<12} "
                     f"{'-' if test is None else f'{test:.4f}':>8} {on:<22}  {row['text']}")
             print(line.rstrip())
-        print("NDCG@10 on each version's own test split: the last event of each user of the data "
-              "it was trained on (a dataset, or a retrain's snapshot); versions trained on "
-              "different data do not compare (the retrain line above compares on one tail)")
+        print("NDCG@10: each version's own test split, the last event of each user of the data it "
+              "was trained on\n(a dataset, or a retrain's snapshot): versions trained on different "
+              "data do not compare")
     for version in missing:
         print(f"warning: {version} is named by the announcement but not in {context.store.folder}")
     return 0
@@ -576,7 +577,10 @@ def _serve(context: Context, announcement: Announcement | None, entry: StoredVer
                                    metrics=metrics, note=note, served=context.served())
     context.announce(new, announcement)
     if say:
-        was = f" (was {announcement.version})" if announcement else ""
+        served = context.served() if announcement else None
+        never = served is not None and announcement is not None and announcement.version not in served
+        was = (f" (was {announcement.version}{', which no worker served' if never else ''})"
+               if announcement else "")
         print(f"announced: {entry.version} serves{was}, reason {reason}")
     return new
 

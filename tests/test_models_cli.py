@@ -268,7 +268,7 @@ def test_list_labels_each_figure_by_what_it_was_measured_on(
     users = stored.metrics["users"]
     row = next(line for line in out.splitlines() if line.startswith(stored.version))
     assert f"0.0421 own test, {users:,} users" in row
-    assert "NDCG@10 on each version's own test split" in out
+    assert "NDCG@10: each version's own test split" in out
     assert kvrec(["models", "list", "--json", *flags]) == 0
     listed = json.loads(capsys.readouterr().out)["versions"][0]
     assert listed["measured_on"]["test_ndcg@10"] == (
