@@ -6,13 +6,17 @@
     kvrec models promote VERSION [--require-live [--live-margin M] [--min-live-events N]]
     kvrec models shadow VERSION [--sample F] | kvrec models shadow --stop
     kvrec models rollback [--to VERSION]
-    kvrec models guard [--once] [--margin M] [--min-live-events N] [--interval-s S]
+    kvrec models guard [--once] [--margin M] [--confidence C] [--min-live-events N] [--interval-s S]
 
 The store (model/store.py) holds the versions; the newest record of the compacted
-`model-updates` topic (stream/model_updates.py) says which one serves, which one shadows and
-what served before. Every change is a new record there; a refusal announces nothing. A version
-is checked before it is announced: it is in the store and every file's sha256 matches its
-manifest.
+`model-updates` topic (stream/model_updates.py) says which one should serve, which one shadows
+and what served before; the workers' reports on the stats topic say what does serve (a worker
+refuses a version that fails a check and keeps the one it serves). `list` shows both; the
+rollback history holds only versions a worker reported serving; `promote --require-live` and
+`guard` judge the version the workers serve. Every change is a new record on the updates
+topic; a refusal announces nothing. A version is checked before it is announced: it is in the
+store and every file's sha256 matches its manifest. Every action but `publish` refuses a
+--model-store folder that does not exist, as the worker does.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ from stream.model_updates import (
     Announcement,
     Candidate,
     LiveRate,
+    LiveView,
+    WorkerReport,
     announce,
     ensure_model_topics,
     first_announcement,
     latest_announcement,
-    live_hit_rates,
+    read_live,
 )
 
 log = logging.getLogger("kvrec.models")
@@ -51,12 +57,12 @@ READ_TIMEOUT_S = 30.0  # reading a topic from a broker that answered
 SUMMARY_KEYS = ("test", "validation", "popularity_test", "best_epoch", "users")
 
 ACTIONS = {
-    "list": "every stored version, which one serves, its shadow and the rollback history",
+    "list": "every stored version, what is announced, what the workers serve, the history",
     "show": "one version: manifest, metrics, model config, state and live hit rate",
     "publish": "copy a trained artifact into the store, optionally serve or shadow it, prune",
     "promote": "make a stored version serve (optionally only if it is no worse live)",
     "shadow": "set (or --stop) the candidate that scores a sample of live events unpublished",
-    "rollback": "serve the version that served before again",
+    "rollback": "serve the version that served before again (again: the one before that)",
     "guard": "roll back automatically when the serving version's live hit rate falls",
 }
 
@@ -88,12 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     promote = actions["promote"]
     promote.add_argument("version", metavar="VERSION")
     promote.add_argument("--require-live", action="store_true",
-                         help="refuse unless the candidate, as shadow, and the serving version "
-                              "each scored at least --min-live-events live events and the "
-                              "candidate's hit rate is at least the serving one's minus "
-                              "--live-margin")
+                         help="refuse unless the candidate, as shadow, and the version the "
+                              "workers serve each scored at least --min-live-events live events "
+                              "and the candidate's hit rate is at least the serving one's less "
+                              "--live-margin of it")
     promote.add_argument("--live-margin", type=number(0, 1), default=0.0,
-                         help="absolute hit-rate margin (0.01 = one point below is still accepted)")
+                         help="relative hit-rate margin (0.05 = a hit rate 5%% below the serving "
+                              "one's is still accepted)")
     promote.add_argument("--min-live-events", type=integer(1), default=1000,
                          help="with --require-live: live events each version must have scored")
 
@@ -111,9 +118,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     guard.add_argument("--once", action="store_true", help="check once, print the decision, exit")
     guard.add_argument("--interval-s", type=number(above=0), default=60.0,
                        help="seconds between two checks")
-    guard.add_argument("--margin", type=number(0, 1), default=0.01,
-                       help="absolute hit-rate margin: roll back when the serving version's live "
-                            "hit rate is below its predecessor's minus this")
+    guard.add_argument("--margin", type=number(0, 1), default=0.05,
+                       help="relative hit-rate margin: roll back when the serving version's live "
+                            "hit rate is below its predecessor's less this share of it (0.05: "
+                            "5%% below) and the drop is beyond sampling noise (--confidence)")
+    guard.add_argument("--confidence", type=number(above=0.5, below=1), default=0.99,
+                       help="one-sided confidence that the drop is not sampling noise "
+                            "(two-proportion z-test on the live counts)")
     guard.add_argument("--min-live-events", type=integer(1), default=1000,
                        help="live events each of the two versions must have scored serving")
     add_logging_arguments(guard)
@@ -126,7 +137,10 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--updates-topic", default=UPDATES_TOPIC,
                        help="compacted topic of the announcements")
     group.add_argument("--stats-topic", default=LIVE_STATS_TOPIC,
-                       help="compacted topic of the workers' live counters")
+                       help="compacted topic of the workers' live counters and reports")
+    group.add_argument("--report-max-age-s", type=number(above=0), default=60.0,
+                       help="a worker whose newest report is older is not counted as serving "
+                            "(workers report every --stats-interval-ms)")
     add_kafka_arguments(parser)
 
 
@@ -135,6 +149,7 @@ class Context:
     args: argparse.Namespace
     store: ModelStore
     kafka: dict[str, object]
+    _live: LiveView | None = None
 
     def state(self) -> Announcement | None:
         """The newest announcement of the model (None: none yet); `KafkaUnreachable` (exit 1)
@@ -156,11 +171,40 @@ class Context:
             "has no announcement of it): `kvrec models publish DIR --serve` first"
         )
 
+    def live(self) -> LiveView:
+        """The workers' newest reports and counters (read once per command)."""
+        if self._live is None:
+            if self.args.stats_topic not in topic_names(self.kafka, self.args.connect_timeout):
+                self._live = LiveView({}, [])
+            else:
+                self._live = read_live(self.kafka, self.store.model_name, self.args.stats_topic,
+                                       READ_TIMEOUT_S)
+        return self._live
+
+    def forget_live(self) -> None:
+        self._live = None
+
     def live_rates(self) -> dict[tuple[str, str], LiveRate]:
-        if self.args.stats_topic not in topic_names(self.kafka, self.args.connect_timeout):
-            return {}
-        return live_hit_rates(self.kafka, self.store.model_name, self.args.stats_topic,
-                              READ_TIMEOUT_S)
+        return self.live().rates
+
+    def current_reports(self) -> list[WorkerReport]:
+        return self.live().current(self.args.report_max_age_s)
+
+    def served(self) -> set[str] | None:
+        """The versions workers reported serving; None when no worker reports (unknown)."""
+        view = self.live()
+        return view.ever_served() if view.reporting() else None
+
+    def serving_now(self, announcement: Announcement) -> str:
+        """The version the workers serve (the announced one when none reported lately);
+        refused (exit 1) while they serve different versions (a swap under way)."""
+        versions = sorted({r.status.serving for r in self.current_reports() if r.status})
+        if not versions:
+            return announcement.version
+        if len(versions) > 1:
+            raise RunFailed(f"the workers of model {self.store.model_name!r} serve different "
+                            f"versions ({', '.join(versions)}): a swap is under way, try again")
+        return versions[0]
 
     def verified(self, version: str) -> StoredVersion:
         """The stored version, after every file's sha256 was checked against its manifest."""
@@ -206,32 +250,92 @@ def named_versions(announcement: Announcement | None) -> set[str]:
     return named
 
 
-def state_of(version: str, announcement: Announcement | None) -> tuple[str, int | None]:
-    """("serving" | "shadow" | "history" | "stored", its place in the history, 1 = newest)."""
+@dataclass(frozen=True)
+class Serving:
+    """What the workers that reported lately serve: announced or not."""
+
+    reports: list[WorkerReport]  # current ones (within --report-max-age-s)
+    reporting: bool  # some worker ever reported what it serves
+
+    def on(self, version: str) -> list[str]:
+        return [r.instance for r in self.reports if r.status and r.status.serving == version]
+
+    def refusals(self, version: str) -> list[tuple[str, str, str]]:
+        """(instance, check, error) of the current workers that refused `version`."""
+        return [(r.instance, f.check, f.error) for r in self.reports if r.status
+                for f in r.status.refused if f.version == version]
+
+
+def state_of(version: str, announcement: Announcement | None,
+             serving: Serving | None = None) -> tuple[str, int | None]:
+    """("serving" | "announced" | "shadow" | "history" | "stored", its place in the history,
+    1 = newest). "serving": a worker that reported lately serves it (with no worker reports:
+    the announced version); "announced": announced, but no such worker serves it."""
+    known = serving is not None and bool(serving.reports)
+    place = None
+    if announcement is not None and version in announcement.history:
+        place = announcement.history.index(version) + 1
+    if known and serving is not None and serving.on(version):
+        return "serving", place
     if announcement is not None:
         if version == announcement.version:
-            return "serving", None
+            return ("announced" if known else "serving"), None
         if announcement.shadow is not None and version == announcement.shadow.version:
             return "shadow", None
-        if version in announcement.history:
-            return "history", announcement.history.index(version) + 1
+        if place is not None:
+            return "history", place
     return "stored", None
 
 
-def _state_text(state: str, place: int | None) -> str:
-    if state == "history":
-        return "rollback target" if place == 1 else f"history {place}"
-    return "" if state == "stored" else state
+def _state_text(state: str, place: int | None, version: str = "",
+                announcement: Announcement | None = None, serving: Serving | None = None) -> str:
+    parts = []
+    if state == "serving" and serving is not None and serving.reports:
+        parts.append(f"serving on {len(serving.on(version))}/{len(serving.reports)} workers")
+    elif state != "history" and state != "stored":
+        parts.append(state)
+    if state == "serving" and announcement is not None and version == announcement.version \
+            and serving is not None and serving.reports:
+        parts.append("announced")
+    if serving is not None and (refused := serving.refusals(version)):
+        checks = ", ".join(sorted({check for _, check, _ in refused}))
+        parts.append(f"refused by {len(refused)}/{len(serving.reports)} workers ({checks})")
+    if place is not None:
+        parts.append("rollback target" if place == 1 else f"history {place}")
+    return ", ".join(parts)
 
 
 def _when(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000)) if ms else "?"
 
 
-def describe_announcement(announcement: Announcement) -> list[str]:
-    lines = [f"serving  {announcement.version}  ({announcement.reason}, {_when(announcement.announced_ms)})"]
+def describe_announcement(announcement: Announcement, serving: Serving | None = None) -> list[str]:
+    header = f"{announcement.version}  ({announcement.reason}, {_when(announcement.announced_ms)})"
+    reports = serving.reports if serving is not None else []
+    if not reports:
+        unknown = ("no worker reported lately" if serving is not None and serving.reporting
+                   else "no worker reports what it serves")
+        lines = [f"serving  {header}  (as announced: {unknown})"]
+    elif len(serving.on(announcement.version)) == len(reports):  # type: ignore[union-attr]
+        lines = [f"serving  {header}  on {len(reports)}/{len(reports)} workers"]
+    else:
+        lines = [f"announced {header}  served by {len(serving.on(announcement.version))}/"  # type: ignore[union-attr]
+                 f"{len(reports)} workers"]
+        for version in sorted({r.status.serving for r in reports if r.status}):
+            lines.append(f"serving  {version}  on {len(serving.on(version))}/{len(reports)} "  # type: ignore[union-attr]
+                         "workers" + ("" if version == announcement.version
+                                      else " (not the announced version)"))
+        for instance, check, error in serving.refusals(announcement.version):  # type: ignore[union-attr]
+            lines.append(f"refused  {announcement.version} by {instance} ({check} check): {error}")
     if announcement.note:
         lines.append(f"         {announcement.note}")
+    tail, serving_tail = announcement.metrics.get("tail"), announcement.metrics.get("serving_tail")
+    if isinstance(tail, Mapping) and isinstance(tail.get("ndcg@10"), int | float):
+        then = ""
+        if isinstance(serving_tail, Mapping) and isinstance(serving_tail.get("ndcg@10"), int | float):
+            then = f", the version serving then {serving_tail['ndcg@10']:.4f}"
+        lines.append(f"retrain  NDCG@10 on the retrain's held-out tail (its snapshot's last "
+                     f"events): {tail['ndcg@10']:.4f}{then}")
     if announcement.shadow is not None:
         lines.append(f"shadow   {announcement.shadow.version}  "
                      f"(scores {announcement.shadow.sample:.0%} of users, unpublished)")
@@ -240,33 +344,67 @@ def describe_announcement(announcement: Announcement) -> list[str]:
     return lines
 
 
+def measured_on(metrics: Mapping[str, Any], split: str) -> str | None:
+    """What a version's own figure of `split` was measured on, in words."""
+    if key_figure(metrics, split) is None:
+        return None
+    users = metrics.get("users")
+    who = f"{users:,} users" if isinstance(users, int) else "its users"
+    position = "last" if split == "test" else "second-to-last"
+    return f"own {split} split: the {position} event of {who} of its training data"
+
+
+def _worker_line(report: WorkerReport) -> str:
+    status = report.status
+    assert status is not None  # a current report says what serves
+    shadow = f", shadow {status.shadow}" if status.shadow else ""
+    return f"worker   {report.instance}: serves {status.serving}{shadow} ({report.age_s():.0f} s ago)"
+
+
 # ---------------------------------------------------------------- list and show
 
 
 def run_list(context: Context) -> int:
     args = context.args
     unknown = None
+    view = LiveView({}, [])
     try:
         announcement = context.state()
+        view = context.live()
     except KafkaUnreachable as exc:
         announcement, unknown = None, str(exc)
+    serving = Serving(context.current_reports(), view.reporting()) if unknown is None else None
     versions = context.store.versions()
     stored = {v.version for v in versions}
     rows = []
     for entry in reversed(versions):  # newest first
-        state, place = state_of(entry.version, announcement)
+        state, place = state_of(entry.version, announcement, serving)
         rows.append({
             "version": entry.version, "created": entry.created,
             "manifest_sha256": entry.manifest_sha256, "state": state, "history_place": place,
+            "announced": announcement is not None and entry.version == announcement.version,
+            "workers_serving": serving.on(entry.version) if serving else [],
+            "refused_by": [{"instance": i, "check": c, "error": e}
+                           for i, c, e in (serving.refusals(entry.version) if serving else [])],
             "test_ndcg@10": key_figure(entry.metrics, "test"),
             "validation_ndcg@10": key_figure(entry.metrics, "validation"),
+            "measured_on": {"test_ndcg@10": measured_on(entry.metrics, "test"),
+                            "validation_ndcg@10": measured_on(entry.metrics, "validation")},
+            "test_users": entry.metrics.get("users") if isinstance(entry.metrics.get("users"), int) else None,
+            "text": _state_text(state, place, entry.version, announcement, serving),
         })
     missing = sorted(named_versions(announcement) - stored)
     if args.json:
+        for row in rows:
+            del row["text"], row["test_users"]
         print(json.dumps({
             "model": context.store.model_name, "store": str(context.store.folder),
             "serving_state_known": unknown is None, "why_unknown": unknown,
             "announcement": asdict(announcement) if announcement else None,
+            "workers": [{"instance": r.instance, "age_s": round(r.age_s(), 1),
+                         "counted": serving is not None and r in serving.reports,
+                         **(asdict(r.status) if r.status else {"serving": None})}
+                        for r in view.reports],
             "versions": rows, "announced_but_not_stored": missing,
         }, indent=1))
         return 0
@@ -276,18 +414,27 @@ def run_list(context: Context) -> int:
     elif announcement is None:
         print(f"nothing announced yet on {args.updates_topic} for this model")
     else:
-        print("\n".join(describe_announcement(announcement)))
+        print("\n".join(describe_announcement(announcement, serving)))
+    current = serving.reports if serving is not None else []
+    for report in current:
+        print(_worker_line(report))
+    if len(view.reports) > len(current):
+        print(f"workers  {len(view.reports) - len(current)} more report(s) not counted: older than "
+              f"{args.report_max_age_s:g} s, or without what serves (`--json` lists them)")
     if rows:
         print()
-        print(f"{'VERSION':<26} {'CREATED':<16} {'MANIFEST':<12} {'TEST NDCG@10':>12} "
-              f"{'VAL NDCG@10':>12}  STATE")
+        print(f"{'VERSION':<26} {'CREATED':<16} {'MANIFEST':<12} {'NDCG@10':>8} "
+              f"{'MEASURED ON':<22}  STATE")
         for row in rows:
-            test, val = row["test_ndcg@10"], row["validation_ndcg@10"]
+            test = row["test_ndcg@10"]
+            users = row["test_users"]
+            on = "-" if test is None else (f"own test, {users:,} users" if users else "own test")
             line = (f"{row['version']:<26} {row['created']:<16} {row['manifest_sha256'][:12]:<12} "
-                    f"{'-' if test is None else f'{test:.4f}':>12} "
-                    f"{'-' if val is None else f'{val:.4f}':>12}  "
-                    f"{_state_text(row['state'], row['history_place'])}")
+                    f"{'-' if test is None else f'{test:.4f}':>8} {on:<22}  {row['text']}")
             print(line.rstrip())
+        print("NDCG@10: each version's own test split, the last event of each user of the data it "
+              "was trained on\n(a dataset, or a retrain's snapshot): versions trained on different "
+              "data do not compare")
     for version in missing:
         print(f"warning: {version} is named by the announcement but not in {context.store.folder}")
     return 0
@@ -313,7 +460,8 @@ def run_show(context: Context) -> int:
         rates = context.live_rates()
     except KafkaUnreachable as exc:
         announcement, unknown = None, str(exc)
-    state, place = state_of(entry.version, announcement)
+    serving = None if unknown else Serving(context.current_reports(), context.live().reporting())
+    state, place = state_of(entry.version, announcement, serving)
     live = {role: rates[(entry.version, role)] for role in (SERVE, SHADOW)
             if (entry.version, role) in rates}
     if args.json:
@@ -322,6 +470,8 @@ def run_show(context: Context) -> int:
             "manifest_sha256": entry.manifest_sha256, "manifest": manifest,
             "integrity": integrity, "config": model_config, "event_types": event_types,
             "metrics": summary_metrics(entry.metrics),
+            "measured_on": {split: measured_on(entry.metrics, split)
+                            for split in ("test", "validation")},
             "state": state if unknown is None else "unknown", "history_place": place,
             "why_unknown": unknown,
             "live": {role: {"events": r.events, "hits": r.hits, "hit_rate": r.hit_rate}
@@ -343,10 +493,14 @@ def run_show(context: Context) -> int:
         if isinstance(figures, Mapping):
             shown = "  ".join(f"{k} {v:.4f}" for k, v in figures.items() if isinstance(v, int | float))
             print(f"{split:<10} {shown}")
+            on = measured_on(entry.metrics, "test" if split == "popularity_test" else split)
+            if on:
+                print(f"           (on its {on.removeprefix('own ')})")
     if unknown is not None:
         print(f"state      unknown: {unknown}")
     else:
-        print(f"state      {_state_text(state, place) or 'stored (not announced)'}")
+        text = _state_text(state, place, entry.version, announcement, serving)
+        print(f"state      {text or 'stored (not announced)'}")
         for role in (SERVE, SHADOW):
             if role in live:
                 print(f"live       {figure(live[role], entry.version, role)}")
@@ -415,12 +569,18 @@ def _serve(context: Context, announcement: Announcement | None, entry: StoredVer
     if announcement is None:
         new = first_announcement(context.store.model_name, entry.version, location,
                                  entry.manifest_sha256, reason, metrics, note)
+    elif reason in ("rollback", "auto_rollback"):
+        new = announcement.rolled_back(entry.version, location, entry.manifest_sha256, reason,
+                                       metrics=metrics, note=note)
     else:
         new = announcement.serving(entry.version, location, entry.manifest_sha256, reason,
-                                   metrics=metrics, note=note)
+                                   metrics=metrics, note=note, served=context.served())
     context.announce(new, announcement)
     if say:
-        was = f" (was {announcement.version})" if announcement else ""
+        served = context.served() if announcement else None
+        never = served is not None and announcement is not None and announcement.version not in served
+        was = (f" (was {announcement.version}{', which no worker served' if never else ''})"
+               if announcement else "")
         print(f"announced: {entry.version} serves{was}, reason {reason}")
     return new
 
@@ -430,12 +590,17 @@ def run_promote(context: Context) -> int:
     entry = context.verified(args.version)
     announcement = context.state()
     if announcement is not None and announcement.version == entry.version:
-        raise ConfigError(f"{entry.version} already serves")
+        if not context.current_reports() or context.serving_now(announcement) == entry.version:
+            raise ConfigError(f"{entry.version} already serves")
+        # announced, but no worker serves it (refused, e.g. a folder half-copied, since
+        # repaired): a new announcement of it, which the workers try again
+        print(f"{entry.version} is announced but no worker serves it: announcing it again")
     note = ""
     if args.require_live:
         if announcement is None:
             raise RunFailed(f"cannot judge {entry.version} live: nothing serves yet")
-        verdict = promotion_verdict(context.live_rates(), entry.version, announcement.version,
+        verdict = promotion_verdict(context.live_rates(), entry.version,
+                                    context.serving_now(announcement),
                                     args.live_margin, args.min_live_events)
         if not verdict.yes:
             raise RunFailed(f"not promoting {entry.version}: {verdict.reason}")
@@ -472,8 +637,10 @@ def run_rollback(context: Context) -> int:
     args = context.args
     announcement = context.required_state()
     if not announcement.history:
-        raise ConfigError(f"nothing to roll back to: {announcement.version} is the only version "
-                          f"model {context.store.model_name!r} has served")
+        raise ConfigError(f"nothing to roll back to: no version served model "
+                          f"{context.store.model_name!r} before {announcement.version} (the "
+                          "history is empty: every earlier one was rolled back from, refused "
+                          "or never served)")
     target = args.to or announcement.history[0]
     if target not in announcement.history:
         raise ConfigError(f"{target} is not in the rollback history "
@@ -486,20 +653,32 @@ def run_rollback(context: Context) -> int:
 def guard_once(context: Context) -> tuple[bool, str]:
     """Check once; roll back if the serving version fell too far. Returns (rolled back, why)."""
     args = context.args
+    context.forget_live()  # the guard's loop reads the workers' newest reports every check
     announcement = context.state()
     if announcement is None:
         return False, f"no rollback: nothing announced for model {context.store.model_name!r}"
-    if not announcement.history:
-        return False, f"no rollback: {announcement.version} has no predecessor to compare with"
-    predecessor = announcement.history[0]
-    verdict = rollback_verdict(context.live_rates(), announcement.version, predecessor,
-                               args.margin, args.min_live_events)
+    serving = context.serving_now(announcement)  # what the workers serve, announced or not
+    predecessor = predecessor_of(serving, announcement)
+    if predecessor is None:
+        return False, f"no rollback: {serving} has no predecessor to compare with"
+    verdict = rollback_verdict(context.live_rates(), serving, predecessor,
+                               args.margin, args.min_live_events, args.confidence)
     if not verdict.yes:
         return False, f"no rollback: {verdict.reason}"
     entry = context.verified(predecessor)
-    note = f"automatic rollback from {announcement.version}: {verdict.reason}"
+    note = f"automatic rollback from {serving}: {verdict.reason}"
     _serve(context, announcement, entry, "auto_rollback", note, say=False)
-    return True, f"rolled back {announcement.version} to {predecessor}: {verdict.reason}"
+    return True, f"rolled back {serving} to {predecessor}: {verdict.reason}"
+
+
+def predecessor_of(serving: str, announcement: Announcement) -> str | None:
+    """The version that served before `serving`: the next one of the history when `serving`
+    is in it (the announced version was refused and an older one serves), else the newest."""
+    history = announcement.history
+    if serving in history:
+        place = history.index(serving) + 1
+        return history[place] if place < len(history) else None
+    return history[0] if history else None
 
 
 def run_guard(context: Context) -> int:
@@ -508,8 +687,9 @@ def run_guard(context: Context) -> int:
     if args.once:
         print(guard_once(context)[1])
         return 0
-    log.info("guarding model %s every %g s (margin %g, at least %d live events)",
-             context.store.model_name, args.interval_s, args.margin, args.min_live_events)
+    log.info("guarding model %s every %g s (relative margin %g, confidence %g, at least %d "
+             "live events)", context.store.model_name, args.interval_s, args.margin,
+             args.confidence, args.min_live_events)
     while True:
         try:
             rolled_back, decision = guard_once(context)
@@ -526,5 +706,8 @@ RUNNERS = {
 
 
 def main(args: argparse.Namespace) -> int:
-    context = Context(args, ModelStore(args.model_store, args.model_name), client_config(args))
+    store = ModelStore(args.model_store, args.model_name)
+    if args.action != "publish" and not store.root.is_dir():  # publish creates it
+        raise ConfigError(f"--model-store {store.root}: no such directory (create it, or mount it)")
+    context = Context(args, store, client_config(args))
     return RUNNERS[args.action](context)

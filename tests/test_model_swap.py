@@ -264,7 +264,8 @@ def _wait(condition, what: str, timeout: float = 60.0) -> None:  # type: ignore[
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_swap_refuse_and_roll_back_under_exactly_once(kafka_bootstrap: str, tmp_path: Path,
-                                                      good_model: Path) -> None:
+                                                      good_model: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     life = Lifecycle(kafka_bootstrap, tmp_path)
     v1 = life.publish(good_model)
     v2 = life.publish(make_artifact(tmp_path / "v2", n_items=CATALOG, window=4, seed=2).path)
@@ -300,6 +301,28 @@ def test_swap_refuse_and_roll_back_under_exactly_once(kafka_bootstrap: str, tmp_
             after = life.send(_sequence_events(range(20), 1, 3_000 + attempt))
             assert {r["model_version"] for r in after} == {v2.version}, check
         assert worker.counter("kvrec_model_swaps_total") == 1
+
+        # the worker reports what it serves and what it refused; `kvrec models list` shows it
+        from stream.model_updates import read_live
+
+        def reported() -> bool:
+            reports = read_live(life.config, "default", life.stats).reports
+            return bool(reports) and reports[0].status is not None and \
+                len(reports[0].status.refused) == len(bad)
+
+        _wait(reported, "the worker's report of its refusals", 30)
+        status = read_live(life.config, "default", life.stats).reports[0].status
+        assert status is not None and status.serving == v2.version
+        assert [r.check for r in status.refused] == list(bad)
+        assert kvrec(["models", "list", "--json", "--model-store", str(life.store.root),
+                      "--updates-topic", life.updates, "--stats-topic", life.stats,
+                      "--bootstrap-servers", life.config["bootstrap.servers"]]) == 0
+        listing = json.loads(capsys.readouterr().out)
+        rows = {row["version"]: row for row in listing["versions"]}
+        assert rows[v2.version]["state"] == "serving" and rows[v2.version]["workers_serving"]
+        nan = life.current.version  # type: ignore[union-attr]  # the smoke-refused one, announced
+        assert rows[nan]["state"] == "announced"
+        assert [r["check"] for r in rows[nan]["refused_by"]] == ["smoke"]
 
         life.announce(v1, "rollback")
         _wait(lambda: worker.counter("kvrec_model_swaps_total") == 2, "the rollback swap")
@@ -393,3 +416,141 @@ def test_a_version_announced_before_it_reaches_the_mount_is_waited_for_not_refus
         assert {r["model_version"] for r in served} == {elsewhere.version}
         assert sum(worker.counter("kvrec_model_refusals_total", check=c)
                    for c in ("verify", "compatibility", "build", "smoke", "announcement")) == 0
+
+
+# --- the watcher against the real broker, with a stand-in for the load and its checks --------
+class _Loaded:
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    def prewarm(self, windows: object) -> int:
+        return 0
+
+
+class WatcherRig:
+    """A ModelWatcher following a real updates topic; `load_recommender` is replaced by a
+    stand-in that records each load, refuses the versions in `refuse` and waits on `gates`."""
+
+    def __init__(self, bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 serving: str = "v1") -> None:
+        import threading
+
+        from stream.worker import watcher as watcher_module
+        from stream.worker.metrics import WorkerMetrics
+
+        self.config = {"bootstrap.servers": bootstrap}
+        self.updates, self.stats = unique_topic("model-updates"), unique_topic("model-stats")
+        ensure_model_topics(self.config, self.updates, self.stats)
+        root = tmp_path / "store"
+        for version in ("v1", "v2", "v3"):
+            (root / "default" / version).mkdir(parents=True)
+        self.settings = _settings(tmp_path, model_store=root, updates_topic=self.updates,
+                                  stats_topic=self.stats, prewarm_users=0)
+        self.loads: list[str] = []
+        self.refuse: set[str] = set()
+        self.gates: dict[str, threading.Event] = {}
+        self.taken: list[str] = []
+        monkeypatch.setattr(watcher_module, "load_recommender", self._load)
+        self.current = first_announcement("default", serving, "", f"d-{serving}", "publish")
+        announce(self.config, self.current, self.updates)
+        self.metrics = WorkerMetrics()
+        self.watcher = watcher_module.ModelWatcher(self.settings, self.config, self.metrics,
+                                                   self.current, serving)
+
+    def _load(self, settings: WorkerSettings, choice: ModelChoice, **_: object) -> _Loaded:
+        assert choice.version is not None
+        self.loads.append(choice.version)
+        gate = self.gates.get(choice.version)
+        if gate is not None:
+            assert gate.wait(30)
+        if choice.version in self.refuse:
+            raise ModelRefused("verify", f"{choice.path}/weights.safetensors: missing")
+        return _Loaded(choice.version)
+
+    def announce(self, version: str, reason: str = "promote") -> None:
+        self.current = self.current.serving(version, "", f"d-{version}", reason)
+        announce(self.config, self.current, self.updates)
+
+    def take(self) -> list[str]:
+        """The loop's turn: what was ready, swapped in."""
+        versions = [getattr(p.recommender, "version", None) for p in self.watcher.take()
+                    if p.role == "serve"]
+        self.taken += [v for v in versions if v is not None]
+        return self.taken
+
+    def refusals(self) -> float:
+        return self.metrics.model_refusals.labels("verify")._value.get()
+
+
+@pytest.mark.kafka
+def test_a_refused_version_announced_again_is_tried_again(
+        kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="kvrec.worker")
+    rig = WatcherRig(kafka_bootstrap, tmp_path, monkeypatch)
+    rig.watcher.start()
+    try:
+        rig.refuse.add("v2")  # e.g. its folder half-copied to the mount
+        rig.announce("v2")
+        _wait(lambda: rig.refusals() == 1, "the refusal")
+        assert [r.version for r in rig.watcher.status().refused] == ["v2"]
+        # a record that only changes the shadow does not retry it, and the log says so
+        rig.current = rig.current.with_shadow(None, note="no shadow")
+        announce(rig.config, rig.current, rig.updates)
+        _wait(lambda: "was refused for this announcement before: skipped" in caplog.text,
+              "the skip in the log", 30)
+        assert rig.loads == ["v2"]
+        # repaired, announced again: tried again, and it serves
+        rig.refuse.clear()
+        rig.announce("v2")
+        _wait(lambda: rig.take() == ["v2"], "the retried version", 30)
+        assert rig.loads == ["v2", "v2"]
+        assert "v2 (serve) was refused before and is announced again: trying it again" in caplog.text
+        status = rig.watcher.status()
+        assert (status.serving, status.served, status.refused) == ("v2", ("v1", "v2"), ())
+        # what it serves reaches the stats topic with the live counters
+        rig.watcher.publish_stats({("v2", "serve"): (3, 1)})
+        rig.watcher.stats_producer.flush(10)
+        from stream.model_updates import read_live
+
+        view = read_live(rig.config, "default", rig.stats)
+        assert [(r.status.serving if r.status else None) for r in view.reports] == ["v2"]
+    finally:
+        rig.watcher.stop()
+
+
+@pytest.mark.kafka
+def test_a_version_superseded_while_it_is_prepared_is_never_swapped_in(
+        kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two quick rollbacks (v3 serves; v2, then v1 announced while v2 is prepared): v2 never
+    serves; and a version rolled back to the one that serves rebuilds nothing."""
+    import threading
+
+    caplog.set_level("INFO", logger="kvrec.worker")
+    rig = WatcherRig(kafka_bootstrap, tmp_path, monkeypatch, serving="v3")
+    rig.watcher.start()
+    try:
+        rig.gates["v2"] = threading.Event()
+        rig.announce("v2", "rollback")
+        _wait(lambda: rig.loads == ["v2"], "the prepare of v2")
+        rig.announce("v1", "rollback")
+        time.sleep(2.0)  # the newer record reaches the watcher's consumer meanwhile
+        rig.gates["v2"].set()
+        _wait(lambda: rig.take() == ["v1"], "v1 served", 30)
+        assert rig.loads == ["v2", "v1"]
+        assert "model v2 (serve) superseded by a newer announcement (v1 serves)" in caplog.text
+
+        # v1 serves; v2 announced, then v1 again before v2 is ready: nothing swaps, nothing
+        # is loaded again
+        rig.gates["v2"] = threading.Event()
+        rig.announce("v2")
+        _wait(lambda: rig.loads == ["v2", "v1", "v2"], "the second prepare of v2")
+        rig.announce("v1")
+        time.sleep(2.0)
+        rig.gates["v2"].set()
+        time.sleep(2.0)
+        assert rig.take() == ["v1"] and rig.loads == ["v2", "v1", "v2"]
+        assert rig.watcher.status().serving == "v1"
+    finally:
+        rig.watcher.stop()

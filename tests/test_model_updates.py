@@ -7,6 +7,8 @@ import pytest
 from stream.model_updates import (
     Announcement,
     Candidate,
+    Refusal,
+    WorkerStatus,
     announce,
     ensure_model_topics,
     first_announcement,
@@ -14,6 +16,7 @@ from stream.model_updates import (
     live_hit_rates,
     live_stats_value,
     put,
+    read_live,
 )
 from tests.conftest import unique_topic
 
@@ -31,6 +34,41 @@ def test_an_announcement_survives_json_and_keeps_a_rollback_history() -> None:
                 b' "manifest_sha256": "", "reason": "retrain"}'):
         with pytest.raises(ValueError):
             Announcement.from_json(bad)
+
+
+def test_the_history_holds_only_versions_that_served_and_rollbacks_walk_back() -> None:
+    first = first_announcement("games", "v1", "/s/v1", "d1", "publish")
+    second = first.serving("v2", "/s/v2", "d2", "promote", served={"v1"})
+    refused = second.serving("v3", "/s/v3", "d3", "promote", served={"v1"})  # v2 never served
+    assert refused.history == ("v1",)
+    assert refused.serving("v4", "/s/v4", "d4", "promote", served={"v1"}).history == ("v1",)
+    assert refused.serving("v4", "/s/v4", "d4", "promote", served=None).history == ("v3", "v1")
+    served = first.serving("v2", "/s/v2", "d2", "p").serving("v3", "/s/v3", "d3", "p")
+    assert served.history == ("v2", "v1")
+    back = served.rolled_back("v2", "/s/v2", "d2", "rollback")
+    assert (back.version, back.history) == ("v2", ("v1",))
+    assert back.rolled_back("v1", "/s/v1", "d1", "rollback").history == ()
+    assert served.rolled_back("v1", "/s/v1", "d1", "rollback").history == ()
+    with pytest.raises(ValueError):
+        back.rolled_back("v3", "/s/v3", "d3", "rollback")
+
+
+@pytest.mark.kafka
+def test_the_workers_reports_are_read_back(kafka_bootstrap: str) -> None:
+    config = {"bootstrap.servers": kafka_bootstrap}
+    updates, stats = unique_topic("model-updates"), unique_topic("model-stats")
+    ensure_model_topics(config, updates, stats)
+    status = WorkerStatus("v2", "v3", ("v1", "v2"),
+                          (Refusal("v4", "d4", "serve", "smoke", "non-finite output", 17),))
+    put(config, stats, b"games/w1", live_stats_value("w1", {("v2", "serve"): (10, 1)}, status))
+    put(config, stats, b"games/w0", live_stats_value("w0", {}))  # an older worker: no status
+    put(config, stats, b"other/w1", live_stats_value("w1", {}, WorkerStatus("x")))
+    view = read_live(config, "games", stats)
+    assert [(r.instance, r.status) for r in view.reports] == [("w0", None), ("w1", status)]
+    assert view.ever_served() == {"v1", "v2"} and view.reporting()
+    assert [r.instance for r in view.current(60)] == ["w1"]
+    assert view.current(60, now=view.reports[1].ts_ms + 61_000) == []
+    assert view.rates[("v2", "serve")].events == 10
 
 
 @pytest.mark.kafka

@@ -7,11 +7,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.store import ModelStore
 from stream.cli import main as kvrec
 from stream.model_policy import promotion_verdict, rollback_verdict
-from stream.model_updates import LiveRate, latest_announcement, live_stats_value, put
+from stream.model_updates import (
+    LiveRate,
+    Refusal,
+    WorkerStatus,
+    latest_announcement,
+    live_stats_value,
+    put,
+)
 from tests.conftest import unique_topic
 from tests.worker_fixtures import make_artifact
 
@@ -36,10 +45,11 @@ class Setup:
     def announcement(self, model: str | None = None):  # type: ignore[no-untyped-def]
         return latest_announcement(self.kafka(), model or self.model, self.updates)
 
-    def live(self, instance: str, counts: dict[tuple[str, str], tuple[int, int]]) -> None:
-        """A worker's live counters record, as the worker writes it."""
+    def live(self, instance: str, counts: dict[tuple[str, str], tuple[int, int]],
+             status: WorkerStatus | None = None) -> None:
+        """A worker's live counters record (and what it serves), as the worker writes it."""
         put(self.kafka(), self.stats, f"{self.model}/{instance}".encode(),
-            live_stats_value(instance, counts))
+            live_stats_value(instance, counts, status))
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +108,11 @@ def test_publish_list_promote_and_rollback(setup: Setup, capsys: pytest.CaptureF
     code, out, err = run(capsys, "rollback", flags=setup.flags())
     assert code == 0, err
     back = setup.announcement()
-    assert (back.version, back.reason, back.history) == (a, "rollback", (b,))
+    # b was rolled back from: it leaves the history (a second rollback goes further back)
+    assert (back.version, back.reason, back.history) == (a, "rollback", ())
 
     code, out, err = run(capsys, "show", b, "--json", flags=setup.flags())
-    assert code == 0 and json.loads(out)["state"] == "history", err
+    assert code == 0 and json.loads(out)["state"] == "stored", err
 
     # a model that served one version only has nothing to roll back to
     c = publish(capsys, setup, 2, "--serve", model="other")
@@ -110,6 +121,159 @@ def test_publish_list_promote_and_rollback(setup: Setup, capsys: pytest.CaptureF
     code, out, err = run(capsys, "rollback", flags=setup.flags("other"))
     assert code == 2 and err.startswith("kvrec: error: nothing to roll back to") and err.count("\n") == 1
     assert setup.announcement("other") == before
+
+
+@pytest.mark.kafka
+def test_rollbacks_walk_back_through_the_history_and_never_toggle(
+        setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    a = publish(capsys, setup, 0, "--serve")
+    b = publish(capsys, setup, 1, "--serve")
+    c = publish(capsys, setup, 2, "--serve")
+    assert setup.announcement().history == (b, a)  # type: ignore[union-attr]
+    code, _, err = run(capsys, "rollback", flags=setup.flags())
+    assert code == 0, err
+    assert (setup.announcement().version, setup.announcement().history) == (b, (a,))  # type: ignore[union-attr]
+    code, _, err = run(capsys, "rollback", flags=setup.flags())  # not back to c: on to a
+    assert code == 0, err
+    assert (setup.announcement().version, setup.announcement().history) == (a, ())  # type: ignore[union-attr]
+    before = setup.announcement()
+    code, _, err = run(capsys, "rollback", flags=setup.flags())
+    assert code == 2 and err.startswith("kvrec: error: nothing to roll back to") and err.count("\n") == 1
+    assert setup.announcement() == before
+    code, _, err = run(capsys, "rollback", "--to", c, flags=setup.flags())
+    assert code == 2 and err.count("\n") == 1 and setup.announcement() == before
+    # promoting c again makes a the rollback target, and `--to` skips what is newer
+    for version in (c, b):
+        code, _, err = run(capsys, "promote", version, flags=setup.flags())
+        assert code == 0, err
+    assert setup.announcement().history == (c, a)  # type: ignore[union-attr]
+    code, _, err = run(capsys, "rollback", "--to", a, flags=setup.flags())
+    assert code == 0, err
+    assert (setup.announcement().version, setup.announcement().history) == (a, ())  # type: ignore[union-attr]
+
+
+def _status(serving: str, served: tuple[str, ...] = (), refused: tuple[str, ...] = (),
+            check: str = "smoke", shadow: str | None = None) -> WorkerStatus:
+    return WorkerStatus(serving, shadow, (*served, serving),
+                        tuple(Refusal(v, "d", "serve", check, f"{v} is broken", 1) for v in refused))
+
+
+@pytest.mark.kafka
+def test_list_history_and_live_judgements_follow_what_the_workers_serve(
+        setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Versions every worker refused are shown refused, never serving, never a rollback
+    target; `promote --require-live` and `guard` judge the version the workers serve."""
+    from tests.worker_fixtures import make_artifact
+
+    z = publish(capsys, setup, 0, "--serve")
+    setup.live("w1", {}, _status(z))
+    a = publish(capsys, setup, 1, "--serve")
+    both = ("w1", "w2")
+    for worker in both:
+        setup.live(worker, {}, _status(a, (z,)))
+    refused: list[str] = []
+    for seed in (11, 12, 13):  # three announced versions, each refused by both workers
+        artifact = make_artifact(tmp_path / f"bad{seed}", seed=seed).path
+        code, _, err = run(capsys, "publish", str(artifact), "--serve", flags=setup.flags())
+        assert code == 0, err
+        refused.append(version_of(artifact))
+        for worker in both:
+            setup.live(worker, {(a, "serve"): (1000, 100)}, _status(a, (z,), tuple(refused)))
+    announced = setup.announcement()
+    assert announced.version == refused[-1]  # type: ignore[union-attr]
+    assert announced.history == (a, z)  # type: ignore[union-attr]  # no refused version in it
+
+    code, out, err = run(capsys, "list", "--json", flags=setup.flags())
+    assert code == 0, err
+    rows = {row["version"]: row for row in json.loads(out)["versions"]}
+    assert rows[a]["state"] == "serving" and rows[a]["workers_serving"] == ["w1", "w2"]
+    assert rows[a]["history_place"] == 1
+    last = rows[refused[-1]]
+    assert last["state"] == "announced" and last["workers_serving"] == []
+    assert [r["instance"] for r in last["refused_by"]] == ["w1", "w2"]
+    assert {w["instance"]: w["serving"] for w in json.loads(out)["workers"]} == {"w1": a, "w2": a}
+    code, out, _ = run(capsys, "list", flags=setup.flags())
+    assert f"announced {refused[-1]}" in out and "served by 0/2 workers" in out
+    assert f"serving  {a}  on 2/2 workers (not the announced version)" in out
+    assert f"refused  {refused[-1]} by w1 (smoke check)" in out
+    table = {line.split()[0]: line for line in out.splitlines() if line[:8].isdigit()}
+    assert "serving on 2/2 workers" in table[a] and "rollback target" in table[a]
+    assert "refused by 2/2 workers (smoke)" in table[refused[-1]]
+    assert "rollback target" not in table[refused[-1]] and "serving" not in table[refused[-1]]
+
+    # the guard compares what serves (a) with what served before it (z), not the refused one
+    setup.live("w1", {(a, "serve"): (1000, 100), (z, "serve"): (2000, 200)}, _status(a, (z,)))
+    code, out, err = run(capsys, "guard", "--once", flags=setup.flags())
+    assert code == 0, err
+    assert out.startswith("no rollback: within the margin") and f"{a} (serve) 0.1000" in out
+    setup.live("w1", {(a, "serve"): (1000, 40), (z, "serve"): (2000, 200)}, _status(a, (z,)))
+    code, out, err = run(capsys, "guard", "--once", flags=setup.flags())
+    assert code == 0, err
+    assert out.startswith(f"rolled back {a} to {z}")
+    assert (setup.announcement().version, setup.announcement().history) == (z, ())  # type: ignore[union-attr]
+
+    # promote --require-live judges the candidate against what the workers serve
+    for worker in both:
+        setup.live(worker, {(z, "serve"): (1000, 100), (a, "shadow"): (1000, 99)}, _status(z))
+    code, _, err = run(capsys, "promote", a, "--require-live", "--live-margin", "0.05",
+                       flags=setup.flags())
+    assert code == 0, err
+    assert "0.0990 over 2,000 events" in setup.announcement().note  # type: ignore[union-attr]
+
+
+@pytest.mark.kafka
+def test_a_refused_announced_version_can_be_announced_again(
+        setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    a = publish(capsys, setup, 0, "--serve")
+    setup.live("w1", {}, _status(a))
+    b = publish(capsys, setup, 1, "--serve")
+    first = setup.announcement()
+    setup.live("w1", {}, _status(a, refused=(b,), check="verify"))  # e.g. half-copied
+    code, out, err = run(capsys, "promote", b, flags=setup.flags())
+    assert code == 0, err
+    assert "announced but no worker serves it: announcing it again" in out
+    again = setup.announcement()
+    assert again.version == b and again.announced_ms > first.announced_ms  # type: ignore[union-attr]
+    assert again.history == (a,)  # type: ignore[union-attr]
+    setup.live("w1", {}, _status(b, (a,)))  # served now: promoting it again is refused
+    code, _, err = run(capsys, "promote", b, flags=setup.flags())
+    assert code == 2 and "already serves" in err
+
+
+def test_a_store_that_does_not_exist_is_refused(capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "dir"
+    for action in (["list"], ["list", "--json"], ["show", "v1"], ["rollback"], ["guard", "--once"]):
+        code = kvrec(["models", *action, "--model-store", str(missing),
+                      "--bootstrap-servers", "127.0.0.1:1", "--connect-timeout", "1"])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "", action
+        assert err == (f"kvrec: error: --model-store {missing}: no such directory "
+                       "(create it, or mount it)\n")
+    assert not missing.exists()
+
+
+def test_list_labels_each_figure_by_what_it_was_measured_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.worker_fixtures import make_artifact
+
+    figures = {"test": {"ndcg@10": 0.0421}, "validation": {"ndcg@10": 0.05}, "users": 1234}
+    store = ModelStore(tmp_path / "store", "games")
+    stored = store.publish(make_artifact(tmp_path / "measured", metrics=figures).path)
+    flags = ["--model-store", str(tmp_path / "store"), "--model-name", "games",
+             "--bootstrap-servers", "127.0.0.1:1", "--connect-timeout", "1"]
+    assert kvrec(["models", "list", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "TEST NDCG@10" not in out and "MEASURED ON" in out
+    users = stored.metrics["users"]
+    row = next(line for line in out.splitlines() if line.startswith(stored.version))
+    assert f"0.0421 own test, {users:,} users" in row
+    assert "NDCG@10: each version's own test split" in out
+    assert kvrec(["models", "list", "--json", *flags]) == 0
+    listed = json.loads(capsys.readouterr().out)["versions"][0]
+    assert listed["measured_on"]["test_ndcg@10"] == (
+        f"own test split: the last event of {users:,} users of its training data")
+    assert "second-to-last" in listed["measured_on"]["validation_ndcg@10"]
 
 
 @pytest.mark.kafka
@@ -165,7 +329,7 @@ def test_promote_require_live_refuses_a_worse_candidate(setup: Setup,
     a = publish(capsys, setup, 0, "--serve")
     b = publish(capsys, setup, 1, "--shadow")
     shadowed = setup.announcement()
-    live = ["--require-live", "--min-live-events", "500", "--live-margin", "0.01"]
+    live = ["--require-live", "--min-live-events", "500", "--live-margin", "0.1"]  # relative
     setup.live("w1", {(a, "serve"): (1000, 100), (b, "shadow"): (300, 20)})
     code, _, err = run(capsys, "promote", b, *live, flags=setup.flags())
     assert code == 1 and "too few live events" in err and "300 events" in err
@@ -190,7 +354,7 @@ def test_guard_rolls_back_only_past_the_margin(setup: Setup, capsys: pytest.Capt
     a = publish(capsys, setup, 0, "--serve")
     b = publish(capsys, setup, 1, "--serve")
     guard = ["--once", "--margin", "0.01", "--min-live-events", "1000"]
-    setup.live("w1", {(a, "serve"): (2000, 200), (b, "serve"): (2000, 185)})  # 0.1 vs 0.0925
+    setup.live("w1", {(a, "serve"): (2000, 200), (b, "serve"): (2000, 185)})  # 0.1 vs 0.0925: noise
     before = setup.announcement()
     code, out, err = run(capsys, "guard", *guard, flags=setup.flags())
     assert code == 0, err
@@ -201,13 +365,30 @@ def test_guard_rolls_back_only_past_the_margin(setup: Setup, capsys: pytest.Capt
     assert code == 0, err
     assert f"rolled back {b} to {a}" in out
     after = setup.announcement()
-    assert (after.version, after.reason, after.history) == (a, "auto_rollback", (b,))
+    assert (after.version, after.reason, after.history) == (a, "auto_rollback", ())
     assert "0.0750 over 2,000 events" in after.note and "0.1000 over 2,000 events" in after.note
-    assert "margin 0.01" in after.note
+    assert "relative margin 0.01" in after.note
 
-    # now a serves again, b is its predecessor and was worse: nothing more to do
+    # now a serves again and b, rolled back from, is not its predecessor: nothing more to do
     code, out, _ = run(capsys, "guard", *guard, flags=setup.flags())
     assert code == 0 and out.startswith("no rollback") and setup.announcement() == after
+
+
+@pytest.mark.kafka
+def test_guard_fires_at_low_hit_rates(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    """At live hit rates near 1 % (an absolute margin of 0.01 could never fire)."""
+    a = publish(capsys, setup, 0, "--serve")
+    b = publish(capsys, setup, 1, "--serve")
+    setup.live("w1", {(a, "serve"): (10_000, 92), (b, "serve"): (1000, 0)})  # 0.0092 vs 0
+    code, out, err = run(capsys, "guard", "--once", flags=setup.flags())
+    assert code == 0, err
+    assert out.startswith(f"rolled back {b} to {a}") and setup.announcement().version == a  # type: ignore[union-attr]
+    c = publish(capsys, setup, 2, "--serve")
+    setup.live("w1", {(a, "serve"): (10_000, 92), (c, "serve"): (1000, 7)})  # 0.0092 vs 0.007
+    code, out, err = run(capsys, "guard", "--once", flags=setup.flags())
+    assert code == 0, err
+    assert out.startswith("no rollback: within the margin: a drop within sampling noise")
+    assert setup.announcement().version == c  # type: ignore[union-attr]
 
 
 @pytest.mark.kafka
@@ -269,14 +450,53 @@ def test_list_without_kafka_lists_the_store_and_reads_its_variables(
 def test_the_live_verdicts() -> None:
     rates = {("v1", "serve"): LiveRate("v1", "serve", 1000, 100),
              ("v2", "shadow"): LiveRate("v2", "shadow", 1000, 95),
-             ("v2", "serve"): LiveRate("v2", "serve", 1000, 80)}
-    assert promotion_verdict(rates, "v2", "v1", 0.01, 1000).yes
-    assert not promotion_verdict(rates, "v2", "v1", 0.0, 1000).yes
+             ("v2", "serve"): LiveRate("v2", "serve", 4000, 320)}
+    assert promotion_verdict(rates, "v2", "v1", 0.06, 1000).yes  # relative: 0.095 >= 0.094
+    assert not promotion_verdict(rates, "v2", "v1", 0.04, 1000).yes  # 0.095 < 0.096
     assert not promotion_verdict(rates, "v2", "v1", 0.5, 1001).yes  # too few events
     assert not promotion_verdict(rates, "v3", "v1", 0.5, 1).yes  # never shadowed
-    assert rollback_verdict(rates, "v2", "v1", 0.01, 1000).yes
-    assert not rollback_verdict(rates, "v2", "v1", 0.03, 1000).yes
-    assert not rollback_verdict(rates, "v2", "v1", 0.01, 1001).yes
+    assert rollback_verdict(rates, "v2", "v1", 0.05, 1000, confidence=0.95).yes  # z 2.04 >= 1.64
+    assert not rollback_verdict(rates, "v2", "v1", 0.25, 1000, confidence=0.95).yes  # not 25 % below
+    assert not rollback_verdict(rates, "v2", "v1", 0.05, 1001, confidence=0.95).yes
+    assert not rollback_verdict(rates, "v2", "v1", 0.05, 1000).yes  # z 2.04 < 2.33 at 0.99
+
+
+def _low(now: tuple[int, int], before: tuple[int, int], **kwargs: float) -> bool:
+    rates = {("new", "serve"): LiveRate("new", "serve", *now),
+             ("old", "serve"): LiveRate("old", "serve", *before)}
+    return rollback_verdict(rates, "new", "old", kwargs.get("margin", 0.05), 1000,
+                            kwargs.get("confidence", 0.99)).yes
+
+
+def test_the_guard_verdict_at_low_hit_rates() -> None:
+    # live 0/1000 against 0.0092 (an absolute margin of 0.01 never fired here)
+    assert _low((1000, 0), (10_000, 92))
+    assert _low((1000, 0), (1000, 9))
+    assert _low((100_000, 500), (100_000, 920))  # 0.005 vs 0.0092, plenty of events
+    # within sampling error: not a rollback
+    for hits in (4, 5, 7, 9, 12):
+        assert not _low((1000, hits), (10_000, 92)), hits
+    assert not _low((1000, 0), (1000, 0))  # nothing hits either: no evidence
+
+
+@given(before_events=st.integers(1000, 200_000), before_rate=st.floats(0.0, 0.5),
+       now_events=st.integers(1000, 200_000), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=200, deadline=None)
+def test_the_guard_rarely_fires_on_sampling_noise_and_never_on_a_rise(
+        before_events: int, before_rate: float, now_events: int, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    before_hits = round(before_events * before_rate)
+    rate = before_hits / before_events
+    # a version exactly as good as its predecessor: its hits within 2 standard deviations
+    spread = 2 * (now_events * rate * (1 - rate)) ** 0.5
+    now_hits = max(0, min(now_events, round(now_events * rate + rng.uniform(-spread, spread))))
+    assert not _low((now_events, now_hits), (before_events, before_hits))
+    # no worse than its predecessor: never a rollback, whatever the margin or confidence
+    better = min(now_events, max(now_hits, -(-before_hits * now_events // before_events)))
+    assert not _low((now_events, better), (before_events, before_hits), margin=0.0,
+                    confidence=0.51)
 
 
 @pytest.mark.parametrize("action", ["list", "show", "publish", "promote", "shadow", "rollback", "guard"])
@@ -291,7 +511,7 @@ def test_every_action_names_its_variables(action: str, capsys: pytest.CaptureFix
     if action == "guard":
         assert "env KVREC_MODELS_GUARD_MARGIN" in text and "env KVREC_MODELS_GUARD_MIN_LIVE_EVENTS" in text
     if action == "promote":
-        assert "absolute hit-rate margin" in text
+        assert "relative hit-rate margin" in text
         assert "(default: 0.0; env KVREC_MODELS_PROMOTE_LIVE_MARGIN)" in text
 
 
@@ -301,11 +521,12 @@ def test_action_variables_and_range_checks(monkeypatch: pytest.MonkeyPatch,
 
     from stream.cli import build_parser
 
-    monkeypatch.setenv("KVREC_MODELS_GUARD_MARGIN", "0.05")
+    monkeypatch.setenv("KVREC_MODELS_GUARD_MARGIN", "0.1")
     monkeypatch.setenv("KVREC_MODELS_UPDATES_TOPIC", "updates-x")
     argv = ["models", "guard"]
     args = build_parser(argv).parse_args(argv)
-    assert (args.margin, args.updates_topic, args.min_live_events) == (0.05, "updates-x", 1000)
+    assert (args.margin, args.updates_topic, args.min_live_events) == (0.1, "updates-x", 1000)
+    assert args.confidence == 0.99
     monkeypatch.setenv("KVREC_MODELS_GUARD_MARGIN", "-1")
     assert kvrec(argv) == 2
     assert "KVREC_MODELS_GUARD_MARGIN='-1'" in capsys.readouterr().err
@@ -373,7 +594,7 @@ def test_the_guard_loop_rolls_back_and_logs_why(setup: Setup, capsys: pytest.Cap
         guard.terminate()
         guard.wait(timeout=30)
     after = setup.announcement()
-    assert (after.version, after.history[0]) == (a, b)  # type: ignore[union-attr]
+    assert (after.version, after.history) == (a, ())  # type: ignore[union-attr]
     text = log_path.read_text()
     assert f"WARNING kvrec.models: rolled back {b} to {a}" in text and "0.0700 over 1,000" in text
     assert text.count("rolled back") == 1

@@ -208,3 +208,41 @@ def test_retrain_once_publishes_then_refuses_a_worse_model(kafka_bootstrap: str,
     assert float(figures[0][1]) < float(figures[1][1])
     assert latest_announcement(config, "default", updates) == first  # nothing announced
     assert len(list((store / "default").iterdir())) == 1
+
+
+@pytest.mark.kafka
+def test_a_retrained_version_never_puts_a_refused_one_in_the_history(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    """The announced version no worker served (refused) is not the rollback target after a
+    retrain: the history holds the versions the workers reported serving."""
+    from model.decision import Decision
+    from model.store import ModelStore
+    from stream.model_updates import (
+        WorkerStatus,
+        announce,
+        ensure_model_topics,
+        first_announcement,
+        latest_announcement,
+        live_stats_value,
+        put,
+    )
+    from stream.retrain.job import JobSettings, _publish
+    from tests.conftest import unique_topic
+    from tests.worker_fixtures import make_artifact
+
+    config = {"bootstrap.servers": kafka_bootstrap}
+    updates, stats = unique_topic("rt-updates"), unique_topic("rt-stats")
+    ensure_model_topics(config, updates, stats)
+    current = first_announcement("default", "v1", "/s/v1", "d1", "publish").serving(
+        "v2", "/s/v2", "d2", "promote")  # v2: refused by the worker, v1 still serves
+    announce(config, current, updates)
+    put(config, stats, b"default/w1", live_stats_value("w1", {}, WorkerStatus("v1", None, ("v1",))))
+    store = ModelStore(tmp_path / "store")
+    settings = JobSettings(config, store, updates, _settings(), {}, 0.0, "serve", 0.1,
+                           tmp_path / "work", progress=False, stats_topic=stats)
+    candidate = make_artifact(tmp_path / "candidate")
+    figures = {"hr@10": 0.1, "ndcg@10": 0.05, "hr@20": 0.2, "ndcg@20": 0.06}
+    decision = Decision(True, "better", figures, figures, "v2", candidate.version, 0.0, 10)
+    announced = _publish(settings, candidate, decision, current)
+    assert announced.history == ("v1",)
+    assert latest_announcement(config, "default", updates) == announced

@@ -30,6 +30,7 @@ def make_artifact(
     nan_weights: bool = False,
     block: str = "transformer",
     far_sighted: bool = False,
+    metrics: dict[str, Any] | None = None,
 ) -> Artifact:
     """`nan_weights`: a broken model that passes every file check (its outputs are NaN).
     `far_sighted`: weights that make the oldest event of the receptive field matter (see
@@ -61,7 +62,7 @@ def make_artifact(
         item_ids=item_ids,
         event_types=event_types,
         popularity=popularity,
-        metrics={"note": "random weights for tests"},
+        metrics=metrics or {"note": "random weights for tests"},
     )
     return load_artifact(out_dir)
 

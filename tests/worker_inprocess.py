@@ -79,7 +79,8 @@ class ThreadWorker:
                 settings, kafka_config, self.metrics, self.health, args
             )
             self.settings = resolve_window_capacity(settings, self.recommender)
-            self.watcher = ModelWatcher(self.settings, kafka_config, self.metrics, announced)
+            self.watcher = ModelWatcher(self.settings, kafka_config, self.metrics, announced,
+                                        self.recommender.version)
         self.worker = Worker(
             self.settings, self.recommender, self.metrics, self.health, kafka_config,
             watcher=self.watcher,

@@ -19,7 +19,7 @@ from model.store import ModelStore
 from model.train import add_training_arguments, settings_from_args, shape_from_args
 from stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text, wait_for_kafka
 from stream.logs import add_logging_arguments, setup_logging
-from stream.model_updates import UPDATES_TOPIC, ensure_model_topics
+from stream.model_updates import LIVE_STATS_TOPIC, UPDATES_TOPIC, ensure_model_topics
 from stream.retrain.job import REFUSED_EXIT, JobSettings, Outcome, run_job
 
 log = logging.getLogger("kvrec.retrain")
@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--model-store", required=True, help="the model store's root folder")
     models.add_argument("--model-name", default="default")
     models.add_argument("--updates-topic", default=UPDATES_TOPIC)
+    models.add_argument("--stats-topic", default=LIVE_STATS_TOPIC,
+                        help="the workers' reports: the rollback history keeps only versions "
+                             "that served")
     models.add_argument(
         "--margin", type=number(0), default=0.0,
         help="refuse a candidate whose NDCG@10 on the held-out tail is below the serving "
@@ -94,6 +97,7 @@ def _job_settings(args: argparse.Namespace, kafka_config: dict[str, object]) -> 
         kafka_config=kafka_config,
         store=ModelStore(args.model_store, args.model_name),
         updates_topic=args.updates_topic,
+        stats_topic=args.stats_topic,
         train=settings_from_args(args),
         shape=shape_from_args(args),
         margin=args.margin,
@@ -114,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
     kafka_config = client_config(args)
     settings = _job_settings(args, kafka_config)  # checks the training flags first
     wait_for_kafka(kafka_config, args.connect_timeout)
-    ensure_model_topics(kafka_config, args.updates_topic)
+    ensure_model_topics(kafka_config, args.updates_topic, args.stats_topic)
     if args.data is not None or args.format == "synthetic":
         return _report(run_job(dataset_from_args(args), settings))
     return _run_app(args, kafka_config, settings)

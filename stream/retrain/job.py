@@ -24,7 +24,15 @@ from model.decision import Decision, decide
 from model.errors import ArtifactError
 from model.store import ModelStore
 from model.train import SHAPE_FIELDS, TrainSettings, train
-from stream.model_updates import Announcement, Candidate, announce, first_announcement, latest_announcement
+from stream.model_updates import (
+    LIVE_STATS_TOPIC,
+    Announcement,
+    Candidate,
+    announce,
+    first_announcement,
+    latest_announcement,
+    served_versions,
+)
 
 log = logging.getLogger("kvrec.retrain")
 
@@ -43,6 +51,7 @@ class JobSettings:
     shadow_sample: float
     work_dir: Path  # candidates are written here, then copied into the store
     progress: bool = True
+    stats_topic: str = LIVE_STATS_TOPIC  # the workers' reports: what served
 
 
 @dataclass(frozen=True)
@@ -133,8 +142,10 @@ def _publish(settings: JobSettings, candidate: Artifact, decision: Decision,
             Candidate(stored.version, location, stored.manifest_sha256, settings.shadow_sample), note
         )
     else:
+        served = served_versions(settings.kafka_config, settings.store.model_name,
+                                 settings.stats_topic)
         announcement = current.serving(stored.version, location, stored.manifest_sha256,
-                                       "retrain", metrics=metrics, note=note)
+                                       "retrain", metrics=metrics, note=note, served=served)
     announce(settings.kafka_config, announcement, settings.updates_topic)
     log.info("published %s into %s and announced it on %s (%s)", stored.version,
              settings.store.folder, settings.updates_topic,

@@ -134,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
         ensure_topics(kafka_config, topic_specs(settings, args.partitions), args.connect_timeout)
     watcher = None
     if settings.model_store is not None:  # follow the announcements: hot swaps
-        watcher = ModelWatcher(settings, kafka_config, metrics, announced)
+        watcher = ModelWatcher(settings, kafka_config, metrics, announced, recommender.version)
         watcher.start()
     worker = Worker(settings, recommender, metrics, health, kafka_config, watcher=watcher)
     # the model, the index and the stored windows are long-lived: keep them out of the cyclic

@@ -8,14 +8,25 @@ and retrieval index, smoke inference), then pre-warm the key/value caches of the
 active users from their stored windows (the loop hands it snapshots between two batches), and
 hand the ready recommender to the loop. A shadow candidate is prepared the same way, without
 the pre-warm. A version that fails is refused: logged, counted in
-`kvrec_model_refusals{check}`, and never retried for the same announcement; the serving model
-stays. A version whose folder is not on this worker's mount yet (shared storage that shows it
-later) is not refused: it is tried again every `missing_retry_s`. Only the newest
-announcement counts: intermediate ones that arrive during a prepare are skipped.
+`kvrec_model_refusals{check}`, reported, and not tried again for the same announcement (a
+record that only changes the shadow does not retry a refused serving version, nor the other
+way round: it is skipped, and the log says so); the serving model stays. Announced again (a
+new record that names it: a repaired folder, `kvrec models promote` again), it is tried
+again, and the log says which way it went. A version whose folder is not on this worker's
+mount yet (shared storage that shows it later) is not refused: it is tried again every
+`missing_retry_s`. Only the newest announcement counts: the ones that arrive while another
+is read are skipped, and a version being prepared that a newer announcement replaces before
+it is ready is dropped, never swapped in (two quick rollbacks do not serve the version in
+between).
+
+With its live counters (every `--stats-interval-ms`), the worker reports what it serves on the
+stats topic: the version, the shadow, the versions it served since it started, the versions
+it refused and why (stream/model_updates.py `WorkerStatus`): what `kvrec models list` shows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -25,7 +36,13 @@ from dataclasses import dataclass
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from state.window import WindowSnapshot
-from stream.model_updates import Announcement, Candidate, live_stats_value
+from stream.model_updates import (
+    Announcement,
+    Candidate,
+    Refusal,
+    WorkerStatus,
+    live_stats_value,
+)
 from stream.worker.metrics import WorkerMetrics
 from stream.worker.models import ModelChoice, ModelRefused, load_recommender
 from stream.worker.settings import WorkerSettings
@@ -45,6 +62,13 @@ class Prepared:
     share: float = 0.0  # shadow: the share of users it scores
 
 
+class _Superseded(Exception):
+    """A newer announcement replaced the one being prepared: drop what was prepared."""
+
+
+REPORTED = 20  # served and refused versions a worker's report keeps (the newest)
+
+
 class ModelWatcher:
     poll_s = 0.5
     missing_retry_s = 10.0  # an announced version whose folder is not on the mount yet
@@ -56,12 +80,20 @@ class ModelWatcher:
         kafka_config: Mapping[str, object],
         metrics: WorkerMetrics,
         serving: Announcement | None,
+        serving_version: str | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.serving_key = _serve_key(serving)  # what serves now, as announced
         self.shadow_key: tuple[str, str] | None = None  # no shadow until one is prepared
-        self.refused: set[tuple[str, str]] = set()
+        # refused versions: the `announced_ms` of the announcement that asked for each
+        self.refused: dict[tuple[str, str], int] = {}
+        # what the loop serves, as taken (reported with the live counters)
+        live = serving_version or (serving.version if serving is not None else "none")
+        self._live_serving, self._live_shadow = live, None
+        self._served: list[str] = [live]
+        self._refusals: list[Refusal] = []
+        self._newest: Announcement | None = None
         self.consumer = Consumer({
             **kafka_config,
             "group.id": f"{settings.group_id}-model-watcher",  # assign() only: never commits
@@ -97,7 +129,21 @@ class ModelWatcher:
             return []
         with self._lock:
             ready, self._ready = self._ready, []
+        for prepared in ready:  # the loop swaps each in now
+            version = getattr(prepared.recommender, "version", None)
+            if prepared.role == "serve" and version is not None:
+                self._live_serving, self._live_shadow = str(version), None
+                self._served = [v for v in self._served if v != version][-(REPORTED - 1):]
+                self._served.append(str(version))
+            elif prepared.role == "shadow":
+                self._live_shadow = str(version) if version is not None else None
         return ready
+
+    def status(self) -> WorkerStatus:
+        """What this worker serves (the loop's view, once it took what was ready)."""
+        with self._lock:
+            refusals = tuple(self._refusals)
+        return WorkerStatus(self._live_serving, self._live_shadow, tuple(self._served), refusals)
 
     def give_windows(self, provider: WindowsProvider) -> None:
         """If a prepare waits for windows to pre-warm, hand it the most recent ones (the loop's
@@ -112,14 +158,14 @@ class ModelWatcher:
         key = f"{self.settings.model_name}/{self.settings.instance_id}".encode()
         try:
             self.stats_producer.produce(self.settings.stats_topic, key=key,
-                                        value=live_stats_value(self.settings.instance_id, counts))
+                                        value=live_stats_value(self.settings.instance_id, counts,
+                                                               self.status()))
             self.stats_producer.poll(0)
         except (KafkaException, BufferError) as exc:  # statistics only: the next one catches up
             log.warning("could not publish the live hit rates: %s", exc)
 
     # --- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
-        newest: Announcement | None = None
         while not self._stop.is_set():
             try:
                 message = self.consumer.poll(self.poll_s)
@@ -128,31 +174,72 @@ class ModelWatcher:
                 time.sleep(self.poll_s)
                 continue
             if message is not None:
-                if message.error() is not None:
-                    log.warning("model watcher: %s", message.error())
-                    continue
-                if (message.key() or b"") != self.settings.model_name.encode() or message.value() is None:
-                    continue
-                try:
-                    newest, self._acted = Announcement.from_json(message.value()), False
-                except ValueError as exc:
-                    log.error("model watcher: %s: offset %d: %s", self.settings.updates_topic,
-                              message.offset(), exc)
-                    self.metrics.model_refusals.labels("announcement").inc()
+                self._read(message)
                 continue  # read on: only the newest counts
             retry_due = self._retry_at is not None and time.monotonic() >= self._retry_at
+            newest = self._newest
             if newest is not None and (not self._acted or retry_due):  # caught up
                 self._acted, self._retry_at = True, None
-                self._act(newest)
+                with contextlib.suppress(_Superseded):  # the newest is acted on next turn
+                    self._act(newest)
+
+    def _read(self, message: object) -> None:
+        if message.error() is not None:  # type: ignore[attr-defined]
+            log.warning("model watcher: %s", message.error())  # type: ignore[attr-defined]
+            return
+        key, value = message.key(), message.value()  # type: ignore[attr-defined]
+        if (key or b"") != self.settings.model_name.encode() or value is None:
+            return
+        try:
+            self._newest, self._acted = Announcement.from_json(value), False
+        except ValueError as exc:
+            log.error("model watcher: %s: offset %d: %s", self.settings.updates_topic,
+                      message.offset(), exc)  # type: ignore[attr-defined]
+            self.metrics.model_refusals.labels("announcement").inc()
+
+    def _check_current(self, announcement: Announcement, role: str) -> None:
+        """Read what came in meanwhile; raise `_Superseded` if a newer announcement changes
+        what `role` should be (the version being prepared would serve for nothing)."""
+        while True:
+            message = self.consumer.poll(0)
+            if message is None:
+                break
+            self._read(message)
+        newest = self._newest
+        if newest is None or newest is announcement:
+            return
+        key = _serve_key if role == "serve" else _shadow_key
+        if key(newest) != key(announcement):
+            version = (announcement.version if role == "serve"
+                       else announcement.shadow.version if announcement.shadow else "none")
+            log.info("model %s (%s) superseded by a newer announcement (%s serves%s) before it "
+                     "was ready: dropped", version, role, newest.version,
+                     f", {newest.shadow.version} shadows" if newest.shadow else "")
+            raise _Superseded
+
+    def _may_try(self, key: tuple[str, str] | None, announcement: Announcement, role: str) -> bool:
+        """A version refused before is tried again only for a new announcement that names it
+        for this role; otherwise it is skipped, and the log says so."""
+        if key is None or key not in self.refused:
+            return True
+        decided = (announcement.reason == "shadow") == (role == "shadow")
+        if decided and self.refused[key] != announcement.announced_ms:
+            log.info("model %s (%s) was refused before and is announced again: trying it again",
+                     key[0], role)
+            return True
+        log.info("model %s (%s) was refused for this announcement before: skipped (announce it "
+                 "again to retry)", key[0], role)
+        return False
 
     def _act(self, announcement: Announcement) -> None:
         serve_key = _serve_key(announcement)
-        new_serving = serve_key != self.serving_key and serve_key not in self.refused
+        new_serving = serve_key != self.serving_key and self._may_try(serve_key, announcement, "serve")
         if new_serving and self._prepare_serving(announcement):
             self.serving_key = serve_key
             self.shadow_key = None  # the new serving model starts without a shadow
         shadow_key = _shadow_key(announcement)
-        new_shadow = shadow_key != self.shadow_key and shadow_key not in self.refused
+        new_shadow = (shadow_key != self.shadow_key
+                      and self._may_try(shadow_key, announcement, "shadow"))
         if new_shadow and self._prepare_shadow(announcement):
             self.shadow_key = shadow_key
 
@@ -162,10 +249,12 @@ class ModelWatcher:
                                        announcement.manifest_sha256)
         log.info("model %s announced (%s%s): preparing it", announcement.version,
                  announcement.reason, f": {announcement.note}" if announcement.note else "")
-        recommender = self._load(choice, _serve_key(announcement))
+        recommender = self._load(choice, _serve_key(announcement), announcement, "serve")
         if recommender is None:
             return False
+        self._check_current(announcement, "serve")
         warmed = recommender.prewarm(self._recent_windows())  # type: ignore[attr-defined]
+        self._check_current(announcement, "serve")
         self.metrics.model_prepare_seconds.observe(time.perf_counter() - started)
         log.info("model %s ready in %.1f s (%d users' caches pre-warmed): swapping",
                  announcement.version, time.perf_counter() - started, warmed)
@@ -183,15 +272,17 @@ class ModelWatcher:
         cache_bytes = max(16 << 20, int(self.settings.cache_bytes * share))
         recommender = self._load(
             ModelChoice.announced(self.settings, candidate.version, candidate.manifest_sha256),
-            _candidate_key(candidate), cache_bytes,
+            _candidate_key(candidate), announcement, "shadow", cache_bytes,
         )
         if recommender is None:
             return False
+        self._check_current(announcement, "shadow")
         self._hand_over(Prepared("shadow", recommender, announcement, share))
         return True
 
     def _load(
-        self, choice: ModelChoice, key: tuple[str, str], cache_bytes: int | None = None
+        self, choice: ModelChoice, key: tuple[str, str], announcement: Announcement, role: str,
+        cache_bytes: int | None = None,
     ) -> object | None:
         if not choice.path.is_dir():  # not visible on this mount yet (shared storage): wait
             log.warning("model %s is announced but %s is not there yet: retrying in %.0f s",
@@ -199,13 +290,21 @@ class ModelWatcher:
             self._retry_at = time.monotonic() + self.missing_retry_s
             return None
         try:
-            return load_recommender(self.settings, choice, cache_bytes=cache_bytes)
+            recommender = load_recommender(self.settings, choice, cache_bytes=cache_bytes)
         except ModelRefused as refused:
-            self.refused.add(key)
+            self.refused[key] = announcement.announced_ms
             self.metrics.model_refusals.labels(refused.check).inc()
             log.error("model %s refused (%s check), the serving model stays: %s", choice.version,
                       refused.check, refused)
+            with self._lock:
+                self._refusals = [r for r in self._refusals if (r.version, r.manifest_sha256) != key]
+                self._refusals = [*self._refusals[-(REPORTED - 1):], Refusal(
+                    key[0], key[1], role, refused.check, str(refused), announcement.announced_ms)]
             return None
+        with self._lock:  # it passed: no longer a refused version
+            self._refusals = [r for r in self._refusals if (r.version, r.manifest_sha256) != key]
+        self.refused.pop(key, None)
+        return recommender
 
     def _recent_windows(self) -> Sequence[tuple[str, WindowSnapshot]]:
         if not self.settings.prewarm_users:
