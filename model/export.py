@@ -74,11 +74,12 @@ def export_step(encoder: Encoder, path: str | Path, opset: int = OPSET) -> Path:
 def _dynamic_shapes(window: int) -> dict[str, dict[int, Dim]]:
     """The batch axis of every input, and the new-event axis (1 <= T <= W) of the events.
 
-    torch.export assumes a symbolic size is not 1 while it traces, so `extend`'s T = 1 branch
-    is left out and the general path (which also serves T = 1) is exported, as the example's
-    T = 2 would take it. The outputs' axes follow from the inputs'."""
+    torch.export decides `extend`'s `T == 1` test on a symbolic size as false and keeps T's
+    range 1..W, so the general path (which also serves T = 1) is exported, as the example's
+    T = 2 takes it; with W = 1, T is always 1 (a fixed axis, the T = 1 branch). The outputs'
+    axes follow from the inputs'."""
     batch = Dim("batch")
-    events = {0: batch, 1: Dim("new_events", min=1, max=window)}
+    events = {0: batch, 1: Dim("new_events", min=1, max=window)} if window > 1 else {0: batch}
     cache = {1: batch}
     return {
         "keys": cache, "values": cache, "positions": {0: batch}, "items": events,

@@ -91,6 +91,24 @@ def test_export_uses_no_deprecated_exporter(tmp_path: Path) -> None:
     assert deprecated == []
 
 
+def test_a_window_of_one_exports_step(tmp_path: Path) -> None:
+    """W = 1: one new event at most, so the new-event axis is fixed at 1 (not a 1..1 range)."""
+    torch.manual_seed(0)
+    config = ModelConfig(n_items=20, d_model=16, n_layers=2, n_heads=2, window=1, dropout=0.0)
+    encoder = Encoder(config).eval()
+    torch_backend = make_backend("torch-cpu", encoder)
+    onnx_backend = make_backend("onnx-cpu", encoder,
+                                onnx_path=export_step(encoder, tmp_path / "step.onnx"))
+    _, cache = torch_backend.encode(torch.randint(1, 21, (3, 4)), torch.randint(1, 5, (3, 4)))
+    new_items, new_types = torch.randint(1, 21, (3,)), torch.randint(1, 5, (3,))
+    want = torch_backend.step(cache, new_items, new_types, return_attention=True)
+    got = onnx_backend.step(cache, new_items, new_types, return_attention=True)
+    assert (want[0] - got[0]).abs().max().item() <= 1e-4
+    assert (want[1].keys - got[1].keys).abs().max().item() <= 1e-4
+    assert torch.equal(want[1].positions, got[1].positions)
+    assert (want[2] - got[2]).abs().max().item() <= 1e-4
+
+
 def test_backend_errors_are_clear(exported: tuple[Encoder, Path], tmp_path: Path) -> None:
     encoder, _ = exported
     with pytest.raises(ConfigError, match="unknown backend"):
