@@ -1,6 +1,6 @@
 """ONNX export of `extend` (and so of `step`, which is `extend` by one event): past
 keys/values and each user's new events in, new keys/values out; dynamic batch and new-event
-axes (1 <= T <= W).
+axes (1 <= T <= W). torch's `torch.export`-based exporter (`dynamo=True`), one file.
 
     kvrec export --model DIR --out step.onnx
 """
