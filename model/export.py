@@ -1,6 +1,6 @@
 """ONNX export of `extend` (and so of `step`, which is `extend` by one event): past
 keys/values and each user's new events in, new keys/values out; dynamic batch and new-event
-axes (1 <= T <= W).
+axes (1 <= T <= W). torch's `torch.export`-based exporter (`dynamo=True`), one file.
 
     kvrec export --model DIR --out step.onnx
 """
@@ -8,17 +8,22 @@ axes (1 <= T <= W).
 from __future__ import annotations
 
 import argparse
+import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.export import Dim
 
 from model.encoder import Encoder, KVCache
 from model.errors import ConfigError
 
 INPUTS = ["keys", "values", "positions", "items", "event_types", "counts"]
 OUTPUTS = ["user_vectors", "new_keys", "new_values", "new_positions", "attention"]
+OPSET = 20  # the default of torch.onnx (its ONNX Script ops are written for 18 and later)
 
 
 class _Extend(nn.Module):
@@ -37,8 +42,11 @@ class _Extend(nn.Module):
         return vectors, cache.keys, cache.values, cache.positions, attention
 
 
-def export_step(encoder: Encoder, path: str | Path, opset: int = 17) -> Path:
-    """Export `extend` (items [B, T], counts [B]); the file also serves `step` (T = 1)."""
+def export_step(encoder: Encoder, path: str | Path, opset: int = OPSET) -> Path:
+    """Export `extend` (items [B, T], counts [B]); the file also serves `step` (T = 1).
+
+    With torch.export (`dynamo=True`, ONNX Script): one self-contained file (weights inside),
+    the batch and new-event axes symbolic."""
     encoder = encoder.eval().cpu()
     example = KVCache.empty(encoder.config, 2)
     example.positions += torch.tensor([0, 7])
@@ -46,29 +54,55 @@ def export_step(encoder: Encoder, path: str | Path, opset: int = 17) -> Path:
     items = torch.tensor([[1] * new, [2] * new])
     types = torch.ones_like(items)
     counts = torch.tensor([new, 1])
-    batch = {0: "batch"}
-    events = {0: "batch", 1: "new_events"}
-    cache_axes = {1: "batch"}
-    dynamic_axes = {
-        "keys": cache_axes, "values": cache_axes, "positions": batch, "items": events,
-        "event_types": events, "counts": batch, "user_vectors": events, "new_keys": cache_axes,
-        "new_values": cache_axes, "new_positions": batch, "attention": events,
-    }
     out = Path(path)
-    with torch.no_grad(), warnings.catch_warnings():
-        # the checks on T in `extend` are constants of this graph (T <= W holds by contract)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"model\.encoder")
+    with torch.no_grad(), _quiet_exporter():
         torch.onnx.export(
-            _Extend(encoder),
+            _Extend(encoder).eval(),
             (example.keys, example.values, example.positions, items, types, counts),
             str(out),
             input_names=INPUTS,
             output_names=OUTPUTS,
-            dynamic_axes=dynamic_axes,
+            dynamic_shapes=_dynamic_shapes(encoder.config.window),
             opset_version=opset,
-            dynamo=False,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
     return out
+
+
+def _dynamic_shapes(window: int) -> dict[str, dict[int, Dim]]:
+    """The batch axis of every input, and the new-event axis (1 <= T <= W) of the events.
+
+    torch.export decides `extend`'s `T == 1` test on a symbolic size as false and keeps T's
+    range 1..W, so the general path (which also serves T = 1) is exported, as the example's
+    T = 2 takes it; with W = 1, T is always 1 (a fixed axis, the T = 1 branch). The outputs'
+    axes follow from the inputs'."""
+    batch = Dim("batch")
+    events = {0: batch, 1: Dim("new_events", min=1, max=window)} if window > 1 else {0: batch}
+    cache = {1: batch}
+    return {
+        "keys": cache, "values": cache, "positions": {0: batch}, "items": events,
+        "event_types": events, "counts": {0: batch},
+    }
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's chatter that says nothing about this model: that an axis named twice (the
+    batch of several inputs, as meant) keeps its first name, and that torchvision's ops are not
+    registered (this model has none)."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"# The axis name: .* will not be used", category=UserWarning
+            )
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

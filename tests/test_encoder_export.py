@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from model.backends import make_backend
 from model.config import ModelConfig
 from model.encoder import Encoder
 from model.errors import ConfigError
-from model.export import export_step
+from model.export import INPUTS, OUTPUTS, export_step
 
 
 @pytest.fixture(scope="module",
@@ -48,6 +50,63 @@ def test_onnx_step_matches_torch(exported: tuple[Encoder, Path], batch: int) -> 
         assert torch.equal(want[1].positions, got[1].positions)
         assert (want[2] - got[2]).abs().max().item() <= 1e-4
         cache = want[1]
+
+
+def _axes(value: onnx.ValueInfoProto) -> list[str | int]:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def test_exported_graph_has_the_names_and_axes_the_backend_reads(
+    exported: tuple[Encoder, Path],
+) -> None:
+    """One self-contained file; inputs and outputs by the names `OnnxBackend` feeds and reads,
+    the batch and new-event axes symbolic, the cache's other axes fixed by the model."""
+    encoder, path = exported
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no external weights
+    graph = onnx.load(str(path)).graph
+    cfg = encoder.config
+    cache = [cfg.n_layers, "batch", cfg.n_heads, cfg.window, cfg.head_dim]
+    assert {i.name: _axes(i) for i in graph.input} == {
+        "keys": cache, "values": cache, "positions": ["batch"],
+        "items": ["batch", "new_events"], "event_types": ["batch", "new_events"],
+        "counts": ["batch"],
+    }
+    assert [i.name for i in graph.input] == INPUTS
+    assert {o.name: _axes(o) for o in graph.output} == {
+        "user_vectors": ["batch", "new_events", cfg.d_model], "new_keys": cache,
+        "new_values": cache, "new_positions": ["batch"],
+        "attention": ["batch", "new_events", cfg.window],
+    }
+    assert [o.name for o in graph.output] == OUTPUTS
+
+
+def test_export_uses_no_deprecated_exporter(tmp_path: Path) -> None:
+    """Nothing torch will remove: no DeprecationWarning or FutureWarning from the export."""
+    config = ModelConfig(n_items=20, d_model=16, n_layers=1, n_heads=2, window=4, dropout=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_step(Encoder(config), tmp_path / "step.onnx")
+    deprecated = [f"{w.category.__name__}: {w.message}" for w in caught
+                  if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert deprecated == []
+
+
+def test_a_window_of_one_exports_step(tmp_path: Path) -> None:
+    """W = 1: one new event at most, so the new-event axis is fixed at 1 (not a 1..1 range)."""
+    torch.manual_seed(0)
+    config = ModelConfig(n_items=20, d_model=16, n_layers=2, n_heads=2, window=1, dropout=0.0)
+    encoder = Encoder(config).eval()
+    torch_backend = make_backend("torch-cpu", encoder)
+    onnx_backend = make_backend("onnx-cpu", encoder,
+                                onnx_path=export_step(encoder, tmp_path / "step.onnx"))
+    _, cache = torch_backend.encode(torch.randint(1, 21, (3, 4)), torch.randint(1, 5, (3, 4)))
+    new_items, new_types = torch.randint(1, 21, (3,)), torch.randint(1, 5, (3,))
+    want = torch_backend.step(cache, new_items, new_types, return_attention=True)
+    got = onnx_backend.step(cache, new_items, new_types, return_attention=True)
+    assert (want[0] - got[0]).abs().max().item() <= 1e-4
+    assert (want[1].keys - got[1].keys).abs().max().item() <= 1e-4
+    assert torch.equal(want[1].positions, got[1].positions)
+    assert (want[2] - got[2]).abs().max().item() <= 1e-4
 
 
 def test_backend_errors_are_clear(exported: tuple[Encoder, Path], tmp_path: Path) -> None:
