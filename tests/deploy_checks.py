@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -428,3 +428,275 @@ def mutated(docs: list[dict], kind: str, name: str, change: object) -> list[dict
     target = next(d for d in out if d.get("kind") == kind and d["metadata"]["name"] == name)
     change(target)  # type: ignore[operator]
     return out
+
+
+# -- scrape labels: do the alerts' selectors match what a real scrape gives? --------------------
+
+# what danielqsj/kafka_exporter exports that kvrec's rules use, with each series' own labels
+EXPORTER_SERIES = {
+    "kafka_consumergroup_lag": ("consumergroup", "topic", "partition"),
+    "kafka_consumergroup_lag_sum": ("consumergroup", "topic"),
+    "kafka_consumergroup_current_offset": ("consumergroup", "topic", "partition"),
+    "kafka_consumergroup_members": ("consumergroup",),
+    "kafka_topic_partition_current_offset": ("topic", "partition"),
+    "kafka_brokers": (),
+}
+
+
+def worker_series_labels() -> dict[str, tuple[str, ...]]:
+    """Every worker series name with the labels the worker itself gives it."""
+    from stream.worker.metrics import WorkerMetrics
+
+    registry = WorkerMetrics().registry
+    out: dict[str, tuple[str, ...]] = {}
+    for collector in list(registry._collector_to_names):  # no public listing
+        names = registry._collector_to_names[collector]
+        labels = tuple(getattr(collector, "_labelnames", ()))
+        for name in names:
+            out[name] = labels + (("le",) if name.endswith("_bucket") else ())
+    return out
+
+
+def selectors(expr: str) -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
+    """(metric name, [(label, op, value)]) of every vector selector in a PromQL expression."""
+    import promql_parser
+
+    ops = {"Equal": "=", "NotEqual": "!=", "Re": "=~", "NotRe": "!~"}
+
+    def walk(node: object) -> Iterator[promql_parser.VectorSelector]:
+        if isinstance(node, list | tuple):
+            for child in node:
+                yield from walk(child)
+        elif isinstance(node, promql_parser.VectorSelector):
+            yield node
+        else:
+            for attribute in ("lhs", "rhs", "expr", "param", "args", "vector_selector"):
+                if hasattr(node, attribute):
+                    yield from walk(getattr(node, attribute))
+
+    for selector in walk(promql_parser.parse(expr)):
+        matchers = [(m.name, ops[str(m.op).split(".")[-1]], m.value) for m in selector.matchers.matchers
+                    if m.name != "__name__"]
+        yield selector.name or "", matchers
+
+
+def _matches(op: str, pattern: str, value: str) -> bool:
+    if op in ("=", "!="):
+        return (value == pattern) == (op == "=")
+    return bool(re.fullmatch(pattern, value)) == (op == "=~")
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def relabel(labels: dict[str, str], rules: list[dict]) -> dict[str, str] | None:
+    """Prometheus' relabel_configs on a target's labels (replace, keep, drop, labelmap,
+    labeldrop, labelkeep; regexes anchored); None: the target is dropped. Labels that start
+    with __ are removed at the end, as Prometheus does."""
+    labels = dict(labels)
+    for rule in rules:
+        action = rule.get("action", "replace")
+        regex = re.compile(f"^(?:{rule.get('regex', '(.*)')})$")
+        value = rule.get("separator", ";").join(labels.get(s, "") for s in rule.get("source_labels", []))
+        if action == "keep" and not regex.match(value):
+            return None
+        if action == "drop" and regex.match(value):
+            return None
+        if action == "replace":
+            match = regex.match(value)
+            if match:
+                replacement = re.sub(r"\$\{?(\d+)\}?", r"\\\1", rule.get("replacement", "$1"))
+                result = match.expand(replacement)
+                if result:
+                    labels[rule["target_label"]] = result
+                else:
+                    labels.pop(rule["target_label"], None)
+        elif action == "labelmap":
+            replacement = re.sub(r"\$\{?(\d+)\}?", r"\\\1", rule.get("replacement", "$1"))
+            for name, label_value in list(labels.items()):
+                match = regex.match(name)
+                if match:
+                    labels[match.expand(replacement)] = label_value
+        elif action in ("labeldrop", "labelkeep"):
+            keep = action == "labelkeep"
+            labels = {k: v for k, v in labels.items() if bool(regex.match(k)) == keep}
+    return {k: v for k, v in labels.items() if not k.startswith("__")}
+
+
+def _service_pod(docs: list[dict], service: dict) -> tuple[dict, dict]:
+    """The workload a Service selects and one of its containers' ports by name."""
+    selector = service["spec"]["selector"]
+    for doc in docs:
+        spec = _pod_spec(doc)
+        if spec is None or doc.get("kind") not in ("StatefulSet", "Deployment"):
+            continue
+        if selector.items() <= doc["spec"]["template"]["metadata"].get("labels", {}).items():
+            return doc, spec
+    raise AssertionError(f"Service {service['metadata']['name']} selects no workload")
+
+
+def kubernetes_sd_targets(docs: list[dict], namespace: str) -> Iterator[dict[str, str]]:
+    """The meta labels of one endpoint of every Service port, as Prometheus' kubernetes_sd
+    (role: endpoints) discovers it."""
+    for service in (d for d in docs if d.get("kind") == "Service"):
+        workload, spec = _service_pod(docs, service)
+        pod = f"{workload['metadata']['name']}-0"
+        for port in service["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            number = next((p["containerPort"] for c in spec["containers"] for p in c.get("ports", [])
+                           if target in (p.get("name"), p["containerPort"])), None)
+            meta = {"__address__": f"10.0.0.7:{number}", "__meta_kubernetes_namespace": namespace,
+                    "__meta_kubernetes_service_name": service["metadata"]["name"],
+                    "__meta_kubernetes_pod_name": pod, "__meta_kubernetes_pod_node_name": "node-1",
+                    "__meta_kubernetes_pod_controller_name": workload["metadata"]["name"],
+                    "__meta_kubernetes_endpoint_port_name": port.get("name", "")}
+            for kind in ("label", "annotation"):
+                for key, value in (service["metadata"].get(f"{kind}s") or {}).items():
+                    meta[f"__meta_kubernetes_service_{kind}_{_sanitize(key)}"] = value
+            yield meta
+
+
+def scrape_config_targets(config: dict, discovered: list[dict[str, str]],
+                          source: Callable[[dict[str, str]], str | None]) -> dict[str, list[dict]]:
+    """source ("worker", "exporter") -> the labels of each of its targets that survive the
+    jobs' relabelling. Static targets come from the configuration; `discovered`: the meta labels
+    kubernetes_sd gives; `source` tells a target's source from its labels before relabelling."""
+    out: dict[str, list[dict]] = {}
+    for job in config.get("scrape_configs", []):
+        candidates = []
+        for static in job.get("static_configs", []):
+            candidates += [{"__address__": t, **static.get("labels", {})} for t in static["targets"]]
+        if job.get("kubernetes_sd_configs"):
+            candidates += discovered
+        for labels in candidates:
+            labels = {"job": job["job_name"], "instance": labels["__address__"], **labels}
+            result = relabel(labels, job.get("relabel_configs", []))
+            kind = source(labels)
+            if result is not None and kind is not None:
+                out.setdefault(kind, []).append(result)
+    return out
+
+
+def service_monitor_targets(monitors: list[dict], docs: list[dict], namespace: str,
+                            source: Callable[[str], str | None]) -> dict[str, list[dict]]:
+    """The labels the Prometheus Operator gives each target of these ServiceMonitors (its
+    documented defaults: job = the Service name, or its `jobLabel` label's value; namespace,
+    service, pod, container, endpoint = the port name, instance = the address; `targetLabels`
+    copied from the Service), then each endpoint's `relabelings`. `source` tells a target's
+    source from the name of the workload its Service selects."""
+    out: dict[str, list[dict]] = {}
+    for monitor in monitors:
+        spec = monitor["spec"]
+        for service in (d for d in docs if d.get("kind") == "Service"):
+            labels = service["metadata"].get("labels") or {}
+            if not spec["selector"].get("matchLabels", {}).items() <= labels.items():
+                continue
+            workload, pod_spec = _service_pod(docs, service)
+            for endpoint in spec["endpoints"]:
+                port = next((p for p in service["spec"]["ports"] if p.get("name") == endpoint["port"]), None)
+                if port is None:
+                    raise AssertionError(f"ServiceMonitor {monitor['metadata']['name']}: Service "
+                                         f"{service['metadata']['name']} has no port {endpoint['port']}")
+                name = service["metadata"]["name"]
+                target = {"job": labels.get(spec.get("jobLabel", ""), name), "namespace": namespace,
+                          "service": name, "pod": f"{workload['metadata']['name']}-0",
+                          "container": pod_spec["containers"][0]["name"],
+                          "endpoint": endpoint["port"], "instance": f"10.0.0.7:{port['port']}"}
+                target |= {_sanitize(k): labels[k] for k in spec.get("targetLabels", []) if k in labels}
+                result = relabel(target, endpoint.get("relabelings", []))
+                kind = source(workload["metadata"]["name"])
+                if result is not None and kind is not None:
+                    out.setdefault(kind, []).append(result)
+    return out
+
+
+MONITORING = DEPLOY / "monitoring"
+WORKER_WORKLOAD, EXPORTER_WORKLOAD = "kvrec-worker", "kvrec-kafka-exporter"
+
+
+def _workload_source(name: str) -> str | None:
+    return {WORKER_WORKLOAD: "worker", EXPORTER_WORKLOAD: "exporter"}.get(name)
+
+
+def scrape_setups(docs: list[dict], monitoring: Path = MONITORING,
+                  compose_path: Path = DEPLOY / "compose.yaml") -> dict[str, dict[str, list[dict]]]:
+    """setup -> source -> target labels, for each way the shipped files get the metrics
+    scraped: compose (monitoring/prometheus.yml), Kubernetes with the annotation-based job
+    (monitoring/prometheus-kubernetes.yml) and with the Prometheus Operator (the
+    ServiceMonitors), the rendered overlay `docs` and the exporter's manifests discovered."""
+    exporter = render(monitoring / "kafka-exporter")
+    cluster = docs + exporter
+    namespace = next(d["metadata"].get("namespace", "default") for d in docs if d.get("kind") == "Service")
+    compose = yaml.safe_load(compose_path.read_text())
+    workers = {f"{c.where.split('/')[1]}:" for c in compose_containers(compose) if c.argv[:1] == ["worker"]}
+
+    def compose_source(labels: dict[str, str]) -> str | None:
+        address = labels["__address__"]
+        if any(address.startswith(w) for w in workers):
+            return "worker"
+        return "exporter" if address.startswith("kafka-exporter:") else None
+
+    def sd_source(labels: dict[str, str]) -> str | None:
+        return _workload_source(labels.get("__meta_kubernetes_pod_controller_name", ""))
+
+    compose_config = yaml.safe_load((monitoring / "prometheus.yml").read_text())
+    kubernetes_config = yaml.safe_load((monitoring / "prometheus-kubernetes.yml").read_text())
+    monitors = [d for d in render(monitoring / "prometheus-operator") if d["kind"] == "ServiceMonitor"]
+    discovered = list(kubernetes_sd_targets(cluster, namespace))
+    return {
+        "compose (monitoring/prometheus.yml)": scrape_config_targets(compose_config, [], compose_source),
+        "Kubernetes, prometheus.io annotations (monitoring/prometheus-kubernetes.yml)":
+            scrape_config_targets(kubernetes_config, discovered, sd_source),
+        "Kubernetes, Prometheus Operator (monitoring/prometheus-operator)":
+            service_monitor_targets(monitors, cluster, namespace, _workload_source),
+    }
+
+
+def selector_problems(where: str, expr: str, setups: dict[str, dict[str, list[dict]]],
+                      expected: dict[str, dict[str, str]]) -> list[str]:
+    """Each vector selector of `expr` must select the series it is about under every scrape
+    setup: setup name -> {"worker": [target labels], "exporter": [target labels]}.
+
+    A worker metric's selector must match a worker target's labels (a label the worker gives
+    the series itself matches any value); an exporter metric's, the exporter's, with its
+    consumergroup and topic labels as `expected["exporter"]` names them; `up` must match a
+    target of either."""
+    worker, problems = worker_series_labels(), []
+    for name, matchers in selectors(expr):
+        if name in worker or name.startswith(("kvrec_", "process_", "python_")):
+            sources, own = ("worker",), set(worker.get(name, ()))
+        elif name in EXPORTER_SERIES:
+            sources, own = ("exporter",), set(EXPORTER_SERIES[name]) - set(expected.get("exporter", {}))
+        elif name == "up":
+            sources, own = ("worker", "exporter"), set()
+        else:
+            problems.append(f"{where}: {name or 'a nameless selector'} is neither a worker's "
+                            "nor the exporter's")
+            continue
+        for setup, targets in setups.items():
+            candidates = [(source, t) for source in sources for t in targets.get(source, [])]
+            ok = any(all(label in own or _matches(op, value, {**expected.get(source, {}), **t}.get(label, ""))
+                         for label, op, value in matchers) for source, t in candidates)
+            if not ok:
+                shown = ",".join(f"{label}{op}{value!r}" for label, op, value in matchers)
+                problems.append(f"{where}: {name}{{{shown}}} selects nothing under {setup} "
+                                f"(its targets: {[t for _, t in candidates]})")
+    return problems
+
+
+def prometheus_rule(alerts: Path = MONITORING / "alerts.yaml") -> str:
+    """monitoring/prometheus-operator/prometheusrule.yaml: the groups of alerts.yaml."""
+    doc = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+           "metadata": {"name": "kvrec"}, "spec": yaml.safe_load(alerts.read_text())}
+    head = ("# The groups of deploy/monitoring/alerts.yaml as a PrometheusRule, generated from it:\n"
+            "#   .venv/bin/python -m tests.deploy_checks prometheusrule > "
+            "deploy/monitoring/prometheus-operator/prometheusrule.yaml\n"
+            "# (tests/test_deploy.py fails if the two differ).\n")
+    return head + yaml.safe_dump(doc, sort_keys=False, width=100)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["prometheusrule"]:
+        sys.exit("usage: python -m tests.deploy_checks prometheusrule")
+    sys.stdout.write(prometheus_rule())
