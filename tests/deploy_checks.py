@@ -32,7 +32,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "object-store")
 KEDA_SCHEMA = DEPLOY / "k8s" / "schemas" / "keda.sh-v1alpha1.json"
 # the oldest Kubernetes the manifests are for (persistentVolumeClaimRetentionPolicy is GA from
 # 1.32) and the newest kubernetes-validate knows
@@ -217,8 +217,9 @@ class Container:
     its mount paths and named ports."""
 
     def __init__(self, where: str, argv: list[str], env: dict[str, str], mounts: list[str],
-                 ports: dict[str, int]) -> None:
+                 ports: dict[str, int], liveness: dict | None = None) -> None:
         self.where, self.argv, self.env, self.mounts, self.ports = where, argv, env, mounts, ports
+        self.liveness = liveness
 
 
 def _pod_spec(doc: dict) -> dict | None:
@@ -230,10 +231,18 @@ def _pod_spec(doc: dict) -> dict | None:
     return None
 
 
+# the Secrets the operator creates before the first apply (deploy/README.md: `kubectl create
+# secret generic ...`), never in the manifests: name -> its keys. The checks give them these
+# stand-in values.
+OPERATOR_SECRETS = {"kvrec-kafka-sasl": {"KVREC_SASL_USERNAME": "kvrec", "KVREC_SASL_PASSWORD": "stand-in"}}
+
+
 def kubernetes_containers(docs: list[dict]) -> Iterator[Container]:
     """Every kvrec container of the rendered objects, its variables resolved from the rendered
-    ConfigMaps and Secrets (a fieldRef to the pod name gives a StatefulSet pod's name)."""
-    data: dict[tuple[str, str], dict[str, str]] = {}
+    ConfigMaps and the operator's Secrets (OPERATOR_SECRETS; a fieldRef to the pod name gives a
+    StatefulSet pod's name)."""
+    data: dict[tuple[str, str], dict[str, str]] = {("Secret", name): dict(keys)
+                                                   for name, keys in OPERATOR_SECRETS.items()}
     for doc in docs:
         if doc.get("kind") in ("ConfigMap", "Secret"):
             values = dict(doc.get("data") or {}) | dict(doc.get("stringData") or {})
@@ -270,7 +279,7 @@ def kubernetes_containers(docs: list[dict]) -> Iterator[Container]:
             mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
             ports = {p.get("name", str(p["containerPort"])): p["containerPort"]
                      for p in container.get("ports", [])}
-            yield Container(where, argv, env, mounts, ports)
+            yield Container(where, argv, env, mounts, ports, container.get("livenessProbe"))
 
 
 def compose_containers(compose: dict) -> Iterator[Container]:
@@ -384,7 +393,23 @@ def _worker_problems(container: Container, args: argparse.Namespace) -> list[str
     if container.ports and container.ports.get("metrics") != settings.metrics_port:
         problems.append(f"{where}: port `metrics` {container.ports.get('metrics')} is not "
                         f"--metrics-port {settings.metrics_port}")
+    if container.liveness is not None:
+        budget = liveness_budget_s(container.liveness)
+        if budget < settings.outage_limit_s:
+            problems.append(f"{where}: liveness restarts a worker {budget:g} s after its last beat, "
+                            f"before --outage-limit-s {settings.outage_limit_s:g}: a Kafka outage the "
+                            "worker rides out gets it killed")
     return problems
+
+
+def liveness_budget_s(probe: dict) -> float:
+    """The least time from a worker's last beat to the kubelet's restart: /health fails
+    `stale_after_s` after the last beat (stream/worker/metrics.py), then the kubelet needs
+    failureThreshold failed probes, periodSeconds apart (the first may come at once)."""
+    from stream.worker.metrics import HealthState
+
+    period, failures = probe.get("periodSeconds", 10), probe.get("failureThreshold", 3)
+    return HealthState().stale_after_s + period * (failures - 1)
 
 
 def _retrain_problems(container: Container, args: argparse.Namespace) -> list[str]:
@@ -394,7 +419,7 @@ def _retrain_problems(container: Container, args: argparse.Namespace) -> list[st
     from stream.retrain.command import _faust_brokers
 
     where, problems = container.where, []
-    _faust_brokers(args)  # PLAINTEXT only: a ConfigError otherwise
+    _faust_brokers(args)
     threads = torch.get_num_threads()  # settings_from_args applies --threads: put it back after
     # --device cuda is checked against this machine's GPU: here, the setting is what is checked
     with mock.patch.object(torch.cuda, "is_available", return_value=True):
@@ -407,6 +432,201 @@ def _retrain_problems(container: Container, args: argparse.Namespace) -> list[st
     web = container.ports.get("web")
     if web is not None and web != args.web_port:
         problems.append(f"{where}: port `web` {web} is not --web-port {args.web_port}")
+    return problems
+
+
+# -- safety rules: the cluster the manifests meet ---------------------------------------------
+
+def _pod_specs(docs: list[dict]) -> Iterator[tuple[str, dict]]:
+    for doc in docs:
+        spec = _pod_spec(doc)
+        if spec is not None:
+            yield f"{doc['kind']}/{doc['metadata']['name']}", spec
+
+
+SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|PRIVATE_KEY|ACCESS_KEY)", re.I)
+
+
+def secret_problems(docs: list[dict], kustomizations: list[Path]) -> list[str]:
+    """No secret value in what an apply sends: no Secret object (its values would overwrite the
+    operator's at every apply), no secretGenerator, no literal value for a variable whose name
+    says secret; every secretRef names a Secret of OPERATOR_SECRETS, for keys it has."""
+    problems = [f"Secret/{d['metadata']['name']}: a Secret in the manifests (create it on the "
+                "cluster instead: deploy/README.md)" for d in docs if d.get("kind") == "Secret"]
+    for path in kustomizations:
+        if yaml.safe_load(path.read_text()).get("secretGenerator"):
+            problems.append(f"{path.relative_to(REPO)}: a secretGenerator")
+    for where, spec in _pod_specs(docs):
+        for container in spec.get("initContainers", []) + spec.get("containers", []):
+            for variable in container.get("env", []):
+                if "value" in variable and SECRET_NAME.search(variable["name"]):
+                    problems.append(f"{where}/{container['name']}: {variable['name']} has a literal value")
+                ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["key"] not in OPERATOR_SECRETS.get(ref["name"], {}):
+                    problems.append(f"{where}/{container['name']}: Secret {ref['name']} key {ref['key']} "
+                                    "is not one the runbook has the operator create")
+            for source in container.get("envFrom", []):
+                if "secretRef" in source and source["secretRef"]["name"] not in OPERATOR_SECRETS:
+                    problems.append(f"{where}/{container['name']}: Secret {source['secretRef']['name']} "
+                                    "is not one the runbook has the operator create")
+    for doc in docs:
+        if doc.get("kind") == "ConfigMap":
+            problems += [f"ConfigMap/{doc['metadata']['name']}: {key} looks like a secret"
+                         for key in doc.get("data") or {} if SECRET_NAME.search(key)]
+    return problems
+
+
+def keda_target_problems(docs: list[dict]) -> list[str]:
+    """A workload that KEDA scales has no `replicas`: an apply would reset the count KEDA set."""
+    problems = []
+    for scaled in (d for d in docs if d.get("kind") == "ScaledObject"):
+        ref = scaled["spec"]["scaleTargetRef"]
+        target = next((d for d in docs if d.get("kind") == ref.get("kind", "Deployment")
+                       and d["metadata"]["name"] == ref["name"]), None)
+        if target is None:
+            problems.append(f"ScaledObject/{scaled['metadata']['name']}: its target {ref['name']} is missing")
+        elif "replicas" in target.get("spec", {}):
+            problems.append(f"{target['kind']}/{ref['name']}: `replicas` on a workload KEDA scales "
+                            "(every apply resets the scale)")
+    return problems
+
+
+def hardening_problems(docs: list[dict]) -> list[str]:
+    """Every pod: no service account token; every container: read-only root filesystem, no
+    privilege escalation, every capability dropped; a kvrec container has a writable /tmp."""
+    problems = []
+    for where, spec in _pod_specs(docs):
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append(f"{where}: automountServiceAccountToken is not false")
+        if spec.get("securityContext", {}).get("runAsNonRoot") is not True:
+            problems.append(f"{where}: runAsNonRoot is not true")
+        for container in spec.get("initContainers", []) + spec.get("containers", []):
+            name, context = f"{where}/{container['name']}", container.get("securityContext", {})
+            if context.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{name}: readOnlyRootFilesystem is not true")
+            if context.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{name}: allowPrivilegeEscalation is not false")
+            if context.get("capabilities", {}).get("drop") != ["ALL"]:
+                problems.append(f"{name}: capabilities are not all dropped")
+            if "/tmp" not in [m["mountPath"] for m in container.get("volumeMounts", [])]:
+                problems.append(f"{name}: no writable volume at /tmp (the root filesystem is read-only)")
+    return problems
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        present = expression["key"] in labels
+        value = labels.get(expression["key"])
+        if expression["operator"] == "In" and value not in expression["values"]:
+            return False
+        if expression["operator"] == "NotIn" and value in expression["values"]:
+            return False
+        if expression["operator"] == "Exists" and not present:
+            return False
+        if expression["operator"] == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def network_policy_problems(docs: list[dict]) -> list[str]:
+    """Every pod is selected by a NetworkPolicy that restricts both directions; together they
+    let it reach Kafka's bootstrap (namespace and port of KVREC_BOOTSTRAP_SERVERS) and DNS, let
+    Prometheus reach the workers' metrics port, and allow no egress to everything."""
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    kafka = next(d["data"] for d in docs
+                 if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "kvrec-kafka")
+    host, port = kafka["KVREC_BOOTSTRAP_SERVERS"].split(",")[0].rsplit(":", 1)
+    kafka_namespace = host.split(".")[1] if host.count(".") >= 2 else None
+    problems = []
+    for doc in docs:
+        spec = _pod_spec(doc)
+        if spec is None:
+            continue
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        template = doc["spec"]["jobTemplate"]["spec"]["template"] if doc["kind"] == "CronJob" \
+            else doc["spec"]["template"]
+        labels = template["metadata"].get("labels", {})
+        mine = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
+        types = {t for p in mine for t in p["spec"].get("policyTypes", [])}
+        if not {"Ingress", "Egress"} <= types:
+            problems.append(f"{where}: no NetworkPolicy restricts its ingress and egress ({sorted(types)})")
+            continue
+        egress = [rule for p in mine for rule in p["spec"].get("egress", [])]
+        if any(not rule.get("to") and not rule.get("ports") for rule in egress):
+            problems.append(f"{where}: a NetworkPolicy allows all egress")
+
+        def allows(rule: dict, namespace: str | None, number: int) -> bool:
+            ports = [p.get("port") for p in rule.get("ports", [])]
+            namespaces = [peer.get("namespaceSelector", {}).get("matchLabels", {}).get(
+                "kubernetes.io/metadata.name") for peer in rule.get("to", [])]
+            return (not ports or number in ports) and (not rule.get("to") or namespace in namespaces)
+
+        if not any(allows(rule, kafka_namespace, int(port)) for rule in egress):
+            problems.append(f"{where}: no egress to Kafka ({kafka_namespace}, port {port})")
+        if not any(allows(rule, "kube-system", 53) for rule in egress):
+            problems.append(f"{where}: no egress to the cluster DNS")
+        metrics = [p for c in spec["containers"] for p in c.get("ports", []) if p.get("name") == "metrics"]
+        ingress = [rule for p in mine for rule in p["spec"].get("ingress", [])]
+        allowed = {p.get("port") for rule in ingress for p in rule.get("ports", [])}
+        if metrics and not allowed & {"metrics", metrics[0]["containerPort"]}:
+            problems.append(f"{where}: Prometheus cannot reach its metrics port")
+    return problems
+
+
+def storage_problems(docs: list[dict]) -> list[str]:
+    """A ReadWriteMany claim names its storage class: the clouds' default classes are
+    ReadWriteOnce, and a claim left to them stays Pending (and every pod that mounts it)."""
+    return [f"PersistentVolumeClaim/{d['metadata']['name']}: ReadWriteMany with no storageClassName"
+            for d in docs if d.get("kind") == "PersistentVolumeClaim"
+            and "ReadWriteMany" in d["spec"].get("accessModes", []) and not d["spec"].get("storageClassName")]
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        else:
+            out += {"*": "[^/]*", "?": "[^/]"}.get(pattern[i], re.escape(pattern[i]))
+            i += 1
+    return re.compile(out)
+
+
+def docker_context_includes(path: str, dockerignore: Path = REPO / ".dockerignore") -> bool:
+    """Whether `path` (relative to the repository root) is in the build context: Docker's
+    rules, in order, the last that matches the path or a folder above it wins, `!` lets in."""
+    parts = path.strip("/").split("/")
+    included = True
+    for line in dockerignore.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate, pattern = line.startswith("!"), line.lstrip("!").strip("/")
+        regex = _dockerignore_regex(pattern)
+        if any(regex.fullmatch("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            included = negate
+    return included
+
+
+def dockerignore_problems(dockerfile: Path = DEPLOY / "Dockerfile",
+                          dockerignore: Path = REPO / ".dockerignore") -> list[str]:
+    """Every COPY source of the Dockerfile is in the context; .git, tests, virtual environments,
+    the Kafka jar cache, benchmark results and bytecode are not."""
+    if not dockerignore.is_file():
+        return [f"no {dockerignore.name} beside the build context"]
+    problems = []
+    for line in re.findall(r"^COPY\s+(?!--from)(.+)$", dockerfile.read_text(), re.M):
+        for source in line.split()[:-1]:
+            if not docker_context_includes(source, dockerignore):
+                problems.append(f"COPY {source}: left out of the build context")
+    for path in (".git/config", "tests/test_deploy.py", ".venv/bin/python", "deploy/kafka/cache/x.jar",
+                 "bench/results/e2e.json", "stream/__pycache__/cli.cpython-311.pyc", "deploy/setup.sh"):
+        if docker_context_includes(path, dockerignore):
+            problems.append(f"{path}: in the build context")
     return problems
 
 
