@@ -455,7 +455,7 @@ def secret_problems(docs: list[dict], kustomizations: list[Path]) -> list[str]:
                 "cluster instead: deploy/README.md)" for d in docs if d.get("kind") == "Secret"]
     for path in kustomizations:
         if yaml.safe_load(path.read_text()).get("secretGenerator"):
-            problems.append(f"{path.relative_to(REPO)}: a secretGenerator")
+            problems.append(f"{path}: a secretGenerator")
     for where, spec in _pod_specs(docs):
         for container in spec.get("initContainers", []) + spec.get("containers", []):
             for variable in container.get("env", []):

@@ -353,6 +353,246 @@ def test_the_prometheus_rule_is_the_alert_file():
     assert rule["spec"] == _alerts() and rule["metadata"]["namespace"] == "kvrec"
 
 
+KUSTOMIZATIONS = sorted((checks.DEPLOY / "k8s").rglob("kustomization.yaml"))
+
+
+@pytest.mark.parametrize("overlay", checks.OVERLAYS)
+def test_the_rules_a_real_cluster_needs_hold(rendered, overlay):
+    """No secret value in the manifests, no `replicas` on the workload KEDA scales, every pod
+    hardened (no service account token, read-only root, a writable /tmp), a NetworkPolicy that
+    lets each pod reach Kafka and DNS only and Prometheus reach the metrics, and a storage
+    class named on every ReadWriteMany claim."""
+    docs = rendered[overlay]
+    assert checks.secret_problems(docs, KUSTOMIZATIONS) == []
+    assert checks.keda_target_problems(docs) == []
+    assert checks.hardening_problems(docs) == []
+    assert checks.network_policy_problems(docs) == []
+    assert checks.storage_problems(docs) == []
+
+
+def test_the_liveness_budget_covers_the_outage_limit(rendered, tmp_path):
+    """A worker rides out a Kafka outage of up to --outage-limit-s; liveness must not restart
+    it sooner: /health's stall time plus the failed probes the kubelet waits for."""
+    statefulset = _by(rendered["cpu"], "StatefulSet", "kvrec-worker")
+    data = _by(rendered["cpu"], "ConfigMap", "kvrec-worker")["data"]
+    outage_limit_s = float(data.get("KVREC_WORKER_OUTAGE_LIMIT_S", 120))
+    assert checks.liveness_budget_s(_worker(statefulset)["livenessProbe"]) >= outage_limit_s
+
+    def impatient(doc: dict) -> None:
+        _worker(doc)["livenessProbe"]["failureThreshold"] = 3  # the old 60 + 2 x 10 = 80 s
+
+    def longer_outages(doc: dict) -> None:
+        doc["data"]["KVREC_WORKER_OUTAGE_LIMIT_S"] = "200"
+
+    for kind, name, change in (("StatefulSet", "kvrec-worker", impatient),
+                               ("ConfigMap", "kvrec-worker", longer_outages)):
+        docs = checks.mutated(rendered["cpu"], kind, name, change)
+        worker = next(c for c in checks.kubernetes_containers(docs) if c.where.startswith("StatefulSet"))
+        assert "before --outage-limit-s" in " ".join(checks.settings_problems(worker, tmp_path)), change
+
+
+def test_the_runbook_creates_the_secrets_the_manifests_use():
+    """Every Secret the manifests read is one the runbook's `kubectl create secret` makes,
+    with the same keys."""
+    runbook = (checks.DEPLOY / "README.md").read_text()
+    for name, keys in checks.OPERATOR_SECRETS.items():
+        command = re.search(rf"kubectl -n kvrec create secret generic {name}((?:[^\n]|\\\n)*)", runbook)
+        assert command, name
+        assert set(re.findall(r"--from-literal=([A-Z_]+)=", command.group(1))) == set(keys)
+
+
+def test_broken_copies_break_the_rules(rendered, tmp_path):
+    docs = rendered["cpu"]
+
+    def scaled(doc: dict) -> None:
+        doc["spec"]["replicas"] = 2
+
+    assert "`replicas` on a workload KEDA scales" in " ".join(checks.keda_target_problems(
+        checks.mutated(docs, "StatefulSet", "kvrec-worker", scaled)))
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kvrec-kafka-sasl"},
+              "stringData": {"KVREC_SASL_PASSWORD": "change-me"}}
+    assert checks.secret_problems([*docs, secret], [])
+
+    def literal(doc: dict) -> None:
+        _worker(doc)["env"].append({"name": "KVREC_SASL_PASSWORD", "value": "change-me"})
+
+    assert "literal value" in " ".join(checks.secret_problems(
+        checks.mutated(docs, "StatefulSet", "kvrec-worker", literal), []))
+    generator = tmp_path / "kustomization.yaml"
+    generator.write_text("secretGenerator:\n  - name: x\n    literals: [a=b]\n")
+    assert checks.secret_problems(docs, []) == []  # the control
+    assert any("secretGenerator" in p for p in checks.secret_problems(docs, [generator]))
+
+    def writable(doc: dict) -> None:
+        del _worker(doc)["securityContext"]["readOnlyRootFilesystem"]
+        doc["spec"]["template"]["spec"]["automountServiceAccountToken"] = True
+
+    writable_docs = checks.mutated(docs, "StatefulSet", "kvrec-worker", writable)
+    problems = " ".join(checks.hardening_problems(writable_docs))
+    assert "readOnlyRootFilesystem" in problems and "automountServiceAccountToken" in problems
+
+    def other_port(doc: dict) -> None:
+        doc["data"]["KVREC_BOOTSTRAP_SERVERS"] = "kafka-bootstrap.kafka.svc:9093"
+
+    assert "no egress to Kafka" in " ".join(checks.network_policy_problems(
+        checks.mutated(docs, "ConfigMap", "kvrec-kafka", other_port)))
+    unpoliced = [d for d in docs if d["kind"] != "NetworkPolicy"]
+    assert "no NetworkPolicy" in " ".join(checks.network_policy_problems(unpoliced))
+
+    def default_class(doc: dict) -> None:
+        del doc["spec"]["storageClassName"]
+
+    classless = checks.mutated(docs, "PersistentVolumeClaim", "kvrec-models", default_class)
+    assert "ReadWriteMany with no storageClassName" in " ".join(checks.storage_problems(classless))
+
+
+def test_the_object_store_overlay_needs_no_shared_volume(rendered):
+    docs = rendered["object-store"]
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    for kind, name in (("StatefulSet", "kvrec-worker"), ("Deployment", "kvrec-retrain")):
+        spec = _by(docs, kind, name)["spec"]["template"]["spec"]
+        models = next(v for v in spec["volumes"] if v["name"] == "models")
+        assert set(models) == {"name", "emptyDir"}, models
+        sync = {c["name"]: c for c in spec["initContainers"]}
+        modes = sorted(c["command"][-1] for c in sync.values())
+        assert modes == (["pull"] if kind == "StatefulSet" else ["pull-once", "push"])
+        for container in sync.values():
+            if container["command"][-1] != "pull-once":  # sidecars: they run beside the main container
+                assert container["restartPolicy"] == "Always"
+            assert "/models" in [m["mountPath"] for m in container["volumeMounts"]]
+    bucket = _by(docs, "ConfigMap", "kvrec-model-bucket")["data"]
+    worker = _by(docs, "ConfigMap", "kvrec-worker")["data"]
+    assert bucket["KVREC_MODEL_NAME"] == worker["KVREC_WORKER_MODEL_NAME"]
+    assert bucket["KVREC_MODEL_STORE"] == worker["KVREC_WORKER_MODEL_STORE"]
+
+
+def test_the_build_context_and_the_image_lock():
+    assert checks.dockerignore_problems() == []
+    from deploy import image_lock
+
+    assert image_lock.problems() == []
+    text = (checks.DEPLOY / "Dockerfile").read_text()
+    assert "--require-hashes -r deploy/requirements-image.lock" in text
+    assert not re.search(r"^(COPY|RUN).*deploy/requirements\.lock", text, re.M)
+
+
+def test_a_broken_build_context_or_image_lock_fails(tmp_path):
+    ignore = tmp_path / ".dockerignore"
+    text = (checks.REPO / ".dockerignore").read_text()
+    ignore.write_text(text.replace("bench/results\n", ""))
+    assert "bench/results/e2e.json: in the build context" in checks.dockerignore_problems(dockerignore=ignore)
+    ignore.write_text(text.replace("!stream\n", ""))
+    assert "COPY stream: left out of the build context" in checks.dockerignore_problems(dockerignore=ignore)
+    assert checks.dockerignore_problems(dockerignore=tmp_path / "none")
+    from deploy import image_lock
+
+    lock = tmp_path / "requirements-image.lock"
+    lines = image_lock.IMAGE_LOCK.read_text().splitlines()
+    lock.write_text("\n".join(line.split(" --hash")[0] if line.startswith("numpy==") else line
+                              for line in lines))
+    assert image_lock.problems(lock) == ["requirements-image.lock: no sha256 hash: numpy==2.4.6"]
+    lock.write_text("\n".join(line for line in lines if not line.startswith("six==")))
+    assert image_lock.problems(lock) == [
+        "requirements-image.lock: six==None where requirements.lock has 1.17.0"]
+
+
+# a stand-in rclone: remotes `store:PATH` are folders under $BUCKETS; lsf, copy, copyto, purge
+# with the options model-sync.sh uses; status 3 for a folder that does not exist, as rclone;
+# every call recorded; $RCLONE_FAIL makes every call fail (an unreachable bucket)
+RCLONE_STUB = """#!/usr/bin/env python3
+import os, shutil, sys
+from pathlib import Path
+args = sys.argv[1:]
+with open(os.environ["RECORD"], "a") as record:
+    record.write(" ".join(args) + "\\n")
+if os.environ.get("RCLONE_FAIL"):
+    sys.exit(1)
+def path(word):
+    return Path(os.environ["BUCKETS"]) / word.split(":", 1)[1] if ":" in word else Path(word)
+command, options = args[0], [a for a in args[1:] if a.startswith("--")]
+words = [a for a in args[1:] if not a.startswith("--")]
+exclude = words.pop(0) if "--exclude" in options else None
+include = words.pop(0) if "--include" in options else None
+if command == "lsf":
+    folder = path(words[0])
+    if not folder.is_dir():
+        sys.exit(3)
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and "--files-only" not in options:
+            print(entry.name + "/")
+        elif entry.is_file() and "--dirs-only" not in options and include in (None, entry.name):
+            print(entry.name)
+elif command == "copy":
+    source, target = path(words[0]), path(words[1])
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.rglob("*"):
+        if entry.is_file() and entry.name != exclude:
+            (target / entry.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(entry, target / entry.relative_to(source))
+elif command == "copyto":
+    path(words[1]).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path(words[0]), path(words[1]))
+elif command == "purge":
+    shutil.rmtree(path(words[0]))
+"""
+MODEL_SYNC = checks.DEPLOY / "k8s" / "components" / "model-store-object" / "model-sync.sh"
+
+
+def _version(folder: Path, name: str, complete: bool = True) -> None:
+    (folder / name).mkdir(parents=True)
+    (folder / name / "model.safetensors").write_text(f"weights of {name}")
+    if complete:
+        (folder / name / "manifest.json").write_text(f'{{"version": "{name}"}}')
+
+
+def _sync(tmp_path: Path, mode: str, **env: str) -> tuple[int, list[str]]:
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    stub = tmp_path / "bin" / "rclone"
+    stub.write_text(RCLONE_STUB)
+    stub.chmod(0o755)
+    record = tmp_path / "rclone-calls"
+    record.write_text("")
+    result = subprocess.run(["sh", str(MODEL_SYNC), mode], capture_output=True, text=True, timeout=60, env={
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "RECORD": str(record),
+        "BUCKETS": str(tmp_path / "buckets"), "KVREC_MODEL_BUCKET": "store:b/models",
+        "KVREC_MODEL_NAME": "default", "KVREC_MODEL_STORE": str(tmp_path / "models"), **env})
+    return result.returncode, record.read_text().splitlines()
+
+
+def test_model_sync_pulls_whole_versions_and_follows_the_bucket(tmp_path):
+    bucket, local = tmp_path / "buckets" / "b" / "models" / "default", tmp_path / "models" / "default"
+    _version(bucket, "v1")
+    _version(bucket, "v2", complete=False)  # still uploading: no manifest yet
+    assert _sync(tmp_path, "pull-once")[0] == 0
+    assert sorted(p.name for p in local.iterdir()) == ["v1"]  # whole, renamed into place
+    assert (local / "v1" / "manifest.json").is_file() and (tmp_path / "models" / ".kvrec-pulled").is_file()
+    (bucket / "v2" / "manifest.json").write_text("{}")
+    shutil.rmtree(bucket / "v1")  # pruned from the store
+    assert _sync(tmp_path, "pull-once")[0] == 0
+    assert sorted(p.name for p in local.iterdir()) == ["v2"]
+    # an unreachable bucket changes nothing here (and is not read as an empty one)
+    status, _ = _sync(tmp_path, "pull-once", RCLONE_FAIL="1")
+    assert status != 0 and sorted(p.name for p in local.iterdir()) == ["v2"]
+
+
+def test_model_sync_pushes_the_manifest_last_and_never_empties_the_bucket(tmp_path):
+    bucket, local = tmp_path / "buckets" / "b" / "models" / "default", tmp_path / "models" / "default"
+    _version(local, "v1")
+    (local / ".staging-x").mkdir()  # a version being written: never uploaded
+    _version(bucket, "v0")  # not here: this store was not filled from the bucket yet
+    status, calls = _sync(tmp_path, "push-once")
+    assert status == 0
+    uploads = [c for c in calls if c.startswith(("copy ", "copyto "))]
+    assert uploads[0].startswith("copy --exclude manifest.json") and uploads[-1].endswith("v1/manifest.json")
+    assert sorted(p.name for p in bucket.iterdir()) == ["v0", "v1"]  # v0 kept: no pull-once yet
+    assert (bucket / "v1" / "manifest.json").is_file()
+    assert _sync(tmp_path, "pull-once")[0] == 0  # now this store holds the bucket's versions
+    shutil.rmtree(local / "v0")  # pruned here
+    assert _sync(tmp_path, "push-once")[0] == 0
+    assert sorted(p.name for p in bucket.iterdir()) == ["v1"]
+    assert _sync(tmp_path, "bogus")[0] == 2
+
+
 # -- and broken copies fail --------------------------------------------------------------------
 
 def test_a_misspelt_field_fails_strict_validation(rendered, tmp_path):
