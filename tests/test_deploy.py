@@ -396,7 +396,7 @@ def test_the_runbook_creates_the_secrets_the_manifests_use():
     with the same keys."""
     runbook = (checks.DEPLOY / "README.md").read_text()
     for name, keys in checks.OPERATOR_SECRETS.items():
-        command = re.search(rf"kubectl -n kvrec create secret generic {name}((?:[^\n]|\\\n)*)", runbook)
+        command = re.search(rf"kubectl -n kvrec create secret generic {name}((?:\\\n|[^\n])*)", runbook)
         assert command, name
         assert set(re.findall(r"--from-literal=([A-Z_]+)=", command.group(1))) == set(keys)
 
