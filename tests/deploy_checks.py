@@ -9,7 +9,14 @@ test can assert that the real files pass and that a broken copy fails.
   runs on it before it starts;
 - the Dockerfile lints with hadolint, compose validates against the compose specification
   (check-jsonschema's built-in copy), the alert rules and the dashboard's queries parse as
-  PromQL and name only metrics the worker exports.
+  PromQL and name only metrics the worker or the Kafka exporter exports;
+- scrape labels: each selector of the rules and the dashboard matches the labels that the
+  shipped scrape setups give (compose's prometheus.yml, the annotation-based job of
+  prometheus-kubernetes.yml replayed on the rendered Services, the ServiceMonitors as the
+  Prometheus Operator labels their targets);
+- the rules a real cluster needs: no secret values, no `replicas` on a KEDA target, the
+  worker's liveness budget at least its outage limit, hardened pods, NetworkPolicies, a
+  storage class on ReadWriteMany claims, the build context (.dockerignore).
 The tools come from deploy/requirements.lock (`bash deploy/setup.sh` installs them).
 """
 
@@ -145,7 +152,7 @@ def exported_series() -> set[str]:
     return names
 
 
-METRIC_NAME = re.compile(r"\b((?:kvrec|process|python)_[a-z0-9_]+)\b")
+METRIC_NAME = re.compile(r"\b((?:kvrec|process|python|kafka)_[a-z0-9_]+)\b")
 
 
 def promql_problems(where: str, expr: str, series: set[str]) -> list[str]:

@@ -1,7 +1,11 @@
 """deploy/ checked offline: every rendered manifest validates strictly, KEDA's objects against
-their schema, the Dockerfile lints, compose validates, alerts and dashboard parse, and every
-setting a kvrec container gets is one kvrec accepts. Each check is also shown to fail on a
-broken copy (a misspelt field, a wrong type, an unknown flag or variable, a bad value)."""
+their schema, the Dockerfile lints, compose validates, alerts and dashboard parse and select
+what the shipped scrape setups give, every setting a kvrec container gets is one kvrec accepts,
+and the rules a real cluster needs hold (no secret values, no `replicas` on the KEDA target,
+the liveness budget at least the outage limit, hardened pods, a NetworkPolicy, a storage class
+on ReadWriteMany claims, a re-appliable topics Job, a hashed image lock). Each check is also
+shown to fail on a broken copy (a misspelt field, a wrong type, an unknown flag or variable, a
+bad value, a committed Secret, an impatient liveness probe, a selector no scrape matches)."""
 
 from __future__ import annotations
 
@@ -718,6 +722,8 @@ def test_broken_alerts_and_panels_fail(series):
     rule = rules["groups"][0]["rules"][0]
     rule["expr"] = "sum(kvrec_consumer_lags) > 100000"  # a metric the worker does not export
     assert "exports no kvrec_consumer_lags" in " ".join(checks.alert_problems(rules, series))
+    rule["expr"] = "sum(kafka_consumergroup_lags) > 100000"  # nor the Kafka exporter
+    assert "exports no kafka_consumergroup_lags" in " ".join(checks.alert_problems(rules, series))
     rule["expr"] = "sum(rate(kvrec_events_in_total[5m]) > 1"  # does not parse
     assert "does not parse" in " ".join(checks.alert_problems(rules, series))
     rule["expr"], rule["for"] = "sum(kvrec_consumer_lag) > 1", "10 minutes"
@@ -737,6 +743,9 @@ def test_the_image_leaves_out_only_packages_the_lock_has():
             if "[" in name:
                 continue
             assert name.lower() in lock, name
+    from deploy import image_lock
+
+    assert {name.lower() for name in image_lock.NOT_IN_IMAGE} <= lock
 
 
 
