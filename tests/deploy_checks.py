@@ -9,7 +9,14 @@ test can assert that the real files pass and that a broken copy fails.
   runs on it before it starts;
 - the Dockerfile lints with hadolint, compose validates against the compose specification
   (check-jsonschema's built-in copy), the alert rules and the dashboard's queries parse as
-  PromQL and name only metrics the worker exports.
+  PromQL and name only metrics the worker or the Kafka exporter exports;
+- scrape labels: each selector of the rules and the dashboard matches the labels that the
+  shipped scrape setups give (compose's prometheus.yml, the annotation-based job of
+  prometheus-kubernetes.yml replayed on the rendered Services, the ServiceMonitors as the
+  Prometheus Operator labels their targets);
+- the rules a real cluster needs: no secret values, no `replicas` on a KEDA target, the
+  worker's liveness budget at least its outage limit, hardened pods, NetworkPolicies, a
+  storage class on ReadWriteMany claims, the build context (.dockerignore).
 The tools come from deploy/requirements.lock (`bash deploy/setup.sh` installs them).
 """
 
@@ -24,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -32,7 +39,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "object-store")
 KEDA_SCHEMA = DEPLOY / "k8s" / "schemas" / "keda.sh-v1alpha1.json"
 # the oldest Kubernetes the manifests are for (persistentVolumeClaimRetentionPolicy is GA from
 # 1.32) and the newest kubernetes-validate knows
@@ -145,7 +152,7 @@ def exported_series() -> set[str]:
     return names
 
 
-METRIC_NAME = re.compile(r"\b((?:kvrec|process|python)_[a-z0-9_]+)\b")
+METRIC_NAME = re.compile(r"\b((?:kvrec|process|python|kafka)_[a-z0-9_]+)\b")
 
 
 def promql_problems(where: str, expr: str, series: set[str]) -> list[str]:
@@ -217,8 +224,9 @@ class Container:
     its mount paths and named ports."""
 
     def __init__(self, where: str, argv: list[str], env: dict[str, str], mounts: list[str],
-                 ports: dict[str, int]) -> None:
+                 ports: dict[str, int], liveness: dict | None = None) -> None:
         self.where, self.argv, self.env, self.mounts, self.ports = where, argv, env, mounts, ports
+        self.liveness = liveness
 
 
 def _pod_spec(doc: dict) -> dict | None:
@@ -230,10 +238,18 @@ def _pod_spec(doc: dict) -> dict | None:
     return None
 
 
+# the Secrets the operator creates before the first apply (deploy/README.md: `kubectl create
+# secret generic ...`), never in the manifests: name -> its keys. The checks give them these
+# stand-in values.
+OPERATOR_SECRETS = {"kvrec-kafka-sasl": {"KVREC_SASL_USERNAME": "kvrec", "KVREC_SASL_PASSWORD": "stand-in"}}
+
+
 def kubernetes_containers(docs: list[dict]) -> Iterator[Container]:
     """Every kvrec container of the rendered objects, its variables resolved from the rendered
-    ConfigMaps and Secrets (a fieldRef to the pod name gives a StatefulSet pod's name)."""
-    data: dict[tuple[str, str], dict[str, str]] = {}
+    ConfigMaps and the operator's Secrets (OPERATOR_SECRETS; a fieldRef to the pod name gives a
+    StatefulSet pod's name)."""
+    data: dict[tuple[str, str], dict[str, str]] = {("Secret", name): dict(keys)
+                                                   for name, keys in OPERATOR_SECRETS.items()}
     for doc in docs:
         if doc.get("kind") in ("ConfigMap", "Secret"):
             values = dict(doc.get("data") or {}) | dict(doc.get("stringData") or {})
@@ -270,7 +286,7 @@ def kubernetes_containers(docs: list[dict]) -> Iterator[Container]:
             mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
             ports = {p.get("name", str(p["containerPort"])): p["containerPort"]
                      for p in container.get("ports", [])}
-            yield Container(where, argv, env, mounts, ports)
+            yield Container(where, argv, env, mounts, ports, container.get("livenessProbe"))
 
 
 def compose_containers(compose: dict) -> Iterator[Container]:
@@ -384,7 +400,23 @@ def _worker_problems(container: Container, args: argparse.Namespace) -> list[str
     if container.ports and container.ports.get("metrics") != settings.metrics_port:
         problems.append(f"{where}: port `metrics` {container.ports.get('metrics')} is not "
                         f"--metrics-port {settings.metrics_port}")
+    if container.liveness is not None:
+        budget = liveness_budget_s(container.liveness)
+        if budget < settings.outage_limit_s:
+            problems.append(f"{where}: liveness restarts a worker {budget:g} s after its last beat, "
+                            f"before --outage-limit-s {settings.outage_limit_s:g}: a Kafka outage the "
+                            "worker rides out gets it killed")
     return problems
+
+
+def liveness_budget_s(probe: dict) -> float:
+    """The least time from a worker's last beat to the kubelet's restart: /health fails
+    `stale_after_s` after the last beat (stream/worker/metrics.py), then the kubelet needs
+    failureThreshold failed probes, periodSeconds apart (the first may come at once)."""
+    from stream.worker.metrics import HealthState
+
+    period, failures = probe.get("periodSeconds", 10), probe.get("failureThreshold", 3)
+    return HealthState().stale_after_s + period * (failures - 1)
 
 
 def _retrain_problems(container: Container, args: argparse.Namespace) -> list[str]:
@@ -394,7 +426,7 @@ def _retrain_problems(container: Container, args: argparse.Namespace) -> list[st
     from stream.retrain.command import _faust_brokers
 
     where, problems = container.where, []
-    _faust_brokers(args)  # PLAINTEXT only: a ConfigError otherwise
+    _faust_brokers(args)
     threads = torch.get_num_threads()  # settings_from_args applies --threads: put it back after
     # --device cuda is checked against this machine's GPU: here, the setting is what is checked
     with mock.patch.object(torch.cuda, "is_available", return_value=True):
@@ -407,6 +439,201 @@ def _retrain_problems(container: Container, args: argparse.Namespace) -> list[st
     web = container.ports.get("web")
     if web is not None and web != args.web_port:
         problems.append(f"{where}: port `web` {web} is not --web-port {args.web_port}")
+    return problems
+
+
+# -- safety rules: the cluster the manifests meet ---------------------------------------------
+
+def _pod_specs(docs: list[dict]) -> Iterator[tuple[str, dict]]:
+    for doc in docs:
+        spec = _pod_spec(doc)
+        if spec is not None:
+            yield f"{doc['kind']}/{doc['metadata']['name']}", spec
+
+
+SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|PRIVATE_KEY|ACCESS_KEY)", re.I)
+
+
+def secret_problems(docs: list[dict], kustomizations: list[Path]) -> list[str]:
+    """No secret value in what an apply sends: no Secret object (its values would overwrite the
+    operator's at every apply), no secretGenerator, no literal value for a variable whose name
+    says secret; every secretRef names a Secret of OPERATOR_SECRETS, for keys it has."""
+    problems = [f"Secret/{d['metadata']['name']}: a Secret in the manifests (create it on the "
+                "cluster instead: deploy/README.md)" for d in docs if d.get("kind") == "Secret"]
+    for path in kustomizations:
+        if yaml.safe_load(path.read_text()).get("secretGenerator"):
+            problems.append(f"{path}: a secretGenerator")
+    for where, spec in _pod_specs(docs):
+        for container in spec.get("initContainers", []) + spec.get("containers", []):
+            for variable in container.get("env", []):
+                if "value" in variable and SECRET_NAME.search(variable["name"]):
+                    problems.append(f"{where}/{container['name']}: {variable['name']} has a literal value")
+                ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["key"] not in OPERATOR_SECRETS.get(ref["name"], {}):
+                    problems.append(f"{where}/{container['name']}: Secret {ref['name']} key {ref['key']} "
+                                    "is not one the runbook has the operator create")
+            for source in container.get("envFrom", []):
+                if "secretRef" in source and source["secretRef"]["name"] not in OPERATOR_SECRETS:
+                    problems.append(f"{where}/{container['name']}: Secret {source['secretRef']['name']} "
+                                    "is not one the runbook has the operator create")
+    for doc in docs:
+        if doc.get("kind") == "ConfigMap":
+            problems += [f"ConfigMap/{doc['metadata']['name']}: {key} looks like a secret"
+                         for key in doc.get("data") or {} if SECRET_NAME.search(key)]
+    return problems
+
+
+def keda_target_problems(docs: list[dict]) -> list[str]:
+    """A workload that KEDA scales has no `replicas`: an apply would reset the count KEDA set."""
+    problems = []
+    for scaled in (d for d in docs if d.get("kind") == "ScaledObject"):
+        ref = scaled["spec"]["scaleTargetRef"]
+        target = next((d for d in docs if d.get("kind") == ref.get("kind", "Deployment")
+                       and d["metadata"]["name"] == ref["name"]), None)
+        if target is None:
+            problems.append(f"ScaledObject/{scaled['metadata']['name']}: its target {ref['name']} is missing")
+        elif "replicas" in target.get("spec", {}):
+            problems.append(f"{target['kind']}/{ref['name']}: `replicas` on a workload KEDA scales "
+                            "(every apply resets the scale)")
+    return problems
+
+
+def hardening_problems(docs: list[dict]) -> list[str]:
+    """Every pod: no service account token; every container: read-only root filesystem, no
+    privilege escalation, every capability dropped; a kvrec container has a writable /tmp."""
+    problems = []
+    for where, spec in _pod_specs(docs):
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append(f"{where}: automountServiceAccountToken is not false")
+        if spec.get("securityContext", {}).get("runAsNonRoot") is not True:
+            problems.append(f"{where}: runAsNonRoot is not true")
+        for container in spec.get("initContainers", []) + spec.get("containers", []):
+            name, context = f"{where}/{container['name']}", container.get("securityContext", {})
+            if context.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{name}: readOnlyRootFilesystem is not true")
+            if context.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{name}: allowPrivilegeEscalation is not false")
+            if context.get("capabilities", {}).get("drop") != ["ALL"]:
+                problems.append(f"{name}: capabilities are not all dropped")
+            if "/tmp" not in [m["mountPath"] for m in container.get("volumeMounts", [])]:
+                problems.append(f"{name}: no writable volume at /tmp (the root filesystem is read-only)")
+    return problems
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        present = expression["key"] in labels
+        value = labels.get(expression["key"])
+        if expression["operator"] == "In" and value not in expression["values"]:
+            return False
+        if expression["operator"] == "NotIn" and value in expression["values"]:
+            return False
+        if expression["operator"] == "Exists" and not present:
+            return False
+        if expression["operator"] == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def network_policy_problems(docs: list[dict]) -> list[str]:
+    """Every pod is selected by a NetworkPolicy that restricts both directions; together they
+    let it reach Kafka's bootstrap (namespace and port of KVREC_BOOTSTRAP_SERVERS) and DNS, let
+    Prometheus reach the workers' metrics port, and allow no egress to everything."""
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    kafka = next(d["data"] for d in docs
+                 if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "kvrec-kafka")
+    host, port = kafka["KVREC_BOOTSTRAP_SERVERS"].split(",")[0].rsplit(":", 1)
+    kafka_namespace = host.split(".")[1] if host.count(".") >= 2 else None
+    problems = []
+    for doc in docs:
+        spec = _pod_spec(doc)
+        if spec is None:
+            continue
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        template = doc["spec"]["jobTemplate"]["spec"]["template"] if doc["kind"] == "CronJob" \
+            else doc["spec"]["template"]
+        labels = template["metadata"].get("labels", {})
+        mine = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
+        types = {t for p in mine for t in p["spec"].get("policyTypes", [])}
+        if not {"Ingress", "Egress"} <= types:
+            problems.append(f"{where}: no NetworkPolicy restricts its ingress and egress ({sorted(types)})")
+            continue
+        egress = [rule for p in mine for rule in p["spec"].get("egress", [])]
+        if any(not rule.get("to") and not rule.get("ports") for rule in egress):
+            problems.append(f"{where}: a NetworkPolicy allows all egress")
+
+        def allows(rule: dict, namespace: str | None, number: int) -> bool:
+            ports = [p.get("port") for p in rule.get("ports", [])]
+            namespaces = [peer.get("namespaceSelector", {}).get("matchLabels", {}).get(
+                "kubernetes.io/metadata.name") for peer in rule.get("to", [])]
+            return (not ports or number in ports) and (not rule.get("to") or namespace in namespaces)
+
+        if not any(allows(rule, kafka_namespace, int(port)) for rule in egress):
+            problems.append(f"{where}: no egress to Kafka ({kafka_namespace}, port {port})")
+        if not any(allows(rule, "kube-system", 53) for rule in egress):
+            problems.append(f"{where}: no egress to the cluster DNS")
+        metrics = [p for c in spec["containers"] for p in c.get("ports", []) if p.get("name") == "metrics"]
+        ingress = [rule for p in mine for rule in p["spec"].get("ingress", [])]
+        allowed = {p.get("port") for rule in ingress for p in rule.get("ports", [])}
+        if metrics and not allowed & {"metrics", metrics[0]["containerPort"]}:
+            problems.append(f"{where}: Prometheus cannot reach its metrics port")
+    return problems
+
+
+def storage_problems(docs: list[dict]) -> list[str]:
+    """A ReadWriteMany claim names its storage class: the clouds' default classes are
+    ReadWriteOnce, and a claim left to them stays Pending (and every pod that mounts it)."""
+    return [f"PersistentVolumeClaim/{d['metadata']['name']}: ReadWriteMany with no storageClassName"
+            for d in docs if d.get("kind") == "PersistentVolumeClaim"
+            and "ReadWriteMany" in d["spec"].get("accessModes", []) and not d["spec"].get("storageClassName")]
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        else:
+            out += {"*": "[^/]*", "?": "[^/]"}.get(pattern[i], re.escape(pattern[i]))
+            i += 1
+    return re.compile(out)
+
+
+def docker_context_includes(path: str, dockerignore: Path = REPO / ".dockerignore") -> bool:
+    """Whether `path` (relative to the repository root) is in the build context: Docker's
+    rules, in order, the last that matches the path or a folder above it wins, `!` lets in."""
+    parts = path.strip("/").split("/")
+    included = True
+    for line in dockerignore.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate, pattern = line.startswith("!"), line.lstrip("!").strip("/")
+        regex = _dockerignore_regex(pattern)
+        if any(regex.fullmatch("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            included = negate
+    return included
+
+
+def dockerignore_problems(dockerfile: Path = DEPLOY / "Dockerfile",
+                          dockerignore: Path = REPO / ".dockerignore") -> list[str]:
+    """Every COPY source of the Dockerfile is in the context; .git, tests, virtual environments,
+    the Kafka jar cache, benchmark results and bytecode are not."""
+    if not dockerignore.is_file():
+        return [f"no {dockerignore.name} beside the build context"]
+    problems = []
+    for line in re.findall(r"^COPY\s+(?!--from)(.+)$", dockerfile.read_text(), re.M):
+        for source in line.split()[:-1]:
+            if not docker_context_includes(source, dockerignore):
+                problems.append(f"COPY {source}: left out of the build context")
+    for path in (".git/config", "tests/test_deploy.py", ".venv/bin/python", "deploy/kafka/cache/x.jar",
+                 "bench/results/e2e.json", "stream/__pycache__/cli.cpython-311.pyc", "deploy/setup.sh"):
+        if docker_context_includes(path, dockerignore):
+            problems.append(f"{path}: in the build context")
     return problems
 
 
@@ -428,3 +655,275 @@ def mutated(docs: list[dict], kind: str, name: str, change: object) -> list[dict
     target = next(d for d in out if d.get("kind") == kind and d["metadata"]["name"] == name)
     change(target)  # type: ignore[operator]
     return out
+
+
+# -- scrape labels: do the alerts' selectors match what a real scrape gives? --------------------
+
+# what danielqsj/kafka_exporter exports that kvrec's rules use, with each series' own labels
+EXPORTER_SERIES = {
+    "kafka_consumergroup_lag": ("consumergroup", "topic", "partition"),
+    "kafka_consumergroup_lag_sum": ("consumergroup", "topic"),
+    "kafka_consumergroup_current_offset": ("consumergroup", "topic", "partition"),
+    "kafka_consumergroup_members": ("consumergroup",),
+    "kafka_topic_partition_current_offset": ("topic", "partition"),
+    "kafka_brokers": (),
+}
+
+
+def worker_series_labels() -> dict[str, tuple[str, ...]]:
+    """Every worker series name with the labels the worker itself gives it."""
+    from stream.worker.metrics import WorkerMetrics
+
+    registry = WorkerMetrics().registry
+    out: dict[str, tuple[str, ...]] = {}
+    for collector in list(registry._collector_to_names):  # no public listing
+        names = registry._collector_to_names[collector]
+        labels = tuple(getattr(collector, "_labelnames", ()))
+        for name in names:
+            out[name] = labels + (("le",) if name.endswith("_bucket") else ())
+    return out
+
+
+def selectors(expr: str) -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
+    """(metric name, [(label, op, value)]) of every vector selector in a PromQL expression."""
+    import promql_parser
+
+    ops = {"Equal": "=", "NotEqual": "!=", "Re": "=~", "NotRe": "!~"}
+
+    def walk(node: object) -> Iterator[promql_parser.VectorSelector]:
+        if isinstance(node, list | tuple):
+            for child in node:
+                yield from walk(child)
+        elif isinstance(node, promql_parser.VectorSelector):
+            yield node
+        else:
+            for attribute in ("lhs", "rhs", "expr", "param", "args", "vector_selector"):
+                if hasattr(node, attribute):
+                    yield from walk(getattr(node, attribute))
+
+    for selector in walk(promql_parser.parse(expr)):
+        matchers = [(m.name, ops[str(m.op).split(".")[-1]], m.value) for m in selector.matchers.matchers
+                    if m.name != "__name__"]
+        yield selector.name or "", matchers
+
+
+def _matches(op: str, pattern: str, value: str) -> bool:
+    if op in ("=", "!="):
+        return (value == pattern) == (op == "=")
+    return bool(re.fullmatch(pattern, value)) == (op == "=~")
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def relabel(labels: dict[str, str], rules: list[dict]) -> dict[str, str] | None:
+    """Prometheus' relabel_configs on a target's labels (replace, keep, drop, labelmap,
+    labeldrop, labelkeep; regexes anchored); None: the target is dropped. Labels that start
+    with __ are removed at the end, as Prometheus does."""
+    labels = dict(labels)
+    for rule in rules:
+        action = rule.get("action", "replace")
+        regex = re.compile(f"^(?:{rule.get('regex', '(.*)')})$")
+        value = rule.get("separator", ";").join(labels.get(s, "") for s in rule.get("source_labels", []))
+        if action == "keep" and not regex.match(value):
+            return None
+        if action == "drop" and regex.match(value):
+            return None
+        if action == "replace":
+            match = regex.match(value)
+            if match:
+                replacement = re.sub(r"\$\{?(\d+)\}?", r"\\\1", rule.get("replacement", "$1"))
+                result = match.expand(replacement)
+                if result:
+                    labels[rule["target_label"]] = result
+                else:
+                    labels.pop(rule["target_label"], None)
+        elif action == "labelmap":
+            replacement = re.sub(r"\$\{?(\d+)\}?", r"\\\1", rule.get("replacement", "$1"))
+            for name, label_value in list(labels.items()):
+                match = regex.match(name)
+                if match:
+                    labels[match.expand(replacement)] = label_value
+        elif action in ("labeldrop", "labelkeep"):
+            keep = action == "labelkeep"
+            labels = {k: v for k, v in labels.items() if bool(regex.match(k)) == keep}
+    return {k: v for k, v in labels.items() if not k.startswith("__")}
+
+
+def _service_pod(docs: list[dict], service: dict) -> tuple[dict, dict]:
+    """The workload a Service selects and one of its containers' ports by name."""
+    selector = service["spec"]["selector"]
+    for doc in docs:
+        spec = _pod_spec(doc)
+        if spec is None or doc.get("kind") not in ("StatefulSet", "Deployment"):
+            continue
+        if selector.items() <= doc["spec"]["template"]["metadata"].get("labels", {}).items():
+            return doc, spec
+    raise AssertionError(f"Service {service['metadata']['name']} selects no workload")
+
+
+def kubernetes_sd_targets(docs: list[dict], namespace: str) -> Iterator[dict[str, str]]:
+    """The meta labels of one endpoint of every Service port, as Prometheus' kubernetes_sd
+    (role: endpoints) discovers it."""
+    for service in (d for d in docs if d.get("kind") == "Service"):
+        workload, spec = _service_pod(docs, service)
+        pod = f"{workload['metadata']['name']}-0"
+        for port in service["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            number = next((p["containerPort"] for c in spec["containers"] for p in c.get("ports", [])
+                           if target in (p.get("name"), p["containerPort"])), None)
+            meta = {"__address__": f"10.0.0.7:{number}", "__meta_kubernetes_namespace": namespace,
+                    "__meta_kubernetes_service_name": service["metadata"]["name"],
+                    "__meta_kubernetes_pod_name": pod, "__meta_kubernetes_pod_node_name": "node-1",
+                    "__meta_kubernetes_pod_controller_name": workload["metadata"]["name"],
+                    "__meta_kubernetes_endpoint_port_name": port.get("name", "")}
+            for kind in ("label", "annotation"):
+                for key, value in (service["metadata"].get(f"{kind}s") or {}).items():
+                    meta[f"__meta_kubernetes_service_{kind}_{_sanitize(key)}"] = value
+            yield meta
+
+
+def scrape_config_targets(config: dict, discovered: list[dict[str, str]],
+                          source: Callable[[dict[str, str]], str | None]) -> dict[str, list[dict]]:
+    """source ("worker", "exporter") -> the labels of each of its targets that survive the
+    jobs' relabelling. Static targets come from the configuration; `discovered`: the meta labels
+    kubernetes_sd gives; `source` tells a target's source from its labels before relabelling."""
+    out: dict[str, list[dict]] = {}
+    for job in config.get("scrape_configs", []):
+        candidates = []
+        for static in job.get("static_configs", []):
+            candidates += [{"__address__": t, **static.get("labels", {})} for t in static["targets"]]
+        if job.get("kubernetes_sd_configs"):
+            candidates += discovered
+        for labels in candidates:
+            labels = {"job": job["job_name"], "instance": labels["__address__"], **labels}
+            result = relabel(labels, job.get("relabel_configs", []))
+            kind = source(labels)
+            if result is not None and kind is not None:
+                out.setdefault(kind, []).append(result)
+    return out
+
+
+def service_monitor_targets(monitors: list[dict], docs: list[dict], namespace: str,
+                            source: Callable[[str], str | None]) -> dict[str, list[dict]]:
+    """The labels the Prometheus Operator gives each target of these ServiceMonitors (its
+    documented defaults: job = the Service name, or its `jobLabel` label's value; namespace,
+    service, pod, container, endpoint = the port name, instance = the address; `targetLabels`
+    copied from the Service), then each endpoint's `relabelings`. `source` tells a target's
+    source from the name of the workload its Service selects."""
+    out: dict[str, list[dict]] = {}
+    for monitor in monitors:
+        spec = monitor["spec"]
+        for service in (d for d in docs if d.get("kind") == "Service"):
+            labels = service["metadata"].get("labels") or {}
+            if not spec["selector"].get("matchLabels", {}).items() <= labels.items():
+                continue
+            workload, pod_spec = _service_pod(docs, service)
+            for endpoint in spec["endpoints"]:
+                port = next((p for p in service["spec"]["ports"] if p.get("name") == endpoint["port"]), None)
+                if port is None:
+                    raise AssertionError(f"ServiceMonitor {monitor['metadata']['name']}: Service "
+                                         f"{service['metadata']['name']} has no port {endpoint['port']}")
+                name = service["metadata"]["name"]
+                target = {"job": labels.get(spec.get("jobLabel", ""), name), "namespace": namespace,
+                          "service": name, "pod": f"{workload['metadata']['name']}-0",
+                          "container": pod_spec["containers"][0]["name"],
+                          "endpoint": endpoint["port"], "instance": f"10.0.0.7:{port['port']}"}
+                target |= {_sanitize(k): labels[k] for k in spec.get("targetLabels", []) if k in labels}
+                result = relabel(target, endpoint.get("relabelings", []))
+                kind = source(workload["metadata"]["name"])
+                if result is not None and kind is not None:
+                    out.setdefault(kind, []).append(result)
+    return out
+
+
+MONITORING = DEPLOY / "monitoring"
+WORKER_WORKLOAD, EXPORTER_WORKLOAD = "kvrec-worker", "kvrec-kafka-exporter"
+
+
+def _workload_source(name: str) -> str | None:
+    return {WORKER_WORKLOAD: "worker", EXPORTER_WORKLOAD: "exporter"}.get(name)
+
+
+def scrape_setups(docs: list[dict], monitoring: Path = MONITORING,
+                  compose_path: Path = DEPLOY / "compose.yaml") -> dict[str, dict[str, list[dict]]]:
+    """setup -> source -> target labels, for each way the shipped files get the metrics
+    scraped: compose (monitoring/prometheus.yml), Kubernetes with the annotation-based job
+    (monitoring/prometheus-kubernetes.yml) and with the Prometheus Operator (the
+    ServiceMonitors), the rendered overlay `docs` and the exporter's manifests discovered."""
+    exporter = render(monitoring / "kafka-exporter")
+    cluster = docs + exporter
+    namespace = next(d["metadata"].get("namespace", "default") for d in docs if d.get("kind") == "Service")
+    compose = yaml.safe_load(compose_path.read_text())
+    workers = {f"{c.where.split('/')[1]}:" for c in compose_containers(compose) if c.argv[:1] == ["worker"]}
+
+    def compose_source(labels: dict[str, str]) -> str | None:
+        address = labels["__address__"]
+        if any(address.startswith(w) for w in workers):
+            return "worker"
+        return "exporter" if address.startswith("kafka-exporter:") else None
+
+    def sd_source(labels: dict[str, str]) -> str | None:
+        return _workload_source(labels.get("__meta_kubernetes_pod_controller_name", ""))
+
+    compose_config = yaml.safe_load((monitoring / "prometheus.yml").read_text())
+    kubernetes_config = yaml.safe_load((monitoring / "prometheus-kubernetes.yml").read_text())
+    monitors = [d for d in render(monitoring / "prometheus-operator") if d["kind"] == "ServiceMonitor"]
+    discovered = list(kubernetes_sd_targets(cluster, namespace))
+    return {
+        "compose (monitoring/prometheus.yml)": scrape_config_targets(compose_config, [], compose_source),
+        "Kubernetes, prometheus.io annotations (monitoring/prometheus-kubernetes.yml)":
+            scrape_config_targets(kubernetes_config, discovered, sd_source),
+        "Kubernetes, Prometheus Operator (monitoring/prometheus-operator)":
+            service_monitor_targets(monitors, cluster, namespace, _workload_source),
+    }
+
+
+def selector_problems(where: str, expr: str, setups: dict[str, dict[str, list[dict]]],
+                      expected: dict[str, dict[str, str]]) -> list[str]:
+    """Each vector selector of `expr` must select the series it is about under every scrape
+    setup: setup name -> {"worker": [target labels], "exporter": [target labels]}.
+
+    A worker metric's selector must match a worker target's labels (a label the worker gives
+    the series itself matches any value); an exporter metric's, the exporter's, with its
+    consumergroup and topic labels as `expected["exporter"]` names them; `up` must match a
+    target of either."""
+    worker, problems = worker_series_labels(), []
+    for name, matchers in selectors(expr):
+        if name in worker or name.startswith(("kvrec_", "process_", "python_")):
+            sources, own = ("worker",), set(worker.get(name, ()))
+        elif name in EXPORTER_SERIES:
+            sources, own = ("exporter",), set(EXPORTER_SERIES[name]) - set(expected.get("exporter", {}))
+        elif name == "up":
+            sources, own = ("worker", "exporter"), set()
+        else:
+            problems.append(f"{where}: {name or 'a nameless selector'} is neither a worker's "
+                            "nor the exporter's")
+            continue
+        for setup, targets in setups.items():
+            candidates = [(source, t) for source in sources for t in targets.get(source, [])]
+            ok = any(all(label in own or _matches(op, value, {**expected.get(source, {}), **t}.get(label, ""))
+                         for label, op, value in matchers) for source, t in candidates)
+            if not ok:
+                shown = ",".join(f"{label}{op}{value!r}" for label, op, value in matchers)
+                problems.append(f"{where}: {name}{{{shown}}} selects nothing under {setup} "
+                                f"(its targets: {[t for _, t in candidates]})")
+    return problems
+
+
+def prometheus_rule(alerts: Path = MONITORING / "alerts.yaml") -> str:
+    """monitoring/prometheus-operator/prometheusrule.yaml: the groups of alerts.yaml."""
+    doc = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+           "metadata": {"name": "kvrec"}, "spec": yaml.safe_load(alerts.read_text())}
+    head = ("# The groups of deploy/monitoring/alerts.yaml as a PrometheusRule, generated from it:\n"
+            "#   .venv/bin/python -m tests.deploy_checks prometheusrule > "
+            "deploy/monitoring/prometheus-operator/prometheusrule.yaml\n"
+            "# (tests/test_deploy.py fails if the two differ).\n")
+    return head + yaml.safe_dump(doc, sort_keys=False, width=100)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["prometheusrule"]:
+        sys.exit("usage: python -m tests.deploy_checks prometheusrule")
+    sys.stdout.write(prometheus_rule())

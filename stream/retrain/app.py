@@ -69,6 +69,7 @@ class Status:
 class AppSettings:
     group_id: str
     brokers: list[str]  # kafka://host:port
+    credentials: Any  # faust.SASLCredentials / SSLCredentials, None for PLAINTEXT
     input_topic: str
     partitions: int  # the input topic's
     state_dir: str
@@ -92,6 +93,7 @@ def build_app(settings: AppSettings, end_offsets: dict[int, int],
     app = faust.App(
         settings.group_id,
         broker=settings.brokers,
+        broker_credentials=settings.credentials,
         store="rocksdb://",
         datadir=settings.state_dir,
         key_serializer="raw",

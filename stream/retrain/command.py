@@ -125,12 +125,43 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _faust_brokers(args: argparse.Namespace) -> list[str]:
-    if (args.security_protocol or "PLAINTEXT") != "PLAINTEXT" or args.sasl_mechanism:
-        raise ConfigError(
-            "kvrec retrain reads the topic with Faust over PLAINTEXT only for now; "
-            "use --data, or a PLAINTEXT listener"
-        )
+    _faust_credentials(args)  # refuses what Faust's client cannot do, before anything starts
     return [f"kafka://{server.strip()}" for server in args.bootstrap_servers.split(",")]
+
+
+FAUST_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _faust_credentials(args: argparse.Namespace) -> Any:
+    """The same security settings as every other client of the command (the shared Kafka
+    flags), as Faust's credentials: None for PLAINTEXT, SSL with the CA and client
+    certificate given, SASL PLAIN or SCRAM with a username and password (over SSL for
+    SASL_SSL). `ConfigError` for what Faust's client cannot do (GSSAPI, OAUTHBEARER)."""
+    import ssl
+
+    import faust
+
+    protocol = (args.security_protocol or "PLAINTEXT").upper()
+    mechanism = (args.sasl_mechanism or "").upper()
+    if protocol == "PLAINTEXT" and not mechanism:
+        return None
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=args.ssl_ca_location)
+        if args.ssl_certificate_location:
+            context.load_cert_chain(args.ssl_certificate_location, args.ssl_key_location)
+    if protocol == "SSL" and not mechanism:
+        return faust.SSLCredentials(context)
+    if protocol not in ("SASL_PLAINTEXT", "SASL_SSL") or mechanism not in FAUST_SASL_MECHANISMS:
+        raise ConfigError(
+            f"kvrec retrain reads the topic with Faust, which takes --security-protocol PLAINTEXT, "
+            f"SSL, SASL_PLAINTEXT or SASL_SSL with --sasl-mechanism {', '.join(FAUST_SASL_MECHANISMS)}; "
+            f"not {protocol}{' ' + mechanism if mechanism else ''}: use --data, or one of those"
+        )
+    if not (args.sasl_username and args.sasl_password):
+        raise ConfigError(f"--sasl-mechanism {mechanism} needs --sasl-username and --sasl-password")
+    return faust.SASLCredentials(username=args.sasl_username, password=args.sasl_password,
+                                 mechanism=mechanism, ssl_context=context)
 
 
 def input_end_offsets(kafka_config: dict[str, object], topic: str,
@@ -164,7 +195,8 @@ def _run_app(args: argparse.Namespace, kafka_config: dict[str, object], settings
 
     end_offsets = input_end_offsets(kafka_config, args.input_topic, args.connect_timeout)
     app_settings = AppSettings(
-        group_id=args.group_id, brokers=_faust_brokers(args), input_topic=args.input_topic,
+        group_id=args.group_id, brokers=_faust_brokers(args), credentials=_faust_credentials(args),
+        input_topic=args.input_topic,
         partitions=len(end_offsets), state_dir=str(Path(args.state_dir).resolve()),
         history=args.history, interval_s=args.interval_s, once=args.once,
         web_port=args.web_port, web_host=args.web_host,
