@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Collection
 from pathlib import Path
 
 from model.errors import ConfigError
@@ -60,23 +59,17 @@ def _is_artifact_manifest(path: Path) -> bool:
     )
 
 
-def foreign_entries(path: Path, kind: str = "dir", proof: Collection[str] = ()) -> list[str]:
-    """The names in directory `path` that keep it from being kvrec's own; [] if it is.
-
-    `proof`: further file names that prove a directory kvrec's (e.g. the broker's record)."""
+def foreign_entries(path: Path, kind: str = "dir") -> list[str]:
+    """The names in directory `path` that keep it from being kvrec's own; [] if it is."""
     entries = sorted(entry.name for entry in path.iterdir())
     if not entries or _has_marker(path):
-        return []
-    if any((path / name).is_file() and not (path / name).is_symlink() for name in proof):
         return []
     if kind == "artifact" and _is_artifact_manifest(path):
         return [name for name in entries if name not in ARTIFACT_NAMES]
     return entries
 
 
-def check_replaceable(
-    path: str | Path, flag: str | None = None, kind: str = "dir", proof: Collection[str] = ()
-) -> Path:
+def check_replaceable(path: str | Path, flag: str | None = None, kind: str = "dir") -> Path:
     """Refuse (NotOwned) unless `path` is absent, an empty directory or kvrec's own."""
     path = Path(path)
     label = _label(path, flag)
@@ -92,7 +85,7 @@ def check_replaceable(
             "or remove it yourself"
         )
     try:
-        foreign = foreign_entries(path, kind, proof)
+        foreign = foreign_entries(path, kind)
     except OSError as exc:
         raise NotOwned(f"{label} cannot be read ({exc.strerror}): name another directory") from None
     if foreign:
@@ -106,12 +99,10 @@ def check_replaceable(
     return path
 
 
-def remove_owned(
-    path: str | Path, flag: str | None = None, kind: str = "dir", proof: Collection[str] = ()
-) -> None:
+def remove_owned(path: str | Path, flag: str | None = None, kind: str = "dir") -> None:
     """Delete `path` if `check_replaceable` allows it (symbolic links inside are removed, never
     followed); refuse with NotOwned otherwise. An absent path is fine."""
-    path = check_replaceable(path, flag, kind, proof)
+    path = check_replaceable(path, flag, kind)
     if path.exists():
         shutil.rmtree(path)
 
@@ -123,12 +114,10 @@ def mark(path: Path, made_by: str) -> None:
         marker.write_text(json.dumps({"made_by": made_by, "at": time.time()}) + "\n")
 
 
-def claim_dir(
-    path: str | Path, flag: str | None, made_by: str, proof: Collection[str] = ()
-) -> Path:
+def claim_dir(path: str | Path, flag: str | None, made_by: str) -> Path:
     """The working directory `path`, made (or taken when empty or already kvrec's) and marked
     as kvrec's; refuses one that holds anything else."""
-    path = check_replaceable(path, flag, "dir", proof)
+    path = check_replaceable(path, flag, "dir")
     path.mkdir(parents=True, exist_ok=True)
     mark(path, made_by)
     return path
