@@ -284,6 +284,76 @@ def test_store_prune_deletes_only_what_kvrec_wrote(tmp_path: Path) -> None:
     assert [v.version for v in store.versions()] == [versions[0], versions[2]]
 
 
+def _add_foreign(folder: Path, tree: dict[str, str], outside: Path) -> None:
+    for name, kind in tree.items():
+        entry = folder / name
+        if kind == "file":
+            entry.write_text("the operator's")
+        elif kind == "dir":
+            entry.mkdir()
+            (entry / "nested").write_text("the operator's")
+        else:
+            entry.symlink_to(outside)
+
+
+FOREIGN_TREE = st.dictionaries(
+    NAME.filter(lambda n: n not in ARTIFACT_NAMES and n != "LOCK" and not n.startswith("LOG")),
+    st.sampled_from(["file", "dir", "link"]), min_size=1, max_size=4,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=FOREIGN_TREE, publish_foreign_version=st.booleans())
+def test_store_prune_never_deletes_foreign_content(
+    tree: dict[str, str], publish_foreign_version: bool
+) -> None:
+    root = Path(tempfile.mkdtemp(prefix="kvrec-test-prune-"))
+    try:
+        outside = root / "outside"
+        outside.mkdir()
+        (outside / "keep").write_text("the user's")
+        store = ModelStore(root / "store", "m")
+        for seed in range(2):
+            torch.manual_seed(seed)
+            source = root / f"a{seed}"
+            save_artifact(source, Encoder(ENCODER.config).eval(), item_ids=["", "a", "b", "c"],
+                          event_types=["view"], popularity=np.zeros(4, dtype=np.int64),
+                          metrics={})
+            store.publish(source)
+        oldest = store.versions()[0].path
+        stale = store.folder / f"{STAGING_PREFIX}someone-elses"
+        stale.mkdir()
+        folder = oldest if publish_foreign_version else stale
+        _add_foreign(folder, tree, outside)
+        day_ago = time.time() - 2 * 86_400
+        os.utime(stale, (day_ago, day_ago), follow_symlinks=False)
+        before = _snapshot(folder)
+        store.prune(keep=1)
+        assert _snapshot(folder) == before
+        assert _snapshot(outside) == {".": ("dir",), "keep": ("file", b"the user's")}
+    finally:
+        shutil.rmtree(root)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tree=FOREIGN_TREE.map(lambda t: {n: k for n, k in t.items() if not n[:1].isdigit()}))
+def test_state_destroy_never_deletes_foreign_content(tree: dict[str, str]) -> None:
+    root = Path(tempfile.mkdtemp(prefix="kvrec-test-destroy-"))
+    try:
+        outside = root / "outside"
+        outside.mkdir()
+        path = root / "events-0"
+        store = WindowStore(path)
+        store.write({"u": b"w"}, changelog_offset=1)
+        _add_foreign(path, tree, outside)
+        before = {k: v for k, v in _snapshot(path).items() if k.split("/")[0] in tree}
+        store.destroy()
+        after = _snapshot(path)
+        assert {k: v for k, v in after.items() if k != "."} == before
+    finally:
+        shutil.rmtree(root)
+
+
 def test_state_destroy_leaves_files_rocksdb_did_not_write(tmp_path: Path) -> None:
     path = tmp_path / "events-0"
     store = WindowStore(path)
