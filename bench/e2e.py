@@ -33,7 +33,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -48,6 +47,7 @@ from bench.machine import machine_info, machine_line
 from model import flags
 from model.datasets import BASE_TS_MS, Interaction, SyntheticSpec, generate_synthetic
 from model.errors import ConfigError
+from model.owned import work_dir
 from stream.kafka_config import ensure_topics
 from stream.latency import LOG_APPEND_TIME, Latencies, output_stamp, read_available
 from stream.replay import BURST_SECONDS, TokenBucket, replay_events
@@ -695,13 +695,12 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--processes: numbers and commas, got {args.processes!r}") from None
     if not process_counts or min(process_counts) < 1:
         raise ConfigError("--processes: one or more counts >= 1")
+    workdir = work_dir(args.workdir, "kvrec-e2e-", "kvrec bench e2e")
     rate_events = int(args.max_rate * args.seconds * len(fractions)) + 1
     interactions = generate_synthetic(
         SyntheticSpec(users=args.users, items=args.items, events=args.events + rate_events)
     )
     peak_events, tail = interactions[: args.events], interactions[args.events:]
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrec-e2e-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     model = build_artifact(workdir / "model", n_items=args.items, window=args.window)
     warmup = warmup_history(args.users, args.items, history_per_user(args.history, args.window))

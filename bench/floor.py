@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -39,6 +38,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from bench.e2e import REPO, broker, read_available
 from bench.machine import machine_info
 from model import flags
+from model.owned import work_dir
 from stream.kafka_config import ensure_topics
 
 CASES: tuple[dict[str, Any], ...] = (
@@ -146,8 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrec-floor-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = work_dir(args.workdir, "kvrec-floor-", "kvrec bench floor")
     with broker(args.bootstrap_servers, workdir) as bootstrap:
         results = [run_case(case, bootstrap, args.rate, args.seconds, args.partitions, workdir)
                    for case in CASES]

@@ -21,7 +21,6 @@ import argparse
 import cProfile
 import json
 import pstats
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 from bench.e2e import build_artifact
 from bench.machine import machine_info
 from model import flags
+from model.owned import work_dir
 
 # (stage, (file, function) pairs whose cumulative profiled time is that stage's); indented
 # stages are parts of the one above them
@@ -131,7 +131,7 @@ def _stage_shares(profile: cProfile.Profile) -> dict[str, float]:
 
 def main(args: argparse.Namespace) -> int:
     worker_flags = [f for f in args.worker_flags if f != "--"]
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrec-bench-loop-"))
+    workdir = work_dir(args.workdir, "kvrec-bench-loop-", "kvrec bench loop")
     model = workdir / f"model-{args.items}-w{args.window}"
     if not (model / "manifest.json").exists():
         build_artifact(model, n_items=args.items, window=args.window)

@@ -23,6 +23,7 @@ from bench.e2e import broker
 from bench.machine import machine_info
 from model.errors import ConfigError
 from model.flags import integer
+from model.owned import claim_dir
 from state.changelog import ChangelogRecord
 from state.partition import WorkerState
 from state.window import Window, WindowEvent
@@ -103,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
     if not sizes or min(sizes) <= 0 or args.events_per_window <= 0:
         raise ConfigError("--windows and --events-per-window must be positive")
     with tempfile.TemporaryDirectory() as scratch:
-        workdir = Path(args.workdir or scratch)
+        workdir = claim_dir(args.workdir or scratch, "--workdir", "kvrec bench restore")
         with broker(args.bootstrap_servers, workdir) as bootstrap:
             results = []
             for windows in sizes:

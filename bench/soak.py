@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import signal
-import tempfile
 import threading
 import time
 import urllib.request
@@ -46,6 +45,7 @@ from bench.machine import machine_info
 from deploy.kafka.launcher import free_port
 from model import flags
 from model.errors import ConfigError
+from model.owned import work_dir
 from stream.replay import BURST_SECONDS, TokenBucket
 from stream.schema import Event, encode_event
 
@@ -306,8 +306,7 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     if args.active_users < 1 or args.items < 2:
         raise ConfigError("--active-users must be >= 1 and --items >= 2")
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrec-soak-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = work_dir(args.workdir, "kvrec-soak-", "kvrec bench soak")
     model = build_artifact(workdir / "model", n_items=args.items, window=args.window)
     peak = None
     with broker(args.bootstrap_servers, workdir) as bootstrap:

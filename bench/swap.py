@@ -38,7 +38,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -57,6 +56,7 @@ from bench.machine import machine_info
 from model import flags
 from model.datasets import GAP_MS, Interaction, read_interactions
 from model.errors import ConfigError, DataError, RunFailed
+from model.owned import work_dir
 from model.store import ModelStore
 from stream.kafka_config import ensure_topics
 from stream.model_updates import Announcement, ensure_model_topics
@@ -685,8 +685,7 @@ def main(args: argparse.Namespace) -> int:
     use_retrain = args.swap_with == "retrain" or (args.swap_with == "auto" and retrain_available())
     if use_retrain and not retrain_available():
         raise ConfigError("--swap-with retrain: this checkout has no `kvrec retrain` command")
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrec-swap-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = work_dir(args.workdir, "kvrec-swap-", "kvrec bench swap")
     slice_file = workdir / "slice.txt"
     with data.open() as source, slice_file.open("w") as target:
         for number, line in enumerate(source):

@@ -10,7 +10,8 @@
 
 `load_artifact` refuses a directory whose files do not match the manifest, with a message
 that names the file. Artifacts are written to a temporary directory and renamed into place,
-so a reader never sees half of one.
+so a reader never sees half of one. The directory they replace must be absent, empty or an
+earlier artifact (model/owned.py): a directory holding anything else is refused, not deleted.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from model.checksums import file_sha256
 from model.config import ModelConfig
 from model.encoder import Encoder
 from model.errors import ArtifactError, KvrecError
+from model.owned import NotOwned, check_replaceable, remove_owned
 
 FILES = ("weights.safetensors", "config.json", "vocab.json", "popularity.json", "metrics.json")
 MANIFEST = "manifest.json"
@@ -58,12 +60,35 @@ def save_artifact(
     metrics: dict[str, Any],
     settings: dict[str, Any] | None = None,
 ) -> Artifact:
-    out = Path(out_dir)
+    out = check_replaceable(out_dir, kind="artifact")
     config = encoder.config
     if len(item_ids) != config.n_items + 1 or item_ids[0] != "":
         raise ValueError("item_ids must have n_items + 1 entries with item_ids[0] == ''")
     staging = out.with_name(out.name + f".tmp-{time.time_ns()}")
     staging.mkdir(parents=True)
+    try:
+        _write_files(staging, encoder, item_ids, event_types, popularity, metrics, settings)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # made above under a fresh name: ours
+        raise
+    try:
+        remove_owned(out, kind="artifact")  # checked again: it may have changed meanwhile
+    except NotOwned as exc:
+        raise NotOwned(f"{exc} (the new artifact is kept in {staging})") from None
+    staging.rename(out)
+    return load_artifact(out)
+
+
+def _write_files(
+    staging: Path,
+    encoder: Encoder,
+    item_ids: list[str],
+    event_types: list[str],
+    popularity: np.ndarray,
+    metrics: dict[str, Any],
+    settings: dict[str, Any] | None,
+) -> None:
+    config = encoder.config
     weights = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     save_file(weights, str(staging / "weights.safetensors"))
     documents = {
@@ -79,10 +104,6 @@ def save_artifact(
     version = f"{created}-{hashes['weights.safetensors'][:8]}"
     manifest = {"version": version, "created": created, "sha256": hashes}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return load_artifact(out)
 
 
 def load_artifact(path: str | Path, verify: bool = True) -> Artifact:

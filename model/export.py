@@ -107,18 +107,46 @@ def _quiet_exporter() -> Iterator[None]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model artifact directory")
-    parser.add_argument("--out", required=True, help="ONNX file to write")
+    parser.add_argument(
+        "--out", required=True,
+        help="ONNX file to write: a new file, or an earlier kvrec export (replaced); any other "
+             "existing file is refused",
+    )
+
+
+def _is_kvrec_export(path: Path) -> bool:
+    """An ONNX file with the inputs of a kvrec `step`/`extend` export (an earlier one)."""
+    import onnx
+
+    try:
+        graph = onnx.load_model(str(path), load_external_data=False).graph
+    except Exception:  # not ONNX at all: onnx raises protobuf's DecodeError, ValueError, ...
+        return False
+    return set(INPUTS[:4]) <= {value.name for value in graph.input}
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that is a folder, lies in a missing folder, or is a file kvrec did not
+    export (model/owned.py: nothing kvrec did not write is overwritten)."""
+    if out.is_symlink():
+        raise ConfigError(f"--out {out} is a symbolic link: name the ONNX file to write")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: name the ONNX file to write")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+    if out.exists() and not _is_kvrec_export(out):
+        raise ConfigError(
+            f"--out {out} is a file kvrec did not export: name a new file, or remove it yourself"
+        )
 
 
 def main(args: argparse.Namespace) -> int:
     from model.artifact import load_artifact
 
     out = Path(args.out)
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder: name the ONNX file to write")
-    if not out.parent.is_dir():
-        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+    check_out(out)
     artifact = load_artifact(args.model)
+    check_out(out)  # again, just before writing: loading a large model takes a while
     path = export_step(artifact.encoder, args.out)
     print(f"exported extend/step of model {artifact.version} to {path}")
     return 0

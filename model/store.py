@@ -9,7 +9,9 @@ so a reader sees the whole version or none of it. On storage where a rename is a
 bucket mounted with s3fs or mountpoint-s3), `manifest.json` is written last and every file's
 sha256 is checked against it when the version is loaded, so a half-copied version is refused,
 never served. The store keeps the last N versions; the versions named by the current
-announcement (what serves, its shadow and its rollback history) are never pruned.
+announcement (what serves, its shadow and its rollback history) are never pruned. Pruning
+deletes only what kvrec wrote (model/owned.py): a version folder holding other files, or a
+`.staging-*` folder without kvrec's marker, is left alone.
 
 Which version serves is not decided here: the `model-updates` topic says it
 (stream/model_updates.py).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Iterable
@@ -28,6 +31,9 @@ from typing import Any
 
 from model.artifact import FILES, MANIFEST
 from model.errors import ArtifactError
+from model.owned import MARKER, NotOwned, check_replaceable, mark, remove_owned
+
+log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
 
@@ -100,9 +106,11 @@ class ModelStore:
         staging = self.folder / f"{STAGING_PREFIX}{artifact.version}-{time.time_ns()}"
         staging.mkdir()
         try:
+            mark(staging, "kvrec model store: publish")
             for name in (*FILES, *_extra_files(source)):
                 shutil.copyfile(source / name, staging / name)
             shutil.copyfile(source / MANIFEST, staging / MANIFEST)  # last: the done marker
+            (staging / MARKER).unlink()  # a version is an artifact: its manifest proves it ours
             staging.rename(target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -115,16 +123,31 @@ class ModelStore:
         protected = set(protect)
         versions = self.versions()
         doomed = [v for v in versions[: max(0, len(versions) - keep)] if v.version not in protected]
+        deleted = []
         for stored in doomed:
+            try:
+                check_replaceable(stored.path, kind="artifact")
+            except NotOwned as exc:
+                log.warning("model store: not pruning version %s: %s", stored.version, exc)
+                continue
             trash = stored.path.with_name(f"{STAGING_PREFIX}deleted-{stored.version}-{time.time_ns()}")
             stored.path.rename(trash)  # gone from readers at once, then removed
             shutil.rmtree(trash, ignore_errors=True)
+            deleted.append(stored.version)
         if self.folder.is_dir():
             day_ago = time.time() - 86_400
             for path in self.folder.glob(f"{STAGING_PREFIX}*"):
-                if path.stat().st_mtime < day_ago:
-                    shutil.rmtree(path, ignore_errors=True)
-        return [v.version for v in doomed]
+                if path.is_dir() and not path.is_symlink() and path.stat().st_mtime < day_ago:
+                    self._remove_stale(path)
+        return deleted
+
+    def _remove_stale(self, path: Path) -> None:
+        """A staging folder left by a publisher or a prune that died, if kvrec's marker (or a
+        complete artifact) proves it kvrec's."""
+        try:
+            remove_owned(path, kind="artifact")
+        except NotOwned as exc:
+            log.warning("model store: leaving %s: %s", path, exc)
 
     def _read(self, path: Path) -> StoredVersion:
         try:

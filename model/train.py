@@ -47,6 +47,7 @@ from model.evaluate import evaluate_popularity, evaluate_split, left_pad, prepar
 from model.flags import integer, number
 from model.losses import softmax_cross_entropy
 from model.memory import release_free_memory
+from model.owned import check_replaceable
 from model.progress import progress_bar, progress_line
 
 TRIM_EVERY_STEPS = 50  # hand freed heap memory back to the OS this often (model/memory.py)
@@ -551,7 +552,11 @@ def plot_training_curve(history: list[dict[str, float]], path: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The defaults are `TrainSettings`' and `ModelConfig`'s: the measured recipe."""
     add_dataset_arguments(parser)
-    parser.add_argument("--out", required=True, help="artifact directory to write")
+    parser.add_argument(
+        "--out", required=True,
+        help="artifact directory to write: new, empty or an earlier artifact (replaced); a "
+             "directory holding other files is refused",
+    )
     add_training_arguments(parser)
     parser.add_argument("--plot", default=None, help="default: <out>/training_curve.png")
     parser.add_argument("--init-from", default=None,
@@ -685,9 +690,10 @@ def main(args: argparse.Namespace) -> int:
     # in the background with it ignored
     signal.signal(signal.SIGTERM, _stop_early)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # refused now, not after training: --out must be new, empty or an earlier artifact
+    out = check_replaceable(args.out, "--out", kind="artifact")
     settings = settings_from_args(args, Path(args.init_from) if args.init_from else None)
     interactions = dataset_from_args(args)
-    out = Path(args.out)
     overrides = shape_from_args(args)
     plot = Path(args.plot) if args.plot else out / "training_curve.png"
     metrics = train(interactions, overrides, settings, out, plot)

@@ -8,7 +8,6 @@ recovery replays the changelog from there.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -81,6 +80,9 @@ class WindowStore:
         self._db.close()
 
     def destroy(self) -> None:
-        """Close and delete the store's files (used when the changelog says the state is stale)."""
+        """Close and delete the store's files (used when the changelog says the state is stale).
+
+        Only RocksDB's own files go (its DestroyDB): a file someone else put into the folder,
+        which lies under the worker's `--state-dir`, stays, and with it the folder."""
         self.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+        Rdict.destroy(str(self.path), store_options())

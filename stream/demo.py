@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
 from model.errors import ConfigError, RunFailed
 from model.flags import integer, number
+from model.owned import work_dir
 from stream.demo_worker import WorkerProcess, free_port
 from stream.kafka_config import ensure_topics, kafka_error_text
 from stream.latency import LOG_APPEND_TIME, Latencies, read_available
@@ -222,9 +222,8 @@ def main(args: argparse.Namespace) -> int:
         if not DEFAULT_DATA.exists():
             raise ConfigError(f"no --data given and {DEFAULT_DATA} is missing; try --format synthetic")
         args.data = str(DEFAULT_DATA)
+    workdir = work_dir(args.workdir, "kvrec-demo-", "kvrec demo")
     interactions: list[Interaction] = dataset_from_args(args)[: args.events]
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrec-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else _train(args, workdir)
     prefix = args.topic_prefix
     if prefix is None:

@@ -4,7 +4,9 @@ The broker's jars come from Maven Central through `deploy/kafka/pom.xml`, copied
 git-ignored cache keyed by the pom's hash (`KVREC_KAFKA_CACHE` overrides where). The launcher
 formats a fresh log directory, starts `kafka.Kafka` on loopback ports, waits until the broker
 answers a metadata request, and stops it cleanly: SIGTERM to its process group, then SIGKILL
-after a grace period, so no Java process is left behind.
+after a grace period, so no Java process is left behind. A data directory is formatted afresh
+only when the launcher made it (its marker file, model/owned.py) or it is new or empty: one
+holding anything else is refused, never wiped.
 
     with LocalKafka() as kafka:
         print(kafka.bootstrap_servers)
@@ -36,6 +38,7 @@ from types import TracebackType
 
 from model.errors import ConfigError
 from model.flags import PORT, number
+from model.owned import NotOwned, check_replaceable, claim_dir, foreign_entries, mark, remove_owned
 
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"
@@ -77,7 +80,8 @@ def ensure_jars() -> Path:
         if (target / ".complete").exists():  # another process fetched while we waited
             return target
         partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_owned(partial)  # one a fetch that died left behind; nothing kvrec did not make
+        claim_dir(partial, None, "kvrec broker: jar cache")
         print(f"kafka: fetching the broker jars with Maven into {target} (once)", file=sys.stderr)
         result = subprocess.run(
             [
@@ -88,11 +92,11 @@ def ensure_jars() -> Path:
             text=True,
         )
         if result.returncode != 0:
-            shutil.rmtree(partial, ignore_errors=True)
+            remove_owned(partial)
             tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
             raise ConfigError("fetching the Kafka jars with Maven failed:\n" + "\n".join(tail))
         (partial / ".complete").touch()
-        shutil.rmtree(target, ignore_errors=True)
+        remove_owned(target)  # incomplete (no .complete), and kvrec's, or refused
         partial.rename(target)
     return target
 
@@ -239,6 +243,8 @@ class LocalKafka:
         """Format storage, start the broker, return once it answers a metadata request."""
         if self.process is not None:
             raise ConfigError(f"this broker is already running at {self.bootstrap_servers}")
+        if self.data_dir is not None:  # refused before anything is fetched or started
+            _check_data_dir(self.data_dir)
         started = time.monotonic()
         _require("java", JAVA_HINT)
         jars = ensure_jars()
@@ -249,7 +255,7 @@ class LocalKafka:
             )
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="kvrec-kafka-"))
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        claim_data_dir(self.data_dir)
         try:
             self._launch(jars)
             self._wait_ready(started + timeout)
@@ -386,6 +392,42 @@ class LocalKafka:
         self.stop()
 
 
+def _is_earlier_broker_dir(data_dir: Path) -> bool:
+    """A data dir this launcher formatted before it wrote its marker: its `server.properties`
+    names the dir's own `logs` folder as the broker's log dir."""
+    try:
+        lines = (data_dir / "server.properties").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return f"log.dirs={data_dir / 'logs'}" in lines
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    if data_dir.is_dir() and not data_dir.is_symlink() and _is_earlier_broker_dir(data_dir):
+        return
+    try:
+        check_replaceable(data_dir, "--data-dir")
+    except NotOwned as exc:
+        raise NotOwned(
+            f"{exc} (the broker formats its data dir afresh at each start)"
+        ) from None
+
+
+def claim_data_dir(data_dir: Path) -> None:
+    """Make (or take) the broker's data dir and mark it as kvrec's; refuse one holding files
+    kvrec did not write: each start formats it afresh."""
+    _check_data_dir(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    mark(data_dir, "kvrec broker: data dir")
+
+
+def _owned_data_dir(data_dir: Path) -> bool:
+    try:
+        return data_dir.is_dir() and not foreign_entries(data_dir)
+    except OSError:
+        return False
+
+
 def _stop_group(pid: int, grace: float, wait: object = None) -> None:
     """SIGTERM process group `pid`, wait up to `grace` s for its leader, then SIGKILL the group."""
     with contextlib.suppress(ProcessLookupError):
@@ -475,8 +517,9 @@ def stop_detached(data_dir: Path, grace: float = 20.0) -> dict | None:
     record = running_broker(data_dir)
     if record is not None:
         _stop_group(int(record["pid"]), grace)
-    with contextlib.suppress(OSError):
-        (data_dir / RECORD).unlink()
+    if _owned_data_dir(data_dir) or _is_earlier_broker_dir(data_dir):  # else not our record
+        with contextlib.suppress(OSError):
+            (data_dir / RECORD).unlink()
     return record
 
 
@@ -493,7 +536,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data-dir", default=None,
-        help="broker state and logs (formatted afresh at each start); default for run: a "
+        help="broker state and logs (formatted afresh at each start: it must be new, empty or "
+             "one the launcher made; any other folder is refused); default for run: a "
              f"temporary folder removed at exit; for start/stop/status: {default_data_dir()}",
     )
     parser.add_argument("--heap", default="512m", help="JVM heap (-Xmx)")

@@ -11,7 +11,6 @@ its weights: known items keep their indices and embeddings, new items get new on
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ from model.artifact import Artifact, load_artifact
 from model.datasets import Interaction
 from model.decision import Decision, decide
 from model.errors import ArtifactError
+from model.owned import NotOwned, remove_owned
 from model.store import ModelStore
 from model.train import SHAPE_FIELDS, TrainSettings, train
 from stream.model_updates import (
@@ -122,9 +122,18 @@ def run_job(interactions: list[Interaction], settings: JobSettings) -> Outcome:
         if decision.publish:
             announced = _publish(settings, candidate, decision, announcement)
     finally:
-        shutil.rmtree(out, ignore_errors=True)  # the store holds its own copy
+        _remove_candidate(out)  # the store holds its own copy
     users = len({i.user_id for i in interactions})
     return Outcome(decision, announced, len(interactions), users, time.perf_counter() - started)
+
+
+def _remove_candidate(out: Path) -> None:
+    """The candidate's folder, written under a fresh name by this job: removed when it is the
+    artifact that training wrote (model/owned.py), left with a warning otherwise."""
+    try:
+        remove_owned(out, kind="artifact")
+    except NotOwned as exc:
+        log.warning("leaving the candidate folder: %s", exc)
 
 
 def _publish(settings: JobSettings, candidate: Artifact, decision: Decision,
