@@ -17,10 +17,24 @@ lock="$repo/deploy/requirements.lock"
 command -v "$python" >/dev/null || { echo "kvrec setup: $python not found; install Python 3.11" >&2; exit 1; }
 key="$("$python" -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest()[:12])' "$lock")"
 deps="$cache/venv-$key"
+# What this script removes is only what it made: a folder it marked (.kvrec-owned), or an
+# empty one. Anything else in its place is refused in one line, exit 2 (README, "Nothing is
+# deleted that kvrec did not make").
+refuse_foreign() {
+    echo "kvrec setup: error: $1 exists and was not made by kvrec setup (no .kvrec-owned in it): $2" >&2
+    exit 2
+}
+made_here_or_empty() {
+    [ -f "$1/.kvrec-owned" ] && [ ! -L "$1/.kvrec-owned" ] || [ -z "$(ls -A "$1" 2>/dev/null)" ]
+}
 if [ ! -f "$deps/.complete" ]; then
     echo "kvrec setup: creating $deps (first time on this machine: downloads torch, several minutes)" >&2
+    if [ -L "$deps" ] || { [ -e "$deps" ] && ! made_here_or_empty "$deps"; }; then
+        refuse_foreign "$deps" "remove it yourself, or set KVREC_CACHE to another folder"
+    fi
     rm -rf "$deps"
-    mkdir -p "$cache"
+    mkdir -p "$deps"
+    touch "$deps/.kvrec-owned"  # before anything else: a half-made environment is still ours
     "$python" -m venv "$deps"
     "$deps/bin/python" -m pip install -q --upgrade pip
     "$deps/bin/python" -m pip install -q -r "$lock"
@@ -32,8 +46,13 @@ if [ -e "$deps/bin/kvrec" ]; then
 fi
 
 venv="$repo/.venv"
+if [ ! -L "$venv" ] && [ -e "$venv" ] && [ ! -f "$venv/.kvrec-deps" ]; then
+    refuse_foreign "$venv" "kvrec setup makes its own .venv there; move yours away"
+fi
 if [ -L "$venv" ] || [ "$(cat "$venv/.kvrec-deps" 2>/dev/null)" != "$deps" ]; then
-    rm -rf "$venv"
+    rm -rf "$venv"  # a link an older setup made, or this script's own .venv for another lock
+    mkdir -p "$venv"
+    echo pending >"$venv/.kvrec-deps"  # ours from the start; the real value is written last
     "$deps/bin/python" -m venv --without-pip "$venv"
     site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     deps_site="$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
