@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -449,6 +450,21 @@ def test_tail_timeout_and_replay_stop_with_one_line_when_kafka_cannot_be_reached
         f"kvrec: error: cannot reach Kafka at 127.0.0.1:{port} within 1 s {reason}\n"
     )
     assert tail.stdout == replay.stdout == ""
+
+
+@pytest.mark.kafka
+def test_tail_of_a_topic_that_does_not_exist_fails_after_its_timeout(kafka_bootstrap: str) -> None:
+    topic = f"no-such-topic-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    tail = _run_kvrec("tail", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
+                      "--timeout", "2")
+    assert 2 <= time.monotonic() - started < 60
+    assert tail.returncode == 1, tail.stderr
+    assert tail.stderr.splitlines()[-1] == (
+        f"kvrec: error: topic '{topic}' does not exist at {kafka_bootstrap} (waited 2 s, "
+        "--timeout); the worker's --output-topic is `recommendations` unless it was given another"
+    )
+    assert tail.stdout == ""
 
 
 class _Stderr:
