@@ -51,7 +51,7 @@ import numpy as np
 
 from model.errors import DataError
 from model.flags import integer
-from model.named_datasets import check_named, resolve_named
+from model.named_datasets import check_named, no_such_data, resolve_named
 
 FORMATS = ("sasrec", "sequences", "movielens", "csv", "synthetic")
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
@@ -120,9 +120,7 @@ def iter_interactions(
         return _iter_synthetic(synthetic)
     if path is None:
         raise DataError(f"--data is required for --format {fmt}")
-    file = resolve_named(path, fmt)
-    if not file.is_file():
-        raise DataError(f"{file}: no such file")
+    file = resolve_data(path, fmt)
     check_named(file)
     reader = {
         "sasrec": _read_sasrec, "sequences": _read_sequences,
@@ -137,6 +135,15 @@ def iter_interactions(
     if not len(order):
         raise DataError(f"{file}: no interactions")
     return columns.iterate(order)
+
+
+def resolve_data(path: str | Path, fmt: str) -> Path:
+    """The file `--data` names (a path, or a named dataset's file); `DataError` if there is
+    none, listing the named datasets when `path` could have meant one. Reads nothing."""
+    file = resolve_named(path, fmt)
+    if not file.is_file():
+        raise no_such_data(path)
+    return file
 
 
 def read_interactions(
