@@ -101,7 +101,11 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
     for name in FILES:
         file = root / name
         if not file.is_file():
-            raise ArtifactError(f"{root}: {name} is missing; re-export the artifact")
+            raise ArtifactError(
+                f"{root}: {name} is missing, so this is not a whole model artifact: copy the "
+                "whole directory again, or write a new one with `kvrec train --out DIR` "
+                "(`kvrec export` writes only an ONNX file)"
+            )
         if verify and file_sha256(file) != hashes.get(name):
             raise ArtifactError(
                 f"{file}: sha256 does not match {MANIFEST}; the file was changed or corrupted "
