@@ -179,6 +179,9 @@ def _run_app(args: argparse.Namespace, kafka_config: dict[str, object], settings
             logging.getLogger(name).setLevel(logging.WARNING)
     worker = faust.Worker(app, loglevel=args.log_level, quiet=True, redirect_stdouts=False,
                           override_logging=False)
+    # no Faust spinner: where stdout is not a terminal it still writes a backspace and a
+    # cursor escape into the log (`\b\x1b[?25h`); the logs and the progress bar say enough
+    worker.spinner = None
     holder["worker"] = worker
     log.info("kvrec retrain: group %s on %s (%d partitions), %s, web view %s",
              args.group_id, args.input_topic, len(end_offsets),
