@@ -26,13 +26,11 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.artifact_files import FILES, MANIFEST, check_artifact_dir
 from model.checksums import file_sha256
 from model.config import ModelConfig
 from model.encoder import Encoder
 from model.errors import ArtifactError, KvrecError
-
-FILES = ("weights.safetensors", "config.json", "vocab.json", "popularity.json", "metrics.json")
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -86,9 +84,7 @@ def save_artifact(
 
 
 def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
-    root = Path(path)
-    if not root.is_dir():
-        raise ArtifactError(f"{root}: no such model artifact directory (run `kvrec train`)")
+    root = check_artifact_dir(path)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(f"{root}: {MANIFEST} is missing; not a kvrec model artifact")

@@ -356,5 +356,16 @@ def spec_from_args(args: argparse.Namespace) -> SyntheticSpec | None:
     return SyntheticSpec(args.synthetic_users, args.synthetic_items, args.synthetic_events, args.seed)
 
 
+def check_dataset_arguments(args: argparse.Namespace) -> None:
+    """What `dataset_from_args` would refuse without reading the file: a --format that needs
+    --data without it, a --data that is neither a file nor a named dataset (or one stored in
+    another format). Commands call it before their heavy imports."""
+    if args.format == "synthetic":
+        return
+    if args.data is None:
+        raise DataError(f"--data is required for --format {args.format}")
+    resolve_data(args.data, args.format)
+
+
 def dataset_from_args(args: argparse.Namespace) -> list[Interaction]:
     return read_interactions(args.data, args.format, synthetic=spec_from_args(args))

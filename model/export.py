@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from model.encoder import Encoder, KVCache
-from model.errors import ConfigError
+from model.export_command import check_out
 
 INPUTS = ["keys", "values", "positions", "items", "event_types", "counts"]
 OUTPUTS = ["user_vectors", "new_keys", "new_values", "new_positions", "attention"]
@@ -71,19 +71,10 @@ def export_step(encoder: Encoder, path: str | Path, opset: int = 17) -> Path:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model artifact directory")
-    parser.add_argument("--out", required=True, help="ONNX file to write")
-
-
 def main(args: argparse.Namespace) -> int:
     from model.artifact import load_artifact
 
-    out = Path(args.out)
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder: name the ONNX file to write")
-    if not out.parent.is_dir():
-        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+    check_out(Path(args.out))  # kvrec export (model/export_command.py) checked it first
     artifact = load_artifact(args.model)
     path = export_step(artifact.encoder, args.out)
     print(f"exported extend/step of model {artifact.version} to {path}")

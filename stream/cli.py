@@ -36,9 +36,9 @@ from model.errors import ConfigError, KvrecError
 COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("stream.replay", "publish a dataset to the events topic"),
     "tail": ("stream.tail", "print the recommendations topic as it arrives"),
-    "train": ("model.train", "train the encoder and write a model artifact"),
-    "eval": ("model.evaluate", "full-ranking evaluation of a model artifact"),
-    "export": ("model.export", "export a model artifact's step to ONNX"),
+    "train": ("model.train_command", "train the encoder and write a model artifact"),
+    "eval": ("model.eval_command", "full-ranking evaluation of a model artifact"),
+    "export": ("model.export_command", "export a model artifact's step to ONNX"),
     "worker": ("stream.worker.app", "run the streaming recommender worker"),
     "demo": ("stream.demo", "start a broker, train, run a worker, replay, show results"),
     "broker": ("deploy.kafka.launcher", "start a local single-node Kafka broker (KRaft)"),

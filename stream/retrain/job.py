@@ -25,10 +25,10 @@ from model.errors import ArtifactError
 from model.store import ModelStore
 from model.train import SHAPE_FIELDS, TrainSettings, train
 from stream.model_updates import Announcement, Candidate, announce, first_announcement, latest_announcement
+from stream.retrain.command import REFUSED_EXIT  # noqa: F401 - kvrec retrain's, as before
 
 log = logging.getLogger("kvrec.retrain")
 
-REFUSED_EXIT = 3  # `kvrec retrain --once` / `--data`: the candidate was refused (0: published)
 
 
 @dataclass(frozen=True)
