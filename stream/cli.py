@@ -2,7 +2,10 @@
 
 Each subcommand lives in the module that does its work; that module exposes
 `add_arguments(parser)` and `main(args) -> int`. Modules are imported only when their
-subcommand runs, so `kvrec tail` does not pay for importing torch.
+subcommand runs, so `kvrec tail` does not pay for importing torch; and a command's module does
+not import torch itself: its `main` checks the arguments (files there, choices, ranges) first,
+then imports the code that does the work, so a mistake is reported in a fraction of a second
+(all but `kvrec bench`; tests/test_edges_cli.py).
 
 Every flag can also be set with an environment variable (twelve-factor configuration); a flag
 on the command line wins over the environment. One rule names them:
