@@ -27,14 +27,12 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.artifact_files import FILES, MANIFEST, check_artifact_dir
 from model.checksums import file_sha256
 from model.config import ModelConfig
 from model.encoder import Encoder
 from model.errors import ArtifactError, KvrecError
 from model.owned import NotOwned, check_replaceable, remove_owned
-
-FILES = ("weights.safetensors", "config.json", "vocab.json", "popularity.json", "metrics.json")
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -107,9 +105,7 @@ def _write_files(
 
 
 def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
-    root = Path(path)
-    if not root.is_dir():
-        raise ArtifactError(f"{root}: no such model artifact directory (run `kvrec train`)")
+    root = check_artifact_dir(path)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(f"{root}: {MANIFEST} is missing; not a kvrec model artifact")
@@ -122,7 +118,11 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
     for name in FILES:
         file = root / name
         if not file.is_file():
-            raise ArtifactError(f"{root}: {name} is missing; re-export the artifact")
+            raise ArtifactError(
+                f"{root}: {name} is missing, so this is not a whole model artifact: copy the "
+                "whole directory again, or write a new one with `kvrec train --out DIR` "
+                "(`kvrec export` writes only an ONNX file)"
+            )
         if verify and file_sha256(file) != hashes.get(name):
             raise ArtifactError(
                 f"{file}: sha256 does not match {MANIFEST}; the file was changed or corrupted "

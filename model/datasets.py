@@ -51,7 +51,7 @@ import numpy as np
 
 from model.errors import DataError
 from model.flags import integer
-from model.named_datasets import check_named, resolve_named
+from model.named_datasets import check_named, no_such_data, resolve_named
 
 FORMATS = ("sasrec", "sequences", "movielens", "csv", "synthetic")
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
@@ -120,9 +120,7 @@ def iter_interactions(
         return _iter_synthetic(synthetic)
     if path is None:
         raise DataError(f"--data is required for --format {fmt}")
-    file = resolve_named(path, fmt)
-    if not file.is_file():
-        raise DataError(f"{file}: no such file")
+    file = resolve_data(path, fmt)
     check_named(file)
     reader = {
         "sasrec": _read_sasrec, "sequences": _read_sequences,
@@ -137,6 +135,15 @@ def iter_interactions(
     if not len(order):
         raise DataError(f"{file}: no interactions")
     return columns.iterate(order)
+
+
+def resolve_data(path: str | Path, fmt: str) -> Path:
+    """The file `--data` names (a path, or a named dataset's file); `DataError` if there is
+    none, listing the named datasets when `path` could have meant one. Reads nothing."""
+    file = resolve_named(path, fmt)
+    if not file.is_file():
+        raise no_such_data(path)
+    return file
 
 
 def read_interactions(
@@ -347,6 +354,17 @@ def spec_from_args(args: argparse.Namespace) -> SyntheticSpec | None:
     if args.format != "synthetic":
         return None
     return SyntheticSpec(args.synthetic_users, args.synthetic_items, args.synthetic_events, args.seed)
+
+
+def check_dataset_arguments(args: argparse.Namespace) -> None:
+    """What `dataset_from_args` would refuse without reading the file: a --format that needs
+    --data without it, a --data that is neither a file nor a named dataset (or one stored in
+    another format). Commands call it before their heavy imports."""
+    if args.format == "synthetic":
+        return
+    if args.data is None:
+        raise DataError(f"--data is required for --format {args.format}")
+    resolve_data(args.data, args.format)
 
 
 def dataset_from_args(args: argparse.Namespace) -> list[Interaction]:

@@ -123,8 +123,8 @@ def decide(candidate: Artifact, serving: Artifact | None, interactions: list[Int
         reason = f"candidate NDCG@10 is {-gap:.4f} below the serving model's (margin {margin:g})"
         publish = False
     else:
-        reason = (f"candidate NDCG@10 is {gap:+.4f} against the serving model's "
-                  f"(refused only below -{margin:g})")
+        limit = f"more than {margin:g} below it" if margin else "below it"
+        reason = f"candidate NDCG@10 is {gap:+.4f} against the serving model's (refused only {limit})"
         publish = True
     return Decision(publish, reason, candidate_metrics, serving_metrics, serving.version,
                     candidate.version, margin, len(tail), unknown)

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.datasets import Interaction, add_dataset_arguments, dataset_from_args, group_by_user
+from model.datasets import Interaction, dataset_from_args, group_by_user
 from model.encoder import Encoder
-from model.flags import integer
 
 CUTOFFS = (10, 20)
 
@@ -154,14 +153,6 @@ def evaluate_popularity(popularity: np.ndarray, split: Split) -> dict[str, float
         targets = torch.tensor(split.targets[start : start + 2048])
         all_ranks.append(rank_targets(scores, histories, targets))
     return metrics_from_ranks(np.concatenate(all_ranks) if all_ranks else np.zeros(0))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model artifact directory")
-    add_dataset_arguments(parser)
-    parser.add_argument("--split", default="test", choices=("test", "validation"))
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--max-len", type=integer(0), default=0, help="0 = the training max length")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from model.encoder import Encoder, KVCache
-from model.errors import ConfigError
+from model.export_command import EXPORT_INPUTS, EXPORT_OUTPUTS, check_out
 
-INPUTS = ["keys", "values", "positions", "items", "event_types", "counts"]
-OUTPUTS = ["user_vectors", "new_keys", "new_values", "new_positions", "attention"]
+INPUTS = list(EXPORT_INPUTS)
+OUTPUTS = list(EXPORT_OUTPUTS)
 OPSET = 20  # the default of torch.onnx (its ONNX Script ops are written for 18 and later)
 
 
@@ -105,46 +105,11 @@ def _quiet_exporter() -> Iterator[None]:
         registration.setLevel(level)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model artifact directory")
-    parser.add_argument(
-        "--out", required=True,
-        help="ONNX file to write: a new file, or an earlier kvrec export (replaced); any other "
-             "existing file is refused",
-    )
-
-
-def _is_kvrec_export(path: Path) -> bool:
-    """An ONNX file with the inputs of a kvrec `step`/`extend` export (an earlier one)."""
-    import onnx
-
-    try:
-        graph = onnx.load_model(str(path), load_external_data=False).graph
-    except Exception:  # not ONNX at all: onnx raises protobuf's DecodeError, ValueError, ...
-        return False
-    return set(INPUTS[:4]) <= {value.name for value in graph.input}
-
-
-def check_out(out: Path) -> None:
-    """Refuse an --out that is a folder, lies in a missing folder, or is a file kvrec did not
-    export (model/owned.py: nothing kvrec did not write is overwritten)."""
-    if out.is_symlink():
-        raise ConfigError(f"--out {out} is a symbolic link: name the ONNX file to write")
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder: name the ONNX file to write")
-    if not out.parent.is_dir():
-        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
-    if out.exists() and not _is_kvrec_export(out):
-        raise ConfigError(
-            f"--out {out} is a file kvrec did not export: name a new file, or remove it yourself"
-        )
-
-
 def main(args: argparse.Namespace) -> int:
     from model.artifact import load_artifact
 
     out = Path(args.out)
-    check_out(out)
+    check_out(out)  # kvrec export (model/export_command.py) checked it first, before torch
     artifact = load_artifact(args.model)
     check_out(out)  # again, just before writing: loading a large model takes a while
     path = export_step(artifact.encoder, args.out)

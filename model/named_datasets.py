@@ -12,6 +12,7 @@ sizes); amazon-games is read from ../shared/datasets/ beside the checkout, as be
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,18 @@ def resolve_named(data: str | Path, fmt: str) -> Path:
     if not named.path.is_file():
         raise DataError(f"{named.name}: its file {named.path} is missing")
     return named.path
+
+
+def no_such_data(data: str | Path) -> DataError:
+    """The error for a `--data` that is neither a file nor a named dataset: a bare word may have
+    meant a name, so the names are listed (and the closest one offered)."""
+    text = str(data)
+    if "/" in text:
+        return DataError(f"{text}: no such file")
+    names = ", ".join(NAMED_DATASETS)
+    close = difflib.get_close_matches(text, NAMED_DATASETS, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return DataError(f"{text}: no such file, nor a named dataset ({names}){hint}")
 
 
 def named_for(file: Path) -> NamedDataset | None:

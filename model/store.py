@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.artifact import FILES, MANIFEST
+from model.artifact_files import FILES, MANIFEST
 from model.errors import ArtifactError
 from model.owned import MARKER, NotOwned, check_replaceable, mark, remove_owned
 

@@ -2,7 +2,10 @@
 
 Each subcommand lives in the module that does its work; that module exposes
 `add_arguments(parser)` and `main(args) -> int`. Modules are imported only when their
-subcommand runs, so `kvrec tail` does not pay for importing torch.
+subcommand runs, so `kvrec tail` does not pay for importing torch; and a command's module does
+not import torch itself: its `main` checks the arguments (files there, choices, ranges) first,
+then imports the code that does the work, so a mistake is reported in a fraction of a second
+(all but `kvrec bench`; tests/test_edges_cli.py).
 
 Every flag can also be set with an environment variable (twelve-factor configuration); a flag
 on the command line wins over the environment. One rule names them:
@@ -36,9 +39,9 @@ from model.errors import ConfigError, KvrecError
 COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("stream.replay", "publish a dataset to the events topic"),
     "tail": ("stream.tail", "print the recommendations topic as it arrives"),
-    "train": ("model.train", "train the encoder and write a model artifact"),
-    "eval": ("model.evaluate", "full-ranking evaluation of a model artifact"),
-    "export": ("model.export", "export a model artifact's step to ONNX"),
+    "train": ("model.train_command", "train the encoder and write a model artifact"),
+    "eval": ("model.eval_command", "full-ranking evaluation of a model artifact"),
+    "export": ("model.export_command", "export a model artifact's step to ONNX"),
     "worker": ("stream.worker.app", "run the streaming recommender worker"),
     "demo": ("stream.demo", "start a broker, train, run a worker, replay, show results"),
     "broker": ("deploy.kafka.launcher", "start a local single-node Kafka broker (KRaft)"),

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
+from model.artifact_files import check_artifact_dir
+from model.choices import BACKENDS
 from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
 from model.errors import ConfigError, RunFailed
 from model.flags import integer, number
@@ -62,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=integer(1), default=60_000, help="events to replay")
     parser.add_argument("--partitions", type=integer(1), default=4)
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
-    parser.add_argument("--backend", default="torch-cpu")
+    parser.add_argument("--backend", default="torch-cpu", choices=BACKENDS)
     parser.add_argument(
         "--topic-prefix", default=None,
         help="prefix of the demo's topics and worker group (default: none with the demo's own "
@@ -222,6 +224,8 @@ def main(args: argparse.Namespace) -> int:
         if not DEFAULT_DATA.exists():
             raise ConfigError(f"no --data given and {DEFAULT_DATA} is missing; try --format synthetic")
         args.data = str(DEFAULT_DATA)
+    if args.model:  # checked before the data is read, the model trained or a broker started
+        check_artifact_dir(args.model)
     workdir = work_dir(args.workdir, "kvrec-demo-", "kvrec demo")
     interactions: list[Interaction] = dataset_from_args(args)[: args.events]
     model = Path(args.model) if args.model else _train(args, workdir)

@@ -4,11 +4,15 @@ A worker serves `/ready` on its metrics port (200 once its model is loaded, its 
 its partitions assigned and restored: stream/worker/metrics.py). The demo replays nothing
 before that, and fails with one line (`RunFailed`, exit status 1) when the worker exits, is
 killed, or is not ready within a bounded time.
+
+That line names the cause. A worker killed by a signal was killed: the signal is the cause, and
+its last log line (often librdkafka's routine `Coordinator load in progress: retrying`) is not
+named. A worker that exited names its `kvrec: error:` line, else the exception that ended it (the
+last line of a traceback), else nothing but its exit status (its output is above).
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
 import socket
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 from model.errors import RunFailed
 
 STOP_GRACE_S = 60.0
+ERROR_PREFIX = "kvrec: error: "
 
 
 def free_port() -> int:
@@ -42,11 +47,13 @@ def _ended(code: int) -> str:
 
 
 class WorkerProcess:
-    """A `kvrec worker` child whose stderr is copied to ours; its last lines explain a failure."""
+    """A `kvrec worker` child whose stderr is copied to ours; its error line explains a failure."""
 
-    def __init__(self, command: Sequence[str], metrics_port: int, tail_lines: int = 20) -> None:
+    def __init__(self, command: Sequence[str], metrics_port: int) -> None:
         self.metrics_port = metrics_port
-        self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self.error_line = ""  # its last `kvrec: error: ...` line
+        self.in_traceback = False  # inside a Python traceback
+        self.exception_line = ""  # its last line, when that ends a traceback
         self.process = subprocess.Popen(
             list(command),
             stderr=subprocess.PIPE,
@@ -69,16 +76,34 @@ class WorkerProcess:
             sys.stderr.write(line)
             sys.stderr.flush()
             if line.strip():
-                self.tail.append(line.strip())
+                self._note(line.rstrip())
+
+    def _note(self, line: str) -> None:
+        self.exception_line = ""
+        if line.startswith(ERROR_PREFIX):
+            self.error_line = line.removeprefix(ERROR_PREFIX)
+        elif line.startswith("Traceback (most recent call last):"):
+            self.in_traceback = True
+        elif self.in_traceback and not line[:1].isspace():
+            self.in_traceback = False
+            self.exception_line = line  # `ValueError: ...`, the traceback's end
+
+    def cause(self, code: int) -> str:
+        """What ended the worker, in its own words: nothing for a signal (the signal is the
+        cause; its last log line was whatever it was doing then), else its `kvrec: error:` line,
+        else the exception line that ends its output, else nothing."""
+        if code < 0:
+            return ""
+        return self.error_line or self.exception_line
 
     def check_alive(self, when: str) -> None:
-        """`RunFailed` naming how the worker ended and its last stderr line, if it has."""
+        """`RunFailed` naming how the worker ended and, if it exited, why (`cause`)."""
         code = self.process.poll()
         if code is None:
             return
         self._relay.join(timeout=5.0)  # the rest of its stderr, for the reason
-        last = self.tail[-1].removeprefix("kvrec: error: ") if self.tail else ""
-        raise RunFailed(f"the worker {_ended(code)} {when}" + (f": {last}" if last else ""))
+        cause = self.cause(code)
+        raise RunFailed(f"the worker {_ended(code)} {when}" + (f": {cause}" if cause else ""))
 
     def ready(self) -> bool:
         url = f"http://127.0.0.1:{self.metrics_port}/ready"

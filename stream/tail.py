@@ -20,14 +20,21 @@ import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from model.errors import ConfigError
+from model.errors import ConfigError, RunFailed
 from model.flags import integer, number
-from stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text, wait_for_kafka
+from stream.kafka_config import (
+    add_kafka_arguments,
+    client_config,
+    kafka_error_text,
+    topic_names,
+    wait_for_kafka,
+)
 from stream.kafka_logs import kafka_log
 from stream.logs import add_logging_arguments, setup_logging
 from stream.schema import decode_recommendation
 
 SHOWN_ITEMS = 5
+TOPIC_POLL_S = 1.0  # how often a missing topic is looked for
 log = logging.getLogger("kvrec.tail")
 
 
@@ -40,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=number(0), default=0.0,
         help="stop after S idle seconds (0 = never); with it, a Kafka that cannot be reached "
-             "within S seconds (or --connect-timeout, if shorter) is an error, exit status 1",
+             "within S seconds (or --connect-timeout, if shorter), or a --topic that does not "
+             "exist after S seconds, is an error, exit status 1",
     )
     add_logging_arguments(parser, default_level="WARNING")
 
@@ -72,6 +80,26 @@ def render(key: bytes | None, value: bytes | None, as_json: bool) -> str:
         return f"(not a recommendation: {exc}) {value[:200]!r}"
 
 
+def wait_for_topic(config: dict[str, object], topic: str, timeout_s: float | None) -> None:
+    """Return once `topic` exists. Within `timeout_s` (None: forever, saying so once), else
+    `RunFailed` (exit status 1): a tail of a topic that is not there shows nothing, and
+    that is not success."""
+    started = time.monotonic()
+    said = False
+    while topic not in topic_names(config):
+        waited = time.monotonic() - started
+        if timeout_s is not None and waited >= timeout_s:
+            raise RunFailed(
+                f"topic {topic!r} does not exist at {config.get('bootstrap.servers')} "
+                f"(waited {timeout_s:g} s, --timeout); the worker's --output-topic is "
+                "`recommendations` unless it was given another"
+            )
+        if not said:
+            log.warning("topic %r does not exist yet; waiting for it", topic)
+            said = True
+        time.sleep(TOPIC_POLL_S if timeout_s is None else min(TOPIC_POLL_S, timeout_s - waited))
+
+
 def main(args: argparse.Namespace) -> int:
     setup_logging(args)
     config = client_config(args)
@@ -81,6 +109,7 @@ def main(args: argparse.Namespace) -> int:
         wait_for_kafka(config, min(args.timeout, args.connect_timeout))
     else:
         wait_for_kafka(config, args.connect_timeout, retry=True, log=log)
+    wait_for_topic(config, args.topic, args.timeout or None)
     try:
         consumer = Consumer(
             {

@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from model import named_datasets
 from model.datasets import read_interactions
@@ -74,3 +76,28 @@ def test_a_missing_named_file_is_a_clear_error(
     monkeypatch.setitem(NAMED_DATASETS, games.name, replace(games, path=tmp_path / "gone.txt"))
     with pytest.raises(DataError, match=r"amazon-games: its file .*gone\.txt is missing"):
         read_interactions("amazon-games", "sasrec")
+
+
+@given(st.text(alphabet=st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)),
+               min_size=1, max_size=30))
+def test_a_word_that_is_neither_a_file_nor_a_name_lists_the_names(word: str) -> None:
+    assume(word not in NAMED_DATASETS and not Path(word).exists())
+    with pytest.raises(DataError) as refused:
+        read_interactions(word, "sasrec")
+    message = str(refused.value)
+    assert message.startswith(f"{word}: no such file, nor a named dataset (")
+    assert all(name in message for name in NAMED_DATASETS)
+
+
+def test_a_misspelt_name_is_offered_the_closest_one() -> None:
+    with pytest.raises(DataError) as refused:
+        read_interactions("amazon-gamez", "sasrec")
+    assert str(refused.value) == (
+        "amazon-gamez: no such file, nor a named dataset (amazon-beauty, amazon-toys, "
+        "amazon-games); did you mean amazon-games?"
+    )
+
+
+def test_a_missing_path_is_only_a_missing_file() -> None:
+    with pytest.raises(DataError, match=r"^/no/such/file.txt: no such file$"):
+        read_interactions("/no/such/file.txt", "sasrec")

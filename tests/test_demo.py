@@ -85,6 +85,43 @@ def test_ready_once_the_endpoint_says_so_and_killed_is_named() -> None:
         server.shutdown()
 
 
+ROUTINE_LINE = (
+    "%6|1765142131.123|GETPID|rdkafka#consumer-1| [thrd:main]: Coordinator load in progress: "
+    "retrying"
+)
+
+
+def _ended_by(code: str) -> RunFailed:
+    """The demo's failure for a worker that logs a routine librdkafka line, then runs `code`."""
+    worker = WorkerProcess(
+        [sys.executable, "-c", f"import sys; print({ROUTINE_LINE!r}, file=sys.stderr); {code}"],
+        metrics_port=free_port(),
+    )
+    try:
+        with pytest.raises(RunFailed) as failure:
+            worker.wait_until_ready(timeout_s=30)
+    finally:
+        worker.stop()
+    return failure.value
+
+
+def test_a_worker_killed_by_a_signal_is_reported_by_the_signal_not_its_last_log_line() -> None:
+    failure = _ended_by("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert str(failure) == "the worker was killed by SIGKILL before it was ready"
+
+
+def test_a_worker_that_exits_without_an_error_line_names_no_log_line() -> None:
+    failure = _ended_by("sys.exit(3)")
+    assert str(failure) == "the worker exited with status 3 before it was ready"
+
+
+def test_a_worker_that_crashes_is_reported_with_its_exception() -> None:
+    failure = _ended_by("raise RuntimeError('the index is empty')")
+    assert str(failure) == (
+        "the worker exited with status 1 before it was ready: RuntimeError: the index is empty"
+    )
+
+
 # --- against the broker --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -451,6 +453,21 @@ def test_tail_timeout_and_replay_stop_with_one_line_when_kafka_cannot_be_reached
     assert tail.stdout == replay.stdout == ""
 
 
+@pytest.mark.kafka
+def test_tail_of_a_topic_that_does_not_exist_fails_after_its_timeout(kafka_bootstrap: str) -> None:
+    topic = f"no-such-topic-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    tail = _run_kvrec("tail", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
+                      "--timeout", "2")
+    assert 2 <= time.monotonic() - started < 60
+    assert tail.returncode == 1, tail.stderr
+    assert tail.stderr.splitlines()[-1] == (
+        f"kvrec: error: topic '{topic}' does not exist at {kafka_bootstrap} (waited 2 s, "
+        "--timeout); the worker's --output-topic is `recommendations` unless it was given another"
+    )
+    assert tail.stdout == ""
+
+
 class _Stderr:
     """A child's stderr lines, collected by a thread (the child is never blocked on it)."""
 
@@ -593,3 +610,61 @@ def test_no_numeric_flag_escapes_its_range_check(command: str) -> None:
     for action in _all_actions(sub.choices[command]):
         if isinstance(action.default, int | float) and not isinstance(action.default, bool):
             assert getattr(action.type, "__name__", None) in ("integer", "number"), action.dest
+
+
+# --- arguments are checked before the heavy imports ----------------------------------------
+
+# run `kvrec ARGS`, then say on stdout whether torch was imported (after its error line)
+_IMPORT_PROBE = (
+    "import sys\n"
+    "from stream.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print('torch imported' if 'torch' in sys.modules else 'torch not imported')\n"
+    "sys.exit(code)\n"
+)
+NO_FILE, NO_MODEL = "/no/such/events.txt", "/no/such/model"
+BAD_ARGUMENTS = [
+    (["replay", "--data", NO_FILE], f"{NO_FILE}: no such file"),
+    (["tail", "--timeout", "-1"], "argument --timeout: must be a number >= 0"),
+    (["train", "--data", NO_FILE, "--out", "/tmp/m"], f"{NO_FILE}: no such file"),
+    (["train", "--data", "amazon-gamez", "--out", "/tmp/m"], "did you mean amazon-games?"),
+    (["train", "--format", "synthetic", "--out", "/tmp/m", "--epochs", "2", "--warmup-epochs", "3"],
+     "--warmup-epochs must be between 0 and --epochs"),
+    (["eval", "--model", NO_MODEL, "--format", "synthetic"], f"{NO_MODEL}: no such model artifact"),
+    (["eval", "--model", "tests", "--data", NO_FILE], f"{NO_FILE}: no such file"),
+    (["export", "--model", NO_MODEL, "--out", "/tmp/step.onnx"], f"{NO_MODEL}: no such model"),
+    (["export", "--model", NO_MODEL, "--out", "/no/such/step.onnx"], "the folder /no/such does not"),
+    (["worker", "--model", NO_MODEL], f"--model {NO_MODEL}: no such model artifact directory"),
+    (["demo", "--backend", "nosuch"], "argument --backend: invalid choice: 'nosuch'"),
+    (["demo", "--data", NO_FILE], f"{NO_FILE}: no such file"),
+    (["demo", "--format", "synthetic", "--model", NO_MODEL], f"{NO_MODEL}: no such model"),
+    (["broker", "--port", "70000"], "argument --port: must be an integer between 0 and 65535"),
+    (["models", "list", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["retrain", "--model-store", "/tmp/s", "--margin", "-1"], "argument --margin: must be a number"),
+    (["retrain", "--model-store", "/tmp/s", "--data", NO_FILE], f"{NO_FILE}: no such file"),
+    (["retrain", "--model-store", "/tmp/s", "--format", "synthetic", "--epochs", "1",
+      "--warmup-epochs", "2"], "--warmup-epochs must be between 0 and --epochs"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_ARGUMENTS, ids=lambda a: " ".join(a)
+                         if isinstance(a, list) else "")
+def test_a_bad_argument_is_refused_before_torch_is_imported(args: list[str], message: str) -> None:
+    """Every command checks its arguments (files there, choices valid, numbers in range) before
+    it imports torch: a mistake is reported in a fraction of a second, not after 5-10 s of
+    imports (or, for the demo, after training and starting a broker)."""
+    env = {**os.environ, "KVREC_BOOTSTRAP_SERVERS": "127.0.0.1:1", "KVREC_CONNECT_TIMEOUT": "1"}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, *args], capture_output=True,
+                            text=True, timeout=120, env=env, cwd=Path(__file__).resolve().parent.parent)
+    seconds = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("kvrec: error: ") and message in error, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "torch not imported"
+    assert seconds < 10  # about 0.3 s on a quiet machine; torch's import alone takes 3-10 s
+
+
+def test_the_bad_arguments_cover_every_command() -> None:
+    # but `kvrec bench`: each benchmark's module imports torch where it defines its flags
+    assert {args[0] for args, _ in BAD_ARGUMENTS} == set(COMMANDS) - {"bench"}

@@ -97,9 +97,13 @@ def test_a_worse_candidate_is_refused_with_both_figures(earlier: Path, tmp_path:
     assert f"{decision.candidate['ndcg@10']:.4f}" in note
     assert f"{decision.serving['ndcg@10']:.4f}" in note and note.startswith("refuse")
     # the other way round it is published; a margin wider than the gap lets it through
-    assert decide(serving, worse, data).publish
+    better = decide(serving, worse, data)
+    assert better.publish and better.reason.endswith("against the serving model's (refused "
+                                                     "only below it)")
     gap = decision.serving["ndcg@10"] - decision.candidate["ndcg@10"]
-    assert decide(worse, serving, data, margin=gap + 0.01).publish
+    lenient = decide(worse, serving, data, margin=gap + 0.01)
+    assert lenient.publish and lenient.reason.endswith(f"(refused only more than {gap + 0.01:g} "
+                                                       "below it)")
 
 
 def test_the_serving_model_misses_the_items_it_does_not_know(earlier: Path, tmp_path: Path) -> None:
@@ -190,6 +194,7 @@ def test_retrain_once_publishes_then_refuses_a_worse_model(kafka_bootstrap: str,
     assert first is not None and first.reason == "retrain", output[-3000:]
     assert (store / "default" / first.version / "manifest.json").is_file()
     assert "publish: no serving model" in output
+    assert "\x1b" not in output and "\b" not in output  # a log file, not a terminal
 
     # worse data: new users with random items, trained hard from the serving weights
     rng = random.Random(0)

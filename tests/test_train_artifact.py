@@ -71,6 +71,15 @@ def test_tampered_weights_are_refused(trained: tuple[Path, dict], tmp_path: Path
     weights.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="sha256 does not match"):
         load_artifact(copy)
+    weights.write_bytes((out / "weights.safetensors").read_bytes())
+    (copy / "vocab.json").unlink()
+    with pytest.raises(ArtifactError) as refused:
+        load_artifact(copy)
+    assert str(refused.value) == (
+        f"{copy}: vocab.json is missing, so this is not a whole model artifact: copy the whole "
+        "directory again, or write a new one with `kvrec train --out DIR` (`kvrec export` "
+        "writes only an ONNX file)"
+    )
     (copy / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
         load_artifact(copy)

@@ -8,24 +8,29 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from model.datasets import add_dataset_arguments, dataset_from_args
+from model.datasets import add_dataset_arguments, check_dataset_arguments, dataset_from_args
 from model.errors import ConfigError
 from model.flags import PORT, integer, number
 from model.store import ModelStore
-from model.train import add_training_arguments, settings_from_args, shape_from_args
+from model.train_command import add_training_arguments, settings_from_args, shape_from_args
 from stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text, wait_for_kafka
 from stream.logs import add_logging_arguments, setup_logging
 from stream.model_updates import LIVE_STATS_TOPIC, UPDATES_TOPIC, ensure_model_topics
-from stream.retrain.job import REFUSED_EXIT, JobSettings, Outcome, run_job
+
+if TYPE_CHECKING:
+    from stream.retrain.job import JobSettings, Outcome
 
 log = logging.getLogger("kvrec.retrain")
 
 DEFAULT_EVENT_TYPES = "view,click,add_to_cart,purchase"  # as `kvrec worker --event-types`
 RETRAIN_EPOCHS = 5  # a side job's default: a few epochs on top of the serving weights
+
+
+REFUSED_EXIT = 3  # `kvrec retrain --once` / `--data`: the candidate was refused (0: published)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _job_settings(args: argparse.Namespace, kafka_config: dict[str, object]) -> JobSettings:
+    from stream.retrain.job import JobSettings
+
     return JobSettings(
         kafka_config=kafka_config,
         store=ModelStore(args.model_store, args.model_name),
@@ -116,7 +123,14 @@ def _report(outcome: Outcome) -> int:
 def main(args: argparse.Namespace) -> int:
     setup_logging(args)
     kafka_config = client_config(args)
-    settings = _job_settings(args, kafka_config)  # checks the training flags first
+    settings_from_args(args)  # the training flags, and --data, before torch and Kafka
+    if args.data is not None:
+        check_dataset_arguments(args)
+    from model.train import configure_torch
+    from stream.retrain.job import run_job
+
+    configure_torch(args)
+    settings = _job_settings(args, kafka_config)
     wait_for_kafka(kafka_config, args.connect_timeout)
     ensure_model_topics(kafka_config, args.updates_topic, args.stats_topic)
     if args.data is not None or args.format == "synthetic":
@@ -209,12 +223,17 @@ def _run_app(args: argparse.Namespace, kafka_config: dict[str, object], settings
     def stop() -> None:  # as SIGTERM would: the worker's own shutdown path
         holder["worker"]._schedule_shutdown(signal.SIGTERM)
 
+    from stream.retrain.job import run_job
+
     app, status = build_app(app_settings, end_offsets, lambda data: run_job(data, settings), stop)
     if args.log_level != "DEBUG":
         for name in ("faust", "mode", "aiokafka", "kafka"):
             logging.getLogger(name).setLevel(logging.WARNING)
     worker = faust.Worker(app, loglevel=args.log_level, quiet=True, redirect_stdouts=False,
                           override_logging=False)
+    # no Faust spinner: where stdout is not a terminal it still writes a backspace and a
+    # cursor escape into the log (`\b\x1b[?25h`); the logs and the progress bar say enough
+    worker.spinner = None
     holder["worker"] = worker
     log.info("kvrec retrain: group %s on %s (%d partitions), %s, web view %s",
              args.group_id, args.input_topic, len(end_offsets),

@@ -33,10 +33,10 @@ from stream.model_updates import (
     latest_announcement,
     served_versions,
 )
+from stream.retrain.command import REFUSED_EXIT  # noqa: F401 - kvrec retrain's, as before
 
 log = logging.getLogger("kvrec.retrain")
 
-REFUSED_EXIT = 3  # `kvrec retrain --once` / `--data`: the candidate was refused (0: published)
 
 
 @dataclass(frozen=True)
