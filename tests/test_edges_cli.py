@@ -638,6 +638,7 @@ BAD_ARGUMENTS = [
     (["demo", "--backend", "nosuch"], "argument --backend: invalid choice: 'nosuch'"),
     (["demo", "--data", NO_FILE], f"{NO_FILE}: no such file"),
     (["demo", "--format", "synthetic", "--model", NO_MODEL], f"{NO_MODEL}: no such model"),
+    (["topics", "create", "--partitions", "0"], "argument --partitions: must be an integer"),
     (["broker", "--port", "70000"], "argument --port: must be an integer between 0 and 65535"),
     (["models", "list", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["retrain", "--model-store", "/tmp/s", "--margin", "-1"], "argument --margin: must be a number"),
