@@ -73,6 +73,23 @@ def test_health_and_ready_follow_the_worker_through_its_life() -> None:
         server.shutdown()
 
 
+def test_a_wait_on_kafka_is_alive_up_to_its_limit_and_no_longer() -> None:
+    """A checkpoint waiting for Kafka within its limit is alive though the loop does not beat;
+    past the limit (the worker should have exited by itself) it is stalled like any silence."""
+    health = HealthState(stale_after_s=0.2)
+    health.started()
+    with health.waiting_on_kafka(0.8):
+        time.sleep(0.4)  # past the stall limit, within the wait's
+        status, text = health.health_reply()
+        assert (status, text.split(" for ")[0]) == (200, "ok: waiting")
+        assert text.endswith(", within the outage limit") and health.healthy()
+        time.sleep(0.6)  # past the wait's limit: silent since the wait began
+        status, text = health.health_reply()
+        assert status == 503 and text.startswith("stalled: no progress for 1 s")
+        assert not health.healthy()
+    assert health.health_reply() == (200, "ok")  # the wait is over: that is progress
+
+
 def test_the_metrics_server_listens_where_it_is_told() -> None:
     everywhere = serve(WorkerMetrics(), HealthState(), 0)
     loopback = serve(WorkerMetrics(), HealthState(), 0, "127.0.0.1")

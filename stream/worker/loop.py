@@ -20,7 +20,9 @@
            an error that escapes (Kafka, infrastructure): abort, commit nothing
 
 Every turn of the loop, and every read of a restore, beats the liveness that `/health` reports;
-`/ready` follows the assignment (metrics.py: HealthState). Once a second the loop sets the
+a checkpoint (or an abort) waiting for Kafka is alive up to its own limit (`--outage-limit-s`,
+past which it gives up and the worker exits); `/ready` follows the assignment (metrics.py:
+HealthState). Once a second the loop sets the
 consumer-lag gauge of each owned partition from librdkafka's cached watermarks (no request).
 """
 
@@ -30,6 +32,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -56,6 +59,7 @@ from stream.schema import (
 )
 from stream.worker.checkpoint import (
     RESTART,
+    WAIT_MARGIN_S,
     Checkpoint,
     ClientFailed,
     ClientHang,
@@ -379,7 +383,9 @@ class Worker:
         """Checkpoint; if the broker aborted the transaction, replay from the last checkpoint."""
         try:
             started = time.perf_counter()
-            if self.checkpoint.commit():
+            with self._waiting_on_kafka():
+                committed = self.checkpoint.commit()
+            if committed:
                 self.metrics.checkpoints.inc()
                 self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         except TransactionAborted as aborted:
@@ -387,11 +393,18 @@ class Worker:
             self.metrics.transactions_aborted.inc()
             self._rewind()
 
+    def _waiting_on_kafka(self) -> AbstractContextManager[None]:
+        """Alive on /health while the checkpoint waits for Kafka within its limit."""
+        return self.health.waiting_on_kafka(self.checkpoint.longest_wait_s)
+
     def _rewind(self) -> None:
         """Drop the work since the last checkpoint and consume again from its offsets."""
-        self.checkpoint.abort()
+        with self._waiting_on_kafka():
+            self.checkpoint.abort()
         assigned = [TopicPartition(self.settings.input_topic, p) for p, _ in self.state.items()]
-        for tp in self.consumer.committed(assigned, timeout=30.0):
+        with self.health.waiting_on_kafka(30.0 + WAIT_MARGIN_S):
+            committed = self.consumer.committed(assigned, timeout=30.0)
+        for tp in committed:
             tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
             self.consumer.seek(tp)
 
@@ -400,7 +413,8 @@ class Worker:
         be aborted raises `ClientHang` (the process exits at once, app.py)."""
         log.error("the worker failed: the work since the last checkpoint is aborted, not committed")
         try:
-            self.checkpoint.abort()
+            with self._waiting_on_kafka():
+                self.checkpoint.abort()
         except ClientHang:
             self.hung = True  # the producer can do nothing more: leave the clients alone
             raise
