@@ -56,7 +56,10 @@ def test_health_and_ready_follow_the_worker_through_its_life() -> None:
         assert _get(port, "/ready") == (503, "not ready: waiting for a partition assignment\n")
         health.assignment_started()
         assert _get(port, "/ready") == (503, "not ready: restoring\n")
-        health.assignment_done()  # an empty assignment (an idle member) too
+        health.assignment_empty()  # owning nothing: a first cooperative round, or idle?
+        assert _get(port, "/ready") == (503, "not ready: waiting for a partition assignment\n")
+        health.assignment_started()
+        health.assignment_done()  # partitions restored (or known to be an idle member)
         assert _get(port, "/ready") == (200, "ready\n")
         health.revoked()
         assert _get(port, "/ready") == (503, "not ready: waiting for a partition assignment\n")
@@ -223,6 +226,62 @@ def test_an_idle_member_is_ready_and_a_revocation_resets_readiness(
     finally:
         for server in servers:
             server.shutdown()
+
+
+@pytest.mark.kafka
+def test_a_joining_member_is_not_ready_before_its_partitions_are_assigned_and_restored(
+    kafka_bootstrap, model, tmp_path
+) -> None:
+    """Two members, four partitions: the joining member's first cooperative round hands it
+    nothing (the other gives partitions up first), its partitions come a round later. It is
+    not ready in between, only once it owns its partitions, restored (before, it was ready
+    with nothing for about 3 s)."""
+    from confluent_kafka import Producer
+
+    events, recs, dead = (unique_topic(f"join-{t}") for t in ("events", "recs", "dlq"))
+    group = unique_topic("join-group")
+    create_topics(kafka_bootstrap, {events: 4, recs: 1, dead: 1})
+    create_topics(kafka_bootstrap, {f"{group}-windows-changelog": 4},
+                  config={"cleanup.policy": "compact"})
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    users = 80
+    for i in range(users):  # windows in every partition's changelog: the joiner restores them
+        producer.produce(events, key=f"u{i}".encode(), value=_event(f"u{i}"))
+    producer.flush(30)
+
+    def args(instance: str):  # type: ignore[no-untyped-def]
+        return worker_args(kafka_bootstrap, events=events, recommendations=recs,
+                           dead_letters=dead, group=group, model=model,
+                           state_dir=tmp_path / instance, extra=("--instance-id", instance))
+
+    a = ThreadWorker(args("a"))
+    b = ThreadWorker(args("b"), health=Recording())
+    samples: list[tuple[bool, int, list[float]]] = []  # (ready, partitions owned, remaining)
+    with a:
+        _wait(lambda: a.health.ready and len(a.worker.state) == 4, what="a owning all four")
+        _wait(lambda: a.counter("kvrec_checkpoints_total") > 0
+              and a.counter("kvrec_events_applied_total") == users, what="a's checkpoint")
+        with b:
+            deadline = time.monotonic() + 60
+            while not (b.health.ready and len(b.worker.state) == 2):
+                assert time.monotonic() < deadline, f"b never ready: {b.health.events}"
+                ready = b.health.ready  # first: partitions are in place before it turns true
+                owned = [p for p, _ in b.worker.state.items()]
+                remaining = [b.metrics.registry.get_sample_value(
+                    "kvrec_restore_records_remaining", {"partition": str(p)}) for p in owned]
+                samples.append((ready, len(owned), remaining))
+                time.sleep(0.005)
+            server = serve(b.metrics, b.health, 0, "127.0.0.1")
+            try:
+                assert _get(server.server_address[1], "/ready") == (200, "ready\n")
+            finally:
+                server.shutdown()
+            assert b.counter("kvrec_restored_windows_total") > 0  # it had something to restore
+    # the first round did hand b nothing (the case under test happened) ...
+    assert ("assign", False) in b.health.events and samples and samples[0][1] == 0
+    # ... and b was never ready owning nothing, nor with a restore unfinished
+    assert not [s for s in samples if s[0] and (s[1] == 0 or any(r != 0 for r in s[2]))], [
+        s for s in samples if s[0]][:5]
 
 
 @pytest.mark.kafka

@@ -45,6 +45,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from state.partition import WorkerState
 from state.window import Window, WindowEvent, WindowSnapshot
@@ -129,6 +130,7 @@ class KafkaClients:
 
 class Worker:
     lag_interval_s = 1.0  # how often the consumer-lag gauges are updated
+    idle_check_s = 1.0  # owning nothing after a rebalance: how often to ask if that is final
 
     def __init__(
         self,
@@ -180,15 +182,21 @@ class Worker:
         )
         self.metrics.serving(recommender.version)
         self._lag_due = 0.0
+        self._idle_check_due: float | None = None  # owning nothing: when to ask if it is final
+        self._admin: AdminClient | None = None
+        self.kafka_config = kafka_config
         self._backlog = True  # the last batch was full: the next waits for a full one
         self._wire: tuple[object, WireEncoder] | None = None  # (recommender, its encoder)
 
     # --- rebalance -------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Restore each new partition, then let it deliver. Called by the group for every
-        assignment, an empty one too (an idle member): either way the worker is a member with
-        its assignment restored and consuming, ready."""
+        round of a rebalance, with the partitions it adds (possibly none). Owning partitions,
+        all restored, the worker is ready; owning none, it is ready only once the loop finds
+        the group has more members than the input has partitions (`_check_idle`): a joining
+        member's first cooperative round is empty, and its partitions come a round later."""
         self.health.assignment_started()
+        self._idle_check_due = None
         committed = {
             tp.partition: tp.offset
             for tp in consumer.committed(
@@ -207,8 +215,45 @@ class Worker:
             self.metrics.restored_windows.inc(result.restored)
         consumer.incremental_assign(partitions)
         self.metrics.assigned_partitions.set(len(self.state))
-        self.health.assignment_done()
+        if len(self.state):
+            self.health.assignment_done()
+        else:  # an idle member, or the first round of a rebalance that has more to come
+            self.health.assignment_empty()
+            self._idle_check_due = time.monotonic()
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
+
+    def _check_idle(self) -> None:
+        """Owning nothing after a rebalance: ready if that is final, the group having more
+        members than the input has partitions (the cooperative-sticky assignor balances, so a
+        member owns nothing only then); otherwise asked again every `idle_check_s` until the
+        next round assigns partitions."""
+        if self._idle_check_due is None or time.monotonic() < self._idle_check_due:
+            return
+        self._idle_check_due = time.monotonic() + self.idle_check_s
+        try:
+            members, partitions = self._group_members(), self._input_partitions()
+        except KafkaException as exc:  # asked again in a second
+            log.debug("cannot tell whether this member is idle yet: %s", exc)
+            return
+        if members > partitions and not len(self.state):
+            self._idle_check_due = None
+            self.health.assignment_done()
+            log.info("idle: %d members, %d input partitions, none for this one", members,
+                     partitions)
+
+    def _group_members(self) -> int:
+        """How many members the consumer group has now (the group coordinator's answer)."""
+        if self._admin is None:
+            from stream.kafka_config import admin_client
+
+            self._admin = admin_client(self.kafka_config)
+        group = self.settings.group_id
+        futures = self._admin.describe_consumer_groups([group], request_timeout=5.0)
+        return len(futures[group].result(timeout=10.0).members)
+
+    def _input_partitions(self) -> int:
+        metadata = self.consumer.list_topics(self.settings.input_topic, timeout=5.0)
+        return len(metadata.topics[self.settings.input_topic].partitions)
 
     def _restore_progress(self, progress: RestoreProgress) -> None:
         self.health.beat()  # the loop does not turn during a restore: the restore is the beat
@@ -218,6 +263,7 @@ class Worker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.health.revoked()  # ready again when the rebalance's assignment completes
+        self._idle_check_due = None
         if not self.failed:  # after an error nothing is committed: the input is replayed
             self._commit()
         self._drop(consumer, partitions)
@@ -225,6 +271,7 @@ class Worker:
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.health.revoked()
+        self._idle_check_due = None
         self._drop(consumer, partitions)  # someone else owns them now: keep nothing unflushed
         log.warning("lost %s", sorted(tp.partition for tp in partitions))
 
@@ -259,6 +306,7 @@ class Worker:
                     self._commit()
                 if time.monotonic() >= self._lag_due:
                     self._update_lag()
+                self._check_idle()
                 if self.watcher is not None:
                     self._model_turn(self.watcher)
             self._commit()

@@ -191,9 +191,13 @@ class HealthState:
     (`waiting_on_kafka`); past the limit the silence counts from the wait's start.
 
     `/ready`, readiness: the worker is a member of its group and every partition assigned to it
-    is restored and consuming. The assignment callback running at all makes a member (an idle
-    member's assignment is empty); a restore, a revocation or a lost assignment makes the
-    worker not ready until the next assignment completes. A stalled worker is not ready either.
+    is restored and consuming. An assignment that leaves the worker owning nothing is not
+    enough: a cooperative rebalance's first round hands a joining member nothing while the
+    others give up partitions, and its partitions come in a second round (`assignment_empty`);
+    the worker is ready owning nothing only once the group is known to have more members than
+    the input has partitions (an idle member, `assignment_done`). A restore, a revocation or a
+    lost assignment makes the worker not ready until the next assignment completes. A stalled
+    worker is not ready either.
     """
 
     def __init__(self, stale_after_s: float = 60.0) -> None:
@@ -236,6 +240,13 @@ class HealthState:
     def assignment_started(self) -> None:
         self.beat()
         self.restoring = True
+        self.assigned = False
+
+    def assignment_empty(self) -> None:
+        """The rebalance left the worker owning nothing: not ready until it is assigned
+        partitions, or known to be idle (`assignment_done`)."""
+        self.beat()
+        self.restoring = False
         self.assigned = False
 
     def assignment_done(self) -> None:
