@@ -22,8 +22,8 @@
 Every turn of the loop, and every read of a restore, beats the liveness that `/health` reports;
 a checkpoint (or an abort) waiting for Kafka is alive up to its own limit (`--outage-limit-s`,
 past which it gives up and the worker exits); `/ready` follows the assignment (metrics.py:
-HealthState). Once a second the loop sets the
-consumer-lag gauge of each owned partition from librdkafka's cached watermarks (no request).
+HealthState). Once a second the loop sets the consumer-lag gauge of each owned partition from
+librdkafka's cached watermarks (no request).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ class Worker:
         self._idle_check_due = time.monotonic() + self.idle_check_s
         try:
             members, partitions = self._group_members(), self._input_partitions()
-        except KafkaException as exc:  # asked again in a second
+        except (KafkaException, TimeoutError) as exc:  # asked again in a second
             log.debug("cannot tell whether this member is idle yet: %s", exc)
             return
         if members > partitions and not len(self.state):
