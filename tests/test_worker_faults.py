@@ -428,8 +428,9 @@ def _liveness_manifest() -> tuple[float, int, float]:
     return float(probe["periodSeconds"]), int(probe.get("failureThreshold", 3)), outage
 
 
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
 def test_liveness_holds_through_a_broker_frozen_past_the_probe_budget_within_the_outage_limit(
-    broker, artifact, tmp_path
+    broker, artifact, tmp_path, guarantee
 ):
     """The manifest's liveness timings and the worker's 60 s stall limit, scaled down by
     `SCALE`: the broker is frozen (SIGSTOP) longer than the probe budget (stall + period x
@@ -451,7 +452,7 @@ def test_liveness_holds_through_a_broker_frozen_past_the_probe_budget_within_the
     args = worker_args(
         bootstrap, events=topics.events, recommendations=topics.recommendations,
         dead_letters=topics.dead_letters, group=topics.group, model=artifact.path,
-        state_dir=tmp_path / "state",
+        state_dir=tmp_path / "state", guarantee=guarantee,
         extra=("--outage-limit-s", str(outage_s), "--session-timeout-ms", "60000"),
     )
     health = HealthState(stale_after_s=stale_s)
