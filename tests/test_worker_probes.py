@@ -15,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from state.partition import PartitionWindows
 from stream.worker.metrics import HealthState, WorkerMetrics, serve
@@ -145,6 +147,75 @@ def test_a_metrics_address_it_cannot_listen_on_is_refused_in_one_line(tmp_path: 
     assert run.stderr.strip().splitlines()[-1].startswith(
         "kvrec: error: --metrics-host 203.0.113.7 --metrics-port 0: cannot listen there"
     )
+
+
+@pytest.fixture(scope="module")
+def fake_worker(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.worker_fixtures import exact_worker_with_model
+
+    model = make_artifact(tmp_path_factory.mktemp("idle") / "model", n_items=60, window=4,
+                          layers=1).path
+    return exact_worker_with_model(model)
+
+
+# what the group coordinator and the metadata say when asked: (members, input partitions) or
+# an error
+IDLE_ANSWERS = st.one_of(
+    st.tuples(st.integers(1, 6), st.integers(1, 6)),
+    st.sampled_from(["kafka", "timeout"]),
+)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(answers=st.lists(IDLE_ANSWERS, max_size=6))
+def test_owning_nothing_is_ready_exactly_when_the_group_outnumbers_the_partitions(
+    fake_worker, tmp_path_factory: pytest.TempPathFactory, answers: list[object]
+) -> None:
+    """After a rebalance that leaves the worker owning nothing, every loop turn's check asks
+    the group's size and the input's partitions; the worker turns ready at the first answer
+    with more members than partitions, never on an error; partitions assigned later make it
+    ready the usual way."""
+    from dataclasses import replace
+
+    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+    from stream.worker.loop import KafkaClients, Worker
+    from tests.fake_kafka import FakeConsumer, FakeProducer, FakeRestoreConsumer
+
+    base, recommender = fake_worker
+    worker_settings = replace(base, state_dir=tmp_path_factory.mktemp("worker"))
+    producer, consumer = FakeProducer(), FakeConsumer()
+    worker = Worker(worker_settings, recommender, WorkerMetrics(), HealthState(), {},
+                    clients=KafkaClients(consumer, producer, FakeRestoreConsumer(producer)))
+    worker.idle_check_s = 0.0
+    pending = list(answers)
+    asked: list[object] = []
+
+    def members() -> int:
+        answer = pending.pop(0)
+        asked.append(answer)
+        if answer == "kafka":
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "broker down"))
+        if answer == "timeout":
+            raise TimeoutError()
+        return answer[0]  # type: ignore[index]
+
+    worker._group_members = members  # type: ignore[method-assign]
+    worker._input_partitions = lambda: asked[-1][1]  # type: ignore[index]
+    worker.health.started()  # as `run` does before it subscribes
+    worker._on_assign(consumer, [])
+    assert not worker.health.ready
+    while pending:
+        worker._check_idle()
+        final = [a for a in asked if isinstance(a, tuple) and a[0] > a[1]]
+        assert worker.health.ready == bool(final), asked
+        if final:
+            assert asked[-1] == final[0]  # not asked again once ready
+            break
+    worker._on_assign(consumer, [TopicPartition(worker_settings.input_topic, 0)])
+    assert worker.health.ready and len(worker.state) == 1
+    worker.state.close_all()
 
 
 # --- against the broker ------------------------------------------------------------------------
