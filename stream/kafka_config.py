@@ -193,6 +193,20 @@ def topic_names(config: Mapping[str, object], timeout_s: float = CONNECT_TIMEOUT
         raise KafkaUnreachable(_unreachable(config, timeout_s, kafka_error_text(exc))) from None
 
 
+def topic_partitions(config: Mapping[str, object],
+                     timeout_s: float = CONNECT_TIMEOUT_S) -> dict[str, int]:
+    """The cluster's topics and their partition counts; `KafkaUnreachable` if no broker answers
+    within `timeout_s`."""
+    admin = admin_client(config)
+    kafka_log_filter.connection_problem = None
+    try:
+        topics = admin.list_topics(timeout=timeout_s).topics
+    except KafkaException as exc:
+        admin.poll(0)
+        raise KafkaUnreachable(_unreachable(config, timeout_s, kafka_error_text(exc))) from None
+    return {name: len(topic.partitions) for name, topic in topics.items()}
+
+
 def ensure_topics(
     config: Mapping[str, object],
     topics: Mapping[str, tuple[int, Mapping[str, str]]],

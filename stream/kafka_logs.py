@@ -8,6 +8,10 @@ itself, a client that cannot reach its broker writes one line per connection att
 - a failed connection attempt (librdkafka's facility `FAIL`) is not logged; the newest one's
   text is kept as the reason the command gives in its own one line about reaching Kafka
   (`kafka_config.wait_for_kafka`);
+- a transaction error (facility `TXNERR`) caused by a rebalance (`REBALANCE_CODES`: the group's
+  generation moved on under the transaction's offsets) is a WARNING, not an ERROR: the worker
+  handles it (the transaction is aborted and the work replayed, `stream/worker/loop.py`), and
+  an ERROR line means a person must act;
 - any other warning or error of the same text (the broker's name, the milliseconds aside) is
   logged at most once per `REPEAT_S`. The worker's consumer errors go through it too.
 """
@@ -21,6 +25,8 @@ import time
 LOGGER_NAME = "kvrec.kafka"
 REPEAT_S = 60.0
 LIBRDKAFKA_FORMAT = "%s [%s] %s"  # how confluent-kafka logs: facility, client name, text
+# a transaction failed because the group rebalanced: handled by replaying, never a person's job
+REBALANCE_CODES = ("ILLEGAL_GENERATION", "REBALANCE_IN_PROGRESS", "UNKNOWN_MEMBER_ID")
 _VARIABLE = re.compile(r"\s*\(after \d+ms in state \w+[^)]*\)|\d+ms|\[thrd:[^\]]*\]:\s*")
 
 
@@ -30,6 +36,12 @@ def librdkafka_parts(record: logging.LogRecord) -> tuple[str, str, str] | None:
     if record.msg == LIBRDKAFKA_FORMAT and isinstance(args, tuple) and len(args) == 3:
         return str(args[0]), str(args[1]), str(args[2])
     return None
+
+
+def handled_by_the_worker(facility: str, text: str) -> bool:
+    """Whether a librdkafka error line is one the worker handles on its own (a transaction
+    aborted by a rebalance, then replayed)."""
+    return facility == "TXNERR" and any(code in text for code in REBALANCE_CODES)
 
 
 def connection_reason(text: str) -> str:
@@ -54,6 +66,10 @@ class KafkaLogFilter(logging.Filter):
         if parts is not None and parts[0] == "FAIL":
             self.connection_problem = connection_reason(parts[2])
             return False
+        if parts is not None and record.levelno > logging.WARNING and handled_by_the_worker(
+            parts[0], parts[2]
+        ):
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
         if record.levelno < logging.WARNING:
             return True
         key = _VARIABLE.sub(" ", parts[2] if parts else record.getMessage())

@@ -589,6 +589,36 @@ def test_librdkafka_lines_go_through_python_logging_without_the_flood() -> None:
     )
 
 
+def test_a_transaction_error_the_worker_handles_is_a_warning_not_an_error() -> None:
+    """librdkafka logs a transaction fenced by a rebalance as an error (TXNERR); the worker
+    aborts it and replays (a person need not act): WARNING. Other transaction errors stay."""
+    from stream.kafka_logs import LIBRDKAFKA_FORMAT
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(level=logging.WARNING)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    keep = Keep()
+    kafka_log.addHandler(keep)
+    rebalanced = ("[thrd:main]: Current transaction failed in state InTransaction: Failed to "
+                  "commit offsets to transaction on broker localhost:9092/1: Broker: Specified "
+                  "group generation id is not valid (ILLEGAL_GENERATION) (after 3ms in state "
+                  f"{time.monotonic_ns()})")  # a text the repeat filter has not seen
+    fenced = (f"[thrd:main]: Fatal transaction error: Producer fenced by newer instance "
+              f"(PRODUCER_FENCED) {time.monotonic_ns()}")
+    try:
+        kafka_log.log(logging.ERROR, LIBRDKAFKA_FORMAT, "TXNERR", "kvrec#producer-1", rebalanced)
+        kafka_log.log(logging.ERROR, LIBRDKAFKA_FORMAT, "TXNERR", "kvrec#producer-1", fenced)
+    finally:
+        kafka_log.removeHandler(keep)
+    assert [(r.levelname, "ILLEGAL_GENERATION" in r.getMessage()) for r in keep.records] == [
+        ("WARNING", True), ("ERROR", False)]
+
+
 def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     actions: list[argparse.Action] = []
     for action in parser._actions:

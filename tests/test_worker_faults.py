@@ -375,3 +375,113 @@ def test_a_worker_fenced_by_its_own_instance_id_exits_and_nothing_is_lost(
     counts = _account(broker, topics, events, tmp_path / "second",
                       artifact.config.history_needed, guarantee == "exactly-once")
     print(f"\n{guarantee}: the fenced worker said {reason[:240]!r}; {counts}")
+
+
+# --- liveness through an outage within the limit ------------------------------------------------
+
+class Kubelet(threading.Thread):
+    """Probes `/health` every `period_s` as a kubelet's livenessProbe does and counts a restart
+    when `failure_threshold` probes in a row fail."""
+
+    def __init__(self, port: int, period_s: float, failure_threshold: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.period_s, self.failure_threshold = port, period_s, failure_threshold
+        self.replies: list[tuple[float, int, str]] = []
+        self.restarts = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        import urllib.error
+        import urllib.request
+
+        failures = 0
+        while not self.stopping.wait(self.period_s):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health",
+                                            timeout=self.period_s) as reply:
+                    status, text = reply.status, reply.read().decode().strip()
+            except urllib.error.HTTPError as error:
+                status, text = error.code, error.read().decode().strip()
+            self.replies.append((time.monotonic(), status, text))
+            failures = failures + 1 if status != 200 else 0
+            if failures >= self.failure_threshold:
+                self.restarts += 1
+                failures = 0
+
+
+def _liveness_manifest() -> tuple[float, int, float]:
+    """(periodSeconds, failureThreshold, --outage-limit-s) of the StatefulSet's worker."""
+    import yaml
+
+    from tests.worker_inprocess import worker_args
+
+    base = Path(__file__).parent.parent / "deploy" / "k8s" / "base"
+    docs = [doc for name in ("worker.yaml", "config.yaml")
+            for doc in yaml.safe_load_all((base / name).read_text()) if doc]
+    workload = next(doc for doc in docs if doc["kind"] == "StatefulSet")
+    probe = workload["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]
+    config = next(doc for doc in docs if doc["kind"] == "ConfigMap"
+                  and doc["metadata"]["name"] == "kvrec-worker")["data"]
+    default = worker_args("b:9092", events="e", recommendations="r", dead_letters="d",
+                          group="g", model=None, state_dir=Path(".")).outage_limit_s
+    outage = float(config.get("KVREC_WORKER_OUTAGE_LIMIT_S", default))
+    return float(probe["periodSeconds"]), int(probe.get("failureThreshold", 3)), outage
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_liveness_holds_through_a_broker_frozen_past_the_probe_budget_within_the_outage_limit(
+    broker, artifact, tmp_path, guarantee
+):
+    """The manifest's liveness timings and the worker's 60 s stall limit, scaled down by
+    `SCALE`: the broker is frozen (SIGSTOP) longer than the probe budget (stall + period x
+    threshold) but within --outage-limit-s, while a checkpoint is waiting. /health stays 200 the
+    whole time (no restart by the kubelet), and the worker goes on after the thaw."""
+    from stream.worker.metrics import HealthState, serve
+    from tests.worker_inprocess import ThreadWorker, worker_args
+
+    SCALE = 10.0
+    period_s, threshold, outage_s = _liveness_manifest()
+    stale_s = HealthState().stale_after_s / SCALE
+    period_s, outage_s = period_s / SCALE, outage_s / SCALE
+    budget_s = stale_s + period_s * threshold  # silence that gets the pod restarted
+    freeze_s = (budget_s + outage_s) / 2  # past the budget, within the outage limit
+    assert budget_s < freeze_s < outage_s
+    bootstrap = broker.bootstrap_servers
+    topics = Topics(bootstrap, "outage")
+    events = _events(3000, users=40, items=60, seed=27)
+    args = worker_args(
+        bootstrap, events=topics.events, recommendations=topics.recommendations,
+        dead_letters=topics.dead_letters, group=topics.group, model=artifact.path,
+        state_dir=tmp_path / "state", guarantee=guarantee,
+        extra=("--outage-limit-s", str(outage_s), "--session-timeout-ms", "60000"),
+    )
+    health = HealthState(stale_after_s=stale_s)
+    worker = ThreadWorker(args, health=health)
+    server = serve(worker.metrics, health, 0, "127.0.0.1")
+    kubelet = Kubelet(server.server_address[1], period_s, threshold)
+    producer = PacedProducer(bootstrap, topics.events, events, rate=150)
+    try:
+        with worker:
+            worker.wait_ready()
+            producer.start()
+            _wait_committed(bootstrap, topics, 300, timeout=90)
+            kubelet.start()
+            broker.freeze()
+            try:
+                time.sleep(freeze_s)
+            finally:
+                broker.thaw()
+            thawed = time.monotonic()
+            time.sleep(2 * period_s * threshold)  # what the probes see after the thaw too
+            producer.join(timeout=120)
+            _wait_committed(bootstrap, topics, len(events), timeout=120)  # it goes on
+            assert worker.alive
+    finally:
+        kubelet.stopping.set()
+        server.shutdown()
+    replies = [(round(at - thawed, 1), status, text) for at, status, text in kubelet.replies]
+    assert kubelet.restarts == 0, replies
+    assert {status for _, status, _ in replies} == {200}, replies
+    # the checkpoint did wait on Kafka longer than the stall limit: the test could have failed
+    assert any(text.startswith("ok: waiting for Kafka") for _, _, text in replies), replies
+    assert not producer.failed, producer.failed[:3]

@@ -15,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from state.partition import PartitionWindows
 from stream.worker.metrics import HealthState, WorkerMetrics, serve
@@ -56,7 +58,10 @@ def test_health_and_ready_follow_the_worker_through_its_life() -> None:
         assert _get(port, "/ready") == (503, "not ready: waiting for a partition assignment\n")
         health.assignment_started()
         assert _get(port, "/ready") == (503, "not ready: restoring\n")
-        health.assignment_done()  # an empty assignment (an idle member) too
+        health.assignment_empty()  # owning nothing: a first cooperative round, or idle?
+        assert _get(port, "/ready") == (503, "not ready: waiting for a partition assignment\n")
+        health.assignment_started()
+        health.assignment_done()  # partitions restored (or known to be an idle member)
         assert _get(port, "/ready") == (200, "ready\n")
         health.revoked()
         assert _get(port, "/ready") == (503, "not ready: waiting for a partition assignment\n")
@@ -71,6 +76,23 @@ def test_health_and_ready_follow_the_worker_through_its_life() -> None:
         assert _get(port, "/health") == (200, "ok\n") and _get(port, "/ready")[0] == 200
     finally:
         server.shutdown()
+
+
+def test_a_wait_on_kafka_is_alive_up_to_its_limit_and_no_longer() -> None:
+    """A checkpoint waiting for Kafka within its limit is alive though the loop does not beat;
+    past the limit (the worker should have exited by itself) it is stalled like any silence."""
+    health = HealthState(stale_after_s=0.2)
+    health.started()
+    with health.waiting_on_kafka(0.8):
+        time.sleep(0.4)  # past the stall limit, within the wait's
+        status, text = health.health_reply()
+        assert (status, text.split(" for ")[0]) == (200, "ok: waiting")
+        assert text.endswith(", within the outage limit") and health.healthy()
+        time.sleep(0.6)  # past the wait's limit: silent since the wait began
+        status, text = health.health_reply()
+        assert status == 503 and text.startswith("stalled: no progress for 1 s")
+        assert not health.healthy()
+    assert health.health_reply() == (200, "ok")  # the wait is over: that is progress
 
 
 def test_the_metrics_server_listens_where_it_is_told() -> None:
@@ -125,6 +147,75 @@ def test_a_metrics_address_it_cannot_listen_on_is_refused_in_one_line(tmp_path: 
     assert run.stderr.strip().splitlines()[-1].startswith(
         "kvrec: error: --metrics-host 203.0.113.7 --metrics-port 0: cannot listen there"
     )
+
+
+@pytest.fixture(scope="module")
+def fake_worker(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.worker_fixtures import exact_worker_with_model
+
+    model = make_artifact(tmp_path_factory.mktemp("idle") / "model", n_items=60, window=4,
+                          layers=1).path
+    return exact_worker_with_model(model)
+
+
+# what the group coordinator and the metadata say when asked: (members, input partitions) or
+# an error
+IDLE_ANSWERS = st.one_of(
+    st.tuples(st.integers(1, 6), st.integers(1, 6)),
+    st.sampled_from(["kafka", "timeout"]),
+)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(answers=st.lists(IDLE_ANSWERS, max_size=6))
+def test_owning_nothing_is_ready_exactly_when_the_group_outnumbers_the_partitions(
+    fake_worker, tmp_path_factory: pytest.TempPathFactory, answers: list[object]
+) -> None:
+    """After a rebalance that leaves the worker owning nothing, every loop turn's check asks
+    the group's size and the input's partitions; the worker turns ready at the first answer
+    with more members than partitions, never on an error; partitions assigned later make it
+    ready the usual way."""
+    from dataclasses import replace
+
+    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+    from stream.worker.loop import KafkaClients, Worker
+    from tests.fake_kafka import FakeConsumer, FakeProducer, FakeRestoreConsumer
+
+    base, recommender = fake_worker
+    worker_settings = replace(base, state_dir=tmp_path_factory.mktemp("worker"))
+    producer, consumer = FakeProducer(), FakeConsumer()
+    worker = Worker(worker_settings, recommender, WorkerMetrics(), HealthState(), {},
+                    clients=KafkaClients(consumer, producer, FakeRestoreConsumer(producer)))
+    worker.idle_check_s = 0.0
+    pending = list(answers)
+    asked: list[object] = []
+
+    def members() -> int:
+        answer = pending.pop(0)
+        asked.append(answer)
+        if answer == "kafka":
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "broker down"))
+        if answer == "timeout":
+            raise TimeoutError()
+        return answer[0]  # type: ignore[index]
+
+    worker._group_members = members  # type: ignore[method-assign]
+    worker._input_partitions = lambda: asked[-1][1]  # type: ignore[index]
+    worker.health.started()  # as `run` does before it subscribes
+    worker._on_assign(consumer, [])
+    assert not worker.health.ready
+    while pending:
+        worker._check_idle()
+        final = [a for a in asked if isinstance(a, tuple) and a[0] > a[1]]
+        assert worker.health.ready == bool(final), asked
+        if final:
+            assert asked[-1] == final[0]  # not asked again once ready
+            break
+    worker._on_assign(consumer, [TopicPartition(worker_settings.input_topic, 0)])
+    assert worker.health.ready and len(worker.state) == 1
+    worker.state.close_all()
 
 
 # --- against the broker ------------------------------------------------------------------------
@@ -206,6 +297,62 @@ def test_an_idle_member_is_ready_and_a_revocation_resets_readiness(
     finally:
         for server in servers:
             server.shutdown()
+
+
+@pytest.mark.kafka
+def test_a_joining_member_is_not_ready_before_its_partitions_are_assigned_and_restored(
+    kafka_bootstrap, model, tmp_path
+) -> None:
+    """Two members, four partitions: the joining member's first cooperative round hands it
+    nothing (the other gives partitions up first), its partitions come a round later. It is
+    not ready in between, only once it owns its partitions, restored (before, it was ready
+    with nothing for about 3 s)."""
+    from confluent_kafka import Producer
+
+    events, recs, dead = (unique_topic(f"join-{t}") for t in ("events", "recs", "dlq"))
+    group = unique_topic("join-group")
+    create_topics(kafka_bootstrap, {events: 4, recs: 1, dead: 1})
+    create_topics(kafka_bootstrap, {f"{group}-windows-changelog": 4},
+                  config={"cleanup.policy": "compact"})
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    users = 80
+    for i in range(users):  # windows in every partition's changelog: the joiner restores them
+        producer.produce(events, key=f"u{i}".encode(), value=_event(f"u{i}"))
+    producer.flush(30)
+
+    def args(instance: str):  # type: ignore[no-untyped-def]
+        return worker_args(kafka_bootstrap, events=events, recommendations=recs,
+                           dead_letters=dead, group=group, model=model,
+                           state_dir=tmp_path / instance, extra=("--instance-id", instance))
+
+    a = ThreadWorker(args("a"))
+    b = ThreadWorker(args("b"), health=Recording())
+    samples: list[tuple[bool, int, list[float]]] = []  # (ready, partitions owned, remaining)
+    with a:
+        _wait(lambda: a.health.ready and len(a.worker.state) == 4, what="a owning all four")
+        _wait(lambda: a.counter("kvrec_checkpoints_total") > 0
+              and a.counter("kvrec_events_applied_total") == users, what="a's checkpoint")
+        with b:
+            deadline = time.monotonic() + 60
+            while not (b.health.ready and len(b.worker.state) == 2):
+                assert time.monotonic() < deadline, f"b never ready: {b.health.events}"
+                ready = b.health.ready  # first: partitions are in place before it turns true
+                owned = [p for p, _ in b.worker.state.items()]
+                remaining = [b.metrics.registry.get_sample_value(
+                    "kvrec_restore_records_remaining", {"partition": str(p)}) for p in owned]
+                samples.append((ready, len(owned), remaining))
+                time.sleep(0.005)
+            server = serve(b.metrics, b.health, 0, "127.0.0.1")
+            try:
+                assert _get(server.server_address[1], "/ready") == (200, "ready\n")
+            finally:
+                server.shutdown()
+            assert b.counter("kvrec_restored_windows_total") > 0  # it had something to restore
+    # the first round did hand b nothing (the case under test happened) ...
+    assert ("assign", False) in b.health.events and samples and samples[0][1] == 0
+    # ... and b was never ready owning nothing, nor with a restore unfinished
+    assert not [s for s in samples if s[0] and (s[1] == 0 or any(r != 0 for r in s[2]))], [
+        s for s in samples if s[0]][:5]
 
 
 @pytest.mark.kafka

@@ -18,7 +18,13 @@ import sys
 from typing import TYPE_CHECKING
 
 from model.errors import ConfigError
-from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics, wait_for_kafka
+from stream.kafka_config import (
+    add_kafka_arguments,
+    client_config,
+    ensure_topics,
+    topic_partitions,
+    wait_for_kafka,
+)
 from stream.logs import add_logging_arguments, setup_logging
 from stream.worker.checkpoint import ClientHang
 from stream.worker.metrics import HealthState, WorkerMetrics, serve
@@ -132,6 +138,8 @@ def main(args: argparse.Namespace) -> int:
     wait_for_kafka(kafka_config, args.connect_timeout, retry=True, log=log, on_wait=health.beat)
     if args.create_topics:
         ensure_topics(kafka_config, topic_specs(settings, args.partitions), args.connect_timeout)
+    # before any client is made: a missing topic is one line, and nothing is committed
+    check_topics(settings, topic_partitions(kafka_config, args.connect_timeout))
     watcher = None
     if settings.model_store is not None:  # follow the announcements: hot swaps
         watcher = ModelWatcher(settings, kafka_config, metrics, announced, recommender.version)
@@ -189,3 +197,40 @@ def topic_specs(settings: WorkerSettings, partitions: int) -> dict[str, tuple[in
         settings.output_topic: (partitions, compacted),
         settings.dead_letter_topic: (1, {}),
     }
+
+
+# each topic the worker needs: (its role, the flag that names it)
+def topic_roles(settings: WorkerSettings) -> dict[str, tuple[str, str]]:
+    return {
+        settings.input_topic: ("input", "--input-topic"),
+        settings.changelog_topic: ("changelog", "--changelog-topic"),
+        settings.output_topic: ("output", "--output-topic"),
+        settings.dead_letter_topic: ("dead-letter", "--dead-letter-topic"),
+    }
+
+
+def check_topics(settings: WorkerSettings, partitions: dict[str, int]) -> None:
+    """`ConfigError` (one line) unless every topic the worker needs exists (`partitions`: the
+    cluster's topics and their partition counts) and the changelog has a partition for each
+    input partition (a restore reads the changelog partition of the input partition's number)."""
+    roles = topic_roles(settings)
+    missing = [name for name in roles if name not in partitions]
+    if len(missing) == 1:
+        role, flag = roles[missing[0]]
+        raise ConfigError(
+            f"the {role} topic {missing[0]} does not exist: create it with `--create-topics` "
+            f"(or name an existing one with {flag})"
+        )
+    if missing:
+        named = ", ".join(f"{name} ({roles[name][0]}, {roles[name][1]})" for name in missing)
+        raise ConfigError(
+            f"topics {named} do not exist: create them with `--create-topics` (or name "
+            "existing ones with those flags)"
+        )
+    inputs, changelogs = partitions[settings.input_topic], partitions[settings.changelog_topic]
+    if changelogs < inputs:
+        raise ConfigError(
+            f"the changelog topic {settings.changelog_topic} has {changelogs} partitions, fewer "
+            f"than the {inputs} of the input topic {settings.input_topic}: give it {inputs} "
+            "(or name another with --changelog-topic)"
+        )

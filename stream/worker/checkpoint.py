@@ -41,6 +41,9 @@ from stream.worker.produce import produce
 log = logging.getLogger(__name__)
 
 
+WAIT_MARGIN_S = 10.0  # longest_wait_s: the checkpoint's own work besides its waits for Kafka
+
+
 class DeliveryError(RuntimeError):
     """A record could not be delivered, or Kafka stayed unreachable for longer than the outage
     limit; the checkpoint is abandoned and the worker stops (nothing of it is committed)."""
@@ -139,6 +142,13 @@ class Checkpoint:
         self._errors: list[str] = []
         if exactly_once:
             self.producer.begin_transaction()
+
+    @property
+    def longest_wait_s(self) -> float:
+        """The longest a `commit` or an `abort` waits for Kafka before it gives up (and the
+        worker exits): the outage limit, a last blocking call begun just before it (`_bounded`
+        lets one run 3 times its timeout), and a margin."""
+        return self.outage_limit_s + 3 * self.call_timeout_s + WAIT_MARGIN_S
 
     def store_offset(self, partition: int, offset: int) -> None:
         """`offset` of `partition` is handled (applied, duplicate or dead-lettered). Offsets

@@ -20,8 +20,10 @@
            an error that escapes (Kafka, infrastructure): abort, commit nothing
 
 Every turn of the loop, and every read of a restore, beats the liveness that `/health` reports;
-`/ready` follows the assignment (metrics.py: HealthState). Once a second the loop sets the
-consumer-lag gauge of each owned partition from librdkafka's cached watermarks (no request).
+a checkpoint (or an abort) waiting for Kafka is alive up to its own limit (`--outage-limit-s`,
+past which it gives up and the worker exits); `/ready` follows the assignment (metrics.py:
+HealthState). Once a second the loop sets the consumer-lag gauge of each owned partition from
+librdkafka's cached watermarks (no request).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -42,6 +45,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from state.partition import WorkerState
 from state.window import Window, WindowEvent, WindowSnapshot
@@ -56,6 +60,7 @@ from stream.schema import (
 )
 from stream.worker.checkpoint import (
     RESTART,
+    WAIT_MARGIN_S,
     Checkpoint,
     ClientFailed,
     ClientHang,
@@ -125,6 +130,7 @@ class KafkaClients:
 
 class Worker:
     lag_interval_s = 1.0  # how often the consumer-lag gauges are updated
+    idle_check_s = 1.0  # owning nothing after a rebalance: how often to ask if that is final
 
     def __init__(
         self,
@@ -176,15 +182,21 @@ class Worker:
         )
         self.metrics.serving(recommender.version)
         self._lag_due = 0.0
+        self._idle_check_due: float | None = None  # owning nothing: when to ask if it is final
+        self._admin: AdminClient | None = None
+        self.kafka_config = kafka_config
         self._backlog = True  # the last batch was full: the next waits for a full one
         self._wire: tuple[object, WireEncoder] | None = None  # (recommender, its encoder)
 
     # --- rebalance -------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Restore each new partition, then let it deliver. Called by the group for every
-        assignment, an empty one too (an idle member): either way the worker is a member with
-        its assignment restored and consuming, ready."""
+        round of a rebalance, with the partitions it adds (possibly none). Owning partitions,
+        all restored, the worker is ready; owning none, it is ready only once the loop finds
+        the group has more members than the input has partitions (`_check_idle`): a joining
+        member's first cooperative round is empty, and its partitions come a round later."""
         self.health.assignment_started()
+        self._idle_check_due = None
         committed = {
             tp.partition: tp.offset
             for tp in consumer.committed(
@@ -203,8 +215,45 @@ class Worker:
             self.metrics.restored_windows.inc(result.restored)
         consumer.incremental_assign(partitions)
         self.metrics.assigned_partitions.set(len(self.state))
-        self.health.assignment_done()
+        if len(self.state):
+            self.health.assignment_done()
+        else:  # an idle member, or the first round of a rebalance that has more to come
+            self.health.assignment_empty()
+            self._idle_check_due = time.monotonic()
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
+
+    def _check_idle(self) -> None:
+        """Owning nothing after a rebalance: ready if that is final, the group having more
+        members than the input has partitions (the cooperative-sticky assignor balances, so a
+        member owns nothing only then); otherwise asked again every `idle_check_s` until the
+        next round assigns partitions."""
+        if self._idle_check_due is None or time.monotonic() < self._idle_check_due:
+            return
+        self._idle_check_due = time.monotonic() + self.idle_check_s
+        try:
+            members, partitions = self._group_members(), self._input_partitions()
+        except (KafkaException, TimeoutError) as exc:  # asked again in a second
+            log.debug("cannot tell whether this member is idle yet: %s", exc)
+            return
+        if members > partitions and not len(self.state):
+            self._idle_check_due = None
+            self.health.assignment_done()
+            log.info("idle: %d members, %d input partitions, none for this one", members,
+                     partitions)
+
+    def _group_members(self) -> int:
+        """How many members the consumer group has now (the group coordinator's answer)."""
+        if self._admin is None:
+            from stream.kafka_config import admin_client
+
+            self._admin = admin_client(self.kafka_config)
+        group = self.settings.group_id
+        futures = self._admin.describe_consumer_groups([group], request_timeout=5.0)
+        return len(futures[group].result(timeout=10.0).members)
+
+    def _input_partitions(self) -> int:
+        metadata = self.consumer.list_topics(self.settings.input_topic, timeout=5.0)
+        return len(metadata.topics[self.settings.input_topic].partitions)
 
     def _restore_progress(self, progress: RestoreProgress) -> None:
         self.health.beat()  # the loop does not turn during a restore: the restore is the beat
@@ -214,6 +263,7 @@ class Worker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.health.revoked()  # ready again when the rebalance's assignment completes
+        self._idle_check_due = None
         if not self.failed:  # after an error nothing is committed: the input is replayed
             self._commit()
         self._drop(consumer, partitions)
@@ -221,6 +271,7 @@ class Worker:
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.health.revoked()
+        self._idle_check_due = None
         self._drop(consumer, partitions)  # someone else owns them now: keep nothing unflushed
         log.warning("lost %s", sorted(tp.partition for tp in partitions))
 
@@ -255,6 +306,7 @@ class Worker:
                     self._commit()
                 if time.monotonic() >= self._lag_due:
                     self._update_lag()
+                self._check_idle()
                 if self.watcher is not None:
                     self._model_turn(self.watcher)
             self._commit()
@@ -379,7 +431,9 @@ class Worker:
         """Checkpoint; if the broker aborted the transaction, replay from the last checkpoint."""
         try:
             started = time.perf_counter()
-            if self.checkpoint.commit():
+            with self._waiting_on_kafka():
+                committed = self.checkpoint.commit()
+            if committed:
                 self.metrics.checkpoints.inc()
                 self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         except TransactionAborted as aborted:
@@ -387,11 +441,18 @@ class Worker:
             self.metrics.transactions_aborted.inc()
             self._rewind()
 
+    def _waiting_on_kafka(self) -> AbstractContextManager[None]:
+        """Alive on /health while the checkpoint waits for Kafka within its limit."""
+        return self.health.waiting_on_kafka(self.checkpoint.longest_wait_s)
+
     def _rewind(self) -> None:
         """Drop the work since the last checkpoint and consume again from its offsets."""
-        self.checkpoint.abort()
+        with self._waiting_on_kafka():
+            self.checkpoint.abort()
         assigned = [TopicPartition(self.settings.input_topic, p) for p, _ in self.state.items()]
-        for tp in self.consumer.committed(assigned, timeout=30.0):
+        with self.health.waiting_on_kafka(30.0 + WAIT_MARGIN_S):
+            committed = self.consumer.committed(assigned, timeout=30.0)
+        for tp in committed:
             tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
             self.consumer.seek(tp)
 
@@ -400,7 +461,8 @@ class Worker:
         be aborted raises `ClientHang` (the process exits at once, app.py)."""
         log.error("the worker failed: the work since the last checkpoint is aborted, not committed")
         try:
-            self.checkpoint.abort()
+            with self._waiting_on_kafka():
+                self.checkpoint.abort()
         except ClientHang:
             self.hung = True  # the producer can do nothing more: leave the clients alone
             raise

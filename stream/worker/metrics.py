@@ -12,6 +12,7 @@ import errno
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
@@ -184,12 +185,19 @@ class HealthState:
 
     `/health`, liveness: the process is alive and not stuck. It answers 200 `starting` while the
     model loads and the index builds, then 200 `ok` as long as the loop, or a restore inside the
-    assignment callback, beat within `stale_after_s`, and 503 `stalled` after that.
+    assignment callback, beat within `stale_after_s`, and 503 `stalled` after that. A wait for
+    Kafka that has a limit of its own (a checkpoint within `--outage-limit-s`: the worker exits
+    by itself past it) is alive for that limit however long the loop does not beat
+    (`waiting_on_kafka`); past the limit the silence counts from the wait's start.
 
     `/ready`, readiness: the worker is a member of its group and every partition assigned to it
-    is restored and consuming. The assignment callback running at all makes a member (an idle
-    member's assignment is empty); a restore, a revocation or a lost assignment makes the
-    worker not ready until the next assignment completes. A stalled worker is not ready either.
+    is restored and consuming. An assignment that leaves the worker owning nothing is not
+    enough: a cooperative rebalance's first round hands a joining member nothing while the
+    others give up partitions, and its partitions come in a second round (`assignment_empty`);
+    the worker is ready owning nothing only once the group is known to have more members than
+    the input has partitions (an idle member, `assignment_done`). A restore, a revocation or a
+    lost assignment makes the worker not ready until the next assignment completes. A stalled
+    worker is not ready either.
     """
 
     def __init__(self, stale_after_s: float = 60.0) -> None:
@@ -198,6 +206,7 @@ class HealthState:
         self.starting = True
         self.restoring = False
         self.assigned = False  # the group's assignment (possibly empty) is restored and consuming
+        self.kafka_wait: tuple[float, float] | None = None  # (since, until): waiting on Kafka
 
     def started(self) -> None:
         """The model is loaded and the index built: from here the loop's beats count."""
@@ -207,9 +216,37 @@ class HealthState:
     def beat(self) -> None:
         self.last_beat = time.monotonic()
 
+    @contextlib.contextmanager
+    def waiting_on_kafka(self, limit_s: float) -> Iterator[None]:
+        """Within: the worker waits for Kafka, at most `limit_s` (after which the wait gives up
+        by itself and the worker exits), so it is alive until then without beating."""
+        self.beat()
+        outer = self.kafka_wait
+        now = time.monotonic()
+        self.kafka_wait = (now, now + limit_s)
+        try:
+            yield
+        finally:
+            self.kafka_wait = outer
+            self.beat()
+
+    def _waiting_for(self, now: float) -> float | None:
+        """Seconds spent waiting on Kafka within the wait's limit, None when not so waiting."""
+        wait = self.kafka_wait
+        if wait is None or now >= wait[1]:
+            return None
+        return now - wait[0]
+
     def assignment_started(self) -> None:
         self.beat()
         self.restoring = True
+        self.assigned = False
+
+    def assignment_empty(self) -> None:
+        """The rebalance left the worker owning nothing: not ready until it is assigned
+        partitions, or known to be idle (`assignment_done`)."""
+        self.beat()
+        self.restoring = False
         self.assigned = False
 
     def assignment_done(self) -> None:
@@ -223,7 +260,9 @@ class HealthState:
         self.assigned = False
 
     def healthy(self) -> bool:
-        return self.starting or time.monotonic() - self.last_beat < self.stale_after_s
+        now = time.monotonic()
+        return (self.starting or now - self.last_beat < self.stale_after_s
+                or self._waiting_for(now) is not None)
 
     @property
     def ready(self) -> bool:
@@ -232,9 +271,13 @@ class HealthState:
     def health_reply(self) -> tuple[int, str]:
         if self.starting:
             return 200, "starting"
-        silent = time.monotonic() - self.last_beat
+        now = time.monotonic()
+        silent = now - self.last_beat
         if silent < self.stale_after_s:
             return 200, "ok"
+        waiting = self._waiting_for(now)
+        if waiting is not None:
+            return 200, f"ok: waiting for Kafka for {waiting:.0f} s, within the outage limit"
         return 503, f"stalled: no progress for {silent:.0f} s"
 
     def ready_reply(self) -> tuple[int, str]:

@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from model.errors import ConfigError
 from state.changelog import read_record
 from state.partition import PartitionWindows
 
@@ -64,6 +65,27 @@ class RestoreProgress:
         return max(0, self.total - self.read)
 
 
+# a changelog partition that is not there (its topic deleted since the start, or with fewer
+# partitions than the input): a mistake to fix, not a fault to retry
+_NOT_THERE = frozenset({KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC,
+                        KafkaError.UNKNOWN_TOPIC_OR_PART})
+
+
+def _watermarks(restore_consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
+    """The changelog partition's watermarks; `ConfigError` (one line) if it does not exist."""
+    try:
+        return restore_consumer.get_watermark_offsets(tp, timeout=10.0)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else None
+        if getattr(error, "code", lambda: None)() in _NOT_THERE:
+            raise ConfigError(
+                f"the changelog topic {tp.topic} has no partition {tp.partition} (it does not "
+                "exist, or has fewer partitions than the input topic): create it with "
+                "`--create-topics` (or name another with --changelog-topic)"
+            ) from None
+        raise
+
+
 def recover_partition(
     restore_consumer: Consumer,
     changelog_topic: str,
@@ -86,7 +108,7 @@ def recover_partition(
     """
     started = time.monotonic()
     tp = TopicPartition(changelog_topic, windows.partition)
-    low, high = restore_consumer.get_watermark_offsets(tp, timeout=10.0)
+    low, high = _watermarks(restore_consumer, tp)
     stored = windows.changelog_offset()
     start = low if stored is None else max(stored + 1, low)
     total = max(0, high - start)
