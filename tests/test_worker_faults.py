@@ -485,3 +485,30 @@ def test_liveness_holds_through_a_broker_frozen_past_the_probe_budget_within_the
     # the checkpoint did wait on Kafka longer than the stall limit: the test could have failed
     assert any(text.startswith("ok: waiting for Kafka") for _, _, text in replies), replies
     assert not producer.failed, producer.failed[:3]
+
+
+def test_a_worker_that_gives_up_at_the_outage_limit_says_so_in_one_line(broker, artifact, tmp_path):
+    """At-least-once, Kafka gone past --outage-limit-s while a checkpoint has outputs to deliver:
+    the worker stops with one line, `kvrec: error: checkpoint abandoned ...`, status 1, no
+    traceback, nothing of the checkpoint committed (the README's "Broker outages")."""
+    bootstrap = broker.bootstrap_servers
+    topics = Topics(bootstrap, "giveup")
+    events = _events(4000, users=40, items=60, seed=5)
+    log = tmp_path / "worker.log"
+    worker = _start_worker(bootstrap, topics, artifact.path, tmp_path / "state", "w1",
+                           "at-least-once", -1, "--commit-interval-ms", "1000",
+                           "--outage-limit-s", "5", log=log)
+    producer = PacedProducer(bootstrap, topics.events, events, rate=400)
+    producer.start()
+    try:
+        _wait_committed(bootstrap, topics, 200, timeout=90)
+        broker.kill()  # mid-stream: the worker holds fetched events whose outputs cannot go out
+        code = worker.wait(timeout=120)
+    finally:
+        _stop(worker)
+        broker.restart()
+    text = log.read_text(errors="replace")
+    assert code == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if line.startswith("kvrec: error:")]
+    assert len(errors) == 1 and "--outage-limit-s" in errors[0], text[-3000:]

@@ -44,9 +44,10 @@ log = logging.getLogger(__name__)
 WAIT_MARGIN_S = 10.0  # longest_wait_s: the checkpoint's own work besides its waits for Kafka
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(RunFailed):
     """A record could not be delivered, or Kafka stayed unreachable for longer than the outage
-    limit; the checkpoint is abandoned and the worker stops (nothing of it is committed)."""
+    limit; the checkpoint is abandoned and the worker stops with one line and status 1 (a
+    `RunFailed`: nothing of it is committed, and a restart replays the work)."""
 
 
 # how every ClientHang and ClientFailed ends: what the worker does about it (the tests'
