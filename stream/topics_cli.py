@@ -20,6 +20,7 @@ from stream.kafka_config import add_kafka_arguments, client_config, ensure_topic
 from stream.logs import add_logging_arguments, setup_logging
 from stream.model_updates import topic_specs as model_topic_specs
 from stream.worker.app import topic_specs as worker_topic_specs
+from stream.worker.settings import add_topic_arguments
 
 TopicSpecs = dict[str, tuple[int, dict[str, str]]]
 
@@ -38,13 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["create"], help="create: the missing topics")
     add_kafka_arguments(parser)
     topics = parser.add_argument_group("topics (the worker's flags of the same names)")
-    topics.add_argument("--input-topic", default="events")
-    topics.add_argument("--output-topic", default="recommendations")
-    topics.add_argument("--dead-letter-topic", default="events-dead-letter")
-    topics.add_argument(
-        "--changelog-topic", default=None, help="default: <group-id>-windows-changelog"
-    )
-    topics.add_argument("--group-id", default="kvrec-worker", help="the workers' consumer group")
+    add_topic_arguments(topics)
     topics.add_argument("--updates-topic", default="model-updates")
     topics.add_argument("--stats-topic", default="model-live-stats")
     topics.add_argument(

@@ -14,15 +14,20 @@ from model.flags import integer, number
 DEFAULT_EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 
 
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    topics = parser.add_argument_group("topics")
+def add_topic_arguments(topics: argparse._ArgumentGroup) -> None:
+    """The worker's topic names and consumer group (`kvrec worker`, `kvrec topics create`)."""
     topics.add_argument("--input-topic", default="events")
     topics.add_argument("--output-topic", default="recommendations")
     topics.add_argument("--dead-letter-topic", default="events-dead-letter")
     topics.add_argument(
         "--changelog-topic", default=None, help="default: <group-id>-windows-changelog"
     )
-    topics.add_argument("--group-id", default="kvrec-worker")
+    topics.add_argument("--group-id", default="kvrec-worker", help="the workers' consumer group")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    topics = parser.add_argument_group("topics")
+    add_topic_arguments(topics)
     topics.add_argument(
         "--instance-id",
         default=socket.gethostname(),
