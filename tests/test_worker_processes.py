@@ -209,6 +209,11 @@ def test_a_commit_during_a_rebalance_is_retried_not_fatal(tmp_path: Path) -> Non
     consumer = Rebalancing([KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS])
     assert checkpoint(consumer, "a").commit()
     assert [(tp.partition, tp.offset) for tp in consumer.commits[-1]] == [(0, 42)]
+    # the coordinator being found again after an outage (librdkafka does not flag it retriable)
+    consumer = Rebalancing([KafkaError._WAIT_COORD, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                            KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS])
+    assert checkpoint(consumer, "c").commit()
+    assert [(tp.partition, tp.offset) for tp in consumer.commits[-1]] == [(0, 42)]
     # any other refusal still fails the checkpoint
     with pytest.raises(DeliveryError):
         checkpoint(Rebalancing([KafkaError.GROUP_AUTHORIZATION_FAILED]), "b").commit()

@@ -112,6 +112,13 @@ class TransactionAborted(RuntimeError):
 # run (which checkpoints), so the same commit goes through a moment later. Seen as a crash of
 # one of two `kvrec worker --processes 2` children when the second joined.
 REBALANCING = frozenset({KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS})
+# ... or while the group's coordinator is being found again (after a broker outage or restart:
+# seen as `Commit failed: Local: Waiting for coordinator` right after a frozen broker thawed,
+# which librdkafka does not flag retriable); the client finds it by itself, within the limit
+COORDINATOR_MOVING = frozenset({
+    KafkaError._WAIT_COORD, KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+})
 
 
 class Checkpoint:
@@ -227,7 +234,7 @@ class Checkpoint:
         else:
             self._retrying("commit offsets", deadline,
                            lambda: self.consumer.commit(offsets=commit, asynchronous=False),
-                           also_retriable=REBALANCING)
+                           also_retriable=REBALANCING | COORDINATOR_MOVING)
         # 4. windows + changelog offset into RocksDB, atomically per partition
         for partition, windows in self.state.items():
             windows.flush(self._changelog_offsets.get(partition))
