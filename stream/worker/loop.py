@@ -36,6 +36,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import chain
 
+import numpy as np
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -70,7 +71,7 @@ from stream.worker.checkpoint import (
 from stream.worker.dead_letters import DeadLetters
 from stream.worker.inference import Recommender, Scored, ScoredBatch, WaveInput
 from stream.worker.live import SERVE, SHADOW, LiveHits, Shadow
-from stream.worker.metrics import HealthState, WorkerMetrics
+from stream.worker.metrics import HealthState, WorkerMetrics, observe_many
 from stream.worker.produce import produce
 from stream.worker.recovery import RestoreProgress, recover_partition, restore_consumer_config
 from stream.worker.settings import WorkerSettings
@@ -559,10 +560,10 @@ class Worker:
         except Exception as exc:  # find the user it belongs to: one at a time
             log.warning("a wave of %d users failed (%r); retrying user by user", len(active), exc)
             self.recommender.forget(active)
-            outputs = []
+            outputs = _Outputs()
             for user_id, user in active.items():
                 try:
-                    outputs += self._recommend({user_id: user})
+                    outputs.extend(self._recommend({user_id: user}))
                 except _INFRASTRUCTURE_ERRORS:
                     raise
                 except Exception as user_exc:
@@ -570,24 +571,32 @@ class Worker:
                     user.window.restore(user.before)
                     for source in user.sources:
                         self.dead_letters.processing_error(source.message, user_exc)
-        self.metrics.events_applied.inc(len(outputs))
+        self._produce(outputs)
+
+    def _produce(self, outputs: _Outputs) -> None:
+        """Produce the recommendations in order; the metrics once for all of them."""
+        sources = outputs.sources
+        self.metrics.events_applied.inc(len(sources))
+        if not sources:
+            return
         topic, on_delivery, producer = self.settings.output_topic, self.checkpoint.on_delivery, self.producer
-        observe = self.metrics.event_to_emit_seconds.observe
-        waits, kinds = 0, dict.fromkeys(("model", "cold_start"), 0)
-        for output in outputs:
-            waits += produce(producer, topic, output.source.user_id.encode(), output.value,
-                             on_delivery)
-            kinds[output.kind] += 1
-            _, produced_ms = output.source.message.timestamp()
-            if produced_ms > 0:
-                observe(max(0, output.emitted_ms - produced_ms) / 1000.0)
+        waits = 0
+        for source, value in zip(sources, outputs.values, strict=True):
+            waits += produce(producer, topic, source.user_id.encode(), value, on_delivery)
         if waits:
             self.metrics.producer_queue_full.inc(waits)
-        for kind, count in kinds.items():
+        produced = np.fromiter((source.message.timestamp()[1] for source in sources),
+                               dtype=np.int64, count=len(sources))
+        stamped = produced > 0  # a message without a timestamp has no latency to observe
+        emitted = np.asarray(outputs.emitted_ms, dtype=np.int64)[stamped]
+        observe_many(self.metrics.event_to_emit_seconds,
+                     np.maximum(0, emitted - produced[stamped]) / 1000.0)
+        model = len(sources) - outputs.cold_start
+        for kind, count in (("model", model), ("cold_start", outputs.cold_start)):
             if count:
                 self.metrics.recommendations_out.labels(kind).inc(count)
 
-    def _recommend(self, users: dict[str, _UserWave]) -> list[_Output]:
+    def _recommend(self, users: dict[str, _UserWave]) -> _Outputs:
         """The recommendations of `users`' new events, encoded for the wire, in the order the
         recommender returns them; nothing is produced here."""
         inputs = [
@@ -614,15 +623,12 @@ class Worker:
         emitted_ms = int(time.time() * 1000)
         if isinstance(scored, ScoredBatch):
             values = self._encode_batch(ordered, scored, emitted_ms)
-            kinds = ["cold_start" if cold else "model" for cold in scored.cold_start]
+            cold_start = sum(scored.cold_start)
         else:  # the cold-start mode's recommender (no model): a few objects per event
             values = [self._encode(source, result, emitted_ms)
                       for source, result in zip(ordered, scored, strict=True)]
-            kinds = ["cold_start" if result.cold_start else "model" for result in scored]
-        return [
-            _Output(source, kind, value, emitted_ms)
-            for source, kind, value in zip(ordered, kinds, values, strict=True)
-        ]
+            cold_start = sum(result.cold_start for result in scored)
+        return _Outputs(ordered, values, cold_start, [emitted_ms] * len(ordered))
 
     def _encode_batch(self, sources: list[_Valid], batch: ScoredBatch, emitted_ms: int) -> list[bytes]:
         """The batch's recommendations in one pass (stream/worker/wire.py), bytes for bytes what
@@ -673,14 +679,20 @@ class Worker:
 _INFRASTRUCTURE_ERRORS = (KafkaException, MemoryError)
 
 
-@dataclass(frozen=True, slots=True)
-class _Output:
-    """A recommendation made and encoded, not yet produced."""
+@dataclass(slots=True)
+class _Outputs:
+    """Recommendations made and encoded, not yet produced, as columns: one entry per event."""
 
-    source: _Valid
-    kind: str  # "model" or "cold_start"
-    value: bytes
-    emitted_ms: int
+    sources: list[_Valid] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+    cold_start: int = 0  # how many of them are cold-start lists (the rest: the model's)
+    emitted_ms: list[int] = field(default_factory=list)
+
+    def extend(self, other: _Outputs) -> None:
+        self.sources += other.sources
+        self.values += other.values
+        self.cold_start += other.cold_start
+        self.emitted_ms += other.emitted_ms
 
 
 @dataclass
