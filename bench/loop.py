@@ -188,6 +188,7 @@ def main(args: argparse.Namespace) -> int:
         line += "\n" + "\n".join(f"  {stage:32s} {share:6.1%}"
                                  for stage, share in result["profiled_stage_shares"].items())
     worker.state.close_all()
+    gc.unfreeze()  # as the worker does: a clean exit (frozen objects leak warnings at exit)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

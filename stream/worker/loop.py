@@ -6,13 +6,16 @@
            waves: up to W events of each user, in log order (what one `extend` advances)
                          │
                          ▼
-           per user: apply to the window (state/partition.py), all or nothing
+           per user: check the events (duplicates skipped, each packed for its window)
                          │
                          ▼
            Recommender (inference.py): cache hit or exact refill ──► extend/step ──► top-k
-                         │                          a user that fails: window restored,
-                         ▼                          its events dead letters (processing_error)
-           produce one recommendation per event
+                         │    from each window as it stands; a user that fails: its window
+                         ▼    untouched, its events dead letters (processing_error)
+           per user: apply the events to the window (state/partition.py), all or nothing
+                         │
+                         ▼
+           produce one recommendation per event (the metrics once per wave)
                          │
                          ▼
            checkpoint when due (checkpoint.py); on revoke: checkpoint, close the stores;
@@ -49,7 +52,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from state.partition import WorkerState
-from state.window import Window, WindowEvent, WindowSnapshot
+from state.window import Window, WindowEvent, WindowSnapshot, pack_event
 from stream.kafka_logs import kafka_log
 from stream.schema import (
     BecauseEvent,
@@ -528,28 +531,39 @@ class Worker:
         return _Valid(message, event.user_id, window_event, event.ts)
 
     def _process_wave(self, wave: list[_Valid]) -> None:
-        """Apply the wave's events to their windows and emit one recommendation per event.
+        """Emit one recommendation per new event of the wave, then apply them to the windows.
 
-        A user's part of the wave is all or nothing: if its recommendations cannot be made, its
-        window goes back to what it was before the wave and its events become dead letters."""
+        A user's part of the wave is all or nothing: its events are checked first (a
+        duplicate of an applied one is skipped, one that cannot be stored is a dead letter),
+        recommended from the window as it stands (no copy of it is made), and applied to it
+        only once its recommendations are made; if they cannot be, its window stays as it was
+        and its events become dead letters."""
         users: dict[str, _UserWave] = {}
+        duplicates = out_of_order = 0
         for item in wave:
-            window = self.state[item.message.partition()].window(item.user_id)
             user = users.get(item.user_id)
             if user is None:
-                user = users[item.user_id] = _UserWave(window, window.snapshot())
-            newest_ts = window.events[-1].ts if window.events else None
+                window = self.state[item.message.partition()].window(item.user_id)
+                user = users[item.user_id] = _UserWave(
+                    window, window.last_offset, window.events[-1].ts if window.events else None)
+            event = item.event
+            if event.offset <= user.last_offset:  # replayed after a restart: applied already
+                duplicates += 1
+                continue
             try:
-                applied = window.apply(item.event)
-            except ValueError as exc:  # nothing changed: the event cannot be stored
+                entry = pack_event(event)
+            except ValueError as exc:  # the event cannot be stored: nothing changes
                 self.dead_letters.processing_error(item.message, exc)
                 continue
-            if not applied:
-                self.metrics.events_duplicate.inc()
-                continue
-            if newest_ts is not None and item.event.ts < newest_ts:
-                self.metrics.events_out_of_order.inc()
+            if user.newest_ts is not None and event.ts < user.newest_ts:
+                out_of_order += 1
+            user.last_offset, user.newest_ts = event.offset, event.ts
             user.sources.append(item)
+            user.entries.append(entry)
+        if duplicates:
+            self.metrics.events_duplicate.inc(duplicates)
+        if out_of_order:
+            self.metrics.events_out_of_order.inc(out_of_order)
         active = {user_id: user for user_id, user in users.items() if user.sources}
         if not active:
             return
@@ -568,8 +582,7 @@ class Worker:
                     raise
                 except Exception as user_exc:
                     self.recommender.forget([user_id])
-                    user.window.restore(user.before)
-                    for source in user.sources:
+                    for source in user.sources:  # its window never saw them
                         self.dead_letters.processing_error(source.message, user_exc)
         self._produce(outputs)
 
@@ -602,10 +615,10 @@ class Worker:
         inputs = [
             WaveInput(
                 user_id,
-                user.before.events,
+                user.window.events,  # as it stands: applied to only once this call is done
                 [source.event for source in user.sources],
                 user.window.capacity,
-                user.before.first_index,
+                user.window.total_events - len(user.window.events),
             )
             for user_id, user in users.items()
         ]
@@ -628,6 +641,8 @@ class Worker:
             values = [self._encode(source, result, emitted_ms)
                       for source, result in zip(ordered, scored, strict=True)]
             cold_start = sum(result.cold_start for result in scored)
+        for user in users.values():  # made: the events join their windows
+            user.window.extend_packed([source.event for source in user.sources], user.entries)
         return _Outputs(ordered, values, cold_start, [emitted_ms] * len(ordered))
 
     def _encode_batch(self, sources: list[_Valid], batch: ScoredBatch, emitted_ms: int) -> list[bytes]:
@@ -695,13 +710,17 @@ class _Outputs:
         self.emitted_ms += other.emitted_ms
 
 
-@dataclass
+@dataclass(slots=True)
 class _UserWave:
-    """One user's part of a wave: its window, the window before the wave, its applied events."""
+    """One user's part of a wave: its window (as before the wave until the wave's
+    recommendations are made), its new events and their packed entries, and the offset and
+    time of the newest event so far (the window's, then the wave's)."""
 
     window: Window
-    before: WindowSnapshot
+    last_offset: int
+    newest_ts: int | None
     sources: list[_Valid] = field(default_factory=list)
+    entries: list[bytes] = field(default_factory=list)
 
 
 def _waves(valid: list[_Valid], per_user: int) -> list[list[_Valid]]:
