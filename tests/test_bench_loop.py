@@ -19,7 +19,7 @@ def test_bench_loop_measures_and_profiles_the_worker_loop(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["events"] == 3 * 64 and report["events_per_s"] > 0
-    assert 0 < report["cpu_us_per_event"]
+    assert report["cpu_us_per_event"] > 0
     assert report["settings"]["worker_flags"] == ["--k", "5"]
     assert report["settings"]["retrieval"]["kind"] == "exact"  # 500 items: below the threshold
     shares = report["profiled_stage_shares"]
