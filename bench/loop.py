@@ -8,6 +8,9 @@ measures on top of this is Kafka's.
                      [--profile] [-- worker flags...]
 
 The model is `kvrec bench e2e`'s (random weights, a clustered catalog, d=64, 2 layers, W=50).
+The process is set up as `kvrec worker` sets up its own: torch on `--threads` threads (1 by
+default; pass `-- --threads N` to change it) and the cyclic garbage collector's long-lived
+objects frozen, with its higher threshold, before the timed batches (`app.freeze_heap`).
 `--warmup-batches` batches fill the windows and caches first; then `--batches` batches are
 timed (a checkpoint every 10, as a 1 s commit interval does at a few thousand events/s). With
 `--profile`, a second pass runs under cProfile and the JSON gets each stage's share of the
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import pstats
 import time
@@ -78,6 +82,10 @@ def _worker(model: Path, state_dir: Path, worker_flags: list[str]) -> Any:
     args = parser.parse_args(["--model", str(model), "--input-topic", "events",
                               "--metrics-port", "-1", "--state-dir", str(state_dir),
                               *worker_flags])
+    if args.threads > 0:  # as `kvrec worker` does (app.py): 1 torch thread unless --threads
+        import torch
+
+        torch.set_num_threads(args.threads)
     settings = WorkerSettings.from_args(args)
     recommender = build_recommender(settings)
     settings = resolve_window_capacity(settings, recommender)
@@ -108,13 +116,14 @@ def _batches(args: argparse.Namespace, count: int, first_offset: int) -> list[li
     return [messages[i : i + args.batch] for i in range(0, total, args.batch)]
 
 
-def _timed(worker: Any, batches: list[list[Any]]) -> float:
-    started = time.perf_counter()
+def _timed(worker: Any, batches: list[list[Any]]) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of the process (all its threads) for the batches."""
+    started, cpu = time.perf_counter(), time.process_time()
     for n, batch in enumerate(batches):
         worker.process(batch)
         if n % 10 == 9:
             worker.checkpoint.commit()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def _stage_shares(profile: cProfile.Profile) -> dict[str, float]:
@@ -126,6 +135,14 @@ def _stage_shares(profile: cProfile.Profile) -> dict[str, float]:
         cumulative = sum(entry[3] for (file, _, name), entry in stats.items()
                          if any(file.endswith(f) and name == n for f, n in names))
         shares[stage] = round(cumulative / total, 4) if total else 0.0
+    # what no stage names: the loop's own bookkeeping (waves, windows, metrics, results), and
+    # recommend's own work around the model and retrieval (pool, exclusions, columns, because)
+    model = sum(shares[s] for s in ("  model: extend/step", "  model: refill encode", "  retrieval"))
+    shares["recommend less model and retrieval"] = round(
+        shares["recommend (model + retrieval)"] - model, 4)
+    shares["process less the stages above"] = round(shares["process (whole batch)"] - sum(
+        shares[s] for s in ("validate and decode JSON", "recommend (model + retrieval)",
+                            "encode outputs (wire)", "windows: apply", "produce")), 4)
     return shares
 
 
@@ -142,9 +159,12 @@ def main(args: argparse.Namespace) -> int:
     for batch in warmup:  # windows fill (and their caches), as in a worker's steady state
         worker.process(batch)
     worker.checkpoint.commit()
+    from stream.worker.app import freeze_heap
+
+    freeze_heap()  # the worker's collector settings (app.py), as it has them when it runs
     timed = _batches(args, args.batches, offset)
     offset += args.batches * args.batch
-    seconds = _timed(worker, timed)
+    seconds, cpu_seconds = _timed(worker, timed)
     events = args.batches * args.batch
     result: dict[str, Any] = {
         "benchmark": "worker loop without a broker (in-memory Kafka clients)",
@@ -152,11 +172,17 @@ def main(args: argparse.Namespace) -> int:
         "settings": {"items": args.items, "window": args.window, "users": args.users,
                      "batch": args.batch, "batches": args.batches,
                      "warmup_batches": args.warmup_batches, "worker_flags": worker_flags,
-                     "retrieval": worker.recommender.retriever.build_report},
+                     "retrieval": worker.recommender.retriever.build_report,
+                     "gc_threshold": list(gc.get_threshold()),
+                     "gc_frozen_objects": gc.get_freeze_count()},
         "events": events, "seconds": seconds, "events_per_s": events / seconds,
         "us_per_event": seconds / events * 1e6,
+        # the process's CPU time: on a shared machine, less sensitive to the others' load than
+        # the wall clock (the worker runs torch and faiss on one thread: one core's time)
+        "cpu_seconds": cpu_seconds, "cpu_us_per_event": cpu_seconds / events * 1e6,
     }
-    line = f"loop: {events / seconds:,.0f} events/s, {seconds / events * 1e6:.1f} us/event"
+    line = (f"loop: {events / seconds:,.0f} events/s, {seconds / events * 1e6:.1f} us/event "
+            f"({cpu_seconds / events * 1e6:.1f} us of CPU)")
     if args.profile:
         profile = cProfile.Profile()
         profiled = _batches(args, args.batches, offset)
@@ -167,6 +193,7 @@ def main(args: argparse.Namespace) -> int:
         line += "\n" + "\n".join(f"  {stage:32s} {share:6.1%}"
                                  for stage, share in result["profiled_stage_shares"].items())
     worker.state.close_all()
+    gc.unfreeze()  # as the worker does: a clean exit (frozen objects leak warnings at exit)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

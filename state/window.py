@@ -96,6 +96,21 @@ class Window:
         self.total_events += 1
         return True
 
+    def extend_packed(self, events: list[WindowEvent], entries: list[bytes]) -> None:
+        """Append new events (each after the last applied offset, in order) with their entries
+        (`pack_event` of each, made by the caller while checking them): what `apply` of each
+        does, in one call."""
+        if not events:
+            return
+        self.events += events
+        self.packed += entries
+        excess = len(self.events) - self.capacity
+        if excess > 0:
+            del self.events[:excess]
+            del self.packed[:excess]
+        self.last_offset = events[-1].offset
+        self.total_events += len(events)
+
     def __len__(self) -> int:
         return len(self.events)
 

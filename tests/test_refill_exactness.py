@@ -44,7 +44,7 @@ from model.artifact import Artifact, load_artifact
 from model.config import BLOCKS
 from state.kvpool import budget_for
 from state.partition import PartitionWindows, WorkerState
-from state.window import WindowEvent
+from state.window import WindowEvent, pack_event
 from stream.worker.app import add_arguments, build_recommender, resolve_window_capacity
 from stream.worker.inference import RecommendCounters, Recommender, ScoredBatch, WaveInput
 from stream.worker.settings import WorkerSettings
@@ -86,13 +86,13 @@ class _Worker:
              ) -> tuple[ScoredBatch, RecommendCounters]:
         """One wave of a user's events (at most `max_events_per_user`): one result each."""
         window = self.windows.window(user_id)
-        before = window.snapshot()
-        applied = [event for event in events if window.apply(event)]
-        assert len(applied) == len(events)
-        scored, counters = self.recommender.recommend(
-            [WaveInput(user_id, before.events, applied, window.capacity, before.first_index)]
+        assert all(event.offset > window.last_offset for event in events)  # none applied yet
+        scored, counters = self.recommender.recommend(  # from the window as it stands
+            [WaveInput(user_id, window.events, events, window.capacity,
+                       window.total_events - len(window.events))]
         )
         assert isinstance(scored, ScoredBatch)
+        window.extend_packed(events, [pack_event(event) for event in events])  # then applied
         return scored, counters
 
     def checkpoint(self) -> None:

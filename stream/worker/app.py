@@ -145,12 +145,7 @@ def main(args: argparse.Namespace) -> int:
         watcher = ModelWatcher(settings, kafka_config, metrics, announced, recommender.version)
         watcher.start()
     worker = Worker(settings, recommender, metrics, health, kafka_config, watcher=watcher)
-    # the model, the index and the stored windows are long-lived: keep them out of the cyclic
-    # collector's scans, and collect the young generation less often (a full collection over
-    # the windows' objects stalled the loop for ~250 ms in a profile at 1,600 events/s)
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    freeze_heap()
     trimming = None
     if args.release_memory_s > 0:
         from model.memory import release_periodically
@@ -187,6 +182,16 @@ def main(args: argparse.Namespace) -> int:
             watcher.stop()
         gc.unfreeze()  # hand the long-lived objects back to the collector for a clean exit
     return 0
+
+
+def freeze_heap() -> None:
+    """Before the loop: the model, the index and the stored windows are long-lived, so keep
+    them out of the cyclic collector's scans, and collect the young generation less often (a
+    full collection over the windows' objects stalled the loop for ~250 ms in a profile at
+    1,600 events/s). `kvrec bench loop` calls it too, to measure the loop the worker runs."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def topic_specs(settings: WorkerSettings, partitions: int) -> dict[str, tuple[int, dict[str, str]]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from stream.worker.inference import Scored, ScoredBatch, WaveInput
@@ -32,30 +32,38 @@ class LiveHits:
 
     role: str
     max_users: int
-    last: OrderedDict[str, tuple[str, list[str]]] = field(default_factory=OrderedDict)
+    # user -> (version, its list, how to find an item id in it): model item indices and the
+    # catalog's index of ids for a `ScoredBatch` (no string per listed item), else the ids
+    last: OrderedDict[str, tuple[str, Sequence[object], Mapping[str, int] | None]] = field(
+        default_factory=OrderedDict)
     counts: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # -> [events, hits]
 
     def observe(self, wave: Sequence[WaveInput], scored: Sequence[Scored], version: str) -> None:
         """`scored`: one result per event of `wave`, users in order, each user's in order."""
-        if isinstance(scored, ScoredBatch):
-            lists = iter(scored.item_id_rows())
+        index: Mapping[str, int] | None
+        if isinstance(scored, ScoredBatch) and scored.item_index is not None:
+            lists: Iterator[Sequence[object]] = iter(scored.items)
+            index = scored.item_index
         else:
             lists = iter([item for item, _ in result.items] for result in scored)
-        last, role = self.last, self.role
+            index = None
+        last, role, counted = self.last, self.role, self.counts
         for user in wave:
             user_id = user.user_id
             for event in user.events:
-                listed = next(lists)
                 before = last.pop(user_id, None)
                 if before is not None:
-                    counts = self.counts.get((before[0], role))
+                    counts = counted.get((before[0], role))
                     if counts is None:
-                        counts = self.counts[(before[0], role)] = [0, 0]
+                        counts = counted[(before[0], role)] = [0, 0]
                     counts[0] += 1
-                    counts[1] += event.item_id in before[1]
-                last[user_id] = (version, listed)
-        while len(self.last) > self.max_users:
-            self.last.popitem(last=False)
+                    found = before[2]
+                    # an item the list's catalog does not know is in none of its lists
+                    counts[1] += (found.get(event.item_id, 0) if found is not None
+                                  else event.item_id) in before[1]
+                last[user_id] = (version, next(lists), index)
+        while len(last) > self.max_users:
+            last.popitem(last=False)
 
     def snapshot(self) -> dict[tuple[str, str], tuple[int, int]]:
         return {key: (events, hits) for key, (events, hits) in self.counts.items()}

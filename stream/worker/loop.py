@@ -6,13 +6,16 @@
            waves: up to W events of each user, in log order (what one `extend` advances)
                          │
                          ▼
-           per user: apply to the window (state/partition.py), all or nothing
+           per user: check the events (duplicates skipped, each packed for its window)
                          │
                          ▼
            Recommender (inference.py): cache hit or exact refill ──► extend/step ──► top-k
-                         │                          a user that fails: window restored,
-                         ▼                          its events dead letters (processing_error)
-           produce one recommendation per event
+                         │    from each window as it stands; a user that fails: its window
+                         ▼    untouched, its events dead letters (processing_error)
+           per user: apply the events to the window (state/partition.py), all or nothing
+                         │
+                         ▼
+           produce one recommendation per event (the metrics once per wave)
                          │
                          ▼
            checkpoint when due (checkpoint.py); on revoke: checkpoint, close the stores;
@@ -36,6 +39,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import chain
 
+import numpy as np
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -48,7 +52,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from state.partition import WorkerState
-from state.window import Window, WindowEvent, WindowSnapshot
+from state.window import Window, WindowEvent, WindowSnapshot, pack_event
 from stream.kafka_logs import kafka_log
 from stream.schema import (
     BecauseEvent,
@@ -70,7 +74,7 @@ from stream.worker.checkpoint import (
 from stream.worker.dead_letters import DeadLetters
 from stream.worker.inference import Recommender, Scored, ScoredBatch, WaveInput
 from stream.worker.live import SERVE, SHADOW, LiveHits, Shadow
-from stream.worker.metrics import HealthState, WorkerMetrics
+from stream.worker.metrics import HealthState, WorkerMetrics, observe_many
 from stream.worker.produce import produce
 from stream.worker.recovery import RestoreProgress, recover_partition, restore_consumer_config
 from stream.worker.settings import WorkerSettings
@@ -527,28 +531,39 @@ class Worker:
         return _Valid(message, event.user_id, window_event, event.ts)
 
     def _process_wave(self, wave: list[_Valid]) -> None:
-        """Apply the wave's events to their windows and emit one recommendation per event.
+        """Emit one recommendation per new event of the wave, then apply them to the windows.
 
-        A user's part of the wave is all or nothing: if its recommendations cannot be made, its
-        window goes back to what it was before the wave and its events become dead letters."""
+        A user's part of the wave is all or nothing: its events are checked first (a
+        duplicate of an applied one is skipped, one that cannot be stored is a dead letter),
+        recommended from the window as it stands (no copy of it is made), and applied to it
+        only once its recommendations are made; if they cannot be, its window stays as it was
+        and its events become dead letters."""
         users: dict[str, _UserWave] = {}
+        duplicates = out_of_order = 0
         for item in wave:
-            window = self.state[item.message.partition()].window(item.user_id)
             user = users.get(item.user_id)
             if user is None:
-                user = users[item.user_id] = _UserWave(window, window.snapshot())
-            newest_ts = window.events[-1].ts if window.events else None
+                window = self.state[item.message.partition()].window(item.user_id)
+                user = users[item.user_id] = _UserWave(
+                    window, window.last_offset, window.events[-1].ts if window.events else None)
+            event = item.event
+            if event.offset <= user.last_offset:  # replayed after a restart: applied already
+                duplicates += 1
+                continue
             try:
-                applied = window.apply(item.event)
-            except ValueError as exc:  # nothing changed: the event cannot be stored
+                entry = pack_event(event)
+            except ValueError as exc:  # the event cannot be stored: nothing changes
                 self.dead_letters.processing_error(item.message, exc)
                 continue
-            if not applied:
-                self.metrics.events_duplicate.inc()
-                continue
-            if newest_ts is not None and item.event.ts < newest_ts:
-                self.metrics.events_out_of_order.inc()
+            if user.newest_ts is not None and event.ts < user.newest_ts:
+                out_of_order += 1
+            user.last_offset, user.newest_ts = event.offset, event.ts
             user.sources.append(item)
+            user.entries.append(entry)
+        if duplicates:
+            self.metrics.events_duplicate.inc(duplicates)
+        if out_of_order:
+            self.metrics.events_out_of_order.inc(out_of_order)
         active = {user_id: user for user_id, user in users.items() if user.sources}
         if not active:
             return
@@ -559,44 +574,51 @@ class Worker:
         except Exception as exc:  # find the user it belongs to: one at a time
             log.warning("a wave of %d users failed (%r); retrying user by user", len(active), exc)
             self.recommender.forget(active)
-            outputs = []
+            outputs = _Outputs()
             for user_id, user in active.items():
                 try:
-                    outputs += self._recommend({user_id: user})
+                    outputs.extend(self._recommend({user_id: user}))
                 except _INFRASTRUCTURE_ERRORS:
                     raise
                 except Exception as user_exc:
                     self.recommender.forget([user_id])
-                    user.window.restore(user.before)
-                    for source in user.sources:
+                    for source in user.sources:  # its window never saw them
                         self.dead_letters.processing_error(source.message, user_exc)
-        self.metrics.events_applied.inc(len(outputs))
+        self._produce(outputs)
+
+    def _produce(self, outputs: _Outputs) -> None:
+        """Produce the recommendations in order; the metrics once for all of them."""
+        sources = outputs.sources
+        self.metrics.events_applied.inc(len(sources))
+        if not sources:
+            return
         topic, on_delivery, producer = self.settings.output_topic, self.checkpoint.on_delivery, self.producer
-        observe = self.metrics.event_to_emit_seconds.observe
-        waits, kinds = 0, dict.fromkeys(("model", "cold_start"), 0)
-        for output in outputs:
-            waits += produce(producer, topic, output.source.user_id.encode(), output.value,
-                             on_delivery)
-            kinds[output.kind] += 1
-            _, produced_ms = output.source.message.timestamp()
-            if produced_ms > 0:
-                observe(max(0, output.emitted_ms - produced_ms) / 1000.0)
+        waits = 0
+        for source, value in zip(sources, outputs.values, strict=True):
+            waits += produce(producer, topic, source.user_id.encode(), value, on_delivery)
         if waits:
             self.metrics.producer_queue_full.inc(waits)
-        for kind, count in kinds.items():
+        produced = np.fromiter((source.message.timestamp()[1] for source in sources),
+                               dtype=np.int64, count=len(sources))
+        stamped = produced > 0  # a message without a timestamp has no latency to observe
+        emitted = np.asarray(outputs.emitted_ms, dtype=np.int64)[stamped]
+        observe_many(self.metrics.event_to_emit_seconds,
+                     np.maximum(0, emitted - produced[stamped]) / 1000.0)
+        model = len(sources) - outputs.cold_start
+        for kind, count in (("model", model), ("cold_start", outputs.cold_start)):
             if count:
                 self.metrics.recommendations_out.labels(kind).inc(count)
 
-    def _recommend(self, users: dict[str, _UserWave]) -> list[_Output]:
+    def _recommend(self, users: dict[str, _UserWave]) -> _Outputs:
         """The recommendations of `users`' new events, encoded for the wire, in the order the
         recommender returns them; nothing is produced here."""
         inputs = [
             WaveInput(
                 user_id,
-                user.before.events,
+                user.window.events,  # as it stands: applied to only once this call is done
                 [source.event for source in user.sources],
                 user.window.capacity,
-                user.before.first_index,
+                user.window.total_events - len(user.window.events),
             )
             for user_id, user in users.items()
         ]
@@ -614,15 +636,14 @@ class Worker:
         emitted_ms = int(time.time() * 1000)
         if isinstance(scored, ScoredBatch):
             values = self._encode_batch(ordered, scored, emitted_ms)
-            kinds = ["cold_start" if cold else "model" for cold in scored.cold_start]
+            cold_start = sum(scored.cold_start)
         else:  # the cold-start mode's recommender (no model): a few objects per event
             values = [self._encode(source, result, emitted_ms)
                       for source, result in zip(ordered, scored, strict=True)]
-            kinds = ["cold_start" if result.cold_start else "model" for result in scored]
-        return [
-            _Output(source, kind, value, emitted_ms)
-            for source, kind, value in zip(ordered, kinds, values, strict=True)
-        ]
+            cold_start = sum(result.cold_start for result in scored)
+        for user in users.values():  # made: the events join their windows
+            user.window.extend_packed([source.event for source in user.sources], user.entries)
+        return _Outputs(ordered, values, cold_start, [emitted_ms] * len(ordered))
 
     def _encode_batch(self, sources: list[_Valid], batch: ScoredBatch, emitted_ms: int) -> list[bytes]:
         """The batch's recommendations in one pass (stream/worker/wire.py), bytes for bytes what
@@ -673,23 +694,33 @@ class Worker:
 _INFRASTRUCTURE_ERRORS = (KafkaException, MemoryError)
 
 
-@dataclass(frozen=True, slots=True)
-class _Output:
-    """A recommendation made and encoded, not yet produced."""
+@dataclass(slots=True)
+class _Outputs:
+    """Recommendations made and encoded, not yet produced, as columns: one entry per event."""
 
-    source: _Valid
-    kind: str  # "model" or "cold_start"
-    value: bytes
-    emitted_ms: int
+    sources: list[_Valid] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+    cold_start: int = 0  # how many of them are cold-start lists (the rest: the model's)
+    emitted_ms: list[int] = field(default_factory=list)
+
+    def extend(self, other: _Outputs) -> None:
+        self.sources += other.sources
+        self.values += other.values
+        self.cold_start += other.cold_start
+        self.emitted_ms += other.emitted_ms
 
 
-@dataclass
+@dataclass(slots=True)
 class _UserWave:
-    """One user's part of a wave: its window, the window before the wave, its applied events."""
+    """One user's part of a wave: its window (as before the wave until the wave's
+    recommendations are made), its new events and their packed entries, and the offset and
+    time of the newest event so far (the window's, then the wave's)."""
 
     window: Window
-    before: WindowSnapshot
+    last_offset: int
+    newest_ts: int | None
     sources: list[_Valid] = field(default_factory=list)
+    entries: list[bytes] = field(default_factory=list)
 
 
 def _waves(valid: list[_Valid], per_user: int) -> list[list[_Valid]]:

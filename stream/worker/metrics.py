@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -30,7 +31,27 @@ from prometheus_client.exposition import generate_latest
 
 from model.errors import ConfigError
 
+if TYPE_CHECKING:  # numpy is imported by the loop, not before the probes answer
+    import numpy as np
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def observe_many(histogram: Histogram, amounts: np.ndarray) -> None:
+    """`histogram.observe(a)` for every `a` of `amounts`, in one call per bucket: each amount
+    counts in the first bucket whose upper bound is at least it, as `observe` counts it, and
+    the sum grows by their total. One lock per changed bucket instead of two per amount: the
+    loop's per-event latency histogram cost it a few µs an event."""
+    if not len(amounts):
+        return
+    import numpy as np
+
+    bounds = histogram._upper_bounds  # ends with +Inf
+    counts = np.bincount(np.searchsorted(bounds, amounts, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(amounts.sum()))
+    for bucket, count in zip(histogram._buckets, counts.tolist(), strict=True):
+        if count:
+            bucket.inc(count)
 
 
 class WorkerMetrics:
