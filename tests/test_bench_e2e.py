@@ -201,4 +201,5 @@ def test_bench_e2e_measures_exactly_once_visibly_and_the_d128_model(kafka_bootst
         ("kvrec-eos-100ms", 64, 100), ("kvrec-eos-100ms-d128", 128, 100)]
     for point in curve:
         assert point["visible_ms"]["p99"] == rows[point["system"]]["latency_ms"]["p99"]
+        assert point["commit_wait_ms"]["p99"] == rows[point["system"]]["reader_ms"]["p99"]
         assert point["offered_rate"] == pytest.approx(0.5 * point["peak_events_per_s"])
