@@ -567,7 +567,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def plot_exactly_once(curve: list[dict[str, Any]], axis: Any) -> None:
-    """Peak and visible p99 at half the peak against the commit interval, one line per width."""
+    """Peak, and visible p99 at the headline rate phase (half the peak unless capped), against
+    the commit interval, one line per width."""
     latency = axis.twinx()
     for index, d in enumerate(sorted({p["d_model"] for p in curve})):
         points = [p for p in curve if p["d_model"] == d]
@@ -578,7 +579,7 @@ def plot_exactly_once(curve: list[dict[str, Any]], axis: Any) -> None:
         if measured:
             latency.plot([p["commit_interval_ms"] for p in measured],
                          [p["visible_ms"]["p99"] for p in measured], marker="s", linestyle="--",
-                         color=f"C{index}", label=f"visible p99 at half the peak, d={d}")
+                         color=f"C{index}", label=f"visible p99 at the rate phase, d={d}")
             latency.plot([p["commit_interval_ms"] for p in measured],
                          [p["commit_wait_ms"]["p99"] for p in measured], marker="^",
                          linestyle=":", color=f"C{index}",
