@@ -16,10 +16,19 @@ For each system, on fresh topics of one broker:
    producer is connected before the phase starts (linger 2 ms);
    every producer here sends uncompressed (aiokafka, under Faust, has no lz4 codec installed).
 
-Systems: `kvrec` (the worker, `--retrieval auto`), `kvrec-no-cache` (the worker with
-`--no-kv-cache`: every event re-encodes the user's stored window, what a system without
-the key/value cache pays), `confluent-passthrough` (`bench/passthrough.py`, a confluent-kafka
-consume-produce loop) and `faust-passthrough` (`bench/faust_passthrough.py`, a Faust agent).
+Systems: `kvrec` (the worker, `--retrieval auto`), `kvrec-eos` (the same under
+`--processing-guarantee exactly-once`, once per `--eos-commit-intervals` value, as
+`kvrec-eos-<N>ms`), `kvrec-no-cache` (the worker with `--no-kv-cache`: every event re-encodes
+the user's stored window, what a system without the key/value cache pays),
+`confluent-passthrough` (`bench/passthrough.py`, a confluent-kafka consume-produce loop) and
+`faust-passthrough` (`bench/faust_passthrough.py`, a Faust agent). Every kvrec system is
+measured once per `--d-models` value, on a model of that width (`-d<D>` after its name for a
+D other than 64; 128 is what `kvrec train` makes by default).
+
+Under exactly-once an output is appended before its transaction commits, and a downstream
+(`read_committed`) reader sees it only after: for `kvrec-eos` the bench reads with
+`isolation.level=read_committed` and the latency is the *visible* latency, the bench's read
+time minus the input's timestamp (`stream/latency.py`), with the append's beside it.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +59,27 @@ from model.datasets import BASE_TS_MS, Interaction, SyntheticSpec, generate_synt
 from model.errors import ConfigError
 from model.owned import work_dir
 from stream.kafka_config import ensure_topics
-from stream.latency import LOG_APPEND_TIME, Latencies, output_stamp, read_available
+from stream.latency import (
+    LOG_APPEND_TIME,
+    READ_COMMITTED,
+    Latencies,
+    output_stamp,
+    read_available,
+)
 from stream.replay import BURST_SECONDS, TokenBucket, replay_events
 from stream.schema import Event, encode_event
 
-SYSTEMS = ("kvrec", "kvrec-no-cache", "confluent-passthrough", "faust-passthrough")
+SYSTEMS = ("kvrec", "kvrec-eos", "kvrec-no-cache", "confluent-passthrough", "faust-passthrough")
+DEFAULT_SYSTEMS = ("kvrec", "kvrec-no-cache", "confluent-passthrough", "faust-passthrough")
+BENCH_D_MODEL = 64  # the bench's model width unless --d-models says otherwise
+BENCH_LAYERS, BENCH_HEADS = 2, 2  # as kvrec train's defaults (model/config.py)
+EOS_COMMIT_INTERVALS = (100, 250, 500, 1000)  # kvrec-eos: --commit-interval-ms values, ms
 EVENT_TYPES = ["view", "click", "add_to_cart", "purchase"]
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_artifact(out_dir: Path, *, n_items: int, window: int, d_model: int = 64,
-                   layers: int = 2, seed: int = 0) -> Path:
+def build_artifact(out_dir: Path, *, n_items: int, window: int, d_model: int = BENCH_D_MODEL,
+                   layers: int = BENCH_LAYERS, seed: int = 0) -> Path:
     """A model artifact with random weights (no training): item ids "i1".."iN", the ids
     `generate_synthetic` uses for a catalog of N items. The item embeddings are a clustered
     catalog (`bench.retrieval.clustered_catalog`), like trained ones: with i.i.d. Gaussian
@@ -75,7 +95,7 @@ def build_artifact(out_dir: Path, *, n_items: int, window: int, d_model: int = 6
     torch.manual_seed(seed)
     config = ModelConfig(
         n_items=n_items, n_event_types=len(EVENT_TYPES), d_model=d_model, n_layers=layers,
-        n_heads=2, window=window, dropout=0.0,
+        n_heads=BENCH_HEADS, window=window, dropout=0.0,
     )
     encoder = Encoder(config).eval()
     catalog = torch.from_numpy(clustered_catalog(n_items, d_model, seed=seed))
@@ -142,7 +162,7 @@ class Run:
                 "--metrics-port", str(self.metrics_port), "--metrics-host", "127.0.0.1",
                 "--log-level", "WARNING", *worker_args,
             ]
-            if system == "kvrec-no-cache":
+            if system.startswith("kvrec-no-cache"):
                 command += ["--no-kv-cache"]
             return command, env
         if system == "confluent-passthrough":
@@ -259,10 +279,12 @@ def _replay(producer_config: dict, run: Run, events: Sequence[Interaction]) -> N
         raise RuntimeError(f"{run.name}: {stats.failed} events not delivered")
 
 
-def reader(bootstrap: str, topic: str, partitions: int) -> Consumer:
+def reader(bootstrap: str, topic: str, partitions: int, committed: bool = False) -> Consumer:
+    """A consumer of every partition of `topic` from the beginning; `committed`: with
+    `isolation.level=read_committed`, as a downstream reader of an exactly-once worker."""
     consumer = Consumer({
         "bootstrap.servers": bootstrap, "group.id": f"e2e-reader-{uuid.uuid4().hex[:8]}",
-        "enable.auto.commit": False, "fetch.wait.max.ms": 5,
+        "enable.auto.commit": False, "fetch.wait.max.ms": 5, **(READ_COMMITTED if committed else {}),
     })
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
     return consumer
@@ -351,21 +373,27 @@ def measure(
     run: Run, peak_events: Sequence[Interaction], rate_events: Sequence[Interaction], *,
     model: Path, state_dir: Path, worker_args: Sequence[str], seconds: float,
     rate_fractions: Sequence[float], max_rate: float, timeout: float,
-    warmup: Sequence[Interaction] = (),
+    warmup: Sequence[Interaction] = (), warmup_args: Sequence[str] | None = None,
+    visible: bool = False,
 ) -> dict[str, Any]:
     """Peak throughput on a backlog, then one fixed-rate phase per fraction of that peak
     (none when `rate_fractions` is empty). Each phase uses the next events of `rate_events`.
 
     For the kvrec systems, `warmup` events first go through a kvrec worker of the same group
-    and state directory, which then stops (checkpointing): the system under test starts with
-    every stored window full, as a worker does in steady state, and a cold key/value cache."""
+    and state directory (with `warmup_args`, default `worker_args`), which then stops
+    (checkpointing): the system under test starts with every stored window full, as a worker
+    does in steady state, and a cold key/value cache.
+
+    `visible` (an exactly-once system): the outputs are read `read_committed` and a latency is
+    the read time minus the input's timestamp (`stream.latency`, `Latencies(visible=True)`)."""
     # uncompressed for every system: aiokafka (Faust) has no lz4 codec installed here
     producer_config = {"bootstrap.servers": run.bootstrap, "compression.type": "none"}
-    consumer = reader(run.bootstrap, run.outputs, run.partitions)
+    consumer = reader(run.bootstrap, run.outputs, run.partitions, committed=visible)
     warmup = warmup if run.name.startswith("kvrec") else ()
     if warmup:
         _replay(producer_config, run, warmup)
-        run.start(model, state_dir, worker_args, system="kvrec")
+        run.start(model, state_dir, worker_args if warmup_args is None else warmup_args,
+                  system="kvrec")
         try:
             _drain(consumer, len(warmup), timeout, run)
         finally:
@@ -432,7 +460,7 @@ def measure(
         stamps = _input_timestamps(run.bootstrap, run.events, run.partitions, total)
         for phase in phases:
             read_ms = phase.pop("read_ms")
-            measured = Latencies()
+            measured = Latencies(visible=visible)
             for key, (appended_ms, at_ms) in read_ms.items():
                 if key in stamps:
                     measured.add_stamped(stamps[key], appended_ms, at_ms)
@@ -450,12 +478,18 @@ def measure(
                 latency_ms={**percentiles, "max": float(latencies.max())},
                 latencies_ms=[round(float(x), 2) for x in latencies],
                 reader_ms={**reader_share, "max": float(max(measured.reader_ms))},
+                latency_stamp=measured.stamp,
             )
+            if visible:  # the append's latency, before the commit made the output visible
+                appended = np.array(measured.appended_ms)
+                phase["appended_latency_ms"] = {
+                    f"p{q}": float(np.percentile(appended, q)) for q in (50, 95, 99)}
             result["phases"].append(phase)
             line += (f"\n{'':22s}   at {phase['offered_rate']:7,.0f} ev/s: latency p50 "
                      f"{percentiles['p50']:7.1f}  p95 {percentiles['p95']:7.1f}  p99 "
                      f"{percentiles['p99']:7.1f}  max {phase['latency_ms']['max']:7.1f} ms"
-                     f"  (reader +{reader_share['p50']:.1f} p50, +{reader_share['p99']:.1f} p99)")
+                     f"  ({'visible; after append' if visible else 'reader'} "
+                     f"+{reader_share['p50']:.1f} p50, +{reader_share['p99']:.1f} p99)")
             checkpoints = phase["worker_timings"].get("kvrec_checkpoint_seconds")
             if checkpoints and checkpoints["count"]:
                 line += (f"\n{'':22s}   {checkpoints['count']} checkpoints, mean "
@@ -465,7 +499,7 @@ def measure(
         result.update(
             offered_rate=headline["offered_rate"], rate_phase_events=headline["count"],
             latency_ms=headline["latency_ms"], latencies_ms=headline["latencies_ms"],
-            reader_ms=headline["reader_ms"],
+            reader_ms=headline["reader_ms"], latency_stamp=headline["latency_stamp"],
         )
     print(line, flush=True)
     return result
@@ -489,7 +523,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     systems = report["systems"]
-    figure, (cdf, bars, rates) = plt.subplots(1, 3, figsize=(18, 4.5))
+    curve = report.get("exactly_once_curve", [])
+    figure, axes = plt.subplots(1, 4 if curve else 3, figsize=(24 if curve else 18, 4.5))
+    cdf, bars, rates = axes[:3]
+    if curve:
+        plot_exactly_once(curve, axes[3])
     for index, (name, result) in enumerate(systems.items()):
         phases = result.get("phases", [])
         if phases:
@@ -519,12 +557,43 @@ def plot(report: dict[str, Any], path: Path) -> None:
     settings = report["settings"]
     figure.suptitle(
         f"kvrec bench e2e: {settings['events']} events, {settings['items']} items, "
-        f"W={settings['window']}, {settings['users']} users, 4 partitions; "
+        f"W={settings['window']}, d={','.join(str(d) for d in settings['d_models'])}, "
+        f"{settings['users']} users, {settings['partitions']} partitions; "
         f"{machine_line(report['machine'])}"
     )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def plot_exactly_once(curve: list[dict[str, Any]], axis: Any) -> None:
+    """Peak, and visible p99 at the headline rate phase (half the peak unless capped), against
+    the commit interval, one line per width."""
+    latency = axis.twinx()
+    for index, d in enumerate(sorted({p["d_model"] for p in curve})):
+        points = [p for p in curve if p["d_model"] == d]
+        intervals = [p["commit_interval_ms"] for p in points]
+        axis.plot(intervals, [p["peak_events_per_s"] for p in points], marker="o",
+                  color=f"C{index}", label=f"peak, d={d}")
+        measured = [p for p in points if "visible_ms" in p]
+        if measured:
+            latency.plot([p["commit_interval_ms"] for p in measured],
+                         [p["visible_ms"]["p99"] for p in measured], marker="s", linestyle="--",
+                         color=f"C{index}", label=f"visible p99 at the rate phase, d={d}")
+            latency.plot([p["commit_interval_ms"] for p in measured],
+                         [p["commit_wait_ms"]["p99"] for p in measured], marker="^",
+                         linestyle=":", color=f"C{index}",
+                         label=f"read - append time (the wait for the commit), p99, d={d}")
+    axis.set_xscale("log")
+    axis.set_xlabel("--commit-interval-ms (exactly-once)")
+    axis.set_ylabel("peak events/s (solid)")
+    latency.set_ylabel("ms: visible p99 (dashed), its wait for the commit p99 (dotted)")
+    axis.set_ylim(bottom=0)
+    latency.set_ylim(bottom=0)
+    axis.set_title("exactly-once: the commit interval")
+    lines = axis.get_legend_handles_labels()
+    more = latency.get_legend_handles_labels()
+    axis.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7)
 
 
 def _retrieval_report(log_path: Path) -> dict[str, Any] | None:
@@ -539,13 +608,93 @@ def _retrieval_report(log_path: Path) -> dict[str, Any] | None:
 _RETRIEVAL_LINE = re.compile(r" retrieval:? (\{.*\})\s*$")
 
 
-def _variants(system: str, process_counts: Sequence[int]) -> list[tuple[str, list[str]]]:
-    """(result name, extra worker flags) for each way `system` is measured: kvrec once per
-    process count (`kvrec`, `kvrec-2proc`, ...), every other system once."""
-    if system != "kvrec":
-        return [(system, [])]
-    return [("kvrec" if n == 1 else f"kvrec-{n}proc", ["--processes", str(n)] if n > 1 else [])
-            for n in process_counts]
+@dataclass(frozen=True)
+class Variant:
+    """One measured row: a system with its worker flags and model width."""
+
+    name: str
+    system: str
+    worker_args: list[str] = field(default_factory=list)  # the warm-up worker's too
+    d_model: int = BENCH_D_MODEL
+    commit_interval_ms: int | None = None  # exactly-once, with this --commit-interval-ms
+    processes: int = 1
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.commit_interval_ms is not None
+
+    @property
+    def args(self) -> list[str]:
+        """The measured worker's flags (the warm-up worker, which only fills the windows, runs
+        at-least-once with `worker_args`)."""
+        if self.commit_interval_ms is None:
+            return list(self.worker_args)
+        return ["--processing-guarantee", "exactly-once",
+                "--commit-interval-ms", str(self.commit_interval_ms), *self.worker_args]
+
+
+def _variants(system: str, process_counts: Sequence[int],
+              eos_intervals: Sequence[int] = (1000,),
+              d_models: Sequence[int] = (BENCH_D_MODEL,)) -> list[Variant]:
+    """Each way `system` is measured: every kvrec system once per model width (`-d<D>` after
+    the name for a width other than the bench's 64); kvrec once per process count (`kvrec`,
+    `kvrec-2proc`, ...); kvrec-eos once per commit interval (`kvrec-eos-100ms`, ...); every
+    other system once."""
+    if not system.startswith("kvrec"):
+        return [Variant(system, system)]
+    variants = []
+    for d in d_models:
+        suffix = "" if d == BENCH_D_MODEL else f"-d{d}"
+        if system == "kvrec":
+            variants += [Variant(("kvrec" if n == 1 else f"kvrec-{n}proc") + suffix, system,
+                                 ["--processes", str(n)] if n > 1 else [], d, processes=n)
+                         for n in process_counts]
+        elif system == "kvrec-eos":
+            variants += [Variant(f"kvrec-eos-{ms}ms{suffix}", system, [], d, ms)
+                         for ms in eos_intervals]
+        else:
+            variants.append(Variant(system + suffix, system, [], d))
+    return variants
+
+
+def _integers(flag: str, text: str, low: int) -> list[int]:
+    """A comma-separated list of distinct integers >= `low`, in the order given."""
+    try:
+        values = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: numbers and commas, got {text!r}") from None
+    if not values or min(values) < low or len(set(values)) != len(values):
+        raise ConfigError(f"{flag}: one or more distinct numbers >= {low}, got {text!r}")
+    return values
+
+
+def exactly_once_curve(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The exactly-once rows, by width and commit interval: peak, and at the headline phase
+    (half the peak) the offered and delivered rates and the visible and appended latencies,
+    with the checkpoints' count and mean over that phase (a checkpoint stops the loop)."""
+    curve = []
+    for name, result in results.items():
+        if result.get("commit_interval_ms") is None:
+            continue
+        point: dict[str, Any] = {
+            "system": name, "d_model": result["d_model"],
+            "commit_interval_ms": result["commit_interval_ms"],
+            "peak_events_per_s": result["peak_events_per_s"],
+        }
+        if result.get("phases"):
+            headline = min(result["phases"], key=lambda p: abs(p["fraction"] - 0.5))
+            checkpoints = headline["worker_timings"].get("kvrec_checkpoint_seconds", {})
+            point.update(
+                fraction=headline["fraction"], offered_rate=headline["offered_rate"],
+                achieved_events_per_s=headline["achieved_events_per_s"],
+                visible_ms={k: headline["latency_ms"][k] for k in ("p50", "p95", "p99")},
+                appended_ms=headline["appended_latency_ms"],
+                # read time - append time: the wait for the commit (and the reader's few ms)
+                commit_wait_ms={k: headline["reader_ms"][k] for k in ("p50", "p95", "p99")},
+                checkpoints=checkpoints.get("count"), checkpoint_mean_ms=checkpoints.get("mean_ms"),
+            )
+        curve.append(point)
+    return sorted(curve, key=lambda p: (p["d_model"], p["commit_interval_ms"]))
 
 
 def history_per_user(history: int, window: int, layers: int = 2) -> int:
@@ -658,7 +807,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rate", type=flags.number(above=0), default=20_000.0,
                         help="offered rate cap, ev/s")
     parser.add_argument("--partitions", type=flags.integer(1), default=4)
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help=f"any of {', '.join(SYSTEMS)}")
+    parser.add_argument("--eos-commit-intervals",
+                        default=",".join(str(ms) for ms in EOS_COMMIT_INTERVALS),
+                        help="kvrec-eos is measured with each of these --commit-interval-ms "
+                             "values (ms), as kvrec-eos-<N>ms; its latency is the visible one "
+                             "(a read_committed reader's read time - the input's timestamp)")
+    parser.add_argument("--d-models", default=str(BENCH_D_MODEL),
+                        help="every kvrec system is measured on a model of each of these widths "
+                             "(e.g. 64,128: 128 is kvrec train's default), as <system>-d<D> for "
+                             f"a width other than {BENCH_D_MODEL}")
     parser.add_argument("--timeout", type=flags.number(above=0), default=600.0, help="per phase, seconds")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     parser.add_argument("--processes", default="1",
@@ -681,6 +840,10 @@ def main(args: argparse.Namespace) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not systems or set(systems) - set(SYSTEMS):
         raise ConfigError(f"--systems: choose from {', '.join(SYSTEMS)}")
+    eos_intervals = _integers("--eos-commit-intervals", args.eos_commit_intervals, 1)
+    d_models = _integers("--d-models", args.d_models, 2)
+    if any(d % BENCH_HEADS for d in d_models):
+        raise ConfigError(f"--d-models: each width must divide by the model's {BENCH_HEADS} heads")
     if min(args.events, args.window, args.users, args.partitions) < 1 or args.items < 2:
         raise ConfigError("--events, --window, --users, --partitions must be >= 1, --items >= 2")
     try:
@@ -689,12 +852,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--rate-fractions: numbers and commas, got {args.rate_fractions!r}") from None
     if not all(0 < f <= 1 for f in fractions) or args.seconds <= 0 or args.max_rate <= 0:
         raise ConfigError("--rate-fractions in (0, 1], --seconds and --max-rate > 0")
-    try:
-        process_counts = [int(n) for n in args.processes.split(",") if n.strip()]
-    except ValueError:
-        raise ConfigError(f"--processes: numbers and commas, got {args.processes!r}") from None
-    if not process_counts or min(process_counts) < 1:
-        raise ConfigError("--processes: one or more counts >= 1")
+    process_counts = _integers("--processes", args.processes, 1)
     workdir = work_dir(args.workdir, "kvrec-e2e-", "kvrec bench e2e")
     rate_events = int(args.max_rate * args.seconds * len(fractions)) + 1
     interactions = generate_synthetic(
@@ -702,7 +860,13 @@ def main(args: argparse.Namespace) -> int:
     )
     peak_events, tail = interactions[: args.events], interactions[args.events:]
     started = time.monotonic()
-    model = build_artifact(workdir / "model", n_items=args.items, window=args.window)
+    variants = [v for system in systems
+                for v in _variants(system, process_counts, eos_intervals, d_models)]
+    models = {  # the bench's model (d 64) where it always was; other widths beside it
+        d: build_artifact(workdir / ("model" if d == BENCH_D_MODEL else f"model-d{d}"),
+                          n_items=args.items, window=args.window, d_model=d)
+        for d in sorted({v.d_model for v in variants})
+    }
     warmup = warmup_history(args.users, args.items, history_per_user(args.history, args.window))
     results: dict[str, Any] = {}
     sweep: list[dict[str, Any]] = []
@@ -710,29 +874,40 @@ def main(args: argparse.Namespace) -> int:
         if args.sweep:
             sweep_args = argparse.Namespace(**{**vars(args), "events": args.sweep_events})
             sweep = run_sweep(sweep_args, bootstrap, workdir)
-        for system in systems:
-            for name, worker_args in _variants(system, process_counts):
-                run = Run(name, bootstrap, args.partitions, workdir / f"{name}.log")
-                results[name] = measure(
-                    run, peak_events, tail, model=model, state_dir=workdir / "state",
-                    worker_args=worker_args, seconds=args.seconds, rate_fractions=fractions,
-                    max_rate=args.max_rate, timeout=args.timeout, warmup=warmup,
-                )
+        for variant in variants:
+            run = Run(variant.name, bootstrap, args.partitions, workdir / f"{variant.name}.log")
+            results[variant.name] = {
+                "system": variant.system, "d_model": variant.d_model,
+                "processing_guarantee": "exactly-once" if variant.exactly_once else "at-least-once",
+                "commit_interval_ms": variant.commit_interval_ms, "processes": variant.processes,
+                **measure(
+                    run, peak_events, tail, model=models[variant.d_model],
+                    state_dir=workdir / "state", worker_args=variant.args, seconds=args.seconds,
+                    rate_fractions=fractions, max_rate=args.max_rate, timeout=args.timeout,
+                    warmup=warmup, warmup_args=variant.worker_args, visible=variant.exactly_once,
+                ),
+            }
     report: dict[str, Any] = {
         "benchmark": "end to end through Kafka",
         "machine": machine_info(),
         "settings": {
-            "events": args.events, "items": args.items, "window": args.window, "d_model": 64,
-            "layers": 2, "users": args.users, "seconds": args.seconds,
+            "events": args.events, "items": args.items, "window": args.window,
+            "d_models": d_models, "layers": BENCH_LAYERS, "heads": BENCH_HEADS,
+            "users": args.users, "seconds": args.seconds,
             "history_per_user": history_per_user(args.history, args.window),
             "sweep_users": args.sweep_users if args.sweep else None,
             "rate_fractions": fractions, "max_rate": args.max_rate,
             "partitions": args.partitions, "systems": systems, "quick": args.quick,
             "processes": process_counts,
+            "eos_commit_intervals_ms": eos_intervals if "kvrec-eos" in systems else None,
             "broker": "given" if args.bootstrap_servers else "local launcher",
-            "worker": "torch-cpu, --retrieval auto, at-least-once, default batch settings",
+            "worker": "torch-cpu, --retrieval auto, at-least-once (kvrec-eos: exactly-once), "
+                      "default batch settings",
             "latency": "output's broker append time (LogAppendTime) - input message Kafka "
-                       "timestamp (CreateTime); reader_ms: bench read time - append time",
+                       "timestamp (CreateTime); reader_ms: bench read time - append time. "
+                       "kvrec-eos: visible latency, the read time of a read_committed reader - "
+                       "the input's timestamp (appended_latency_ms: the append's; reader_ms: "
+                       "the wait for the commit and the reader's share)",
         },
         "systems": results,
         "seconds_total": time.monotonic() - started,
@@ -751,6 +926,15 @@ def main(args: argparse.Namespace) -> int:
         report["process_scaling"] = {
             str(n): peak / results["kvrec"]["peak_events_per_s"] for n, peak in scaled.items()
         }
+    curve = exactly_once_curve(results)
+    if curve:
+        report["exactly_once_curve"] = curve
+    widths = {r["d_model"]: r["peak_events_per_s"] for r in results.values()
+              if r["system"] == "kvrec" and r["commit_interval_ms"] is None
+              and r["processes"] == 1}
+    if len(widths) > 1 and BENCH_D_MODEL in widths:
+        report["peak_over_d64"] = {str(d): peak / widths[BENCH_D_MODEL]
+                                   for d, peak in sorted(widths.items())}
     if "kvrec" in results and "kvrec-no-cache" in results:
         report["kvrec_over_no_cache"] = {
             "peak_events_per_s": results["kvrec"]["peak_events_per_s"]

@@ -113,3 +113,49 @@ def test_the_reader_takes_an_output_without_waiting_for_a_batch(kafka_bootstrap)
         batched.close()
     assert len(got) == len(got_batched) == 2
     assert fast_s < 0.5 <= 0.9 <= batched_s
+
+
+COMMIT_DELAY_S = 0.8
+
+
+def test_under_exactly_once_the_latency_is_when_a_read_committed_reader_sees_the_output(
+    kafka_bootstrap,
+) -> None:
+    """An output produced in a transaction is appended at once but visible only when the
+    transaction commits, `COMMIT_DELAY_S` later: a read_committed reader does not get it
+    before, and the visible latency (`Latencies(visible=True)`) includes the wait, while the
+    append's latency, kept beside it, does not."""
+    from stream.latency import READ_COMMITTED, VISIBLE
+
+    topic = _topic(kafka_bootstrap, LOG_APPEND_TIME)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0,
+                         "transactional.id": f"t-{uuid.uuid4().hex[:8]}"})
+    producer.init_transactions(30)
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"t-{uuid.uuid4().hex[:8]}",
+                         "enable.auto.commit": False, "fetch.wait.max.ms": 5, **READ_COMMITTED})
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    try:
+        producer.begin_transaction()
+        source_ts = int(time.time() * 1000)
+        producer.produce(topic, key=b"u1", value=_recommendation(source_ts))
+        assert producer.flush(10) == 0  # appended, not committed
+        before = read_available(consumer, COMMIT_DELAY_S)  # waits the delay out, sees nothing
+        producer.commit_transaction(30)
+        messages: list = []
+        deadline = time.monotonic() + 10
+        while not messages and time.monotonic() < deadline:
+            messages = read_available(consumer, 0.05)
+        read_ms = time.time() * 1000
+    finally:
+        consumer.close()
+    assert before == [] and len(messages) == 1
+    latencies = Latencies(visible=True)
+    latencies.add(source_ts, messages[0], read_ms)
+    assert latencies.stamp == VISIBLE
+    (visible,), (appended,) = latencies.system_ms, latencies.appended_ms
+    assert visible == pytest.approx(read_ms - source_ts)
+    assert visible >= COMMIT_DELAY_S * 1000 > COMMIT_DELAY_S * 1000 / 2 > appended >= 0
+    assert latencies.reader_ms == [pytest.approx(visible - appended)]
+    plain = Latencies()  # what the bench measured before: the append, blind to the commit
+    plain.add(source_ts, messages[0], read_ms)
+    assert plain.system_ms == [appended]
