@@ -3,10 +3,12 @@ built from precomputed JSON fragments instead of a dict per event and item.
 
 Every string that repeats (an item's `{"item_id":...,"score":` prefix, a `because` entry's item
 and event type, a user id, the model version) is escaped once with the same `json` encoder
-settings as `stream.schema` (compact separators, ASCII escapes) and kept; a score is written
-with `float.__repr__`, as `json` writes finite floats. A non-finite score (never made by the
-model path) falls back to `encode_recommendation` for that event. tests/test_wire.py checks the
-bytes against `encode_recommendation`.
+settings as `stream.schema` (compact separators, ASCII escapes) and kept. The batch's scores
+and weights are written by msgspec in one call each: the shortest digits that read back to the
+float, which is what `json` writes (`float.__repr__`) except in exponent notation and below 1e-4,
+so a row with one of those is written with `repr` instead (`_number_texts`). A non-finite score
+(never made by the model path) falls back to `encode_recommendation` for that event.
+tests/test_wire.py checks the bytes against `encode_recommendation`.
 """
 
 from __future__ import annotations
