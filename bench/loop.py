@@ -15,7 +15,8 @@ objects frozen, with its higher threshold, before the timed batches (`app.freeze
 timed (a checkpoint every 10, as a 1 s commit interval does at a few thousand events/s). With
 `--profile`, a second pass runs under cProfile and the JSON gets each stage's share of the
 profiled time (the profiler's overhead inflates Python-heavy stages; the shares are for
-finding the largest, the throughput comes from the unprofiled pass).
+finding the largest, the throughput comes from the unprofiled pass); each share is also given in
+µs an event of the unprofiled pass (share x its µs an event), as docs/e2e.md's tables do.
 """
 
 from __future__ import annotations
@@ -189,9 +190,13 @@ def main(args: argparse.Namespace) -> int:
         profile.enable()
         _timed(worker, profiled)
         profile.disable()
-        result["profiled_stage_shares"] = _stage_shares(profile)
-        line += "\n" + "\n".join(f"  {stage:32s} {share:6.1%}"
-                                 for stage, share in result["profiled_stage_shares"].items())
+        result["profiled_stage_shares"] = shares = _stage_shares(profile)
+        # a share of the unprofiled pass's time: what docs/e2e.md's tables give
+        result["profiled_stage_us_per_event"] = {
+            stage: round(share * seconds / events * 1e6, 1) for stage, share in shares.items()}
+        line += "\n" + "\n".join(
+            f"  {stage:32s} {share:6.1%} {share * seconds / events * 1e6:7.1f} us/event"
+            for stage, share in shares.items())
     worker.state.close_all()
     gc.unfreeze()  # as the worker does: a clean exit (frozen objects leak warnings at exit)
     out = Path(args.json)

@@ -76,3 +76,22 @@ def test_a_batch_equals_its_events_one_by_one(events) -> None:
                                              n, 7, [], c))
         for n, (u, row, c) in enumerate(events)
     ]
+
+
+# where the two notations change: repr's exponent below 1e-4 and from 1e16, msgspec's below 1e-6
+BOUNDARIES = st.tuples(
+    st.sampled_from([1e-4, 1e-5, 1e-6, 1e-7, 1e15, 1e16, 1e17, 5e-324, 1.7976931348623157e308]),
+    st.sampled_from([-math.inf, 0.0, math.inf]),  # one step down, none, one step up
+    st.sampled_from([1.0, -1.0]),
+).map(lambda b: b[2] * (math.nextafter(b[0], b[1]) if b[1] else b[0]))
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True)
+@given(st.lists(st.lists(FINITE | BOUNDARIES, max_size=5), max_size=4))
+def test_the_batch_number_writer_is_repr_or_leaves_the_row(rows) -> None:
+    """msgspec writes a batch's scores in one call; a row it returns is `json`'s text of it."""
+    from stream.worker.wire import _number_texts
+
+    for row, text in zip(rows, _number_texts(rows, len(rows)), strict=True):
+        if text is not None:
+            assert text == ",".join(map(repr, row))
