@@ -157,7 +157,6 @@ class Worker:
         self.metrics = metrics
         self.health = health
         self.event_type_index = {name: i + 1 for i, name in enumerate(settings.event_types)}
-        self._event_types = settings.event_type_set  # a property: a new frozenset per call
         self.running = True
         self.failed = False  # an error escaped the loop: commit nothing more
         self.hung = False  # a Kafka client call never returned: do not call the clients again
@@ -518,7 +517,7 @@ class Worker:
         event = parse_event(
             message.value(),
             message.key(),
-            event_types=self._event_types,
+            event_types=self.settings.event_type_set,
             max_bytes=self.settings.max_event_bytes,
             now_ms=now_ms,
             max_future_ms=self.settings.max_future_ms,

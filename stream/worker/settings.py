@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import socket
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from model.choices import BACKENDS, RETRIEVAL_KINDS
@@ -234,7 +235,7 @@ class WorkerSettings:
     live_users: int = 100_000
     stats_interval_ms: int = 10_000
 
-    @property
+    @cached_property  # read once per message on the hot path: built once
     def event_type_set(self) -> frozenset[str]:
         return frozenset(self.event_types)
 
