@@ -33,7 +33,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from state.window import WindowSnapshot
 from stream.model_updates import (
@@ -183,18 +190,18 @@ class ModelWatcher:
                 with contextlib.suppress(_Superseded):  # the newest is acted on next turn
                     self._act(newest)
 
-    def _read(self, message: object) -> None:
-        if message.error() is not None:  # type: ignore[attr-defined]
-            log.warning("model watcher: %s", message.error())  # type: ignore[attr-defined]
+    def _read(self, message: Message) -> None:
+        if message.error() is not None:
+            log.warning("model watcher: %s", message.error())
             return
-        key, value = message.key(), message.value()  # type: ignore[attr-defined]
+        key, value = message.key(), message.value()
         if (key or b"") != self.settings.model_name.encode() or value is None:
             return
         try:
             self._newest, self._acted = Announcement.from_json(value), False
         except ValueError as exc:
             log.error("model watcher: %s: offset %d: %s", self.settings.updates_topic,
-                      message.offset(), exc)  # type: ignore[attr-defined]
+                      message.offset(), exc)
             self.metrics.model_refusals.labels("announcement").inc()
 
     def _check_current(self, announcement: Announcement, role: str) -> None:
