@@ -58,7 +58,8 @@ if [ -L "$venv" ] || [ "$(cat "$venv/.kvrec-deps" 2>/dev/null)" != "$deps" ]; th
     deps_site="$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     echo "$deps_site" >"$site/kvrec-deps.pth"
     echo "$repo" >"$site/kvrec-src.pth"
-    printf '#!%s\nimport sys\n\nfrom stream.cli import main\n\nsys.exit(main())\n' "$venv/bin/python" >"$venv/bin/kvrec"
-    chmod +x "$venv/bin/kvrec"
     echo "$deps" >"$venv/.kvrec-deps"
 fi
+# The `kvrec` command, written on every run so a checkout's entry point never goes stale.
+printf '#!%s\nimport sys\n\nfrom kvrec.stream.cli import main\n\nsys.exit(main())\n' "$venv/bin/python" >"$venv/bin/kvrec"
+chmod +x "$venv/bin/kvrec"

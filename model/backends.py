@@ -13,11 +13,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from kvrec.model.choices import BACKENDS
+from kvrec.model.encoder import Encoder, KVCache
+from kvrec.model.errors import ConfigError
 from torch import Tensor
-
-from model.choices import BACKENDS
-from model.encoder import Encoder, KVCache
-from model.errors import ConfigError
 
 
 class StepBackend(Protocol):

@@ -28,12 +28,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch import Tensor
-from torch.nn import functional as F
-
-from model.config import ModelConfig
-from model.hstu import HSTUBlock
-from model.layers import (
+from kvrec.model.config import ModelConfig
+from kvrec.model.hstu import HSTUBlock
+from kvrec.model.layers import (
     Dropout,
     apply_rope,
     attention_scores,
@@ -41,6 +38,8 @@ from model.layers import (
     rope_cos_sin,
     weighted_values,
 )
+from torch import Tensor
+from torch.nn import functional as F
 
 
 @dataclass

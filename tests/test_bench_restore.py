@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from stream.cli import main
+from kvrec.stream.cli import main
 
 pytestmark = pytest.mark.kafka
 

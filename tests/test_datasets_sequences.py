@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from model.datasets import group_by_user, read_interactions
-from model.errors import DataError
+from kvrec.model.datasets import group_by_user, read_interactions
+from kvrec.model.errors import DataError
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:

@@ -8,8 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from model.datasets import (
+from kvrec.model.datasets import (
     EVENT_TYPES,
     Interaction,
     SyntheticSpec,
@@ -18,7 +17,7 @@ from model.datasets import (
     iter_interactions,
     read_interactions,
 )
-from model.errors import DataError
+from kvrec.model.errors import DataError
 
 
 def _write(tmp_path: Path, name: str, text: str | bytes) -> Path:

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from stream.schema import (
+from kvrec.stream.schema import (
     BecauseEvent,
     Event,
     InvalidEvent,

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from stream.model_updates import (
+from kvrec.stream.model_updates import (
     Announcement,
     Candidate,
     Refusal,
@@ -18,6 +17,7 @@ from stream.model_updates import (
     put,
     read_live,
 )
+
 from tests.conftest import unique_topic
 
 

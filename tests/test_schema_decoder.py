@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from stream.schema import Event, InvalidEvent, encode_event, parse_event, parse_event_stdlib
+from kvrec.stream.schema import Event, InvalidEvent, encode_event, parse_event, parse_event_stdlib
 
 TYPES = frozenset({"view", "click", "add_to_cart", "purchase"})
 NOW = 1_800_000_000_000
@@ -240,12 +239,12 @@ def test_deep_nesting_is_refused_at_the_same_depth(depth: int) -> None:
 
 def test_a_valid_event_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The stdlib decoder is only for messages the fast path does not accept."""
-    import stream.schema
+    import kvrec.stream.schema as schema_module
 
     def refuse(*args: Any, **kwargs: Any) -> Event:
         raise AssertionError("a valid event took the stdlib path")
 
-    monkeypatch.setattr(stream.schema, "parse_event_stdlib", refuse)
+    monkeypatch.setattr(schema_module, "parse_event_stdlib", refuse)
     for event in (Event("u1", "a", "view", 1), Event("u1", "é", "click", NOW, {"x": [1.5]})):
         assert parse_event(encode_event(event), b"u1", event_types=TYPES, max_bytes=4096,
                            now_ms=NOW, max_future_ms=FUTURE_MS) == event

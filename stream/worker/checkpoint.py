@@ -32,11 +32,10 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-
-from model.errors import RunFailed
-from state.partition import WorkerState
-from stream.kafka_config import kafka_error_text
-from stream.worker.produce import produce
+from kvrec.model.errors import RunFailed
+from kvrec.state.partition import WorkerState
+from kvrec.stream.kafka_config import kafka_error_text
+from kvrec.stream.worker.produce import produce
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
-
-from model.errors import ConfigError
-from state.changelog import read_record
-from state.partition import PartitionWindows
+from kvrec.model.errors import ConfigError
+from kvrec.state.changelog import read_record
+from kvrec.state.partition import PartitionWindows
 
 log = logging.getLogger(__name__)
 
