@@ -55,7 +55,6 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 from kvrec.bench.machine import machine_info, machine_line
 from kvrec.model import flags
 from kvrec.model.datasets import BASE_TS_MS, Interaction, SyntheticSpec, generate_synthetic
-from kvrec.model.errors import ConfigError
 from kvrec.model.owned import work_dir
 from kvrec.stream.kafka_config import ensure_topics
 from kvrec.stream.latency import (
@@ -67,6 +66,8 @@ from kvrec.stream.latency import (
 )
 from kvrec.stream.replay import BURST_SECONDS, TokenBucket, replay_events
 from kvrec.stream.schema import Event, encode_event
+
+from kvrec.errors import ConfigError
 
 SYSTEMS = ("kvrec", "kvrec-eos", "kvrec-no-cache", "confluent-passthrough", "faust-passthrough")
 DEFAULT_SYSTEMS = ("kvrec", "kvrec-no-cache", "confluent-passthrough", "faust-passthrough")

@@ -17,9 +17,10 @@ import torch
 from kvrec.bench.machine import machine_info
 from kvrec.model.config import ModelConfig
 from kvrec.model.encoder import Encoder
-from kvrec.model.errors import ConfigError
-from kvrec.model.flags import integer, number
 from kvrec.model.gpu_retrieval import TorchExactRetriever
+
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
 
 
 def _rate(call, events: int, seconds: float, sync) -> float:

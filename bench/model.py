@@ -24,10 +24,11 @@ from kvrec.bench.machine import machine_info
 from kvrec.model.backends import BACKENDS, make_backend
 from kvrec.model.config import BLOCKS, ModelConfig
 from kvrec.model.encoder import Encoder
-from kvrec.model.errors import ConfigError
 from kvrec.model.export import export_step
-from kvrec.model.flags import integer, number
 from kvrec.state.kvpool import KVPool, budget_for
+
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
 
 
 def _time(call: Callable[[], object], min_seconds: float, sync: Callable[[], None]) -> float:

@@ -43,10 +43,11 @@ from kvrec.bench.e2e import Run, broker, build_artifact, measure, read_available
 from kvrec.bench.machine import machine_info
 from kvrec.deploy.kafka.launcher import free_port
 from kvrec.model import flags
-from kvrec.model.errors import ConfigError
 from kvrec.model.owned import work_dir
 from kvrec.stream.replay import BURST_SECONDS, TokenBucket
 from kvrec.stream.schema import Event, encode_event
+
+from kvrec.errors import ConfigError
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 EVENT_TYPE_SHARES = (0.7, 0.2, 0.07, 0.03)

@@ -34,7 +34,8 @@ from typing import Any
 
 from kvrec.bench.machine import machine_info, machine_line
 from kvrec.model.artifact import load_artifact
-from kvrec.model.errors import ConfigError, DataError
+
+from kvrec.errors import ConfigError, DataError
 
 
 def summarise(path: str) -> dict[str, Any]:

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from kvrec.model.choices import BACKENDS
 from kvrec.model.encoder import Encoder, KVCache
-from kvrec.model.errors import ConfigError
 from torch import Tensor
+
+from kvrec.errors import ConfigError
 
 
 class StepBackend(Protocol):

@@ -7,7 +7,8 @@ import argparse
 
 from kvrec.model.artifact_files import check_artifact_dir
 from kvrec.model.datasets import add_dataset_arguments, check_dataset_arguments
-from kvrec.model.flags import integer
+
+from kvrec.flags import integer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrec.model.checksums import file_sha256
-from kvrec.model.errors import DataError
+
+from kvrec.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DIR = REPO_ROOT / "bench" / "datasets"

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from kvrec.model.artifact_files import FILES, MANIFEST
-from kvrec.model.errors import ArtifactError
 from kvrec.model.owned import MARKER, NotOwned, check_replaceable, mark, remove_owned
+
+from kvrec.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,6 @@ from kvrec.model.averaging import WeightAverage
 from kvrec.model.config import ModelConfig
 from kvrec.model.datasets import EVENT_TYPES, dataset_from_args
 from kvrec.model.encoder import Encoder
-from kvrec.model.errors import ConfigError, DataError
 from kvrec.model.evaluate import evaluate_popularity, evaluate_split, left_pad, prepare
 from kvrec.model.losses import softmax_cross_entropy
 from kvrec.model.memory import release_free_memory
@@ -53,6 +52,8 @@ from kvrec.model.train_command import (  # noqa: F401 - this module's names, as 
     shape_from_args,
 )
 from torch.nn import functional as F
+
+from kvrec.errors import ConfigError, DataError
 
 TRIM_EVERY_STEPS = 50  # hand freed heap memory back to the OS this often (model/memory.py)
 

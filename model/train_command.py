@@ -12,9 +12,10 @@ from typing import Any
 
 from kvrec.model.config import BLOCKS, SIMILARITIES, ModelConfig
 from kvrec.model.datasets import add_dataset_arguments, check_dataset_arguments
-from kvrec.model.errors import ConfigError
-from kvrec.model.flags import integer, number
 from kvrec.model.owned import check_replaceable
+
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
 
 
 @dataclass

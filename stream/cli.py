@@ -33,7 +33,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvrec.model.errors import ConfigError, KvrecError
+from kvrec.errors import ConfigError, KvrecError
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

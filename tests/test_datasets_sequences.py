@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 from kvrec.model.datasets import group_by_user, read_interactions
-from kvrec.model.errors import DataError
+
+from kvrec.errors import DataError
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 from kvrec.bench.cli import BENCHMARKS
-from kvrec.model.errors import ConfigError
 from kvrec.stream.cli import COMMANDS
 from kvrec.stream.cli import main as kvrec
 from kvrec.stream.kafka_config import add_kafka_arguments, client_config
 from kvrec.stream.kafka_logs import kafka_log
+
+from kvrec.errors import ConfigError
 
 KVREC = Path(sys.executable).with_name("kvrec")
 

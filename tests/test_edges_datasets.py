@@ -17,7 +17,8 @@ from kvrec.model.datasets import (
     iter_interactions,
     read_interactions,
 )
-from kvrec.model.errors import DataError
+
+from kvrec.errors import DataError
 
 
 def _write(tmp_path: Path, name: str, text: str | bytes) -> Path:

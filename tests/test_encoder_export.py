@@ -11,8 +11,9 @@ import torch
 from kvrec.model.backends import make_backend
 from kvrec.model.config import ModelConfig
 from kvrec.model.encoder import Encoder
-from kvrec.model.errors import ConfigError
 from kvrec.model.export import INPUTS, OUTPUTS, export_step
+
+from kvrec.errors import ConfigError
 
 
 @pytest.fixture(scope="module",

@@ -16,7 +16,8 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from kvrec.deploy.kafka import launcher
 from kvrec.deploy.kafka.launcher import LocalKafka, ensure_jars, jar_cache_dir
-from kvrec.model.errors import ConfigError
+
+from kvrec.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,6 @@ import pytest
 from kvrec.model.artifact import load_artifact
 from kvrec.model.backends import make_backend
 from kvrec.model.datasets import Interaction
-from kvrec.model.errors import ArtifactError
 from kvrec.model.retrieval import Retriever
 from kvrec.model.store import ModelStore, StoredVersion
 from kvrec.model.train import TrainSettings, train
@@ -32,6 +31,7 @@ from kvrec.stream.worker.inference import Recommender, WaveInput
 from kvrec.stream.worker.models import ModelChoice, ModelRefused, load_recommender
 from kvrec.stream.worker.settings import WorkerSettings
 
+from kvrec.errors import ArtifactError
 from tests.conftest import unique_topic
 from tests.test_worker_reliability import OnePartition
 from tests.worker_fixtures import EVENT_TYPES, make_artifact

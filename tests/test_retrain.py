@@ -13,8 +13,9 @@ import torch
 from kvrec.model.artifact import load_artifact, save_artifact
 from kvrec.model.datasets import Interaction, SyntheticSpec, generate_synthetic
 from kvrec.model.decision import decide, held_out_tail
-from kvrec.model.errors import ConfigError
 from kvrec.model.train import TrainSettings, train
+
+from kvrec.errors import ConfigError
 
 TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "window": 8, "dropout": 0.1}
 

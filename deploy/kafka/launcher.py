@@ -36,9 +36,10 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from kvrec.model.errors import ConfigError
-from kvrec.model.flags import PORT, number
 from kvrec.model.owned import NotOwned, check_replaceable, claim_dir, foreign_entries, mark, remove_owned
+
+from kvrec.errors import ConfigError
+from kvrec.flags import PORT, number
 
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"

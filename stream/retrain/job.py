@@ -20,7 +20,6 @@ from typing import Any
 from kvrec.model.artifact import Artifact, load_artifact
 from kvrec.model.datasets import Interaction
 from kvrec.model.decision import Decision, decide
-from kvrec.model.errors import ArtifactError
 from kvrec.model.owned import NotOwned, remove_owned
 from kvrec.model.store import ModelStore
 from kvrec.model.train import SHAPE_FIELDS, TrainSettings, train
@@ -34,6 +33,8 @@ from kvrec.stream.model_updates import (
     served_versions,
 )
 from kvrec.stream.retrain.command import REFUSED_EXIT  # noqa: F401 - kvrec retrain's, as before
+
+from kvrec.errors import ArtifactError
 
 log = logging.getLogger("kvrec.retrain")
 

@@ -17,7 +17,6 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from kvrec.model.errors import ConfigError
 from kvrec.stream.kafka_config import (
     add_kafka_arguments,
     client_config,
@@ -30,6 +29,8 @@ from kvrec.stream.worker.checkpoint import ClientHang
 from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, serve
 from kvrec.stream.worker.models import ModelChoice, ModelRefused, choice_of, load_recommender
 from kvrec.stream.worker.settings import WorkerSettings, add_worker_arguments
+
+from kvrec.errors import ConfigError
 
 if TYPE_CHECKING:
     from kvrec.stream.model_updates import Announcement

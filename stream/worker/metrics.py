@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
-from kvrec.model.errors import ConfigError
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     GC_COLLECTOR,
@@ -29,6 +28,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.exposition import generate_latest
+
+from kvrec.errors import ConfigError
 
 if TYPE_CHECKING:  # numpy is imported by the loop, not before the probes answer
     import numpy as np

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvrec.model.errors import ArtifactError, ConfigError
 from kvrec.stream.worker.settings import WorkerSettings
+
+from kvrec.errors import ArtifactError, ConfigError
 
 if TYPE_CHECKING:
     from kvrec.stream.model_updates import Announcement

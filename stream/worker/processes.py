@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from kvrec.model.errors import ConfigError
+from kvrec.errors import ConfigError
 
 log = logging.getLogger("kvrec.worker")
 
