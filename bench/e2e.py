@@ -52,7 +52,9 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+
 from kvrec.bench.machine import machine_info, machine_line
+from kvrec.errors import ConfigError
 from kvrec.model import flags
 from kvrec.model.datasets import BASE_TS_MS, Interaction, SyntheticSpec, generate_synthetic
 from kvrec.model.owned import work_dir
@@ -66,8 +68,6 @@ from kvrec.stream.latency import (
 )
 from kvrec.stream.replay import BURST_SECONDS, TokenBucket, replay_events
 from kvrec.stream.schema import Event, encode_event
-
-from kvrec.errors import ConfigError
 
 SYSTEMS = ("kvrec", "kvrec-eos", "kvrec-no-cache", "confluent-passthrough", "faust-passthrough")
 DEFAULT_SYSTEMS = ("kvrec", "kvrec-no-cache", "confluent-passthrough", "faust-passthrough")
@@ -86,6 +86,7 @@ def build_artifact(out_dir: Path, *, n_items: int, window: int, d_model: int = B
     embeddings no approximate index can skip anything (at 100k items IVF-PQ needed every list
     probed for recall@10 0.96, 200 us a query), which no trained catalog looks like."""
     import torch
+
     from kvrec.bench.retrieval import clustered_catalog
     from kvrec.model.artifact import save_artifact
     from kvrec.model.config import ModelConfig

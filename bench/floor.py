@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import Consumer, Producer, TopicPartition
+
 from kvrec.bench.e2e import REPO, broker, read_available
 from kvrec.bench.machine import machine_info
 from kvrec.model import flags

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from kvrec.bench.machine import machine_info
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
 from kvrec.model.config import ModelConfig
 from kvrec.model.encoder import Encoder
 from kvrec.model.gpu_retrieval import TorchExactRetriever
-
-from kvrec.errors import ConfigError
-from kvrec.flags import integer, number
 
 
 def _rate(call, events: int, seconds: float, sync) -> float:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kvrec.bench.e2e import build_artifact
 from kvrec.bench.machine import machine_info
 from kvrec.model import flags
@@ -69,12 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _worker(model: Path, state_dir: Path, worker_flags: list[str]) -> Any:
     from confluent_kafka import TopicPartition
+
     from kvrec.stream.worker.app import add_arguments as worker_arguments
     from kvrec.stream.worker.app import build_recommender, resolve_window_capacity
     from kvrec.stream.worker.loop import KafkaClients, Worker
     from kvrec.stream.worker.metrics import HealthState, WorkerMetrics
     from kvrec.stream.worker.settings import WorkerSettings
-
     from tests.fake_kafka import FakeConsumer, FakeProducer, FakeRestoreConsumer
 
     parser = argparse.ArgumentParser()
@@ -98,7 +99,6 @@ def _worker(model: Path, state_dir: Path, worker_flags: list[str]) -> Any:
 
 def _batches(args: argparse.Namespace, count: int, first_offset: int) -> list[list[Any]]:
     from kvrec.stream.schema import Event, encode_event
-
     from tests.fake_kafka import FakeMessage
 
     rng = np.random.default_rng(first_offset)

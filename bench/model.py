@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from kvrec.bench.machine import machine_info
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
 from kvrec.model.backends import BACKENDS, make_backend
 from kvrec.model.config import BLOCKS, ModelConfig
 from kvrec.model.encoder import Encoder
 from kvrec.model.export import export_step
 from kvrec.state.kvpool import KVPool, budget_for
-
-from kvrec.errors import ConfigError
-from kvrec.flags import integer, number
 
 
 def _time(call: Callable[[], object], min_seconds: float, sync: Callable[[], None]) -> float:

@@ -20,13 +20,13 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+
 from kvrec.bench.machine import machine_info
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
 from kvrec.model.gpu_retrieval import TorchExactRetriever
 from kvrec.model.progress import progress_bar, progress_line
 from kvrec.model.retrieval import KINDS, Retriever, recall_at_k
-
-from kvrec.errors import ConfigError
-from kvrec.flags import integer, number
 
 BENCH_KINDS = (*(k for k in KINDS if k != "auto"), "torch-exact")
 

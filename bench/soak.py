@@ -39,15 +39,15 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import Producer
+
 from kvrec.bench.e2e import Run, broker, build_artifact, measure, read_available, reader
 from kvrec.bench.machine import machine_info
 from kvrec.deploy.kafka.launcher import free_port
+from kvrec.errors import ConfigError
 from kvrec.model import flags
 from kvrec.model.owned import work_dir
 from kvrec.stream.replay import BURST_SECONDS, TokenBucket
 from kvrec.stream.schema import Event, encode_event
-
-from kvrec.errors import ConfigError
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 EVENT_TYPE_SHARES = (0.7, 0.2, 0.07, 0.03)

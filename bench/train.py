@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from kvrec.bench.machine import machine_info, machine_line
-from kvrec.model.artifact import load_artifact
-
 from kvrec.errors import ConfigError, DataError
+from kvrec.model.artifact import load_artifact
 
 
 def summarise(path: str) -> dict[str, Any]:

@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kvrec.errors import ArtifactError, KvrecError
 from kvrec.model.artifact_files import FILES, MANIFEST, check_artifact_dir
 from kvrec.model.checksums import file_sha256
 from kvrec.model.config import ModelConfig
 from kvrec.model.encoder import Encoder
 from kvrec.model.owned import NotOwned, check_replaceable, remove_owned
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from kvrec.errors import ArtifactError, KvrecError
 
 
 @dataclass

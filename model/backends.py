@@ -13,11 +13,11 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from kvrec.model.choices import BACKENDS
-from kvrec.model.encoder import Encoder, KVCache
 from torch import Tensor
 
 from kvrec.errors import ConfigError
+from kvrec.model.choices import BACKENDS
+from kvrec.model.encoder import Encoder, KVCache
 
 
 class StepBackend(Protocol):

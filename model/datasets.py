@@ -48,10 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from kvrec.model.named_datasets import check_named, no_such_data, resolve_named
 
 from kvrec.errors import DataError
 from kvrec.flags import integer
+from kvrec.model.named_datasets import check_named, no_such_data, resolve_named
 
 FORMATS = ("sasrec", "sequences", "movielens", "csv", "synthetic")
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")

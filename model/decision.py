@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
 from kvrec.model.artifact import Artifact
 from kvrec.model.datasets import Interaction, group_by_user
 from kvrec.model.evaluate import Split, metrics_from_ranks, rank_split

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch import Tensor
+from torch.nn import functional as F
+
 from kvrec.model.config import ModelConfig
 from kvrec.model.hstu import HSTUBlock
 from kvrec.model.layers import (
@@ -38,8 +41,6 @@ from kvrec.model.layers import (
     rope_cos_sin,
     weighted_values,
 )
-from torch import Tensor
-from torch.nn import functional as F
 
 
 @dataclass

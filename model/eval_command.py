@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from kvrec.flags import integer
 from kvrec.model.artifact_files import check_artifact_dir
 from kvrec.model.datasets import add_dataset_arguments, check_dataset_arguments
-
-from kvrec.flags import integer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from kvrec.model.datasets import Interaction, dataset_from_args, group_by_user
 from kvrec.model.encoder import Encoder
 

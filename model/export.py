@@ -15,10 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from kvrec.model.encoder import Encoder, KVCache
-from kvrec.model.export_command import EXPORT_INPUTS, EXPORT_OUTPUTS, check_out
 from torch import Tensor, nn
 from torch.export import Dim
+
+from kvrec.model.encoder import Encoder, KVCache
+from kvrec.model.export_command import EXPORT_INPUTS, EXPORT_OUTPUTS, check_out
 
 INPUTS = list(EXPORT_INPUTS)
 OUTPUTS = list(EXPORT_OUTPUTS)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvrec.model.artifact_files import check_artifact_dir
-
 from kvrec.errors import ConfigError
+from kvrec.model.artifact_files import check_artifact_dir
 
 # the graph's inputs and outputs, in order (model/export.py writes them, model/backends.py reads them)
 EXPORT_INPUTS = ("keys", "values", "positions", "items", "event_types", "counts")

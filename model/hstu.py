@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from kvrec.model.config import ModelConfig
-from kvrec.model.layers import apply_rope, attention_scores, dropout, weighted_values
 from torch import Tensor
 from torch.nn import functional as F
+
+from kvrec.model.config import ModelConfig
+from kvrec.model.layers import apply_rope, attention_scores, dropout, weighted_values
 
 
 class HSTUBlock(nn.Module):

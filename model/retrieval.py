@@ -35,6 +35,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+
 from kvrec.model.choices import RETRIEVAL_KINDS
 from kvrec.model.progress import progress_bar
 

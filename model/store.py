@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvrec.errors import ArtifactError
 from kvrec.model.artifact_files import FILES, MANIFEST
 from kvrec.model.owned import MARKER, NotOwned, check_replaceable, mark, remove_owned
-
-from kvrec.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 

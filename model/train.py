@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn import functional as F
+
+from kvrec.errors import ConfigError, DataError
 from kvrec.model.artifact import Artifact, save_artifact
 from kvrec.model.averaging import WeightAverage
 from kvrec.model.config import ModelConfig
@@ -51,9 +54,6 @@ from kvrec.model.train_command import (  # noqa: F401 - this module's names, as 
     settings_from_args,
     shape_from_args,
 )
-from torch.nn import functional as F
-
-from kvrec.errors import ConfigError, DataError
 
 TRIM_EVERY_STEPS = 50  # hand freed heap memory back to the OS this often (model/memory.py)
 

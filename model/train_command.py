@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
 from kvrec.model.config import BLOCKS, SIMILARITIES, ModelConfig
 from kvrec.model.datasets import add_dataset_arguments, check_dataset_arguments
 from kvrec.model.owned import check_replaceable
-
-from kvrec.errors import ConfigError
-from kvrec.flags import integer, number
 
 
 @dataclass

@@ -25,10 +25,11 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from kvrec.model.config import ModelConfig
 from kvrec.model.encoder import KVCache
 from kvrec.state.kvcache import CacheStats
-from torch import Tensor
 
 KNOWN_ROWS = 4  # history index, model item, model event type, deployment event type
 KNOWN_EVENT_BYTES = KNOWN_ROWS * 8

@@ -27,6 +27,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+
+from kvrec.errors import ConfigError, RunFailed
+from kvrec.flags import integer, number
 from kvrec.model.artifact_files import check_artifact_dir
 from kvrec.model.choices import BACKENDS
 from kvrec.model.datasets import Interaction, add_dataset_arguments, dataset_from_args
@@ -36,9 +39,6 @@ from kvrec.stream.kafka_config import ensure_topics, kafka_error_text
 from kvrec.stream.latency import LOG_APPEND_TIME, Latencies, read_available
 from kvrec.stream.replay import ReplayStats, replay_events
 from kvrec.stream.schema import decode_recommendation
-
-from kvrec.errors import ConfigError, RunFailed
-from kvrec.flags import integer, number
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared/datasets/amazon-games.txt"
 # the demo's small model, all of it named (not `kvrec train`'s defaults, the full recipe, which

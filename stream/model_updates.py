@@ -33,9 +33,9 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from kvrec.stream.kafka_config import ensure_topics, kafka_error_text
 
 from kvrec.errors import ConfigError
+from kvrec.stream.kafka_config import ensure_topics, kafka_error_text
 
 UPDATES_TOPIC = "model-updates"
 LIVE_STATS_TOPIC = "model-live-stats"

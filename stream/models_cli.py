@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from kvrec.errors import ArtifactError, ConfigError, KvrecError, RunFailed
+from kvrec.flags import integer, number
 from kvrec.model.store import ModelStore, StoredVersion
 from kvrec.stream.cli import COMMAND_GROUP
 from kvrec.stream.kafka_config import KafkaUnreachable, add_kafka_arguments, client_config, topic_names
@@ -49,9 +51,6 @@ from kvrec.stream.model_updates import (
     latest_announcement,
     read_live,
 )
-
-from kvrec.errors import ArtifactError, ConfigError, KvrecError, RunFailed
-from kvrec.flags import integer, number
 
 log = logging.getLogger("kvrec.models")
 READ_TIMEOUT_S = 30.0  # reading a topic from a broker that answered

@@ -15,6 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException, Producer
+
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
 from kvrec.model.datasets import Interaction, add_dataset_arguments, dataset_from_args
 from kvrec.model.progress import progress_bar
 from kvrec.stream.kafka_config import (
@@ -27,9 +30,6 @@ from kvrec.stream.kafka_config import (
 from kvrec.stream.kafka_logs import kafka_log
 from kvrec.stream.logs import add_logging_arguments, setup_logging
 from kvrec.stream.schema import Event, encode_event
-
-from kvrec.errors import ConfigError
-from kvrec.flags import integer, number
 
 # throughput settings; anything in the caller's config wins
 PRODUCER_DEFAULTS: dict[str, object] = {

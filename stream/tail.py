@@ -19,6 +19,9 @@ import sys
 import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
+
+from kvrec.errors import ConfigError, RunFailed
+from kvrec.flags import integer, number
 from kvrec.stream.kafka_config import (
     add_kafka_arguments,
     client_config,
@@ -29,9 +32,6 @@ from kvrec.stream.kafka_config import (
 from kvrec.stream.kafka_logs import kafka_log
 from kvrec.stream.logs import add_logging_arguments, setup_logging
 from kvrec.stream.schema import decode_recommendation
-
-from kvrec.errors import ConfigError, RunFailed
-from kvrec.flags import integer, number
 
 SHOWN_ITEMS = 5
 TOPIC_POLL_S = 1.0  # how often a missing topic is looked for

@@ -347,10 +347,9 @@ def settings_problems(container: Container, root: Path) -> list[str]:
     also: every KVREC_* variable is one that its command (or `kvrec models`, for the model
     store commands an operator runs in the pod) reads, paths lie on mounted volumes, and the
     probes' port is the metrics port."""
+    from kvrec.errors import KvrecError
     from kvrec.stream.cli import build_parser
     from kvrec.stream.kafka_config import client_config
-
-    from kvrec.errors import KvrecError
 
     where, argv = container.where, container.argv
     if not argv or argv[0] not in ("worker", "retrain"):
@@ -422,6 +421,7 @@ def liveness_budget_s(probe: dict) -> float:
 
 def _retrain_problems(container: Container, args: argparse.Namespace) -> list[str]:
     import torch
+
     from kvrec.model.train import settings_from_args, shape_from_args
     from kvrec.stream.retrain.command import _faust_brokers
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvrec.bench.e2e import DEFAULT_SYSTEMS, _event_key
 from kvrec.stream.schema import Recommendation, ScoredItem, encode_recommendation
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kvrec.bench.floor import CASES
 
 pytestmark = pytest.mark.kafka

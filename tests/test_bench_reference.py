@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from kvrec.bench.reference_sasrec import (
     ReferenceSASRec,
     ReferenceSettings,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kvrec.bench.soak import ArrivingUsers, judge
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+
+from kvrec.errors import DataError
 from kvrec.model import named_datasets
 from kvrec.model.datasets import read_interactions
 from kvrec.model.named_datasets import BUNDLED_DIR, NAMED_DATASETS
-
-from kvrec.errors import DataError
 
 COMMITTED = [d for d in NAMED_DATASETS.values() if d.path.parent == BUNDLED_DIR]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kvrec.model.datasets import group_by_user, read_interactions
 
 from kvrec.errors import DataError
+from kvrec.model.datasets import group_by_user, read_interactions
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:

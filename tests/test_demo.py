@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from kvrec.errors import RunFailed
 from kvrec.stream.demo import train_threads
 from kvrec.stream.demo_worker import WorkerProcess, free_port
 from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, serve
-
-from kvrec.errors import RunFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 SYNTHETIC = [

@@ -17,13 +17,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from kvrec.bench.cli import BENCHMARKS
+from kvrec.errors import ConfigError
 from kvrec.stream.cli import COMMANDS
 from kvrec.stream.cli import main as kvrec
 from kvrec.stream.kafka_config import add_kafka_arguments, client_config
 from kvrec.stream.kafka_logs import kafka_log
-
-from kvrec.errors import ConfigError
 
 KVREC = Path(sys.executable).with_name("kvrec")
 
@@ -548,6 +548,7 @@ def test_tail_without_timeout_says_so_once_then_waits_quietly() -> None:
 
 def test_librdkafka_lines_go_through_python_logging_without_the_flood() -> None:
     from confluent_kafka import Consumer
+
     from kvrec.stream.kafka_logs import kafka_log_filter
     from kvrec.stream.logs import JsonFormatter
 

@@ -8,6 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from kvrec.errors import DataError
 from kvrec.model.datasets import (
     EVENT_TYPES,
     Interaction,
@@ -17,8 +19,6 @@ from kvrec.model.datasets import (
     iter_interactions,
     read_interactions,
 )
-
-from kvrec.errors import DataError
 
 
 def _write(tmp_path: Path, name: str, text: str | bytes) -> Path:

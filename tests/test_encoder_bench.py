@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from kvrec.stream.cli import main as kvrec
 
 

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+
 from kvrec.model.config import ModelConfig
 from kvrec.model.encoder import Encoder, KVCache
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+
+from kvrec.errors import ConfigError
 from kvrec.model.backends import make_backend
 from kvrec.model.config import ModelConfig
 from kvrec.model.encoder import Encoder
 from kvrec.model.export import INPUTS, OUTPUTS, export_step
-
-from kvrec.errors import ConfigError
 
 
 @pytest.fixture(scope="module",

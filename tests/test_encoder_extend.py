@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvrec.model.encoder import Encoder, KVCache
 
+from kvrec.model.encoder import Encoder, KVCache
 from tests.test_encoder_exactness import TOLERANCE, _encoder, _sequences
 
 

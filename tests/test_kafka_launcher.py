@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
+
 from kvrec.deploy.kafka import launcher
 from kvrec.deploy.kafka.launcher import LocalKafka, ensure_jars, jar_cache_dir
-
 from kvrec.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from kvrec.model.artifact import Artifact
 from kvrec.model.backends import make_backend
 from kvrec.model.config import BLOCKS, ModelConfig
@@ -22,7 +23,6 @@ from kvrec.model.retrieval import Exclusions, Retriever
 from kvrec.state.kvpool import ARRAY_HEADER_BYTES, KNOWN_EVENT_BYTES, KVPool, budget_for
 from kvrec.state.window import Window, WindowEvent
 from kvrec.stream.worker.inference import Recommender, WaveInput
-
 from tests.worker_fixtures import make_artifact
 from tests.worker_reference import (
     ReferenceEvent,

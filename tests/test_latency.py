@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
 from kvrec.stream.demo import LiveStats
 from kvrec.stream.kafka_config import ensure_topics
 from kvrec.stream.latency import LOG_APPEND_TIME, Latencies, read_available

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+
 from kvrec.state.window import WindowEvent
 from kvrec.stream.worker.inference import ScoredBatch, WaveInput
 from kvrec.stream.worker.live import SERVE, LiveHits

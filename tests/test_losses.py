@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvrec.model.losses import softmax_cross_entropy
 from torch.nn import functional as F
+
+from kvrec.model.losses import softmax_cross_entropy
 
 
 def _reference(hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

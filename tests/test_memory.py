@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes.util
 
 import pytest
+
 from kvrec.model.memory import release_free_memory
 
 

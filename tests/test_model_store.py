@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kvrec.model.store import STAGING_PREFIX, ModelStore
 
 from kvrec.errors import ArtifactError
+from kvrec.model.store import STAGING_PREFIX, ModelStore
 from tests.worker_fixtures import make_artifact
 
 

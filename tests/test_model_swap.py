@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from kvrec.errors import ArtifactError
 from kvrec.model.artifact import load_artifact
 from kvrec.model.backends import make_backend
 from kvrec.model.datasets import Interaction
@@ -30,8 +32,6 @@ from kvrec.stream.model_updates import (
 from kvrec.stream.worker.inference import Recommender, WaveInput
 from kvrec.stream.worker.models import ModelChoice, ModelRefused, load_recommender
 from kvrec.stream.worker.settings import WorkerSettings
-
-from kvrec.errors import ArtifactError
 from tests.conftest import unique_topic
 from tests.test_worker_reliability import OnePartition
 from tests.worker_fixtures import EVENT_TYPES, make_artifact

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kvrec.stream.model_updates import (
     Announcement,
     Candidate,
@@ -17,7 +18,6 @@ from kvrec.stream.model_updates import (
     put,
     read_live,
 )
-
 from tests.conftest import unique_topic
 
 

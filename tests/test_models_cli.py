@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvrec.model.store import ModelStore
 from kvrec.stream.cli import main as kvrec
 from kvrec.stream.model_policy import promotion_verdict, rollback_verdict
@@ -20,7 +21,6 @@ from kvrec.stream.model_updates import (
     live_stats_value,
     put,
 )
-
 from tests.conftest import unique_topic
 from tests.worker_fixtures import make_artifact
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from kvrec.deploy.kafka import launcher
 from kvrec.model.artifact import FILES, MANIFEST, save_artifact
 from kvrec.model.config import ModelConfig

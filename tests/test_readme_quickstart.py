@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from kvrec.deploy.kafka.launcher import free_port, running_broker, stop_detached
 
 ROOT = Path(__file__).resolve().parent.parent

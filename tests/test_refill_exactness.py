@@ -39,6 +39,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+
 from kvrec.model.artifact import Artifact, load_artifact
 from kvrec.model.config import BLOCKS
 from kvrec.state.kvpool import budget_for
@@ -47,7 +48,6 @@ from kvrec.state.window import WindowEvent, pack_event
 from kvrec.stream.worker.app import add_arguments, build_recommender, resolve_window_capacity
 from kvrec.stream.worker.inference import RecommendCounters, Recommender, ScoredBatch, WaveInput
 from kvrec.stream.worker.settings import WorkerSettings
-
 from tests.worker_fixtures import EVENT_TYPES, make_artifact
 
 TOLERANCE = 1e-4

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from kvrec.errors import ConfigError
 from kvrec.model.artifact import load_artifact, save_artifact
 from kvrec.model.datasets import Interaction, SyntheticSpec, generate_synthetic
 from kvrec.model.decision import decide, held_out_tail
 from kvrec.model.train import TrainSettings, train
-
-from kvrec.errors import ConfigError
 
 TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "window": 8, "dropout": 0.1}
 
@@ -145,6 +145,7 @@ def _walks(users: int, length: int, catalog: int = 60) -> list[Interaction]:
 
 def _produce(bootstrap: str, topic: str, events: list[Interaction]) -> None:
     from confluent_kafka import Producer
+
     from kvrec.stream.schema import Event, encode_event
 
     producer = Producer({"bootstrap.servers": bootstrap, "compression.type": "lz4",
@@ -176,7 +177,6 @@ def _retrain(tmp_path: Path, bootstrap: str, name: str, *flags: str) -> tuple[in
 @pytest.mark.kafka
 def test_retrain_once_publishes_then_refuses_a_worse_model(kafka_bootstrap: str, tmp_path: Path) -> None:
     from kvrec.stream.model_updates import latest_announcement
-
     from tests.conftest import create_topics, unique_topic
 
     topic, updates, group = unique_topic("rt-events"), unique_topic("rt-updates"), unique_topic("rt")
@@ -232,7 +232,6 @@ def test_a_retrained_version_never_puts_a_refused_one_in_the_history(
         put,
     )
     from kvrec.stream.retrain.job import JobSettings, _publish
-
     from tests.conftest import unique_topic
     from tests.worker_fixtures import make_artifact
 

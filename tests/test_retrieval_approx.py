@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from kvrec.bench.retrieval import bench_queries, clustered_catalog
 from kvrec.model.retrieval import Retriever, recall_at_k
 

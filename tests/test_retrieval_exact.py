@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvrec.model.gpu_retrieval import TorchExactRetriever, padded_exclusions
 from kvrec.model.retrieval import Retriever, recall_at_k
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from kvrec.stream.schema import Event, InvalidEvent, encode_event, parse_event, parse_event_stdlib
 
 TYPES = frozenset({"view", "click", "add_to_cart", "purchase"})

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvrec.state.kvcache import LruByteCache
 from kvrec.state.store import WindowStore
 from kvrec.state.window import CorruptWindow, Window, WindowEvent

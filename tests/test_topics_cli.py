@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
+
 from kvrec.stream.cli import build_parser
 from kvrec.stream.topics_cli import wanted_topics
-
 from tests.conftest import create_topics, unique_topic
 
 KVREC = Path(sys.executable).with_name("kvrec")

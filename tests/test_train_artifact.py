@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from kvrec.errors import ArtifactError, ConfigError
 from kvrec.model.artifact import load_artifact
 from kvrec.model.datasets import SyntheticSpec, generate_synthetic
 from kvrec.model.evaluate import metrics_from_ranks, rank_targets
 from kvrec.model.train import TrainSettings, train
-
-from kvrec.errors import ArtifactError, ConfigError
 
 SMALL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "window": 8, "dropout": 0.1}
 FLAT = {"lr_schedule": "constant", "warmup_epochs": 0.0}  # a few epochs: no warm-up, no decay

@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+
 from kvrec.model.config import ModelConfig
 from kvrec.model.train import TrainSettings, lr_factor
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvrec.model.artifact import load_artifact
 from kvrec.model.train import (
     TrainSettings,

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+
 from kvrec.model.config import ModelConfig
 from kvrec.model.encoder import Encoder
 from kvrec.model.evaluate import Split, evaluate_split

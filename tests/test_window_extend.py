@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+
 from kvrec.state.window import Window, WindowEvent, pack_event
 
 _events = st.lists(st.tuples(st.text(max_size=4), st.integers(0, 5), st.integers(-5, 5),

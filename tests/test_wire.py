@@ -6,6 +6,7 @@ import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvrec.stream.schema import BecauseEvent, Recommendation, ScoredItem, encode_recommendation
 from kvrec.stream.worker.wire import WireEncoder
 

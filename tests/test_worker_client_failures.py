@@ -22,6 +22,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from kvrec.state.partition import WorkerState
 from kvrec.stream.worker import checkpoint as checkpoint_module
 from kvrec.stream.worker.checkpoint import (
@@ -31,7 +32,6 @@ from kvrec.stream.worker.checkpoint import (
     ClientFailed,
     ClientHang,
 )
-
 from tests.fake_kafka import FakeConsumer
 
 OUTAGE_LIMIT_S = 30.0
@@ -234,9 +234,9 @@ def test_a_consumer_error_ends_the_worker_exactly_when_it_is_fatal(
     from dataclasses import replace
 
     from confluent_kafka import TopicPartition
+
     from kvrec.stream.worker.loop import KafkaClients, Worker
     from kvrec.stream.worker.metrics import HealthState, WorkerMetrics
-
     from tests.fake_kafka import FakeMessage, FakeProducer, FakeRestoreConsumer
 
     base, recommender = fake_worker_settings

@@ -17,13 +17,13 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-import kvrec.stream.worker.loop as loop_module
 import pytest
 from confluent_kafka import TopicPartition
+
+import kvrec.stream.worker.loop as loop_module
 from kvrec.stream.worker.loop import KafkaClients, Worker
 from kvrec.stream.worker.metrics import HealthState, WorkerMetrics
 from kvrec.stream.worker.settings import WorkerSettings
-
 from tests.fake_kafka import FakeConsumer, FakeMessage, FakeProducer, FakeRestoreConsumer
 from tests.worker_fixtures import EVENT_TYPES, exact_worker_with_model, make_artifact
 

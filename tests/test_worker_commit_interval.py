@@ -6,6 +6,7 @@ chose it is in docs/e2e.md, "Exactly-once: the commit interval"). A value given,
 from __future__ import annotations
 
 import pytest
+
 from kvrec.stream.cli import build_parser
 from kvrec.stream.worker.settings import WorkerSettings
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+
 from kvrec.state.store import WindowStore
 from kvrec.state.window import Window, WindowEvent
 from kvrec.stream.schema import decode_recommendation
-
 from tests.conftest import create_topics, unique_topic
 from tests.worker_fixtures import EVENT_TYPES, make_artifact
 from tests.worker_reference import ReferenceEvent, assert_same_ranking, reference_recommendations

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from kvrec.state.partition import PartitionWindows
 from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, serve
-
 from tests.conftest import create_topics, unique_topic
 from tests.test_worker_reliability import OnePartition, _event
 from tests.worker_fixtures import make_artifact
@@ -179,8 +179,8 @@ def test_owning_nothing_is_ready_exactly_when_the_group_outnumbers_the_partition
     from dataclasses import replace
 
     from confluent_kafka import KafkaError, KafkaException, TopicPartition
-    from kvrec.stream.worker.loop import KafkaClients, Worker
 
+    from kvrec.stream.worker.loop import KafkaClients, Worker
     from tests.fake_kafka import FakeConsumer, FakeProducer, FakeRestoreConsumer
 
     base, recommender = fake_worker

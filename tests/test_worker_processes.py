@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+
 from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, serve
 from kvrec.stream.worker.processes import aggregate, available_cores, child_command, child_ports
-
 from tests.test_worker_kafka import Topics, _consume, _events, _free_port, _produce_events
 from tests.worker_fixtures import make_artifact
 
@@ -182,9 +182,9 @@ def test_a_commit_during_a_rebalance_is_retried_not_fatal(tmp_path: Path) -> Non
     """When the second process joined, the first one's periodic commit failed with
     ILLEGAL_GENERATION and the worker exited: that commit is retried once the client rejoined."""
     from confluent_kafka import KafkaError, KafkaException
+
     from kvrec.state.partition import WorkerState
     from kvrec.stream.worker.checkpoint import Checkpoint, DeliveryError
-
     from tests.fake_kafka import FakeConsumer, FakeProducer
 
     class Rebalancing(FakeConsumer):

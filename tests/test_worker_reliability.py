@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
 from kvrec.state.store import WindowStore
 from kvrec.state.window import Window, WindowEvent
 from kvrec.stream.schema import decode_recommendation
-
 from tests.conftest import create_topics, unique_topic
 from tests.worker_fixtures import make_artifact
 from tests.worker_inprocess import ThreadWorker, worker_args

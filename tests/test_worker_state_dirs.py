@@ -6,10 +6,10 @@ import copy
 from pathlib import Path
 
 import pytest
+
 from kvrec.state.partition import WorkerState, group_directory
 from kvrec.state.store import WindowStore
 from kvrec.state.window import Window
-
 from tests.conftest import create_topics, unique_topic
 from tests.test_worker_reliability import OnePartition, _event
 from tests.worker_fixtures import make_artifact

@@ -14,11 +14,11 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from kvrec.errors import ConfigError
 from kvrec.stream.kafka_config import topic_partitions
 from kvrec.stream.worker.app import check_topics, topic_roles
 from kvrec.stream.worker.settings import WorkerSettings
-
-from kvrec.errors import ConfigError
 from tests.conftest import create_topics, unique_topic
 from tests.worker_fixtures import make_artifact
 from tests.worker_inprocess import ThreadWorker, worker_args

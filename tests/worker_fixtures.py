@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from kvrec.model.artifact import Artifact, load_artifact, save_artifact
 from kvrec.model.config import ModelConfig
 from kvrec.model.encoder import Encoder

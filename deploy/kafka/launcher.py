@@ -36,10 +36,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from kvrec.model.owned import NotOwned, check_replaceable, claim_dir, foreign_entries, mark, remove_owned
-
 from kvrec.errors import ConfigError
 from kvrec.flags import PORT, number
+from kvrec.model.owned import NotOwned, check_replaceable, claim_dir, foreign_entries, mark, remove_owned
 
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"

@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from kvrec.errors import ConfigError
+from kvrec.flags import PORT, integer, number
 from kvrec.model.datasets import add_dataset_arguments, check_dataset_arguments, dataset_from_args
 from kvrec.model.store import ModelStore
 from kvrec.model.train_command import add_training_arguments, settings_from_args, shape_from_args
 from kvrec.stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text, wait_for_kafka
 from kvrec.stream.logs import add_logging_arguments, setup_logging
 from kvrec.stream.model_updates import LIVE_STATS_TOPIC, UPDATES_TOPIC, ensure_model_topics
-
-from kvrec.errors import ConfigError
-from kvrec.flags import PORT, integer, number
 
 if TYPE_CHECKING:
     from kvrec.stream.retrain.job import JobSettings, Outcome
@@ -199,6 +199,7 @@ def input_end_offsets(kafka_config: dict[str, object], topic: str,
 
 def _run_app(args: argparse.Namespace, kafka_config: dict[str, object], settings: JobSettings) -> int:
     import faust
+
     from kvrec.stream.retrain import lz4
     from kvrec.stream.retrain.app import AppSettings, build_app
 

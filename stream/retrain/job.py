@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kvrec.errors import ArtifactError
 from kvrec.model.artifact import Artifact, load_artifact
 from kvrec.model.datasets import Interaction
 from kvrec.model.decision import Decision, decide
@@ -33,8 +34,6 @@ from kvrec.stream.model_updates import (
     served_versions,
 )
 from kvrec.stream.retrain.command import REFUSED_EXIT  # noqa: F401 - kvrec retrain's, as before
-
-from kvrec.errors import ArtifactError
 
 log = logging.getLogger("kvrec.retrain")
 

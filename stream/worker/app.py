@@ -17,6 +17,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from kvrec.errors import ConfigError
 from kvrec.stream.kafka_config import (
     add_kafka_arguments,
     client_config,
@@ -29,8 +30,6 @@ from kvrec.stream.worker.checkpoint import ClientHang
 from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, serve
 from kvrec.stream.worker.models import ModelChoice, ModelRefused, choice_of, load_recommender
 from kvrec.stream.worker.settings import WorkerSettings, add_worker_arguments
-
-from kvrec.errors import ConfigError
 
 if TYPE_CHECKING:
     from kvrec.stream.model_updates import Announcement
@@ -125,6 +124,7 @@ def main(args: argparse.Namespace) -> int:
         log.info("metrics on %s:%d (/metrics /health /ready)", settings.metrics_host,
                  server.server_address[1])
     import torch
+
     from kvrec.stream.worker.loop import Worker
     from kvrec.stream.worker.watcher import ModelWatcher
 

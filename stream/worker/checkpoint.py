@@ -32,11 +32,11 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+
+from kvrec.errors import RunFailed
 from kvrec.state.partition import WorkerState
 from kvrec.stream.kafka_config import kafka_error_text
 from kvrec.stream.worker.produce import produce
-
-from kvrec.errors import RunFailed
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import json
 import logging
 
 from confluent_kafka import Message, Producer
+
 from kvrec.state.partition import QuarantinedWindow
 from kvrec.stream.worker.metrics import WorkerMetrics
 from kvrec.stream.worker.produce import DeliveryCallback, produce

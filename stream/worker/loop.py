@@ -50,6 +50,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
+
 from kvrec.state.partition import WorkerState
 from kvrec.state.window import Window, WindowEvent, WindowSnapshot, pack_event
 from kvrec.stream.kafka_logs import kafka_log

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvrec.stream.worker.settings import WorkerSettings
-
 from kvrec.errors import ArtifactError, ConfigError
+from kvrec.stream.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from kvrec.stream.model_updates import Announcement
@@ -82,6 +81,7 @@ def load_recommender(
 ) -> Recommender:
     """Load, check, build and smoke-test one version (see the module's docstring)."""
     import numpy as np
+
     from kvrec.model.artifact import event_type_map, load_artifact
     from kvrec.model.backends import make_backend
     from kvrec.model.store import manifest_digest

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
-from kvrec.state.changelog import read_record
-from kvrec.state.partition import PartitionWindows
 
 from kvrec.errors import ConfigError
+from kvrec.state.changelog import read_record
+from kvrec.state.partition import PartitionWindows
 
 log = logging.getLogger(__name__)
 

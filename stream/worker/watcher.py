@@ -41,6 +41,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+
 from kvrec.state.window import WindowSnapshot
 from kvrec.stream.model_updates import (
     Announcement,

@@ -18,6 +18,7 @@ import re
 from collections.abc import Sequence
 
 import msgspec
+
 from kvrec.stream.schema import RECOMMENDATION_SCHEMA_VERSION
 from kvrec.stream.worker.because import event_type_name
 
