@@ -116,7 +116,7 @@ def test_a_broken_link_or_path_is_found(tmp_path: Path) -> None:
 # --- docs/worker.md's flags table against the parser -------------------------------------------
 
 def _worker_parser(monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
-    from stream.cli import build_parser
+    from kvrec.stream.cli import build_parser
 
     for name in [n for n in __import__("os").environ if n.startswith("KVREC_")]:
         monkeypatch.delenv(name)  # the defaults themselves, not this machine's settings
