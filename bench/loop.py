@@ -16,7 +16,7 @@ timed (a checkpoint every 10, as a 1 s commit interval does at a few thousand ev
 `--profile`, a second pass runs under cProfile and the JSON gets each stage's share of the
 profiled time (the profiler's overhead inflates Python-heavy stages; the shares are for
 finding the largest, the throughput comes from the unprofiled pass); each share is also given in
-µs an event of the unprofiled pass (share x its µs an event), as docs/e2e.md's tables do.
+µs an event of the unprofiled pass (share x its µs an event), as docs/history/e2e.md's tables do.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def main(args: argparse.Namespace) -> int:
         _timed(worker, profiled)
         profile.disable()
         result["profiled_stage_shares"] = shares = _stage_shares(profile)
-        # a share of the unprofiled pass's time: what docs/e2e.md's tables give
+        # a share of the unprofiled pass's time: what docs/history/e2e.md's tables give
         result["profiled_stage_us_per_event"] = {
             stage: round(share * seconds / events * 1e6, 1) for stage, share in shares.items()}
         line += "\n" + "\n".join(

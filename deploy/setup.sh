@@ -18,7 +18,7 @@ command -v "$python" >/dev/null || { echo "kvrec setup: $python not found; insta
 key="$("$python" -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest()[:12])' "$lock")"
 deps="$cache/venv-$key"
 # What this script removes is only what it made: a folder it marked (.kvrec-owned), or an
-# empty one. Anything else in its place is refused in one line, exit 2 (README, "Nothing is
+# empty one. Anything else in its place is refused in one line, exit 2 (docs/configuration.md, "Nothing is
 # deleted that kvrec did not make").
 refuse_foreign() {
     echo "kvrec setup: error: $1 exists and was not made by kvrec setup (no .kvrec-owned in it): $2" >&2

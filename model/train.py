@@ -2,7 +2,7 @@
 
     kvrec train --data ../shared/datasets/amazon-games.txt --format sasrec --out artifacts/games
 
-The defaults are the measured recipe (docs/quality.md): full cross-entropy, d_model 128,
+The defaults are the measured recipe (docs/history/quality.md): full cross-entropy, d_model 128,
 2 layers, 2 heads, W 50, max-len 100, dropout 0.5, batch 128, lr 1e-3 with a one-epoch warm-up
 and a cosine decay over 30 epochs, patience 10, seed 0.
 

@@ -20,7 +20,7 @@ from kvrec.model.owned import check_replaceable
 @dataclass
 class TrainSettings:
     """How to train. The defaults, with `ModelConfig`'s, are the measured recipe
-    (docs/quality.md), and they are `kvrec train`'s defaults (`add_arguments`)."""
+    (docs/history/quality.md), and they are `kvrec train`'s defaults (`add_arguments`)."""
 
     loss: str = "ce"
     epochs: int = 30

@@ -27,7 +27,7 @@ def test_bench_loop_measures_and_profiles_the_worker_loop(tmp_path: Path) -> Non
     assert 0.0 < shares["recommend (model + retrieval)"] < shares["process (whole batch)"]
     assert 0.0 < shares["  model: extend/step"] < shares["recommend (model + retrieval)"]
     assert 0.0 < shares["  retrieval"] < shares["recommend (model + retrieval)"]
-    # each share also in µs an event of the unprofiled pass, as docs/e2e.md's tables give them
+    # each share also in µs an event of the unprofiled pass, as docs/history/e2e.md's tables give them
     us = report["profiled_stage_us_per_event"]
     assert us.keys() == shares.keys()
     for stage, share in shares.items():

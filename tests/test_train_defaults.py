@@ -1,4 +1,4 @@
-"""`kvrec train` with no model or schedule flags trains the measured recipe (docs/quality.md)."""
+"""`kvrec train` with no model or schedule flags trains the measured recipe (docs/history/quality.md)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from kvrec.model.config import ModelConfig
 from kvrec.model.train import TrainSettings, lr_factor
 
 ROOT = Path(__file__).resolve().parent.parent
-# the flags of the run that reached the published test NDCG@10 (README, docs/quality.md)
+# the flags of the run that reached the published test NDCG@10 (docs/results.md, docs/history/quality.md)
 RECIPE = {
     "loss": "ce", "d_model": 128, "layers": 2, "heads": 2, "window": 50, "max_len": 100,
     "dropout": 0.5, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine", "warmup_epochs": 1.0,
@@ -67,9 +67,10 @@ def _documented_runs(path: Path) -> list[list[str]]:
 def test_the_documented_commands_of_the_published_run_are_the_defaults(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """README shows the plain command; docs/quality.md the plain one and the spelled-out one the
-    run used. All parse to the same settings, the recipe."""
-    readme, quality = _documented_runs(ROOT / "README.md"), _documented_runs(ROOT / "docs/quality.md")
+    """docs/results.md shows the plain command; docs/history/quality.md the plain one and the
+    spelled-out one the run used. All parse to the same settings, the recipe."""
+    readme = _documented_runs(ROOT / "docs/results.md")
+    quality = _documented_runs(ROOT / "docs/history/quality.md")
     assert len(readme) == 1 and len(quality) == 2, (readme, quality)
     plain = {"--data", "--format", "--threads", "--out"}
     assert {a for a in readme[0] if a.startswith("--")} <= plain, readme[0]

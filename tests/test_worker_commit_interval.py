@@ -1,6 +1,6 @@
 """`--commit-interval-ms` defaults by guarantee: 1,000 ms at-least-once, 100 ms exactly-once
 (where a read_committed reader sees an output only once its transaction commits; the curve that
-chose it is in docs/e2e.md, "Exactly-once: the commit interval"). A value given, as a flag or as
+chose it is in docs/history/e2e.md, "Exactly-once: the commit interval"). A value given, as a flag or as
 `KVREC_WORKER_COMMIT_INTERVAL_MS`, wins under either guarantee."""
 
 from __future__ import annotations

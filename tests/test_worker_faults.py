@@ -498,7 +498,7 @@ def test_liveness_holds_through_a_broker_frozen_past_the_probe_budget_within_the
 def test_a_worker_that_gives_up_at_the_outage_limit_says_so_in_one_line(broker, artifact, tmp_path):
     """At-least-once, Kafka gone past --outage-limit-s while a checkpoint has outputs to deliver:
     the worker stops with one line, `kvrec: error: checkpoint abandoned ...`, status 1, no
-    traceback, nothing of the checkpoint committed (the README's "Broker outages")."""
+    traceback, nothing of the checkpoint committed (docs/worker.md, "Broker outages")."""
     bootstrap = broker.bootstrap_servers
     topics = Topics(bootstrap, "giveup")
     events = _events(4000, users=40, items=60, seed=5)

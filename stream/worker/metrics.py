@@ -2,7 +2,7 @@
 
 Names follow Prometheus' conventions: a counter is declared without `_total` and scraped with
 it (`kvrec_events_in` is scraped as `kvrec_events_in_total`), durations are `_seconds` and
-sizes `_bytes`. README.md lists every name as a scrape shows it (a test compares the two).
+sizes `_bytes`. docs/worker.md lists every name as a scrape shows it (a test compares the two).
 """
 
 from __future__ import annotations

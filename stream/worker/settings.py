@@ -15,7 +15,7 @@ from kvrec.model.choices import BACKENDS, RETRIEVAL_KINDS
 DEFAULT_EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 # --commit-interval-ms when not given, by guarantee. Under exactly-once a read_committed reader
 # sees an output only when its transaction commits, so the interval is visible latency; the
-# curve in docs/e2e.md ("Exactly-once: the commit interval") chose 100 ms (Kafka Streams'
+# curve in docs/history/e2e.md ("Exactly-once: the commit interval") chose 100 ms (Kafka Streams'
 # default under exactly-once too). At-least-once outputs are visible at once: there the
 # interval only bounds what a crash replays.
 COMMIT_INTERVAL_MS = {"at-least-once": 1000, "exactly-once": 100}
