@@ -77,6 +77,7 @@ from stream.worker.metrics import HealthState, WorkerMetrics, observe_many
 from stream.worker.produce import produce
 from stream.worker.recovery import RecoveryResult, recover_partition, restore_consumer_config
 from stream.worker.settings import WorkerSettings
+from stream.worker.standby import standby_consumer_config
 from stream.worker.state_manager import StateManager
 from stream.worker.watcher import ModelWatcher, Prepared
 from stream.worker.wire import WireEncoder
@@ -102,6 +103,7 @@ class KafkaClients:
     consumer: Consumer
     producer: Producer
     restore_consumer: Consumer
+    standby_consumer: Consumer | None = None  # with --standby-replicas (standby.py)
 
     @classmethod
     def create(cls, settings: WorkerSettings, kafka_config: dict[str, object]) -> KafkaClients:
@@ -129,7 +131,9 @@ class KafkaClients:
         if settings.exactly_once:
             producer_config["transactional.id"] = f"{settings.group_id}-{settings.instance_id}"
         restore_consumer = Consumer(restore_consumer_config(kafka_config, settings.group_id))
-        return cls(consumer, Producer(producer_config), restore_consumer)
+        standby = (Consumer(standby_consumer_config(kafka_config, settings.group_id))
+                   if settings.standby_replicas else None)
+        return cls(consumer, Producer(producer_config), restore_consumer, standby)
 
 
 class Worker:
@@ -166,7 +170,8 @@ class Worker:
         if settings.exactly_once:
             self.producer.init_transactions(30.0)
         self.partitions = StateManager(settings, self.restore_consumer, metrics, health,
-                                       recover=_recover)
+                                       recover=_recover, standby_consumer=clients.standby_consumer,
+                                       kafka_config=kafka_config)
         self.state = self.partitions.state
         self.checkpoint = Checkpoint(
             self.consumer,
@@ -250,6 +255,7 @@ class Worker:
                 if time.monotonic() >= self._lag_due:
                     self._update_lag()
                 self._check_idle()
+                self.partitions.tend(self.consumer)  # standby replicas, when configured
                 if self.watcher is not None:
                     self._model_turn(self.watcher)
             self._commit()

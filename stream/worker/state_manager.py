@@ -9,6 +9,9 @@ partitions is here:
     lost      ──► close the stores (someone else owns them now: nothing is flushed)
     owning nothing after a rebalance ──► ready only once the group has more members than
                   the input has partitions (`check_idle`)
+    every turn    ──► with standby replicas (standby.py): tail the changelog of the partitions
+                  placement.py gives this member into their standby stores (`tend`); an
+                  assigned partition's standby is handed over before its restore
 
 The manager owns the open stores (`WorkerState`) and the restore consumer; the checkpoint
 (checkpoint.py) reads the same `WorkerState`.
@@ -19,14 +22,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from state.partition import WorkerState
 from stream.worker.checkpoint import Checkpoint
 from stream.worker.metrics import HealthState, WorkerMetrics
+from stream.worker.placement import Member, standby_partitions
 from stream.worker.recovery import RecoveryResult, RestoreProgress, recover_partition
 from stream.worker.settings import WorkerSettings
+from stream.worker.standby import StandbyReplicas
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +50,12 @@ class StateManager:
         metrics: WorkerMetrics,
         health: HealthState,
         recover: Callable[..., RecoveryResult] = recover_partition,
+        standby_consumer: Consumer | None = None,
+        kafka_config: dict[str, object] | None = None,
     ) -> None:
         self.settings = settings
         self.recover = recover
+        self.kafka_config = kafka_config or {}
         self.restore_consumer = restore_consumer
         self.metrics = metrics
         self.health = health
@@ -55,6 +65,15 @@ class StateManager:
         )
         self.checkpoint: Checkpoint | None = None  # set by the loop once it made its checkpoint
         self._idle_check_due: float | None = None  # owning nothing: when to ask if it is final
+        self.standbys: StandbyReplicas | None = None
+        if standby_consumer is not None and settings.standby_replicas > 0:
+            self.standbys = StandbyReplicas(
+                standby_consumer, settings.changelog_topic, settings.input_topic,
+                self.state.group_dir / "standby", self.state.path,
+            )
+        self._placement: Future | None = None  # the group's description, asked for
+        self._placement_due = 0.0
+        self._admin: AdminClient | None = None
 
     # --- the group's callbacks ---------------------------------------------------------------
     def assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -84,7 +103,13 @@ class StateManager:
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
 
     def restore(self, partition: int, committed_input_offset: int) -> None:
-        """Open `partition`'s store and bring it up to the end of its changelog."""
+        """Open `partition`'s store (its standby's if that is further along) and bring it up
+        to the end of its changelog."""
+        if self.standbys is not None:
+            promoted = self.standbys.hand_over(partition)
+            if promoted is not None:
+                self.metrics.standby_promotions.inc()
+            self._placement_due = 0.0  # the group changed: shadow what it says now
         result = self.recover(
             self.restore_consumer,
             self.settings.changelog_topic,
@@ -119,6 +144,7 @@ class StateManager:
             self.metrics.forget_partition(tp.partition)
         consumer.incremental_unassign(partitions)
         self.metrics.assigned_partitions.set(len(self.state))
+        self._placement_due = 0.0  # the group changed: shadow what it says now
 
     # --- an idle member ----------------------------------------------------------------------
     def check_idle(self, members: Callable[[], int], input_partitions: Callable[[], int]) -> None:
@@ -146,8 +172,65 @@ class StateManager:
         self.metrics.restore_records.labels(partition).set(progress.total)
         self.metrics.restore_records_remaining.labels(partition).set(progress.remaining)
 
+    # --- standby replicas ---------------------------------------------------------------------
+    placement_interval_s = 5.0  # how often the group is described again (and after rebalances)
+
+    def tend(self, consumer: Consumer) -> None:
+        """One turn's standby work: follow the placement the group's last description gives
+        (asked for without waiting), then apply what the changelog has."""
+        if self.standbys is None:
+            return
+        if self._placement is not None and self._placement.done():
+            self._place(consumer, self._placement)
+            self._placement = None
+        if self._placement is None and time.monotonic() >= self._placement_due:
+            self._placement_due = time.monotonic() + self.placement_interval_s
+            self._placement = self._describe()
+        self.standbys.poll()
+
+    def _describe(self) -> Future | None:
+        if self._admin is None:
+            from stream.kafka_config import admin_client
+
+            self._admin = admin_client(self.kafka_config)
+        group = self.settings.group_id
+        try:
+            return self._admin.describe_consumer_groups([group], request_timeout=5.0)[group]
+        except KafkaException as exc:  # asked again at the next interval
+            log.debug("standby placement: cannot describe the group: %s", exc)
+            return None
+
+    def _place(self, consumer: Consumer, described: Future) -> None:
+        assert self.standbys is not None
+        try:
+            members = group_members(described.result(), self.settings.input_topic)
+        except (KafkaException, TimeoutError) as exc:
+            log.debug("standby placement: cannot describe the group: %s", exc)
+            return
+        me = self.settings.instance_id if self.settings.static_membership else consumer.memberid()
+        owned = {p for p, _ in self.state.items()}
+        wanted = standby_partitions(members, me or "", self.settings.standby_replicas) - owned
+        if wanted != self.standbys.partitions():
+            self.standbys.follow(wanted)
+            self.metrics.standby_partitions.set(len(wanted))
+
     def close(self, *, hung: bool) -> None:
-        """Close the stores, and the restore consumer unless the clients hang."""
+        """Close the stores, and the restore and standby consumers unless the clients hang."""
         self.state.close_all()
+        if self.standbys is not None:
+            self.standbys.close(close_consumer=not hung)
         if not hung:
             self.restore_consumer.close()
+
+
+def group_members(description: object, input_topic: str) -> list[Member]:
+    """The members of a described consumer group, each with the input partitions it owns; a
+    member's id is its group.instance.id (static membership), else its member id."""
+    return [
+        Member(
+            member.group_instance_id or member.member_id,
+            frozenset(tp.partition for tp in member.assignment.topic_partitions
+                      if tp.topic == input_topic),
+        )
+        for member in description.members  # type: ignore[attr-defined]
+    ]
