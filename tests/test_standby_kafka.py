@@ -105,3 +105,64 @@ def test_a_member_killed_mid_transaction_is_taken_over_from_standbys_exactly_onc
     assert sum(by_user.values()) == len(events)
     print(f"promoted {promoted}")
 
+
+
+def _owners(bootstrap: str, group: str, topic: str) -> dict[str, set[int]]:
+    """Each member's input partitions, as the group coordinator describes them."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    description = admin.describe_consumer_groups([group], request_timeout=5.0)[group].result()
+    return {member.group_instance_id or member.member_id:
+            {tp.partition for tp in member.assignment.topic_partitions if tp.topic == topic}
+            for member in description.members}
+
+
+def test_sigusr2_leaves_the_group_at_once_sigterm_keeps_the_static_identity(
+    kafka_bootstrap, artifact, tmp_path  # noqa: F811
+):
+    """A restart (SIGTERM) keeps the static member's partitions for its return; a scale-down
+    (SIGUSR2) frees them at once, not after the session timeout (45 s here)."""
+    import signal
+
+    topics = Topics(kafka_bootstrap, "leave")
+    session = ("--session-timeout-ms", "45000")
+
+    def start(name: str):  # type: ignore[no-untyped-def]
+        return _start_worker(kafka_bootstrap, topics, artifact.path, tmp_path / name, name,
+                             "at-least-once", -1, *session, log=tmp_path / f"{name}.log")
+
+    def owners() -> dict[str, set[int]]:
+        return _owners(kafka_bootstrap, topics.group, topics.events)
+
+    def shared() -> bool:
+        found = owners()
+        return set(found) == {"a", "b"} and all(found.values()) and sum(
+            len(p) for p in found.values()) == PARTITIONS
+
+    a, b = start("a"), start("b")
+    try:
+        _wait(shared, "the two workers did not share the partitions", timeout=120)
+        a.send_signal(signal.SIGTERM)  # a restart: a stays a member, its partitions kept
+        a.wait(60)
+        time.sleep(3.0)
+        assert shared(), owners()
+        before = (tmp_path / "a.log").read_text().count("assigned [")
+        a = start("a")  # back under the same id: its partitions straight back
+        _wait(lambda: (tmp_path / "a.log").read_text().count("assigned [") > before,
+              "the restarted a did not take its partitions back", timeout=120)
+        assert shared(), owners()
+        signalled = time.monotonic()  # from here a checkpoints, closes and leaves
+        a.send_signal(signal.SIGUSR2)  # a scale-down: a leaves
+        a.wait(60)
+        _wait(lambda: owners() == {"b": set(range(PARTITIONS))}, "b does not own everything",
+              timeout=60)
+        gap = time.monotonic() - signalled
+    finally:
+        for worker in (a, b):
+            if worker.poll() is None:
+                _stop(worker)
+    log_a = (tmp_path / "a.log").read_text()
+    assert log_a.count("left the group") == 1, log_a[-3000:]  # the SIGUSR2 stop only
+    print(f"from SIGUSR2 to b owning every partition: {gap:.1f} s (an upper bound of the gap)")
+    assert gap < 5.0

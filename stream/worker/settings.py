@@ -53,6 +53,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
              "bounds it: group.min/max.session.timeout.ms)",
     )
     topics.add_argument(
+        "--leave-group-on-stop", action=argparse.BooleanOptionalAction, default=False,
+        help="a static member leaves the group when it stops (its partitions move at once) "
+             "instead of keeping them for a restart until the session timeout; without it, "
+             "SIGUSR2 stops the worker and leaves for that stop only (a scale-down)",
+    )
+    topics.add_argument(
         "--standby-replicas", type=integer(0, 16), default=0,
         help="warm copies of other members' partitions this member keeps by tailing their "
              "changelog (state_dir/<group>/standby): a partition it takes over restores only "
@@ -242,6 +248,7 @@ class WorkerSettings:
     live_users: int = 100_000
     stats_interval_ms: int = 10_000
     standby_replicas: int = 0
+    leave_group_on_stop: bool = False
 
     @cached_property  # read once per message on the hot path: built once
     def event_type_set(self) -> frozenset[str]:
@@ -311,4 +318,5 @@ class WorkerSettings:
             live_users=args.live_users,
             stats_interval_ms=args.stats_interval_ms,
             standby_replicas=args.standby_replicas,
+            leave_group_on_stop=args.leave_group_on_stop,
         )
