@@ -42,6 +42,7 @@ from model.flags import integer, number
 from model.owned import claim_dir
 from state.changelog import ChangelogRecord
 from state.partition import WorkerState
+from state.store import WindowStore
 from stream.kafka_config import ensure_topics
 from stream.worker.recovery import recover_partition, restore_consumer_config
 from stream.worker.standby import StandbyReplicas, standby_consumer_config
@@ -112,11 +113,12 @@ def _digest(state: WorkerState) -> tuple[int, str]:
     return count, digest.hexdigest()
 
 
-def _restore(bootstrap: str, topic: str, group: str, state: WorkerState, committed: int) -> float:
+def _restore(bootstrap: str, topic: str, group: str, state: WorkerState, committed: int,
+             store: WindowStore | None = None) -> float:
     consumer = Consumer(restore_consumer_config({"bootstrap.servers": bootstrap}, group))
     try:
         started = time.perf_counter()
-        recover_partition(consumer, topic, state.open(0), committed)
+        recover_partition(consumer, topic, state.open(0, store), committed)
         return time.perf_counter() - started
     finally:
         consumer.close()
@@ -127,8 +129,7 @@ def _standby(bootstrap: str, names: dict[str, str], state: WorkerState, windows:
              ) -> tuple[StandbyReplicas, dict[str, float]]:
     rss = _rss_mib()
     consumer = Consumer(standby_consumer_config({"bootstrap.servers": bootstrap}, names["group"]))
-    standbys = StandbyReplicas(consumer, names["changelog"], names["input"],
-                               state.group_dir / "standby", state.path)
+    standbys = StandbyReplicas(consumer, names["changelog"], names["input"], state.path)
     started = time.perf_counter()
     standbys.follow([0])
     while standbys.offsets()[0] != windows - 1:
@@ -159,10 +160,10 @@ def measure(bootstrap: str, workdir: Path, windows: int, args: argparse.Namespac
     committed = windows + args.tail
     _commit(bootstrap, names["group"], names["input"], committed)
     started = time.perf_counter()
-    standbys.hand_over(0)
+    store = standbys.hand_over(0)  # the assignment: the open store, then the tail
     with_standby = time.perf_counter() - started
     with_standby += _restore(bootstrap, names["changelog"], names["group"], promoted_state,
-                             committed)
+                             committed, store)
     standbys.close()
     full_state = WorkerState(workdir / run / "new-member", names["group"], names["input"], events)
     without = _restore(bootstrap, names["changelog"], names["group"], full_state, committed)

@@ -125,16 +125,56 @@ class FakeStandbyConsumer:
         pass
 
 
-# a step: a changelog record (user, its input offset), the group committing up to an input
-# offset, or the standby polling
+# a worker's history, simulated: events arrive, are processed (each user's window: the input
+# offsets applied to it), checkpoints write the changed windows to the changelog and then
+# commit, a crash writes them without the commit (the worker restarts from its last commit
+# with the windows a restore gives), and the standby polls in between
 steps = st.lists(
     st.one_of(
-        st.tuples(st.just("record"), st.sampled_from("abcd"), st.integers(0, 40)),
-        st.tuples(st.just("commit"), st.integers(0, 45)),
+        st.tuples(st.just("event"), st.sampled_from("abcd")),
+        st.tuples(st.just("process"), st.integers(1, 5)),
+        st.tuples(st.just("checkpoint")),
+        st.tuples(st.just("crash")),
         st.tuples(st.just("poll"), st.integers(1, 4)),
     ),
-    max_size=60,
+    max_size=80,
 )
+
+
+@dataclass
+class SimulatedWorker:
+    """The partition's owner, as far as its changelog and commits go."""
+
+    producer: FakeProducer
+    committed: dict[int, int]
+    inputs: list[str] = field(default_factory=list)
+    position: int = 0
+    windows: dict[str, list[int]] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+
+    def process(self, count: int) -> None:
+        for offset in range(self.position, min(len(self.inputs), self.position + count)):
+            window = self.windows.setdefault(self.inputs[offset], [])
+            if not window or offset > window[-1]:  # a replayed event applied already: skipped
+                window.append(offset)
+                self.dirty.add(self.inputs[offset])
+            self.position = offset + 1
+
+    def checkpoint(self, commit: bool) -> None:
+        for user in sorted(self.dirty):
+            window = self.windows[user]
+            _append(self.producer, user, window[-1], ",".join(map(str, window)).encode())
+        self.dirty.clear()
+        if commit:
+            self.committed[0] = self.position
+        else:  # crashed before the commit: restart from it, windows as a restore gives them
+            self.position = max(self.committed[0], 0)
+            self.windows = {}
+            for message in self.producer.log.get((CHANGELOG, 0), []):
+                offset = int(dict(message.headers())["kvrec.input_offset"])
+                if offset < self.committed[0]:
+                    self.windows[message.key().decode()] = [
+                        int(o) for o in message.value().decode().split(",")]
 
 
 def _append(producer: FakeProducer, user: str, input_offset: int, value: bytes) -> None:
@@ -154,42 +194,47 @@ def _contents(state_dir: Path) -> tuple[int | None, dict[str, bytes]]:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps, st.integers(0, 60), st.booleans())
+@given(steps, st.integers(0, 80), st.booleans())
 def test_standby_then_tail_restore_equals_a_full_restore(tmp_path_factory, steps, start, owned):
-    """Whatever records the changelog holds (some from checkpoints never committed, input
-    offsets in any order) and whenever the group commits and the standby polls, the promoted
-    standby plus the restore of the tail past it equals a full restore at the same moment. The
-    standby starts at step `start`, from this member's own store if it `owned` the partition
-    until then."""
+    """Whatever a worker's history (checkpoints, crashes between a checkpoint's changelog
+    records and its commit, replays) and whenever the standby polls, the promoted standby plus
+    the restore of the tail past it equals a full restore at the same moment. The standby
+    starts at step `start`, from this member's own store if it `owned` the partition until
+    then (restored as of then)."""
     base = tmp_path_factory.mktemp("standby")
     producer, committed = FakeProducer(), {0: -1001}
+    worker = SimulatedWorker(producer, committed)
     consumer = FakeStandbyConsumer(producer, committed)
     standby_dir, full_dir = base / "standby", base / "full"
     state = WorkerState(standby_dir, "g", "events", window_capacity=3)
-    standbys = StandbyReplicas(consumer, CHANGELOG, "events", state.group_dir / "standby",
-                               state.path, refresh_s=0.0, batch_records=3)
+    standbys = StandbyReplicas(consumer, CHANGELOG, "events", state.path, refresh_s=0.0,
+                               batch_records=3)
     for n, step in enumerate(steps):
         if n == start:
             _follow(standbys, producer, state, committed[0], owned)
-        if step[0] == "record":
-            _append(producer, step[1], step[2], f"{step[1]}@{n}".encode())
-        elif step[0] == "commit":
-            committed[0] = max(committed[0], step[1])  # committed offsets only grow
+        if step[0] == "event":
+            worker.inputs.append(step[1])
+        elif step[0] == "process":
+            worker.process(step[1])
+        elif step[0] in ("checkpoint", "crash"):
+            worker.checkpoint(commit=step[0] == "checkpoint")
         elif standbys.partitions():
             for _ in range(step[1]):
                 standbys.poll()
     if start >= len(steps):
         _follow(standbys, producer, state, committed[0], owned)
     final = max(committed[0], -1)
-    standbys.hand_over(0)
+    promoted = standbys.hand_over(0)  # the assignment: the open store, then its tail
+    assert promoted is not None
     standbys.close()
-    for state_dir in (standby_dir, full_dir):
-        restore(producer, WorkerState(state_dir, "g", "events", window_capacity=3), final)
+    restore(producer, state, final, promoted)
+    restore(producer, WorkerState(full_dir, "g", "events", window_capacity=3), final)
     assert _contents(standby_dir) == _contents(full_dir)
 
 
-def restore(producer: FakeProducer, state: WorkerState, committed: int) -> None:
-    recover_partition(FakeRestoreConsumer(producer), CHANGELOG, state.open(0),  # type: ignore[arg-type]
+def restore(producer: FakeProducer, state: WorkerState, committed: int,
+            store: WindowStore | None = None) -> None:
+    recover_partition(FakeRestoreConsumer(producer), CHANGELOG, state.open(0, store),  # type: ignore[arg-type]
                       max(committed, -1))
     state.close_all()
 
@@ -205,8 +250,7 @@ def test_a_standby_holds_back_records_whose_input_offset_is_not_committed(tmp_pa
     producer, committed = FakeProducer(), {0: 5}
     consumer = FakeStandbyConsumer(producer, committed)
     state = WorkerState(tmp_path, "g", "events", window_capacity=3)
-    standbys = StandbyReplicas(consumer, CHANGELOG, "events", state.group_dir / "standby",
-                               state.path, refresh_s=0.0)
+    standbys = StandbyReplicas(consumer, CHANGELOG, "events", state.path, refresh_s=0.0)
     standbys.follow([0])
     _append(producer, "a", 3, b"a3")
     _append(producer, "b", 7, b"b7")  # past the committed offset: waits
@@ -222,20 +266,19 @@ def test_a_standby_holds_back_records_whose_input_offset_is_not_committed(tmp_pa
     store.close()
 
 
-def test_hand_over_keeps_the_store_that_is_further_along(tmp_path: Path) -> None:
+def test_a_partition_given_up_is_shadowed_from_its_store_and_handed_back_open(
+    tmp_path: Path
+) -> None:
     state = WorkerState(tmp_path, "g", "events", window_capacity=3)
     standbys = StandbyReplicas(FakeStandbyConsumer(FakeProducer(), {}), CHANGELOG, "events",
-                               state.group_dir / "standby", state.path)
+                               state.path)
+    assert standbys.hand_over(0) is None  # not shadowed: the restore opens the store itself
     state.open(0).restore({"a": b"active"}, 9)
-    state.close_all()
-    behind = WindowStore(standbys.path(0))
-    behind.write({"a": b"standby"}, 4)  # behind the active store
-    behind.close()
-    assert standbys.hand_over(0) is None
-    assert not standbys.path(0).exists()
-    assert _contents(tmp_path) == (9, {"a": b"active"})
-    # a partition this member gave up becomes its standby, and comes back promoted
+    state.close(0)  # revoked
     standbys.follow([0])
-    assert standbys.offsets() == {0: 9} and not state.path(0).exists()
-    assert standbys.hand_over(0) == 9
-    assert _contents(tmp_path) == (9, {"a": b"active"})
+    assert standbys.offsets() == {0: 9}  # from the store it had, not from nothing
+    store = standbys.hand_over(0)
+    assert store is not None and standbys.partitions() == frozenset()
+    windows = state.open(0, store)  # the same open store, active again
+    assert windows.changelog_offset() == 9 and windows.store.get("a") == b"active"
+    state.close_all()

@@ -1,12 +1,14 @@
 """Standby replicas: warm copies of partitions other members own (`--standby-replicas N`).
 
-Each standby partition has its own RocksDB store (`state_dir/<group>/standby/<topic>-<p>`, the
-layout of an active one) that a separate consumer keeps up to date by tailing the partition's
-changelog (assigned by hand, never a group member, read_committed). When the group assigns
-the partition to this member, the state manager hands it over (`hand_over`): the standby store
-replaces the active one if it is further along, and the ordinary restore (recovery.py) then
-reads only the changelog past its offset, up to the end, before the partition delivers: a
-standby that is behind catches up before it serves.
+Each standby partition has its own RocksDB store, in the place its active store has when the
+member owns it (`state_dir/<group>/<topic>-<p>`: a member holds one store per partition, active
+while it owns the partition, standby while it shadows it), that a separate consumer keeps up to
+date by tailing the partition's changelog (assigned by hand, never a group member,
+read_committed). When the group assigns the partition to this member, the state manager takes
+the open store over (`hand_over`: no close, no reopen, which cost seconds for a store just
+filled, RocksDB waiting for its compactions), and the ordinary restore (recovery.py) reads only
+the changelog past its offset, up to the end, before the partition delivers: a standby that is
+behind catches up before it serves.
 
 Exactness. A store reflects exactly one changelog offset, as a full restore would have built
 it: recovery applies a record only if its input offset was committed (a checkpoint that
@@ -19,14 +21,13 @@ applied is one a full restore at any later moment applies too, and the tail past
 restored by the same code: standby + tail = full restore (tests/test_standby.py checks it).
 
 Which partitions to shadow: placement.py. A partition this member owned and gives up becomes
-its standby (the store moves to the standby folder), so a member that gets it back later
-restores only the tail.
+its standby from the store it had, so a member that gets it back later restores only the
+tail.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -67,32 +68,6 @@ class _Shadow:
     pending: deque[tuple[int, ChangelogRecord | None]] = field(default_factory=deque)
 
 
-def stored_offset(path: Path) -> int | None:
-    """The changelog offset of the (closed) store at `path`; None if there is none."""
-    if not path.exists():
-        return None
-    store = WindowStore(path)
-    try:
-        return store.changelog_offset()
-    finally:
-        store.close()
-
-
-def replace_store(source: Path, target: Path) -> bool:
-    """Move the closed store `source` to `target`, deleting the store there first. False (and
-    nothing moved) if `target` holds files that are not RocksDB's (someone else's)."""
-    if target.exists():
-        WindowStore(target).destroy()
-        try:
-            target.rmdir()
-        except OSError:
-            log.warning("%s holds files that are not the store's: left as it is", target)
-            return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(source, target)
-    return True
-
-
 class StandbyReplicas:
     """The standby stores of one member and the consumer that keeps them up to date."""
 
@@ -101,8 +76,7 @@ class StandbyReplicas:
         consumer: Consumer,
         changelog_topic: str,
         input_topic: str,
-        root: Path,
-        active_path: Callable[[int], Path],
+        path: Callable[[int], Path],
         *,
         refresh_s: float = 0.5,
         batch_records: int = 5_000,
@@ -110,16 +84,12 @@ class StandbyReplicas:
         self.consumer = consumer
         self.changelog_topic = changelog_topic
         self.input_topic = input_topic
-        self.root = root
-        self.active_path = active_path
+        self.path = path  # a partition's store (WorkerState.path: where the active one is)
         self.refresh_s = refresh_s
         self.batch_records = batch_records
         self._shadows: dict[int, _Shadow] = {}
         self._committed: dict[int, int] = {}
         self._refresh_due = 0.0
-
-    def path(self, partition: int) -> Path:
-        return self.root / f"{self.input_topic}-{partition}"
 
     def partitions(self) -> frozenset[int]:
         return frozenset(self._shadows)
@@ -130,16 +100,14 @@ class StandbyReplicas:
 
     # --- which partitions ----------------------------------------------------------------------
     def follow(self, partitions: Iterable[int]) -> None:
-        """Shadow exactly `partitions` (none of them owned by this member)."""
+        """Shadow exactly `partitions` (none of them owned by this member: their stores are
+        closed)."""
         wanted = set(partitions)
         for partition in sorted(set(self._shadows) - wanted):
-            self._stop(partition)
+            self.unfollow(partition)
         started = []
         for partition in sorted(wanted - set(self._shadows)):
-            path, active = self.path(partition), self.active_path(partition)
-            if not path.exists() and active.exists():  # a partition this member gave up
-                replace_store(active, path)
-            store = WindowStore(path)
+            store = WindowStore(self.path(partition))  # one this member gave up: as it left it
             offset = store.changelog_offset()
             self._shadows[partition] = _Shadow(store, offset)
             start = OFFSET_BEGINNING if offset is None else offset + 1
@@ -152,25 +120,25 @@ class StandbyReplicas:
         shadow = self._shadows.pop(partition, None)
         if shadow is not None:
             self.consumer.incremental_unassign([TopicPartition(self.changelog_topic, partition)])
-            shadow.store.close()  # kept on disk: a later standby or takeover starts from it
         return shadow
 
-    def hand_over(self, partition: int) -> int | None:
-        """The group assigned `partition` to this member: stop shadowing it and, if its standby
-        store is further along than the active one, make it the active one (the restore then
-        reads only the tail). Returns the promoted store's changelog offset, or None."""
-        self._stop(partition)
-        path, active = self.path(partition), self.active_path(partition)
-        offset = stored_offset(path)
-        if offset is None:
+    def unfollow(self, partition: int) -> None:
+        """Stop shadowing `partition` and close its store (kept on disk: a later standby or
+        takeover starts from it)."""
+        shadow = self._stop(partition)
+        if shadow is not None:
+            shadow.store.close()
+
+    def hand_over(self, partition: int) -> WindowStore | None:
+        """The group assigned `partition` to this member: stop shadowing it and hand its open
+        store over (None if it was not shadowed). Its records that wait for their input
+        offset are dropped: the restore reads them again past the store's offset."""
+        shadow = self._stop(partition)
+        if shadow is None:
             return None
-        active_offset = stored_offset(active)
-        if (active_offset is None or offset > active_offset) and replace_store(path, active):
-            log.info("partition %d: standby at changelog offset %d promoted (active was at %s)",
-                     partition, offset, active_offset)
-            return offset
-        WindowStore(path).destroy()  # the active store is as far along: the copy is not needed
-        return None
+        log.info("partition %d: standby at changelog offset %s promoted", partition,
+                 shadow.offset)
+        return shadow.store
 
     # --- tailing ---------------------------------------------------------------------------------
     def poll(self) -> int:

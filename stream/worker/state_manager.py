@@ -71,8 +71,7 @@ class StateManager:
         self.standbys: StandbyReplicas | None = None
         if standby_consumer is not None and settings.standby_replicas > 0:
             self.standbys = StandbyReplicas(
-                standby_consumer, settings.changelog_topic, settings.input_topic,
-                self.state.group_dir / "standby", self.state.path,
+                standby_consumer, settings.changelog_topic, settings.input_topic, self.state.path,
                 batch_records=self.standby_batch_records,
             )
         self._placement: Future | None = None  # the group's description, asked for
@@ -107,17 +106,18 @@ class StateManager:
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
 
     def restore(self, partition: int, committed_input_offset: int) -> None:
-        """Open `partition`'s store (its standby's if that is further along) and bring it up
-        to the end of its changelog."""
+        """Open `partition`'s store (take its standby's, open already) and bring it up to the
+        end of its changelog."""
+        store = None
         if self.standbys is not None:
-            promoted = self.standbys.hand_over(partition)
-            if promoted is not None:
+            store = self.standbys.hand_over(partition)
+            if store is not None:
                 self.metrics.standby_promotions.inc()
             self._placement_due = 0.0  # the group changed: shadow what it says now
         result = self.recover(
             self.restore_consumer,
             self.settings.changelog_topic,
-            self.state.open(partition),
+            self.state.open(partition, store),
             committed_input_offset,
             progress=self._restore_progress,
         )
