@@ -34,18 +34,18 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from bench.e2e import broker
-from bench.machine import machine_info
-from bench.restore import _window
-from model.errors import ConfigError
-from model.flags import integer, number
-from model.owned import claim_dir
-from state.changelog import ChangelogRecord
-from state.partition import WorkerState
-from state.store import WindowStore
-from stream.kafka_config import ensure_topics
-from stream.worker.recovery import recover_partition, restore_consumer_config
-from stream.worker.standby import StandbyReplicas, standby_consumer_config
+from kvrec.bench.e2e import broker
+from kvrec.bench.machine import machine_info
+from kvrec.bench.restore import _window
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
+from kvrec.model.owned import claim_dir
+from kvrec.state.changelog import ChangelogRecord
+from kvrec.state.partition import WorkerState
+from kvrec.state.store import WindowStore
+from kvrec.stream.kafka_config import ensure_topics
+from kvrec.stream.worker.recovery import recover_partition, restore_consumer_config
+from kvrec.stream.worker.standby import StandbyReplicas, standby_consumer_config
 
 _TEMPLATES = 1_000  # distinct windows written round-robin (building each is the slow part)
 

@@ -11,12 +11,12 @@ from confluent_kafka import TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from state.changelog import ChangelogRecord
-from state.partition import WorkerState
-from state.store import WindowStore
-from stream.worker.placement import Member, standby_partitions
-from stream.worker.recovery import recover_partition
-from stream.worker.standby import StandbyReplicas
+from kvrec.state.changelog import ChangelogRecord
+from kvrec.state.partition import WorkerState
+from kvrec.state.store import WindowStore
+from kvrec.stream.worker.placement import Member, standby_partitions
+from kvrec.stream.worker.recovery import recover_partition
+from kvrec.stream.worker.standby import StandbyReplicas
 from tests.fake_kafka import FakeMessage, FakeProducer, FakeRestoreConsumer
 
 CHANGELOG = "g-windows-changelog"

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from stream.schema import decode_recommendation
+from kvrec.stream.schema import decode_recommendation
 from tests.test_worker_kafka import (
     PARTITIONS,
     Topics,

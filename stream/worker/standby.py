@@ -36,9 +36,9 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from state.changelog import ChangelogRecord, read_record
-from state.store import WindowStore
-from stream.kafka_logs import kafka_log
+from kvrec.state.changelog import ChangelogRecord, read_record
+from kvrec.state.store import WindowStore
+from kvrec.stream.kafka_logs import kafka_log
 
 log = logging.getLogger(__name__)
 

@@ -27,13 +27,13 @@ from concurrent.futures import Future
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from state.partition import WorkerState
-from stream.worker.checkpoint import Checkpoint
-from stream.worker.metrics import HealthState, WorkerMetrics
-from stream.worker.placement import Member, standby_partitions
-from stream.worker.recovery import RecoveryResult, RestoreProgress, recover_partition
-from stream.worker.settings import WorkerSettings
-from stream.worker.standby import StandbyReplicas
+from kvrec.state.partition import WorkerState
+from kvrec.stream.worker.checkpoint import Checkpoint
+from kvrec.stream.worker.metrics import HealthState, WorkerMetrics
+from kvrec.stream.worker.placement import Member, standby_partitions
+from kvrec.stream.worker.recovery import RecoveryResult, RestoreProgress, recover_partition
+from kvrec.stream.worker.settings import WorkerSettings
+from kvrec.stream.worker.standby import StandbyReplicas
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class StateManager:
 
     def _describe(self) -> Future | None:
         if self._admin is None:
-            from stream.kafka_config import admin_client
+            from kvrec.stream.kafka_config import admin_client
 
             self._admin = admin_client(self.kafka_config)
         group = self.settings.group_id
