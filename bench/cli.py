@@ -1,5 +1,5 @@
-"""`kvrec bench model|retrieval|gpu|e2e|loop|train|reference|restore|swap|soak|floor`: benchmarks that write
-JSON (and a plot)."""
+"""`kvrec bench model|retrieval|gpu|e2e|loop|train|reference|restore|takeover|swap|soak|floor`:
+benchmarks that write JSON (and a plot)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "train": ("kvrec.bench.train", "trained models side by side: test metrics, time, curves"),
     "reference": ("kvrec.bench.reference_sasrec", "the public reference: SASRec + full CE, run here"),
     "restore": ("kvrec.bench.restore", "restoring windows from the changelog: windows/s against size"),
+    "takeover": ("kvrec.bench.takeover", "a moved partition serving again: with vs without a standby"),
     "swap": ("kvrec.bench.swap", "hot model swaps under a fixed-rate replay: exactly-once, latency, RSS"),
     "soak": ("kvrec.bench.soak", "one worker for 30 minutes: memory, cache, throughput, p99 over time"),
     "floor": ("kvrec.bench.floor", "the latency floor of bench e2e: Kafka round trips, relay, reader"),

@@ -162,9 +162,11 @@ class WorkerState:
     def path(self, partition: int) -> Path:
         return self.group_dir / f"{self.topic}-{partition}"
 
-    def open(self, partition: int) -> PartitionWindows:
+    def open(self, partition: int, store: WindowStore | None = None) -> PartitionWindows:
+        """The partition's windows, in `store` if given (a standby's, already open at
+        `path(partition)`), else in the store opened there."""
         windows = PartitionWindows(
-            partition, WindowStore(self.path(partition)), self.window_capacity,
+            partition, store or WindowStore(self.path(partition)), self.window_capacity,
             self.keep_in_memory,
         )
         self._partitions[partition] = windows

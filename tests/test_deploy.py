@@ -116,6 +116,8 @@ def test_the_worker_pods_fit_what_the_worker_does(rendered):
     # static membership: the instance id is the pod name (downward API)
     instance = next(e for e in worker["env"] if e["name"] == "KVREC_WORKER_INSTANCE_ID")
     assert instance["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # a warm standby copy of each partition on another member (issue 30)
+    assert int(data["KVREC_WORKER_STANDBY_REPLICAS"]) >= 1
     # liveness and startup on /health (a restore beats it), readiness on /ready
     assert worker["livenessProbe"]["httpGet"]["path"] == "/health"
     assert worker["startupProbe"]["httpGet"]["path"] == "/health"

@@ -152,11 +152,16 @@ def main(args: argparse.Namespace) -> int:
 
         trimming = release_periodically(args.release_memory_s)
 
+    leaving = [settings.leave_group_on_stop]  # a scale-down: the group frees the partitions now
+
     def stop(signum: int, frame: object) -> None:
         worker.running = False
+        if signum == signal.SIGUSR2:
+            leaving[0] = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGUSR2, stop)  # stop for good (a scale-down): leave the group
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where is it stuck?
     log.info(
         "worker %s: model %s, %s, window %d events, %s",
@@ -168,6 +173,10 @@ def main(args: argparse.Namespace) -> int:
     )
     try:
         worker.run()  # /health: from "starting" to the loop's beats
+        if leaving[0] and settings.static_membership:  # closed, checkpointed: now leave
+            from kvrec.stream.worker.leave import leave_group
+
+            leave_group(kafka_config, settings.group_id, settings.instance_id)
     except ClientHang as hang:
         # a client call hangs in C: exit at once (a normal exit would wait for the clients);
         # nothing was committed, and the restarted worker replays the work

@@ -18,8 +18,8 @@
            produce one recommendation per event (the metrics once per wave)
                          │
                          ▼
-           checkpoint when due (checkpoint.py); on revoke: checkpoint, close the stores;
-           on assign: open the stores, restore from the changelog (recovery.py);
+           checkpoint when due (checkpoint.py); the group's rebalances go to the state
+           manager (state_manager.py: assign and restore, revoke, lose);
            an error that escapes (Kafka, infrastructure): abort, commit nothing
 
 Every turn of the loop, and every read of a restore, beats the liveness that `/health` reports;
@@ -51,7 +51,6 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from kvrec.state.partition import WorkerState
 from kvrec.state.window import Window, WindowEvent, WindowSnapshot, pack_event
 from kvrec.stream.kafka_logs import kafka_log
 from kvrec.stream.schema import (
@@ -76,8 +75,10 @@ from kvrec.stream.worker.inference import Recommender, Scored, ScoredBatch, Wave
 from kvrec.stream.worker.live import SERVE, SHADOW, LiveHits, Shadow
 from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, observe_many
 from kvrec.stream.worker.produce import produce
-from kvrec.stream.worker.recovery import RestoreProgress, recover_partition, restore_consumer_config
+from kvrec.stream.worker.recovery import RecoveryResult, recover_partition, restore_consumer_config
 from kvrec.stream.worker.settings import WorkerSettings
+from kvrec.stream.worker.standby import standby_consumer_config
+from kvrec.stream.worker.state_manager import StateManager
 from kvrec.stream.worker.watcher import ModelWatcher, Prepared
 from kvrec.stream.worker.wire import WireEncoder
 
@@ -102,6 +103,7 @@ class KafkaClients:
     consumer: Consumer
     producer: Producer
     restore_consumer: Consumer
+    standby_consumer: Consumer | None = None  # with --standby-replicas (standby.py)
 
     @classmethod
     def create(cls, settings: WorkerSettings, kafka_config: dict[str, object]) -> KafkaClients:
@@ -129,12 +131,13 @@ class KafkaClients:
         if settings.exactly_once:
             producer_config["transactional.id"] = f"{settings.group_id}-{settings.instance_id}"
         restore_consumer = Consumer(restore_consumer_config(kafka_config, settings.group_id))
-        return cls(consumer, Producer(producer_config), restore_consumer)
+        standby = (Consumer(standby_consumer_config(kafka_config, settings.group_id))
+                   if settings.standby_replicas else None)
+        return cls(consumer, Producer(producer_config), restore_consumer, standby)
 
 
 class Worker:
     lag_interval_s = 1.0  # how often the consumer-lag gauges are updated
-    idle_check_s = 1.0  # owning nothing after a rebalance: how often to ask if that is final
 
     def __init__(
         self,
@@ -166,10 +169,10 @@ class Worker:
         self.restore_consumer = clients.restore_consumer
         if settings.exactly_once:
             self.producer.init_transactions(30.0)
-        self.state = WorkerState(
-            settings.state_dir, settings.group_id, settings.input_topic, settings.window_capacity,
-            settings.windows_in_memory,
-        )
+        self.partitions = StateManager(settings, self.restore_consumer, metrics, health,
+                                       recover=_recover, standby_consumer=clients.standby_consumer,
+                                       kafka_config=kafka_config)
+        self.state = self.partitions.state
         self.checkpoint = Checkpoint(
             self.consumer,
             self.producer,
@@ -184,66 +187,35 @@ class Worker:
             self.producer, settings.dead_letter_topic, settings.dead_letter_max_bytes, metrics,
             self.checkpoint.on_delivery,
         )
+        self.partitions.checkpoint = self.checkpoint
         self.metrics.serving(recommender.version)
         self._lag_due = 0.0
-        self._idle_check_due: float | None = None  # owning nothing: when to ask if it is final
         self._admin: AdminClient | None = None
         self.kafka_config = kafka_config
         self._backlog = True  # the last batch was full: the next waits for a full one
         self._wire: tuple[object, WireEncoder] | None = None  # (recommender, its encoder)
 
-    # --- rebalance -------------------------------------------------------------------------
+    # --- rebalance: the state manager's (state_manager.py) ----------------------------------
+    @property
+    def idle_check_s(self) -> float:
+        return self.partitions.idle_check_s
+
+    @idle_check_s.setter
+    def idle_check_s(self, seconds: float) -> None:
+        self.partitions.idle_check_s = seconds
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Restore each new partition, then let it deliver. Called by the group for every
-        round of a rebalance, with the partitions it adds (possibly none). Owning partitions,
-        all restored, the worker is ready; owning none, it is ready only once the loop finds
-        the group has more members than the input has partitions (`_check_idle`): a joining
-        member's first cooperative round is empty, and its partitions come a round later."""
-        self.health.assignment_started()
-        self._idle_check_due = None
-        committed = {
-            tp.partition: tp.offset
-            for tp in consumer.committed(
-                [TopicPartition(self.settings.input_topic, p.partition) for p in partitions],
-                timeout=30.0,
-            )
-        }
-        for tp in partitions:
-            result = recover_partition(
-                self.restore_consumer,
-                self.settings.changelog_topic,
-                self.state.open(tp.partition),
-                committed.get(tp.partition, -1),
-                progress=self._restore_progress,
-            )
-            self.metrics.restored_windows.inc(result.restored)
-        consumer.incremental_assign(partitions)
-        self.metrics.assigned_partitions.set(len(self.state))
-        if len(self.state):
-            self.health.assignment_done()
-        else:  # an idle member, or the first round of a rebalance that has more to come
-            self.health.assignment_empty()
-            self._idle_check_due = time.monotonic()
-        log.info("assigned %s", sorted(tp.partition for tp in partitions))
+        self.partitions.assign(consumer, partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # after an error nothing is committed: the input is replayed
+        self.partitions.revoke(consumer, partitions, None if self.failed else self._commit)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.partitions.lose(consumer, partitions)
 
     def _check_idle(self) -> None:
-        """Owning nothing after a rebalance: ready if that is final, the group having more
-        members than the input has partitions (the cooperative-sticky assignor balances, so a
-        member owns nothing only then); otherwise asked again every `idle_check_s` until the
-        next round assigns partitions."""
-        if self._idle_check_due is None or time.monotonic() < self._idle_check_due:
-            return
-        self._idle_check_due = time.monotonic() + self.idle_check_s
-        try:
-            members, partitions = self._group_members(), self._input_partitions()
-        except (KafkaException, TimeoutError) as exc:  # asked again in a second
-            log.debug("cannot tell whether this member is idle yet: %s", exc)
-            return
-        if members > partitions and not len(self.state):
-            self._idle_check_due = None
-            self.health.assignment_done()
-            log.info("idle: %d members, %d input partitions, none for this one", members,
-                     partitions)
+        self.partitions.check_idle(self._group_members, self._input_partitions)
 
     def _group_members(self) -> int:
         """How many members the consumer group has now (the group coordinator's answer)."""
@@ -258,34 +230,6 @@ class Worker:
     def _input_partitions(self) -> int:
         metadata = self.consumer.list_topics(self.settings.input_topic, timeout=5.0)
         return len(metadata.topics[self.settings.input_topic].partitions)
-
-    def _restore_progress(self, progress: RestoreProgress) -> None:
-        self.health.beat()  # the loop does not turn during a restore: the restore is the beat
-        partition = str(progress.partition)
-        self.metrics.restore_records.labels(partition).set(progress.total)
-        self.metrics.restore_records_remaining.labels(partition).set(progress.remaining)
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.health.revoked()  # ready again when the rebalance's assignment completes
-        self._idle_check_due = None
-        if not self.failed:  # after an error nothing is committed: the input is replayed
-            self._commit()
-        self._drop(consumer, partitions)
-        log.info("revoked %s", sorted(tp.partition for tp in partitions))
-
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.health.revoked()
-        self._idle_check_due = None
-        self._drop(consumer, partitions)  # someone else owns them now: keep nothing unflushed
-        log.warning("lost %s", sorted(tp.partition for tp in partitions))
-
-    def _drop(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self.state.close(tp.partition)
-            self.checkpoint.forget(tp.partition)
-            self.metrics.forget_partition(tp.partition)
-        consumer.incremental_unassign(partitions)
-        self.metrics.assigned_partitions.set(len(self.state))
 
     # --- the loop ------------------------------------------------------------------------
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
@@ -311,6 +255,7 @@ class Worker:
                 if time.monotonic() >= self._lag_due:
                     self._update_lag()
                 self._check_idle()
+                self.partitions.tend(self.consumer)  # standby replicas, when configured
                 if self.watcher is not None:
                     self._model_turn(self.watcher)
             self._commit()
@@ -425,11 +370,10 @@ class Worker:
                 self._abort()
             self.consumer.close()  # revokes: the revoke callback checkpoints unless failed
         finally:
-            self.state.close_all()
-            if not self.hung:  # an abort that could not be done: the clients are left alone
-                self.restore_consumer.close()
-                if not self.failed:  # after a failure nothing is left to deliver: it is replayed
-                    self.producer.flush(10.0)
+            self.partitions.close(hung=self.hung)  # hung: the clients are left alone
+            # after a failure nothing is left to deliver: it is replayed
+            if not self.hung and not self.failed:
+                self.producer.flush(10.0)
 
     def _commit(self) -> None:
         """Checkpoint; if the broker aborted the transaction, replay from the last checkpoint."""
@@ -688,6 +632,11 @@ class Worker:
         for _, windows in self.state.items():
             for bad in windows.take_quarantined():
                 self.dead_letters.corrupt_window(bad, self.settings.changelog_topic)
+
+
+def _recover(*args: object, **kwargs: object) -> RecoveryResult:
+    """`recover_partition`, looked up when called (a test slows it down through this module)."""
+    return recover_partition(*args, **kwargs)  # type: ignore[arg-type]
 
 
 # Errors that are not about one message: they stop the worker (and commit nothing).

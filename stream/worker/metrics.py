@@ -124,6 +124,16 @@ class WorkerMetrics:
         self.restored_windows = Counter(
             "kvrec_restored_windows", "Windows restored from the changelog", registry=r
         )
+        self.standby_partitions = Gauge(
+            "kvrec_standby_partitions",
+            "Partitions of other members this one keeps standby copies of (--standby-replicas)",
+            registry=r,
+        )
+        self.standby_promotions = Counter(
+            "kvrec_standby_promotions",
+            "Assigned partitions whose standby copy became the active store (tail restored only)",
+            registry=r,
+        )
         self.checkpoints = Counter("kvrec_checkpoints", "Checkpoints committed", registry=r)
         self.transactions_aborted = Counter(
             "kvrec_transactions_aborted",

@@ -53,6 +53,19 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
              "bounds it: group.min/max.session.timeout.ms)",
     )
     topics.add_argument(
+        "--leave-group-on-stop", action=argparse.BooleanOptionalAction, default=False,
+        help="a static member leaves the group when it stops (its partitions move at once) "
+             "instead of keeping them for a restart until the session timeout; without it, "
+             "SIGUSR2 stops the worker and leaves for that stop only (a scale-down)",
+    )
+    topics.add_argument(
+        "--standby-replicas", type=integer(0, 16), default=0,
+        help="warm copies of other members' partitions this member keeps by tailing their "
+             "changelog (state_dir/<group>/standby): a partition it takes over restores only "
+             "the tail past its copy. Placement: the members sorted by id form a ring, and each "
+             "shadows the partitions of the next N members (stream/worker/placement.py)",
+    )
+    topics.add_argument(
         "--create-topics",
         action="store_true",
         help="create missing topics (input with --partitions, changelog alike, output compacted)",
@@ -234,6 +247,8 @@ class WorkerSettings:
     prewarm_users: int = 10_000
     live_users: int = 100_000
     stats_interval_ms: int = 10_000
+    standby_replicas: int = 0
+    leave_group_on_stop: bool = False
 
     @cached_property  # read once per message on the hot path: built once
     def event_type_set(self) -> frozenset[str]:
@@ -302,4 +317,6 @@ class WorkerSettings:
             prewarm_users=args.prewarm_users,
             live_users=args.live_users,
             stats_interval_ms=args.stats_interval_ms,
+            standby_replicas=args.standby_replicas,
+            leave_group_on_stop=args.leave_group_on_stop,
         )
