@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -635,20 +635,13 @@ class Variant:
 
 def _variants(system: str, process_counts: Sequence[int],
               eos_intervals: Sequence[int] = (1000,),
-              d_models: Sequence[int] = (BENCH_D_MODEL,),
-              pipelines: Sequence[str] = ()) -> list[Variant]:
+              d_models: Sequence[int] = (BENCH_D_MODEL,)) -> list[Variant]:
     """Each way `system` is measured: every kvrec system once per model width (`-d<D>` after
     the name for a width other than the bench's 64); kvrec once per process count (`kvrec`,
     `kvrec-2proc`, ...); kvrec-eos once per commit interval (`kvrec-eos-100ms`, ...); every
-    other system once. With `pipelines` (`--pipeline` values), every kvrec variant once per
-    value, `-pipeline-<value>` after its name when there are several."""
+    other system once."""
     if not system.startswith("kvrec"):
         return [Variant(system, system)]
-    if pipelines:
-        return [replace(v, name=v.name + (f"-pipeline-{mode}" if len(pipelines) > 1 else ""),
-                        worker_args=[*v.worker_args, "--pipeline", mode])
-                for mode in pipelines
-                for v in _variants(system, process_counts, eos_intervals, d_models)]
     variants = []
     for d in d_models:
         suffix = "" if d == BENCH_D_MODEL else f"-d{d}"
@@ -825,10 +818,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="every kvrec system is measured on a model of each of these widths "
                              "(e.g. 64,128: 128 is kvrec train's default), as <system>-d<D> for "
                              f"a width other than {BENCH_D_MODEL}")
-    parser.add_argument("--pipelines", default="",
-                        help="every kvrec system is measured with each of these `kvrec worker "
-                             "--pipeline` values (e.g. on,off: as <system>-pipeline-<value>); "
-                             "default: the worker's default, no suffix")
     parser.add_argument("--timeout", type=flags.number(above=0), default=600.0, help="per phase, seconds")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     parser.add_argument("--processes", default="1",
@@ -864,9 +853,6 @@ def main(args: argparse.Namespace) -> int:
     if not all(0 < f <= 1 for f in fractions) or args.seconds <= 0 or args.max_rate <= 0:
         raise ConfigError("--rate-fractions in (0, 1], --seconds and --max-rate > 0")
     process_counts = _integers("--processes", args.processes, 1)
-    pipelines = [m.strip() for m in args.pipelines.split(",") if m.strip()]
-    if set(pipelines) - {"on", "off"} or len(set(pipelines)) != len(pipelines):
-        raise ConfigError(f"--pipelines: on and/or off, comma-separated, got {args.pipelines!r}")
     workdir = work_dir(args.workdir, "kvrec-e2e-", "kvrec bench e2e")
     rate_events = int(args.max_rate * args.seconds * len(fractions)) + 1
     interactions = generate_synthetic(
@@ -875,7 +861,7 @@ def main(args: argparse.Namespace) -> int:
     peak_events, tail = interactions[: args.events], interactions[args.events:]
     started = time.monotonic()
     variants = [v for system in systems
-                for v in _variants(system, process_counts, eos_intervals, d_models, pipelines)]
+                for v in _variants(system, process_counts, eos_intervals, d_models)]
     models = {  # the bench's model (d 64) where it always was; other widths beside it
         d: build_artifact(workdir / ("model" if d == BENCH_D_MODEL else f"model-d{d}"),
                           n_items=args.items, window=args.window, d_model=d)
@@ -913,7 +899,6 @@ def main(args: argparse.Namespace) -> int:
             "rate_fractions": fractions, "max_rate": args.max_rate,
             "partitions": args.partitions, "systems": systems, "quick": args.quick,
             "processes": process_counts,
-            "pipelines": pipelines or None,  # kvrec worker --pipeline values (None: its default)
             "eos_commit_intervals_ms": eos_intervals if "kvrec-eos" in systems else None,
             "broker": "given" if args.bootstrap_servers else "local launcher",
             "worker": "torch-cpu, --retrieval auto, at-least-once (kvrec-eos: exactly-once), "

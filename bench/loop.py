@@ -121,11 +121,9 @@ def _timed(worker: Any, batches: list[list[Any]]) -> tuple[float, float]:
     """Wall-clock and CPU seconds of the process (all its threads) for the batches."""
     started, cpu = time.perf_counter(), time.process_time()
     for n, batch in enumerate(batches):
-        worker.feed(batch)  # `process`, or pipelined with `-- --pipeline on`
+        worker.process(batch)
         if n % 10 == 9:
-            worker.settle()
             worker.checkpoint.commit()
-    worker.settle()
     return time.perf_counter() - started, time.process_time() - cpu
 
 

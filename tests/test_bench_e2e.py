@@ -139,33 +139,10 @@ def test_each_commit_interval_and_width_is_its_own_row() -> None:
         "faust-passthrough"]
 
 
-def test_each_pipeline_mode_is_its_own_row() -> None:
-    """`--pipelines on,off`: every kvrec variant once per `kvrec worker --pipeline` value, named
-    for it; one value: no suffix, the flag passed; none: the worker's default (no flag)."""
-    from bench.e2e import _variants
-
-    both = _variants("kvrec-eos", [1], [100], [64, 128], ["on", "off"])
-    assert [(v.name, v.args) for v in both] == [
-        ("kvrec-eos-100ms-pipeline-on", ["--processing-guarantee", "exactly-once",
-                                         "--commit-interval-ms", "100", "--pipeline", "on"]),
-        ("kvrec-eos-100ms-d128-pipeline-on", ["--processing-guarantee", "exactly-once",
-                                              "--commit-interval-ms", "100", "--pipeline", "on"]),
-        ("kvrec-eos-100ms-pipeline-off", ["--processing-guarantee", "exactly-once",
-                                          "--commit-interval-ms", "100", "--pipeline", "off"]),
-        ("kvrec-eos-100ms-d128-pipeline-off", ["--processing-guarantee", "exactly-once",
-                                               "--commit-interval-ms", "100", "--pipeline", "off"])]
-    assert [(v.name, v.args) for v in _variants("kvrec", [1], [100], [64], ["off"])] == [
-        ("kvrec", ["--pipeline", "off"])]
-    assert [v.args for v in _variants("kvrec", [1], [100], [64], [])] == [[]]
-    assert [v.name for v in _variants("confluent-passthrough", [1], [100], [64], ["on", "off"])
-            ] == ["confluent-passthrough"]
-
-
 @pytest.mark.parametrize("flags", [
     ["--eos-commit-intervals", "0"], ["--eos-commit-intervals", "100,x"],
     ["--eos-commit-intervals", ""], ["--d-models", "65"], ["--d-models", "64,64"],
-    ["--d-models", "1"], ["--systems", "kvrec-eos2"], ["--pipelines", "on,maybe"],
-    ["--pipelines", "on,on"],
+    ["--d-models", "1"], ["--systems", "kvrec-eos2"],
 ])
 def test_bad_eos_and_width_lists_are_one_line(flags: list[str], tmp_path: Path) -> None:
     done = subprocess.run(

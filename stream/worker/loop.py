@@ -35,7 +35,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import chain
@@ -94,15 +93,6 @@ class _Valid:
     user_id: str
     event: WindowEvent
     event_ts: int
-
-
-@dataclass(slots=True)
-class _Batch:
-    """A decoded micro-batch: its valid events in waves, and the newest offset of each
-    partition it holds (stored once the batch is handled)."""
-
-    waves: list[list[_Valid]]
-    handled: dict[int, int]
 
 
 @dataclass(frozen=True)
@@ -201,11 +191,6 @@ class Worker:
         self.kafka_config = kafka_config
         self._backlog = True  # the last batch was full: the next waits for a full one
         self._wire: tuple[object, WireEncoder] | None = None  # (recommender, its encoder)
-        # --pipeline on: one thread handles a batch while the loop decodes the next (`feed`)
-        self._pipeline = (ThreadPoolExecutor(1, thread_name_prefix="kvrec-batch",
-                                             initializer=_same_threads())
-                          if settings.pipeline else None)
-        self._inflight: Future[None] | None = None
 
     # --- rebalance -------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -310,23 +295,20 @@ class Worker:
         self.health.started()  # the start is over: from here the loop's beats are the liveness
         self.consumer.subscribe(
             [self.settings.input_topic],
-            on_assign=self._settled(self._on_assign),
-            on_revoke=self._settled(self._on_revoke),
-            on_lost=self._settled(self._on_lost),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
         try:
             while self.running and not should_stop():
                 self.health.beat()
                 messages = self._consume()
                 if messages:
-                    self.feed(messages)
-                else:  # nothing more came: the batch in flight is not held back
-                    self.settle()
+                    self.process(messages)
                 self.producer.poll(0)
                 if self.checkpoint.due():
                     self._commit()
                 if time.monotonic() >= self._lag_due:
-                    self.settle()  # the live hit counts are the inference thread's
                     self._update_lag()
                 self._check_idle()
                 if self.watcher is not None:
@@ -342,17 +324,6 @@ class Worker:
             raise
         finally:
             self.close()
-
-    def _settled(
-        self, callback: Callable[[Consumer, list[TopicPartition]], None]
-    ) -> Callable[[Consumer, list[TopicPartition]], None]:
-        """A rebalance callback that first lets the batch in flight finish (the windows and
-        offsets it touches are the partitions' being handed over)."""
-        def call(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            self.settle()
-            callback(consumer, partitions)
-
-        return call
 
     def _consume(self) -> list[Message]:
         """The next micro-batch. Adaptive (`--adaptive-batch`), from the backlog: after a full
@@ -377,10 +348,8 @@ class Worker:
         in what it has made ready, publish the live hit rates when due."""
         watcher.give_windows(self._recent_windows)
         for prepared in watcher.take():
-            self.settle()  # the batch in flight finishes with the model it began with
             self._swap(prepared)
         if time.monotonic() >= self._stats_due:
-            self.settle()  # the live hit counts are the inference thread's
             self._stats_due = time.monotonic() + self.settings.stats_interval_ms / 1000.0
             watcher.publish_stats({**self.live.snapshot(), **self.shadow_live.snapshot()})
 
@@ -410,7 +379,6 @@ class Worker:
     def _recent_windows(self, count: int) -> list[tuple[str, WindowSnapshot]]:
         """Snapshots of up to `count` users' windows, changed ones first, then the most recently
         checkpointed (what the watcher pre-warms the new model's caches from)."""
-        self.settle()  # the windows are the inference thread's while a batch is in flight
         found: list[tuple[str, WindowSnapshot]] = []
         for _, windows in self.state.items():
             for user_id, window in chain(windows.dirty.items(), reversed(windows.clean.items())):
@@ -450,7 +418,6 @@ class Worker:
 
     def close(self) -> None:
         self.health.revoked()  # leaving the group: not ready, whatever the callbacks say
-        self._stop_pipeline()
         if self.hung:  # the process exits at once (app.py); nothing was committed
             return
         try:
@@ -464,24 +431,8 @@ class Worker:
                 if not self.failed:  # after a failure nothing is left to deliver: it is replayed
                     self.producer.flush(10.0)
 
-    def _stop_pipeline(self) -> None:
-        """The batch in flight finished (after a failure: its outcome does not matter, nothing
-        more is committed), and the inference thread gone."""
-        if self._pipeline is None:
-            return
-        try:
-            self.settle()
-        except BaseException:
-            if not self.failed:
-                raise
-        finally:
-            self._pipeline.shutdown(wait=True)
-            self._pipeline = None
-
     def _commit(self) -> None:
-        """Checkpoint; if the broker aborted the transaction, replay from the last checkpoint.
-        The batch in flight is handled first: a checkpoint covers whole batches."""
-        self.settle()
+        """Checkpoint; if the broker aborted the transaction, replay from the last checkpoint."""
         try:
             started = time.perf_counter()
             with self._waiting_on_kafka():
@@ -527,29 +478,6 @@ class Worker:
     def process(self, messages: list[Message]) -> None:
         """Every message ends as exactly one of: applied to its user's window (with its
         recommendation), a duplicate of an applied one, or a dead letter with its reason."""
-        self._handle(self._decode(messages))
-
-    def feed(self, messages: list[Message]) -> None:
-        """`process`, pipelined when `--pipeline on`: the batch is decoded here while the one
-        before it is still handled on the inference thread (its model, retrieval, encoding,
-        produce and offsets), then handed to that thread once it is done. Batches are handled
-        in order, one at a time; `settle` waits for the one in flight."""
-        if self._pipeline is None:
-            self.process(messages)
-            return
-        batch = self._decode(messages)
-        self.settle()
-        self._inflight = self._pipeline.submit(self._handle, batch)
-
-    def settle(self) -> None:
-        """Wait until the batch in flight (if any) is handled: its outputs produced and its
-        offsets stored. An error of that batch is raised here."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            inflight.result()
-
-    def _decode(self, messages: list[Message]) -> _Batch:
-        """Validate the batch: the valid events in waves, the invalid ones dead letters."""
         now_ms = int(time.time() * 1000)
         valid: list[_Valid] = []
         handled: dict[int, int] = {}  # partition -> offset of its newest message in the batch
@@ -579,14 +507,10 @@ class Worker:
                 self.dead_letters.processing_error(message, exc)
         self.metrics.events_in.inc(consumed)  # once per batch: a counter's lock per message cost more
         self.metrics.batch_size.observe(len(messages))
-        return _Batch(_waves(valid, self.recommender.max_events_per_user), handled)
-
-    def _handle(self, batch: _Batch) -> None:
-        """Recommend, apply and produce the batch's waves in order, then store its offsets."""
-        for wave in batch.waves:
+        for wave in _waves(valid, self.recommender.max_events_per_user):
             self._process_wave(wave)
         self._report_quarantined()
-        for partition, offset in batch.handled.items():
+        for partition, offset in handled.items():
             self.checkpoint.store_offset(partition, offset)
 
     def _validate(self, message: Message, now_ms: int) -> _Valid:
@@ -764,22 +688,6 @@ class Worker:
         for _, windows in self.state.items():
             for bad in windows.take_quarantined():
                 self.dead_letters.corrupt_window(bad, self.settings.changelog_topic)
-
-
-def _same_threads() -> Callable[[], None]:
-    """What a new thread must call to run torch and faiss on as many OpenMP threads as this
-    one: each thread has its own count (`--threads` set the loop's), and a thread left at the
-    default spins one per core, and sums in another order (scores differ in the 6th place)."""
-    import faiss
-    import torch
-
-    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-
-    def apply() -> None:
-        torch.set_num_threads(torch_threads)
-        faiss.omp_set_num_threads(faiss_threads)
-
-    return apply
 
 
 # Errors that are not about one message: they stop the worker (and commit nothing).

@@ -129,12 +129,6 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
              "within 1 ms, so a low rate is not held back to fill a batch (off by default: on "
              "the loaded 2-core machine its small batches cost more than the wait saved)",
     )
-    loop.add_argument(
-        "--pipeline", choices=("on", "off"), default="off",
-        help="on: a batch's model and retrieval run on a second thread while the loop decodes "
-             "the next batch and produces the previous one's outputs (checkpoints, rebalances "
-             "and model swaps wait for the batch in flight)",
-    )
     loop.add_argument("--linger-ms", type=integer(0), default=2, help="producer linger")
     loop.add_argument(
         "--commit-interval-ms", type=integer(1), default=None,
@@ -240,7 +234,6 @@ class WorkerSettings:
     prewarm_users: int = 10_000
     live_users: int = 100_000
     stats_interval_ms: int = 10_000
-    pipeline: bool = False  # --pipeline on: model and retrieval on a second thread
 
     @cached_property  # read once per message on the hot path: built once
     def event_type_set(self) -> frozenset[str]:
@@ -286,7 +279,6 @@ class WorkerSettings:
             batch_size=args.batch_size,
             batch_wait_ms=args.batch_wait_ms,
             adaptive_batch=args.adaptive_batch,
-            pipeline=args.pipeline == "on",
             linger_ms=args.linger_ms,
             commit_interval_ms=(COMMIT_INTERVAL_MS[args.processing_guarantee]
                                 if args.commit_interval_ms is None else args.commit_interval_ms),
