@@ -53,9 +53,9 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
+from kvrec import flags
 from kvrec.bench.machine import machine_info, machine_line
 from kvrec.errors import ConfigError
-from kvrec.model import flags
 from kvrec.model.datasets import BASE_TS_MS, Interaction, SyntheticSpec, generate_synthetic
 from kvrec.model.owned import work_dir
 from kvrec.stream.kafka_config import ensure_topics

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from kvrec import flags
 from kvrec.bench.e2e import REPO, broker, read_available
 from kvrec.bench.machine import machine_info
-from kvrec.model import flags
 from kvrec.model.owned import work_dir
 from kvrec.stream.kafka_config import ensure_topics
 

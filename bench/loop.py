@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from kvrec import flags
 from kvrec.bench.e2e import build_artifact
 from kvrec.bench.machine import machine_info
-from kvrec.model import flags
 from kvrec.model.owned import work_dir
 
 # (stage, (file, function) pairs whose cumulative profiled time is that stage's); indented

@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Producer
 
+from kvrec import flags
 from kvrec.bench.e2e import Run, broker, build_artifact, measure, read_available, reader
 from kvrec.bench.machine import machine_info
 from kvrec.deploy.kafka.launcher import free_port
 from kvrec.errors import ConfigError
-from kvrec.model import flags
 from kvrec.model.owned import work_dir
 from kvrec.stream.replay import BURST_SECONDS, TokenBucket
 from kvrec.stream.schema import Event, encode_event

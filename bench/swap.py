@@ -51,10 +51,10 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from kvrec import flags
 from kvrec.bench.e2e import REPO, broker, produce_paced, reader, stop_process
 from kvrec.bench.machine import machine_info
 from kvrec.errors import ConfigError, DataError, RunFailed
-from kvrec.model import flags
 from kvrec.model.datasets import GAP_MS, Interaction, read_interactions
 from kvrec.model.owned import work_dir
 from kvrec.model.store import ModelStore
