@@ -243,7 +243,7 @@ class LiveRate:
     """Live counters of one version in one role, summed over the workers."""
 
     version: str
-    role: str  # "serve" or "shadow"
+    role: str  # a ModelRole (as read from the topic)
     events: int
     hits: int
 
@@ -258,7 +258,7 @@ class Refusal:
 
     version: str
     manifest_sha256: str
-    role: str  # "serve" or "shadow"
+    role: str  # a ModelRole (as read from the topic)
     check: str  # verify, compatibility, build, smoke
     error: str
     announced_ms: int  # the announcement that asked for it

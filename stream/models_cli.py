@@ -35,8 +35,9 @@ from model.flags import integer, number
 from model.store import ModelStore, StoredVersion
 from stream.cli import COMMAND_GROUP
 from stream.kafka_config import KafkaUnreachable, add_kafka_arguments, client_config, topic_names
+from stream.lifecycle.roles import ModelRole
 from stream.logs import add_logging_arguments, setup_logging
-from stream.model_policy import SERVE, SHADOW, figure, promotion_verdict, rollback_verdict
+from stream.model_policy import figure, promotion_verdict, rollback_verdict
 from stream.model_updates import (
     LIVE_STATS_TOPIC,
     UPDATES_TOPIC,
@@ -462,7 +463,7 @@ def run_show(context: Context) -> int:
         announcement, unknown = None, str(exc)
     serving = None if unknown else Serving(context.current_reports(), context.live().reporting())
     state, place = state_of(entry.version, announcement, serving)
-    live = {role: rates[(entry.version, role)] for role in (SERVE, SHADOW)
+    live = {role: rates[(entry.version, role)] for role in (ModelRole.SERVE, ModelRole.SHADOW)
             if (entry.version, role) in rates}
     if args.json:
         print(json.dumps({
@@ -501,7 +502,7 @@ def run_show(context: Context) -> int:
     else:
         text = _state_text(state, place, entry.version, announcement, serving)
         print(f"state      {text or 'stored (not announced)'}")
-        for role in (SERVE, SHADOW):
+        for role in (ModelRole.SERVE, ModelRole.SHADOW):
             if role in live:
                 print(f"live       {figure(live[role], entry.version, role)}")
         if not live:

@@ -6,8 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from state.window import WindowEvent
+from stream.lifecycle.roles import ModelRole
 from stream.worker.inference import ScoredBatch, WaveInput
-from stream.worker.live import SERVE, LiveHits
+from stream.worker.live import LiveHits
 
 ITEM_IDS = ["", *(f"sku-{i}" for i in range(1, 9))]
 INDEX = {item: i for i, item in enumerate(ITEM_IDS) if i > 0}
@@ -22,7 +23,7 @@ _waves = st.lists(  # waves of (user, [(event item id, its list as indices)])
 
 @given(_waves, st.integers(1, 3))
 def test_hits_on_indices_are_hits_on_ids(waves, max_users: int) -> None:
-    by_index, by_id = LiveHits(SERVE, max_users), LiveHits(SERVE, max_users)
+    by_index, by_id = LiveHits(ModelRole.SERVE, max_users), LiveHits(ModelRole.SERVE, max_users)
     for n, wave in enumerate(waves):
         inputs = [WaveInput(user, [], [WindowEvent(item, 1, 0, 0) for item, _ in events], 10, 0)
                   for user, events in wave]

@@ -18,6 +18,7 @@ from model.flags import PORT, integer, number
 from model.store import ModelStore
 from model.train_command import add_training_arguments, settings_from_args, shape_from_args
 from stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text, wait_for_kafka
+from stream.lifecycle.roles import ModelRole
 from stream.logs import add_logging_arguments, setup_logging
 from stream.model_updates import LIVE_STATS_TOPIC, UPDATES_TOPIC, ensure_model_topics
 
@@ -81,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "model's by more than this (absolute, e.g. 0.002; 0 = refuse any drop)",
     )
     models.add_argument(
-        "--publish-as", default="serve", choices=("serve", "shadow"),
+        "--publish-as", default=ModelRole.SERVE.value, choices=[role.value for role in ModelRole],
         help="serve: announce it as the serving version; shadow: as the serving version's "
              "shadow candidate (with no serving version it serves)",
     )

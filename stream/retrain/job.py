@@ -24,6 +24,7 @@ from model.errors import ArtifactError
 from model.owned import NotOwned, remove_owned
 from model.store import ModelStore
 from model.train import SHAPE_FIELDS, TrainSettings, train
+from stream.lifecycle.roles import ModelRole
 from stream.model_updates import (
     LIVE_STATS_TOPIC,
     Announcement,
@@ -47,7 +48,7 @@ class JobSettings:
     train: TrainSettings
     shape: dict[str, Any]  # ModelConfig overrides for a model trained from scratch
     margin: float
-    publish_as: str  # "serve" or "shadow"
+    publish_as: str  # a ModelRole
     shadow_sample: float
     work_dir: Path  # candidates are written here, then copied into the store
     progress: bool = True
@@ -146,7 +147,7 @@ def _publish(settings: JobSettings, candidate: Artifact, decision: Decision,
     if current is None:
         announcement = first_announcement(settings.store.model_name, stored.version, location,
                                           stored.manifest_sha256, "retrain", metrics, note)
-    elif settings.publish_as == "shadow":
+    elif settings.publish_as == ModelRole.SHADOW:
         announcement = current.with_shadow(
             Candidate(stored.version, location, stored.manifest_sha256, settings.shadow_sample), note
         )

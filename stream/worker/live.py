@@ -19,18 +19,17 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from stream.lifecycle.roles import ModelRole
 from stream.worker.inference import Scored, ScoredBatch, WaveInput
 
 log = logging.getLogger("kvrec.worker")
-
-SERVE, SHADOW = "serve", "shadow"
 
 
 @dataclass
 class LiveHits:
     """The users' last lists (bounded, least recent out first) and the counts by version."""
 
-    role: str
+    role: ModelRole
     max_users: int
     # user -> (version, its list, how to find an item id in it): model item indices and the
     # catalog's index of ids for a `ScoredBatch` (no string per listed item), else the ids

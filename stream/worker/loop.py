@@ -54,6 +54,7 @@ from confluent_kafka.admin import AdminClient
 from state.partition import WorkerState
 from state.window import Window, WindowEvent, WindowSnapshot, pack_event
 from stream.kafka_logs import kafka_log
+from stream.lifecycle.roles import ModelRole
 from stream.schema import (
     BecauseEvent,
     InvalidEvent,
@@ -73,7 +74,7 @@ from stream.worker.checkpoint import (
 )
 from stream.worker.dead_letters import DeadLetters
 from stream.worker.inference import Recommender, Scored, ScoredBatch, WaveInput
-from stream.worker.live import SERVE, SHADOW, LiveHits, Shadow
+from stream.worker.live import LiveHits, Shadow
 from stream.worker.metrics import HealthState, WorkerMetrics, observe_many
 from stream.worker.produce import produce
 from stream.worker.recovery import RestoreProgress, recover_partition, restore_consumer_config
@@ -149,8 +150,8 @@ class Worker:
         self.settings = settings
         self.recommender = recommender  # swapped between two batches when `watcher` has a new one
         self.watcher = watcher
-        self.live = LiveHits(SERVE, settings.live_users)
-        self.shadow_live = LiveHits(SHADOW, settings.live_users)
+        self.live = LiveHits(ModelRole.SERVE, settings.live_users)
+        self.shadow_live = LiveHits(ModelRole.SHADOW, settings.live_users)
         self.shadow: Shadow | None = None
         self._live_exported: dict[tuple[str, str], tuple[int, int]] = {}
         self._stats_due = 0.0
@@ -354,7 +355,7 @@ class Worker:
             watcher.publish_stats({**self.live.snapshot(), **self.shadow_live.snapshot()})
 
     def _swap(self, prepared: Prepared) -> None:
-        if prepared.role == SHADOW:
+        if prepared.role == ModelRole.SHADOW:
             self.shadow = None
             if prepared.recommender is not None:
                 self.shadow_live.last.clear()
