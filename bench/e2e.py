@@ -599,7 +599,8 @@ def plot_exactly_once(curve: list[dict[str, Any]], axis: Any) -> None:
 def _retrieval_report(log_path: Path) -> dict[str, Any] | None:
     """The worker's logged retrieval build report (kind, settings, measured recall@10)."""
     for line in log_path.read_text(errors="replace").splitlines():
-        found = _RETRIEVAL_LINE.search(line)  # `model V: retrieval {...}` (stream/worker/models.py)
+        # `model V: retrieval {...}` (stream/lifecycle/loading.py)
+        found = _RETRIEVAL_LINE.search(line)
         if found:
             return ast.literal_eval(found.group(1))
     return None

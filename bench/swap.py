@@ -59,7 +59,7 @@ from model.errors import ConfigError, DataError, RunFailed
 from model.owned import work_dir
 from model.store import ModelStore
 from stream.kafka_config import ensure_topics
-from stream.model_updates import Announcement, ensure_model_topics
+from stream.lifecycle.announcements import Announcement, ensure_model_topics
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "amazon-games.txt"
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}

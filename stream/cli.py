@@ -47,9 +47,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("deploy.kafka.launcher", "start a local single-node Kafka broker (KRaft)"),
     "topics": ("stream.topics_cli", "create the topics a worker and `kvrec models` use"),
     "bench": ("bench.cli", "benchmarks: `kvrec bench model`, `kvrec bench e2e`"),
-    "models": ("stream.models_cli", "the model store and what serves: list, show, publish, "
-                                    "promote, shadow, rollback, guard"),
-    "retrain": ("stream.retrain", "side job: retrain from the input topic, publish only if not worse"),
+    "models": ("stream.lifecycle.models_cli", "the model store and what serves: list, show, "
+                                              "publish, promote, shadow, rollback, guard"),
+    "retrain": ("stream.lifecycle.retrain",
+                "side job: retrain from the input topic, publish only if not worse"),
 }
 
 ENV_PREFIX = "KVREC_"

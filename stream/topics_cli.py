@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from model.flags import integer
 from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics, topic_names
+from stream.lifecycle.announcements import topic_specs as model_topic_specs
 from stream.logs import add_logging_arguments, setup_logging
-from stream.model_updates import topic_specs as model_topic_specs
 from stream.worker.app import topic_specs as worker_topic_specs
 from stream.worker.settings import add_topic_arguments
 

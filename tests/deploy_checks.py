@@ -423,7 +423,7 @@ def _retrain_problems(container: Container, args: argparse.Namespace) -> list[st
     import torch
 
     from model.train import settings_from_args, shape_from_args
-    from stream.retrain.command import _faust_brokers
+    from stream.lifecycle.retrain.command import _faust_brokers
 
     where, problems = container.where, []
     _faust_brokers(args)

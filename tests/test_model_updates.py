@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from stream.model_updates import (
+from stream.lifecycle.announcements import (
     Announcement,
     Candidate,
-    Refusal,
-    WorkerStatus,
     announce,
     ensure_model_topics,
     first_announcement,
     latest_announcement,
-    live_hit_rates,
-    live_stats_value,
     put,
-    read_live,
 )
+from stream.lifecycle.live_stats import Refusal, WorkerStatus, live_hit_rates, live_stats_value, read_live
 from tests.conftest import unique_topic
 
 

@@ -12,15 +12,9 @@ from hypothesis import strategies as st
 
 from model.store import ModelStore
 from stream.cli import main as kvrec
-from stream.model_policy import promotion_verdict, rollback_verdict
-from stream.model_updates import (
-    LiveRate,
-    Refusal,
-    WorkerStatus,
-    latest_announcement,
-    live_stats_value,
-    put,
-)
+from stream.lifecycle.announcements import latest_announcement, put
+from stream.lifecycle.live_stats import LiveRate, Refusal, WorkerStatus, live_stats_value
+from stream.lifecycle.policy import promotion_verdict, rollback_verdict
 from tests.conftest import unique_topic
 from tests.worker_fixtures import make_artifact
 
@@ -543,8 +537,8 @@ def test_action_variables_and_range_checks(monkeypatch: pytest.MonkeyPatch,
 @pytest.mark.kafka
 def test_an_announcement_that_came_in_meanwhile_is_not_undone(
         setup: Setup, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from stream import models_cli
-    from stream.model_updates import announce
+    from stream.lifecycle import models_cli
+    from stream.lifecycle.announcements import announce
 
     publish(capsys, setup, 0, "--serve")
     b = publish(capsys, setup, 1, "--serve")

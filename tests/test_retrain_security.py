@@ -11,8 +11,8 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from model.errors import ConfigError
 from stream.cli import build_parser
-from stream.retrain.app import AppSettings, build_app
-from stream.retrain.command import _faust_brokers, _faust_credentials
+from stream.lifecycle.retrain.app import AppSettings, build_app
+from stream.lifecycle.retrain.command import _faust_brokers, _faust_credentials
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

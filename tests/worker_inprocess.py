@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from stream.kafka_config import client_config
+from stream.lifecycle.watcher import ModelWatcher
 from stream.worker.app import (
     add_arguments,
     build_recommender,
@@ -19,7 +20,6 @@ from stream.worker.app import (
 from stream.worker.loop import Worker
 from stream.worker.metrics import HealthState, WorkerMetrics
 from stream.worker.settings import WorkerSettings
-from stream.worker.watcher import ModelWatcher
 
 
 def worker_args(

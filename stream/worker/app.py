@@ -25,14 +25,14 @@ from stream.kafka_config import (
     topic_partitions,
     wait_for_kafka,
 )
+from stream.lifecycle.loading import ModelChoice, ModelRefused, choice_of, load_recommender
 from stream.logs import add_logging_arguments, setup_logging
 from stream.worker.checkpoint import ClientHang
 from stream.worker.metrics import HealthState, WorkerMetrics, serve
-from stream.worker.models import ModelChoice, ModelRefused, choice_of, load_recommender
 from stream.worker.settings import WorkerSettings, add_worker_arguments
 
 if TYPE_CHECKING:
-    from stream.model_updates import Announcement
+    from stream.lifecycle.announcements import Announcement
     from stream.worker.cold_start import PopularRecommender
     from stream.worker.inference import Recommender
 
@@ -65,7 +65,7 @@ def starting_model(
 
     announcement = None
     if settings.model_store is not None:
-        from stream.model_updates import ensure_model_topics, latest_announcement
+        from stream.lifecycle.announcements import ensure_model_topics, latest_announcement
 
         wait_for_kafka(kafka_config, args.connect_timeout, retry=True, log=log, on_wait=health.beat)
         if args.create_topics:
@@ -125,8 +125,8 @@ def main(args: argparse.Namespace) -> int:
                  server.server_address[1])
     import torch
 
+    from stream.lifecycle.watcher import ModelWatcher
     from stream.worker.loop import Worker
-    from stream.worker.watcher import ModelWatcher
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

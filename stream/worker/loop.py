@@ -55,6 +55,7 @@ from state.partition import WorkerState
 from state.window import Window, WindowEvent, WindowSnapshot, pack_event
 from stream.kafka_logs import kafka_log
 from stream.lifecycle.roles import ModelRole
+from stream.lifecycle.watcher import ModelWatcher, Prepared
 from stream.schema import (
     BecauseEvent,
     InvalidEvent,
@@ -79,7 +80,6 @@ from stream.worker.metrics import HealthState, WorkerMetrics, observe_many
 from stream.worker.produce import produce
 from stream.worker.recovery import RestoreProgress, recover_partition, restore_consumer_config
 from stream.worker.settings import WorkerSettings
-from stream.worker.watcher import ModelWatcher, Prepared
 from stream.worker.wire import WireEncoder
 
 log = logging.getLogger(__name__)

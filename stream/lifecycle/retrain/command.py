@@ -18,12 +18,12 @@ from model.flags import PORT, integer, number
 from model.store import ModelStore
 from model.train_command import add_training_arguments, settings_from_args, shape_from_args
 from stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text, wait_for_kafka
+from stream.lifecycle.announcements import LIVE_STATS_TOPIC, UPDATES_TOPIC, ensure_model_topics
 from stream.lifecycle.roles import ModelRole
 from stream.logs import add_logging_arguments, setup_logging
-from stream.model_updates import LIVE_STATS_TOPIC, UPDATES_TOPIC, ensure_model_topics
 
 if TYPE_CHECKING:
-    from stream.retrain.job import JobSettings, Outcome
+    from stream.lifecycle.retrain.job import JobSettings, Outcome
 
 log = logging.getLogger("kvrec.retrain")
 
@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _job_settings(args: argparse.Namespace, kafka_config: dict[str, object]) -> JobSettings:
-    from stream.retrain.job import JobSettings
+    from stream.lifecycle.retrain.job import JobSettings
 
     return JobSettings(
         kafka_config=kafka_config,
@@ -128,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
     if args.data is not None:
         check_dataset_arguments(args)
     from model.train import configure_torch
-    from stream.retrain.job import run_job
+    from stream.lifecycle.retrain.job import run_job
 
     configure_torch(args)
     settings = _job_settings(args, kafka_config)
@@ -201,8 +201,8 @@ def input_end_offsets(kafka_config: dict[str, object], topic: str,
 def _run_app(args: argparse.Namespace, kafka_config: dict[str, object], settings: JobSettings) -> int:
     import faust
 
-    from stream.retrain import lz4
-    from stream.retrain.app import AppSettings, build_app
+    from stream.lifecycle.retrain import lz4
+    from stream.lifecycle.retrain.app import AppSettings, build_app
 
     if not lz4.install():
         log.warning("no LZ4 decoder for Faust's Kafka client (neither cramjam nor liblz4): an "
@@ -224,7 +224,7 @@ def _run_app(args: argparse.Namespace, kafka_config: dict[str, object], settings
     def stop() -> None:  # as SIGTERM would: the worker's own shutdown path
         holder["worker"]._schedule_shutdown(signal.SIGTERM)
 
-    from stream.retrain.job import run_job
+    from stream.lifecycle.retrain.job import run_job
 
     app, status = build_app(app_settings, end_offsets, lambda data: run_job(data, settings), stop)
     if args.log_level != "DEBUG":

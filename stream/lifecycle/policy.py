@@ -1,5 +1,5 @@
 """The two live-figure decisions of the model lifecycle, as pure functions of the live counters
-(stream/model_updates.py `live_hit_rates`):
+(stream/lifecycle/live_stats.py `live_hit_rates`):
 
 - may a candidate be promoted (`kvrec models promote --require-live`): it scored at least N
   events as shadow, the serving version at least N while serving, and the candidate's hit rate
@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
 
+from stream.lifecycle.live_stats import LiveRate
 from stream.lifecycle.roles import ModelRole
-from stream.model_updates import LiveRate
 
 
 @dataclass(frozen=True)

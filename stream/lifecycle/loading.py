@@ -3,7 +3,7 @@
 `ModelSource` says where versions come from: the model store and the `model-updates` topic
 (`--model-store`, `--model-name`), with `--model` as the fallback artifact when nothing is
 announced. `load_recommender` does every check a version must pass before it serves, at start
-and for a hot swap alike (stream/worker/watcher.py runs it off the hot path):
+and for a hot swap alike (stream/lifecycle/watcher.py runs it off the hot path):
 
 1. the artifact loads and every file matches its manifest's sha256 (model/artifact.py), and the
    manifest is the one the announcement names;
@@ -27,7 +27,8 @@ from model.errors import ArtifactError, ConfigError
 from stream.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from stream.model_updates import Announcement
+    from model.artifact import Artifact
+    from stream.lifecycle.announcements import Announcement
     from stream.worker.inference import Recommender
 
 log = logging.getLogger("kvrec.worker")
@@ -80,72 +81,97 @@ def load_recommender(
     progress: bool = False,
 ) -> Recommender:
     """Load, check, build and smoke-test one version (see the module's docstring)."""
-    import numpy as np
-
-    from model.artifact import event_type_map, load_artifact
-    from model.backends import make_backend
-    from model.store import manifest_digest
-    from state.kvpool import KVPool
-    from state.partition import group_directory
-    from stream.worker.inference import Recommender
-
     with _check("verify"):
-        artifact = load_artifact(choice.path)
-        if choice.version is not None and artifact.version != choice.version:
-            raise ArtifactError(f"{choice.path}: holds version {artifact.version}, not {choice.version}")
-        if choice.manifest_sha256 is not None and manifest_digest(choice.path) != choice.manifest_sha256:
-            raise ArtifactError(
-                f"{choice.path}/manifest.json: its sha256 is not the one announced; the stored "
-                "version was replaced or corrupted after it was published"
-            )
+        artifact = _verified(choice)
     with _check("compatibility"):
-        if settings.k > artifact.config.n_items:
-            raise ArtifactError(
-                f"--k {settings.k} is more than the model's catalog of "
-                f"{artifact.config.n_items} items"
-            )
-        needed = artifact.config.history_needed
-        if settings.window_capacity and settings.window_capacity < needed:
-            raise ArtifactError(
-                f"model {artifact.version} needs {needed} stored events per user for exact cache "
-                f"refills (N*(W-1)+1); the windows hold {settings.window_capacity} "
-                f"(--window-capacity): restart the workers with --window-capacity {needed} or "
-                "more before serving it"
-            )
-        event_type_map(list(settings.event_types), artifact.event_types)
+        _check_fits(settings, artifact)
     with _check("build"):
-        onnx_path = settings.onnx
-        if settings.backend == "onnx-cpu" and onnx_path is None:
-            from model.export import export_step
-
-            group_dir = settings.state_dir / group_directory(settings.group_id)
-            onnx_path = group_dir / f"step-{artifact.version}.onnx"
-            if not onnx_path.exists():
-                onnx_path.parent.mkdir(parents=True, exist_ok=True)
-                export_step(artifact.encoder, onnx_path)
-        backend = make_backend(settings.backend, artifact.encoder, onnx_path=onnx_path)
-        item_vectors = artifact.encoder.item_embeddings().detach().float().cpu().numpy()
-        retriever = build_retriever(settings, np.ascontiguousarray(item_vectors), progress)
-        log.info("model %s: retrieval %s", artifact.version, retriever.build_report)
-        if settings.unavailable_items is not None:
-            ids = Path(settings.unavailable_items).read_text().split()
-            retriever.set_unavailable(artifact.item_index[i] for i in ids if i in artifact.item_index)
-        cache = KVPool(artifact.config, cache_bytes or settings.cache_bytes, device=backend.device,
-                       known_per_user=max(settings.window_capacity, needed))
-        recommender = Recommender(
-            artifact,
-            backend,
-            retriever,
-            cache,
-            k=settings.k,
-            exclude_seen=settings.exclude_seen,
-            because_count=settings.because,
-            reuse_cache=settings.reuse_kv_cache,
-            event_types=settings.event_types,
-        )
+        recommender = _build(settings, artifact, cache_bytes, progress)
     with _check("smoke"):
         recommender.smoke_check()
     return recommender
+
+
+def _verified(choice: ModelChoice) -> Artifact:
+    """The artifact, every file checked against its manifest, the manifest the announced one."""
+    from model.artifact import load_artifact
+    from model.store import manifest_digest
+
+    artifact = load_artifact(choice.path)
+    if choice.version is not None and artifact.version != choice.version:
+        raise ArtifactError(f"{choice.path}: holds version {artifact.version}, not {choice.version}")
+    if choice.manifest_sha256 is not None and manifest_digest(choice.path) != choice.manifest_sha256:
+        raise ArtifactError(
+            f"{choice.path}/manifest.json: its sha256 is not the one announced; the stored "
+            "version was replaced or corrupted after it was published"
+        )
+    return artifact
+
+
+def _check_fits(settings: WorkerSettings, artifact: Artifact) -> None:
+    """The deployment can serve it: `--k`, the windows' history, the event types."""
+    from model.artifact import event_type_map
+
+    if settings.k > artifact.config.n_items:
+        raise ArtifactError(
+            f"--k {settings.k} is more than the model's catalog of "
+            f"{artifact.config.n_items} items"
+        )
+    needed = artifact.config.history_needed
+    if settings.window_capacity and settings.window_capacity < needed:
+        raise ArtifactError(
+            f"model {artifact.version} needs {needed} stored events per user for exact cache "
+            f"refills (N*(W-1)+1); the windows hold {settings.window_capacity} "
+            f"(--window-capacity): restart the workers with --window-capacity {needed} or "
+            "more before serving it"
+        )
+    event_type_map(list(settings.event_types), artifact.event_types)
+
+
+def _build(settings: WorkerSettings, artifact: Artifact, cache_bytes: int | None,
+           progress: bool) -> Recommender:
+    """The backend, the retrieval index and the cache pool, as one `Recommender`."""
+    import numpy as np
+
+    from model.backends import make_backend
+    from state.kvpool import KVPool
+    from stream.worker.inference import Recommender
+
+    backend = make_backend(settings.backend, artifact.encoder, onnx_path=_onnx_path(settings, artifact))
+    item_vectors = artifact.encoder.item_embeddings().detach().float().cpu().numpy()
+    retriever = build_retriever(settings, np.ascontiguousarray(item_vectors), progress)
+    log.info("model %s: retrieval %s", artifact.version, retriever.build_report)
+    if settings.unavailable_items is not None:
+        ids = Path(settings.unavailable_items).read_text().split()
+        retriever.set_unavailable(artifact.item_index[i] for i in ids if i in artifact.item_index)
+    needed = artifact.config.history_needed
+    cache = KVPool(artifact.config, cache_bytes or settings.cache_bytes, device=backend.device,
+                   known_per_user=max(settings.window_capacity, needed))
+    return Recommender(
+        artifact,
+        backend,
+        retriever,
+        cache,
+        k=settings.k,
+        exclude_seen=settings.exclude_seen,
+        because_count=settings.because,
+        reuse_cache=settings.reuse_kv_cache,
+        event_types=settings.event_types,
+    )
+
+
+def _onnx_path(settings: WorkerSettings, artifact: Artifact) -> Path | None:
+    """`--onnx`, or for onnx-cpu without it the step exported next to the group's state."""
+    if settings.backend != "onnx-cpu" or settings.onnx is not None:
+        return settings.onnx
+    from model.export import export_step
+    from state.partition import group_directory
+
+    onnx_path = settings.state_dir / group_directory(settings.group_id) / f"step-{artifact.version}.onnx"
+    if not onnx_path.exists():
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        export_step(artifact.encoder, onnx_path)
+    return onnx_path
 
 
 def retrieval_kind(settings: WorkerSettings) -> str:

@@ -1,5 +1,5 @@
 """One retraining run: train a candidate warm-started from the serving model, score both on the
-same held-out tail (model/decision.py), then publish and announce it or refuse it.
+same held-out tail (stream/lifecycle/decision.py), then publish and announce it or refuse it.
 
 The serving model is the version the newest announcement of `--model-name` on
 `--updates-topic` names, loaded from `--model-store`. With no announcement, the candidate is
@@ -19,22 +19,22 @@ from typing import Any
 
 from model.artifact import Artifact, load_artifact
 from model.datasets import Interaction
-from model.decision import Decision, decide
 from model.errors import ArtifactError
 from model.owned import NotOwned, remove_owned
 from model.store import ModelStore
 from model.train import SHAPE_FIELDS, TrainSettings, train
-from stream.lifecycle.roles import ModelRole
-from stream.model_updates import (
+from stream.lifecycle.announcements import (
     LIVE_STATS_TOPIC,
     Announcement,
     Candidate,
     announce,
     first_announcement,
     latest_announcement,
-    served_versions,
 )
-from stream.retrain.command import REFUSED_EXIT  # noqa: F401 - kvrec retrain's, as before
+from stream.lifecycle.decision import Decision, decide
+from stream.lifecycle.live_stats import served_versions
+from stream.lifecycle.retrain.command import REFUSED_EXIT  # noqa: F401 - kvrec retrain's, as before
+from stream.lifecycle.roles import ModelRole
 
 log = logging.getLogger("kvrec.retrain")
 

@@ -8,7 +8,7 @@ timer (or one run once caught up) that retrains from a snapshot of it, and a web
              store (Faust's rocksdb store on the rocksdict library) under --state-dir, with its
              changelog topic `<group id>-history-changelog` (as many partitions as the input
              topic), so a new pod with an empty disk restores it
-    timer    every --interval-s: snapshot the table and run the job (stream/retrain/job.py) in
+    timer    every --interval-s: snapshot the table and run the job (stream/lifecycle/retrain/job.py) in
              a thread, so the agent keeps consuming while it trains
     --once   wait until every assigned partition is read up to the input topic's end offsets
              as of the start, run the job once, stop
@@ -29,7 +29,7 @@ from faust.types import TP
 
 from model.errors import KvrecError
 from model.progress import progress_bar
-from stream.retrain.job import REFUSED_EXIT, Outcome, interactions_from_histories
+from stream.lifecycle.retrain.job import REFUSED_EXIT, Outcome, interactions_from_histories
 from stream.schema import InvalidEvent, parse_event
 
 log = logging.getLogger("kvrec.retrain")

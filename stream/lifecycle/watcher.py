@@ -2,7 +2,7 @@
 hot path, so that the loop only has to swap between two micro-batches.
 
 For each new announcement of the worker's model (`--model-name`), in a background thread:
-load the version from the store and run every check (stream/worker/models.py: sha256 of every
+load the version from the store and run every check (stream/lifecycle/loading.py: sha256 of every
 file against the announced manifest, event types and history against the deployment, backend
 and retrieval index, smoke inference), then pre-warm the key/value caches of the most recently
 active users from their stored windows (the loop hands it snapshots between two batches), and
@@ -21,7 +21,7 @@ between).
 
 With its live counters (every `--stats-interval-ms`), the worker reports what it serves on the
 stats topic: the version, the shadow, the versions it served since it started, the versions
-it refused and why (stream/model_updates.py `WorkerStatus`): what `kvrec models list` shows.
+it refused and why (stream/lifecycle/live_stats.py `WorkerStatus`): what `kvrec models list` shows.
 """
 
 from __future__ import annotations
@@ -43,16 +43,11 @@ from confluent_kafka import (
 )
 
 from state.window import WindowSnapshot
+from stream.lifecycle.announcements import Announcement, Candidate
+from stream.lifecycle.live_stats import Refusal, WorkerStatus, live_stats_value
+from stream.lifecycle.loading import ModelChoice, ModelRefused, load_recommender
 from stream.lifecycle.roles import ModelRole
-from stream.model_updates import (
-    Announcement,
-    Candidate,
-    Refusal,
-    WorkerStatus,
-    live_stats_value,
-)
 from stream.worker.metrics import WorkerMetrics
-from stream.worker.models import ModelChoice, ModelRefused, load_recommender
 from stream.worker.settings import WorkerSettings
 
 log = logging.getLogger("kvrec.worker")
