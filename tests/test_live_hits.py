@@ -38,6 +38,8 @@ def test_hits_on_indices_are_hits_on_ids(waves, max_users: int) -> None:
                 batch.unknown_item.append(False)
         version = f"v{n % 2}"
         by_index.observe(inputs, batch, version)
-        by_id.observe(inputs, list(batch), version)  # `Scored` objects: ids as strings
+        ids_only = ScoredBatch(ITEM_IDS, ["view"])  # no index of ids: lists of ids
+        ids_only.extend(batch)
+        by_id.observe(inputs, ids_only, version)
         assert by_index.snapshot() == by_id.snapshot()
         assert list(by_index.last) == list(by_id.last)

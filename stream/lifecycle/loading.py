@@ -21,15 +21,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from model.errors import ArtifactError, ConfigError
 from stream.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from model.artifact import Artifact
     from stream.lifecycle.announcements import Announcement
     from stream.worker.inference import Recommender
+    from stream.worker.protocols import ItemRetriever
 
 log = logging.getLogger("kvrec.worker")
 
@@ -181,7 +184,7 @@ def retrieval_kind(settings: WorkerSettings) -> str:
     return settings.retrieval
 
 
-def build_retriever(settings: WorkerSettings, item_vectors: Any, progress: bool) -> Any:
+def build_retriever(settings: WorkerSettings, item_vectors: np.ndarray, progress: bool) -> ItemRetriever:
     """faiss (`model.retrieval`) or, for torch-exact, the exact top-k in torch on the backend's
     device (`model.gpu_retrieval`, imported only then: a CPU worker never loads Triton)."""
     kind = retrieval_kind(settings)

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -48,7 +49,11 @@ from stream.lifecycle.live_stats import Refusal, WorkerStatus, live_stats_value
 from stream.lifecycle.loading import ModelChoice, ModelRefused, load_recommender
 from stream.lifecycle.roles import ModelRole
 from stream.worker.metrics import WorkerMetrics
+from stream.worker.protocols import WaveRecommender
 from stream.worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from stream.worker.inference import Recommender
 
 log = logging.getLogger("kvrec.worker")
 
@@ -60,7 +65,7 @@ class Prepared:
     """A version ready to swap in: `role` serve (it replaces the serving model) or shadow."""
 
     role: ModelRole
-    recommender: object | None  # a Recommender; None for "stop the shadow"
+    recommender: WaveRecommender | None  # None for "stop the shadow"
     announcement: Announcement
     share: float = 0.0  # shadow: the share of users it scores
 
@@ -93,7 +98,8 @@ class ModelWatcher:
         self.refused: dict[tuple[str, str], int] = {}
         # what the loop serves, as taken (reported with the live counters)
         live = serving_version or (serving.version if serving is not None else "none")
-        self._live_serving, self._live_shadow = live, None
+        self._live_serving: str = live
+        self._live_shadow: str | None = None
         self._served: list[str] = [live]
         self._refusals: list[Refusal] = []
         self._newest: Announcement | None = None
@@ -133,13 +139,13 @@ class ModelWatcher:
         with self._lock:
             ready, self._ready = self._ready, []
         for prepared in ready:  # the loop swaps each in now
-            version = getattr(prepared.recommender, "version", None)
+            version = prepared.recommender.version if prepared.recommender is not None else None
             if prepared.role == ModelRole.SERVE and version is not None:
-                self._live_serving, self._live_shadow = str(version), None
+                self._live_serving, self._live_shadow = version, None
                 self._served = [v for v in self._served if v != version][-(REPORTED - 1):]
-                self._served.append(str(version))
+                self._served.append(version)
             elif prepared.role == ModelRole.SHADOW:
-                self._live_shadow = str(version) if version is not None else None
+                self._live_shadow = version
         return ready
 
     def status(self) -> WorkerStatus:
@@ -253,11 +259,12 @@ class ModelWatcher:
                                        announcement.manifest_sha256)
         log.info("model %s announced (%s%s): preparing it", announcement.version,
                  announcement.reason, f": {announcement.note}" if announcement.note else "")
-        recommender = self._load(choice, _serve_key(announcement), announcement, ModelRole.SERVE)
+        key = (announcement.version, announcement.manifest_sha256)  # _serve_key(announcement)
+        recommender = self._load(choice, key, announcement, ModelRole.SERVE)
         if recommender is None:
             return False
         self._check_current(announcement, ModelRole.SERVE)
-        warmed = recommender.prewarm(self._recent_windows())  # type: ignore[attr-defined]
+        warmed = recommender.prewarm(self._recent_windows())
         self._check_current(announcement, ModelRole.SERVE)
         self.metrics.model_prepare_seconds.observe(time.perf_counter() - started)
         log.info("model %s ready in %.1f s (%d users' caches pre-warmed): swapping",
@@ -287,7 +294,7 @@ class ModelWatcher:
     def _load(
         self, choice: ModelChoice, key: tuple[str, str], announcement: Announcement, role: ModelRole,
         cache_bytes: int | None = None,
-    ) -> object | None:
+    ) -> Recommender | None:
         if not choice.path.is_dir():  # not visible on this mount yet (shared storage): wait
             log.warning("model %s is announced but %s is not there yet: retrying in %.0f s",
                         choice.version, choice.path, self.missing_retry_s)

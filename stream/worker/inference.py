@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, overload
 
 import numpy as np
 import torch
@@ -34,10 +34,13 @@ from model.artifact import Artifact, event_type_map
 from model.backends import StepBackend
 from model.batching import group_by_length
 from model.errors import ArtifactError
-from model.retrieval import Exclusions, Retriever
+from model.retrieval import Exclusions
 from state.kvpool import KNOWN_ROWS, KVPool
 from state.window import WindowEvent, WindowSnapshot
 from stream.worker.because import Because, event_type_name
+
+if TYPE_CHECKING:
+    from stream.worker.protocols import ItemRetriever
 
 AT, ITEM, TYPE, RAW_TYPE = range(KNOWN_ROWS)  # rows of a known-events array (state/kvpool.py)
 _USER_KEY = 1 << 42  # (user row, history index) as one sortable int64: row * _USER_KEY + index
@@ -99,7 +102,13 @@ class ScoredBatch(Sequence[Scored]):
         self.cold_start += other.cold_start
         self.unknown_item += other.unknown_item
 
-    def __getitem__(self, e):  # type: ignore[no-untyped-def,override]
+    @overload
+    def __getitem__(self, e: int) -> Scored: ...
+
+    @overload
+    def __getitem__(self, e: slice) -> list[Scored]: ...
+
+    def __getitem__(self, e: int | slice) -> Scored | list[Scored]:
         if isinstance(e, slice):
             return [self._row(i) for i in range(*e.indices(len(self)))]
         if e < 0:
@@ -199,7 +208,7 @@ class Recommender:
         self,
         artifact: Artifact,
         backend: StepBackend,
-        retriever: Retriever,
+        retriever: ItemRetriever,
         cache: KVPool | int,
         *,
         k: int = 10,

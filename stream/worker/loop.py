@@ -74,10 +74,11 @@ from stream.worker.checkpoint import (
     failed_for_good,
 )
 from stream.worker.dead_letters import DeadLetters
-from stream.worker.inference import Recommender, Scored, ScoredBatch, WaveInput
+from stream.worker.inference import Scored, ScoredBatch, WaveInput
 from stream.worker.live import LiveHits, Shadow
 from stream.worker.metrics import HealthState, WorkerMetrics, observe_many
 from stream.worker.produce import produce
+from stream.worker.protocols import WaveRecommender
 from stream.worker.recovery import RestoreProgress, recover_partition, restore_consumer_config
 from stream.worker.settings import WorkerSettings
 from stream.worker.wire import WireEncoder
@@ -140,7 +141,7 @@ class Worker:
     def __init__(
         self,
         settings: WorkerSettings,
-        recommender: Recommender,
+        recommender: WaveRecommender,
         metrics: WorkerMetrics,
         health: HealthState,
         kafka_config: dict[str, object],
@@ -191,7 +192,7 @@ class Worker:
         self._admin: AdminClient | None = None
         self.kafka_config = kafka_config
         self._backlog = True  # the last batch was full: the next waits for a full one
-        self._wire: tuple[object, WireEncoder] | None = None  # (recommender, its encoder)
+        self._wire: tuple[WaveRecommender, WireEncoder] | None = None  # (recommender, its encoder)
 
     # --- rebalance -------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -365,7 +366,8 @@ class Worker:
             return
         self._commit()  # the version changes at a checkpoint: no transaction holds two versions
         old = self.recommender
-        self.recommender = prepared.recommender  # type: ignore[assignment]
+        assert prepared.recommender is not None  # a serving version comes with its recommender
+        self.recommender = prepared.recommender
         self.shadow = None
         self.metrics.serving(self.recommender.version, old.version)
         self.metrics.model_swaps.inc()
@@ -635,13 +637,8 @@ class Worker:
         self.metrics.unknown_items.inc(counters.unknown_items)
         self.metrics.cache_bytes.set(self.recommender.cache.bytes_used)
         emitted_ms = int(time.time() * 1000)
-        if isinstance(scored, ScoredBatch):
-            values = self._encode_batch(ordered, scored, emitted_ms)
-            cold_start = sum(scored.cold_start)
-        else:  # the cold-start mode's recommender (no model): a few objects per event
-            values = [self._encode(source, result, emitted_ms)
-                      for source, result in zip(ordered, scored, strict=True)]
-            cold_start = sum(result.cold_start for result in scored)
+        values = self._encode_batch(ordered, scored, emitted_ms)
+        cold_start = sum(scored.cold_start)
         for user in users.values():  # made: the events join their windows
             user.window.extend_packed([source.event for source in user.sources], user.entries)
         return _Outputs(ordered, values, cold_start, [emitted_ms] * len(ordered))
@@ -650,7 +647,8 @@ class Worker:
         """The batch's recommendations in one pass (stream/worker/wire.py), bytes for bytes what
         `_encode` makes of each."""
         recommender = self.recommender
-        if self._wire is None or self._wire[0] is not recommender:
+        if self._wire is None or self._wire[0] is not recommender or \
+                self._wire[1].item_ids is not batch.item_ids:  # cold start: a catalog per wave
             self._wire = (recommender, WireEncoder(recommender.version, batch.item_ids,
                                                    batch.event_types))
         source_ts = []
