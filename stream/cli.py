@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from model.errors import ConfigError, KvrecError
+from stream.flag_groups import COMMAND_GROUP, SHARED_GROUP
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -54,11 +55,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 ENV_PREFIX = "KVREC_"
-# the argument group whose flags every Kafka command shares: their variables are `KVREC_<FLAG>`
-SHARED_GROUP = "kafka connection"
-# the argument group of the flags every action of a command shares (`kvrec models list|promote`):
-# their variables are the command's, `KVREC_<COMMAND>_<FLAG>`, not `KVREC_<COMMAND>_<ACTION>_<FLAG>`
-COMMAND_GROUP = "shared by every action"
 # flags whose default --help does not show (it may come from a variable holding a secret)
 SECRET_DESTS = frozenset({"sasl_password", "kafka_options"})
 # a flag's own variable name where it is not `<prefix><FLAG>` (a list flag reads a list)

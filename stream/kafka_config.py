@@ -14,7 +14,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from model.errors import ConfigError, RunFailed
 from model.flags import number
-from stream.cli import SHARED_GROUP
+from stream.flag_groups import SHARED_GROUP
 from stream.kafka_logs import kafka_log, kafka_log_filter
 
 # librdkafka settings that have a flag of their own: `-X` refuses them (one way to set each)

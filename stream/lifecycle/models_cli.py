@@ -31,7 +31,7 @@ import argparse
 from model.errors import ConfigError
 from model.flags import integer, number
 from model.store import ModelStore
-from stream.cli import COMMAND_GROUP
+from stream.flag_groups import COMMAND_GROUP
 from stream.kafka_config import add_kafka_arguments, client_config
 from stream.lifecycle.announcements import LIVE_STATS_TOPIC, UPDATES_TOPIC
 from stream.lifecycle.models_change import run_guard, run_promote, run_publish, run_rollback, run_shadow
