@@ -435,7 +435,7 @@ class WatcherRig:
                  serving: str = "v1") -> None:
         import threading
 
-        from stream.worker import watcher as watcher_module
+        from stream.lifecycle import watcher as watcher_module
         from stream.worker.metrics import WorkerMetrics
 
         self.config = {"bootstrap.servers": bootstrap}
