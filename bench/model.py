@@ -26,6 +26,7 @@ from model.backends import BACKENDS, make_backend
 from model.config import BLOCKS, ModelConfig
 from model.encoder import Encoder
 from model.errors import ConfigError
+from model.events import EventInputs
 from model.export import export_step
 from model.flags import integer, number
 from state.kvpool import KVPool, budget_for
@@ -87,8 +88,9 @@ def run_model_bench(
                 )
                 pool = KVPool(config, budget_for(config, 2 * batch), device=backend.device)
                 slots = torch.randperm(pool.slots)[:batch]
-                backend.encode_into(pool.kv, pool.vectors, slots, items[:, :-1], types[:, :-1])
-                one_each = (new_items.view(-1, 1), new_types.view(-1, 1),
+                backend.encode_into(pool.kv, pool.vectors, slots,
+                                    EventInputs(items[:, :-1], types[:, :-1]))
+                one_each = (EventInputs(new_items.view(-1, 1), new_types.view(-1, 1)),
                             torch.ones(batch, dtype=torch.long))
                 pool_step_s = _time(
                     lambda b=backend, p=pool, s=slots, e=one_each: b.extend_into(
