@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.kvcache import LruByteCache
 from state.store import WindowStore
 from state.window import CorruptWindow, Window, WindowEvent
+from tests.lru_byte_cache import LruByteCache
 
 
 def _event(i: int, item: str = "sku-1") -> WindowEvent:
