@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.artifact import load_artifact
-from model.train import (
-    TrainSettings,
+from model.objectives import (
     contrastive_loss,
     future_targets,
     replace_items,
@@ -21,6 +20,7 @@ from model.train import (
     sequences_by_last_item,
     target_distribution,
 )
+from model.train import TrainSettings
 from stream.cli import main as kvrec
 
 
