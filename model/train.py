@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import signal
 import time
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.artifact import Artifact, save_artifact
+from model.artifact import save_artifact
 from model.averaging import WeightAverage
 from model.config import ModelConfig
 from model.datasets import EVENT_TYPES, dataset_from_args
@@ -55,6 +54,7 @@ from model.objectives import (
 )
 from model.owned import check_replaceable
 from model.progress import progress_bar, progress_line
+from model.schedule import length_grouped_batches, lr_factor, random_batches
 from model.train_command import (  # noqa: F401 - this module's names, as before
     TrainSettings,
     add_arguments,
@@ -62,59 +62,9 @@ from model.train_command import (  # noqa: F401 - this module's names, as before
     settings_from_args,
     shape_from_args,
 )
+from model.warm_start import grown_vocabulary, load_earlier, warm_start
 
 TRIM_EVERY_STEPS = 50  # hand freed heap memory back to the OS this often (model/memory.py)
-
-
-def length_grouped_batches(
-    lengths: list[int], batch_size: int, rng: random.Random, pool_batches: int = 50
-) -> list[list[int]]:
-    """Batches of users of similar length, each about `batch_size` x (mean length) positions.
-
-    The users are shuffled, taken `pool_batches` batches' worth at a time, sorted by length
-    within that pool and cut into batches of a fixed budget of positions; the batches are then
-    shuffled. A batch is then mostly real events, not padding (the transformer costs half as
-    much on this data), while each position keeps about the weight it has in random batches of
-    `batch_size` users and an epoch takes about as many steps."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    budget = batch_size * sum(lengths) / max(1, len(lengths))
-    batches: list[list[int]] = []
-    pool_size = batch_size * pool_batches
-    for pool_start in range(0, len(order), pool_size):
-        pool = sorted(order[pool_start : pool_start + pool_size], key=lengths.__getitem__)
-        batch: list[int] = []
-        positions = 0
-        for user in pool:
-            if batch and positions + lengths[user] > budget:
-                batches.append(batch)
-                batch, positions = [], 0
-            batch.append(user)
-            positions += lengths[user]
-        if batch:
-            batches.append(batch)
-    rng.shuffle(batches)
-    return batches
-
-
-def random_batches(count: int, batch_size: int, rng: random.Random) -> list[list[int]]:
-    order = list(range(count))
-    rng.shuffle(order)
-    return [order[start : start + batch_size] for start in range(0, count, batch_size)]
-
-
-def lr_factor(epochs_done: float, settings: TrainSettings) -> float:
-    """The learning rate, as a fraction of `settings.lr`, for the step that ends `epochs_done`
-    epochs into training (fractional): a linear warm-up over `warmup_epochs`, then constant,
-    or a cosine decay that reaches `min_lr_ratio` at the end of the last epoch."""
-    if epochs_done < settings.warmup_epochs:
-        return epochs_done / settings.warmup_epochs
-    if settings.lr_schedule == "constant":
-        return 1.0
-    decay_epochs = settings.epochs - settings.warmup_epochs
-    progress = min(1.0, (epochs_done - settings.warmup_epochs) / max(decay_epochs, 1e-9))
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return settings.min_lr_ratio + (1.0 - settings.min_lr_ratio) * cosine
 
 
 def seed_everything(seed: int) -> None:
@@ -158,7 +108,7 @@ def train(
     progress: bool = True,
 ) -> dict[str, Any]:
     seed_everything(settings.seed)
-    earlier = _load_earlier(settings.init_from) if settings.init_from is not None else None
+    earlier = load_earlier(settings.init_from) if settings.init_from is not None else None
     item_ids, event_types = grown_vocabulary(
         interactions,
         earlier.item_ids if earlier else [""],
@@ -359,74 +309,6 @@ def _final_metrics(encoder: Encoder, fit: _Fit, prepared: Prepared, settings: Tr
         "history": fit.history,
         "users": len(prepared.test.targets),
     }
-
-
-def grown_vocabulary(
-    interactions: list, item_ids: list[str], event_types: list[str]
-) -> tuple[list[str], list[str]]:
-    """The item and event-type vocabularies of `interactions` grown from earlier ones: every
-    earlier entry keeps its index (also one the new data lacks), new ones follow in order of
-    first appearance. A fresh model starts from `[""]` (padding) and `EVENT_TYPES`."""
-    item_ids, event_types = list(item_ids), list(event_types)
-    known_items, known_types = set(item_ids), set(event_types)
-    for interaction in interactions:
-        if interaction.item_id not in known_items:
-            known_items.add(interaction.item_id)
-            item_ids.append(interaction.item_id)
-        if interaction.event_type not in known_types:
-            known_types.add(interaction.event_type)
-            event_types.append(interaction.event_type)
-    return item_ids, event_types
-
-
-def _load_earlier(source: Path) -> Artifact:
-    from model.artifact import load_artifact
-
-    earlier = load_artifact(source)
-    if earlier.item_ids[:1] != [""]:
-        raise ConfigError(f"--init-from {source}: its item vocabulary does not start with padding")
-    return earlier
-
-
-# the hyper-parameters that shape the weights or what they mean (how a user vector scores an
-# item); dropout does not: it may differ
-SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "window", "mlp_ratio", "rope_base",
-                "similarity", "temperature", "block")
-EMBEDDINGS = {"item_embedding.weight": "n_items", "type_embedding.weight": "n_event_types"}
-
-
-def warm_start(encoder: Encoder, earlier: Artifact) -> float:
-    """Start `encoder` from the weights of the earlier artifact `earlier`, whose item and event
-    type vocabularies are prefixes of `encoder`'s (see `grown_vocabulary`): the embedding rows
-    of known items and types are copied (the output layer is tied to the item embedding), the
-    rows of new ones keep their fresh initialisation, and every other weight is copied and
-    must have the same shape. Returns the earlier runs' recorded training seconds."""
-    config, source = encoder.config, earlier.path
-    differs = [n for n in SHAPE_FIELDS if getattr(earlier.config, n) != getattr(config, n)]
-    shrunk = [n for n in EMBEDDINGS.values() if getattr(earlier.config, n) > getattr(config, n)]
-    if differs or shrunk:
-        raise ConfigError(
-            f"--init-from {source}: model shape differs ({', '.join(differs + shrunk)}); "
-            "use its flags"
-        )
-    state = encoder.state_dict()
-    earlier_state = earlier.encoder.state_dict()
-    if set(state) != set(earlier_state):
-        raise ConfigError(f"--init-from {source}: its weights are not this encoder's")
-    merged = {}
-    for name, weights in earlier_state.items():
-        if name in EMBEDDINGS:
-            grown = state[name].clone()
-            grown[: weights.shape[0]] = weights
-            merged[name] = grown
-        elif weights.shape != state[name].shape:
-            raise ConfigError(f"--init-from {source}: {name} has shape {tuple(weights.shape)}, "
-                              f"this model's is {tuple(state[name].shape)}")
-        else:
-            merged[name] = weights
-    encoder.load_state_dict(merged, strict=True)
-    metrics = earlier.metrics
-    return float(metrics.get("train_seconds_with_earlier_runs", metrics.get("train_seconds", 0.0)))
 
 
 def plot_training_curve(history: list[dict[str, float]], path: Path) -> None:

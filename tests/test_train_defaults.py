@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from model.config import ModelConfig
-from model.train import TrainSettings, lr_factor
+from model.schedule import lr_factor
+from model.train import TrainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 # the flags of the run that reached the published test NDCG@10 (README, docs/quality.md)

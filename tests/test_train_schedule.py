@@ -13,7 +13,8 @@ import torch
 from model.config import ModelConfig
 from model.encoder import Encoder
 from model.evaluate import Split, evaluate_split
-from model.train import TrainSettings, length_grouped_batches, lr_factor, random_batches
+from model.schedule import length_grouped_batches, lr_factor, random_batches
+from model.train import TrainSettings
 
 
 def test_cosine_warms_up_then_decays_to_the_floor() -> None:

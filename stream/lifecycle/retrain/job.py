@@ -22,7 +22,8 @@ from model.datasets import Interaction
 from model.errors import ArtifactError
 from model.owned import NotOwned, remove_owned
 from model.store import ModelStore
-from model.train import SHAPE_FIELDS, TrainSettings, train
+from model.train import TrainSettings, train
+from model.warm_start import SHAPE_FIELDS
 from stream.lifecycle.announcements import (
     LIVE_STATS_TOPIC,
     Announcement,
