@@ -382,9 +382,8 @@ def measure(
     visible: bool = False,
 ) -> dict[str, Any]:
     """Peak throughput on a backlog, then one fixed-rate phase per fraction of that peak
-    (none when `rate_fractions` is empty). Each phase uses the next events of `rate_events`.
-
-    For the kvrec systems, `warmup` events first go through a kvrec worker of the same group
+    (none when `rate_fractions` is empty), each on the next events of `rate_events`. For the
+    kvrec systems, `warmup` events first go through a kvrec worker of the same group
     and state directory (with `warmup_args`, default `worker_args`), which then stops
     (checkpointing): the system under test starts with every stored window full, as a worker
     does in steady state, and a cold key/value cache.
@@ -410,8 +409,7 @@ def measure(
         span = times[-1] - times[0] + 0.001
         peak = len(times) / span
         is_kvrec = run.name.startswith("kvrec")
-        processes = (int(worker_args[list(worker_args).index("--processes") + 1])
-                     if "--processes" in worker_args else 1)
+        processes = _processes(worker_args)
         series = run.worker_series(processes) if is_kvrec else {}
         used = 0
         for fraction in rate_fractions:
@@ -457,6 +455,11 @@ def _add_phases(run: Run, result: dict[str, Any], phases: list[dict[str, Any]], 
         reader_ms=headline["reader_ms"], latency_stamp=headline["latency_stamp"],
     )
     return line
+
+
+def _processes(worker_args: Sequence[str]) -> int:
+    return (int(worker_args[list(worker_args).index("--processes") + 1])
+            if "--processes" in worker_args else 1)
 
 
 def _warm_up(run: Run, consumer: Consumer, producer_config: dict[str, Any],

@@ -27,6 +27,9 @@ After any number of events, `step` and `extend` equal `forward` over the whole h
 N-layer output depends on the last N*(W-1)+1 events (`config.history_needed`), so `encode`
 over those refills a cache exactly. Rotary angles are reduced modulo 2*pi in float64 before
 the cast to float32, so their error stays flat however far a long-lived cache's positions run.
+
+Over 400 lines as one thing, as gpt-fast's model.py: the model and its cache, whose passes
+share the masks, the rotary positions and the rolling buffer's arithmetic.
 """
 
 from __future__ import annotations
