@@ -33,8 +33,10 @@ from stream.worker.settings import WorkerSettings, add_worker_arguments
 
 if TYPE_CHECKING:
     from stream.lifecycle.announcements import Announcement
+    from stream.lifecycle.watcher import ModelWatcher
     from stream.worker.cold_start import PopularRecommender
     from stream.worker.inference import Recommender
+    from stream.worker.loop import Worker
 
 CAPACITY_WITHOUT_MODEL = 200  # events kept per user while no model says how many it needs
 
@@ -133,31 +135,12 @@ def main(args: argparse.Namespace) -> int:
     log.info("loading the model and building retrieval")
     recommender, announced = starting_model(settings, kafka_config, metrics, health, args)
     settings = resolve_window_capacity(settings, recommender)
-    # a Kafka that does not answer: one line after --connect-timeout, then quiet retries
-    # (alive on /health, not /ready)
-    wait_for_kafka(kafka_config, args.connect_timeout, retry=True, log=log, on_wait=health.beat)
-    if args.create_topics:
-        ensure_topics(kafka_config, topic_specs(settings, args.partitions), args.connect_timeout)
-    # before any client is made: a missing topic is one line, and nothing is committed
-    check_topics(settings, topic_partitions(kafka_config, args.connect_timeout))
+    _reach_topics(settings, kafka_config, args, health)
     watcher = None
     if settings.model_store is not None:  # follow the announcements: hot swaps
         watcher = ModelWatcher(settings, kafka_config, metrics, announced, recommender.version)
         watcher.start()
     worker = Worker(settings, recommender, metrics, health, kafka_config, watcher=watcher)
-    freeze_heap()
-    trimming = None
-    if args.release_memory_s > 0:
-        from model.memory import release_periodically
-
-        trimming = release_periodically(args.release_memory_s)
-
-    def stop(signum: int, frame: object) -> None:
-        worker.running = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where is it stuck?
     log.info(
         "worker %s: model %s, %s, window %d events, %s",
         settings.instance_id,
@@ -166,6 +149,37 @@ def main(args: argparse.Namespace) -> int:
         settings.window_capacity,
         "exactly-once" if settings.exactly_once else "at-least-once",
     )
+    return _run_until_stopped(worker, watcher, args.release_memory_s)
+
+
+def _reach_topics(settings: WorkerSettings, kafka_config: dict[str, object],
+                  args: argparse.Namespace, health: HealthState) -> None:
+    """Wait for Kafka, create the topics if asked, and check they are there."""
+    # a Kafka that does not answer: one line after --connect-timeout, then quiet retries
+    # (alive on /health, not /ready)
+    wait_for_kafka(kafka_config, args.connect_timeout, retry=True, log=log, on_wait=health.beat)
+    if args.create_topics:
+        ensure_topics(kafka_config, topic_specs(settings, args.partitions), args.connect_timeout)
+    # before any client is made: a missing topic is one line, and nothing is committed
+    check_topics(settings, topic_partitions(kafka_config, args.connect_timeout))
+
+
+def _run_until_stopped(worker: Worker, watcher: ModelWatcher | None,
+                       release_memory_s: float) -> int:
+    """Run the loop until SIGTERM or SIGINT; a hung client call exits at once."""
+    freeze_heap()
+    trimming = None
+    if release_memory_s > 0:
+        from model.memory import release_periodically
+
+        trimming = release_periodically(release_memory_s)
+
+    def stop(signum: int, frame: object) -> None:
+        worker.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where is it stuck?
     try:
         worker.run()  # /health: from "starting" to the loop's beats
     except ClientHang as hang:
