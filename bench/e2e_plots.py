@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.machine import machine_line
+from kvrec.bench.machine import machine_line
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

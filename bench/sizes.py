@@ -1,4 +1,4 @@
-"""`python -m bench.sizes [ROOT]`: the size of the code (issue 29): non-test lines and files,
+"""`python -m kvrec.bench.sizes [ROOT]`: the size of the code (issue 29): non-test lines and files,
 every file over 400 lines and every function over 60 (a file over 400 lines should say in its
 opening comment why it is one thing; a function over 60 lines should be a declaration table)."""
 

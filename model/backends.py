@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.choices import BACKENDS
-from model.encoder import Encoder, KVCache
-from model.errors import ConfigError
-from model.events import EventInputs
+from kvrec.errors import ConfigError
+from kvrec.model.choices import BACKENDS
+from kvrec.model.encoder import Encoder, KVCache
+from kvrec.model.events import EventInputs
 
 
 class StepBackend(Protocol):

@@ -42,10 +42,10 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
-from model.config import ModelConfig
-from model.events import EventInputs
-from model.hstu import HSTUBlock
-from model.layers import (
+from kvrec.model.config import ModelConfig
+from kvrec.model.events import EventInputs
+from kvrec.model.hstu import HSTUBlock
+from kvrec.model.layers import (
     Dropout,
     apply_rope,
     attention_scores,

@@ -12,9 +12,9 @@ import random
 import torch
 from torch.nn import functional as F
 
-from model.encoder import Encoder
-from model.losses import softmax_cross_entropy
-from model.train_command import TrainSettings
+from kvrec.model.encoder import Encoder
+from kvrec.model.losses import softmax_cross_entropy
+from kvrec.model.train_command import TrainSettings
 
 
 def replace_items(items: torch.Tensor, probability: float, n_items: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import random
 
-from model.train_command import TrainSettings
+from kvrec.model.train_command import TrainSettings
 
 
 def length_grouped_batches(

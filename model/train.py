@@ -35,15 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.artifact import save_artifact
-from model.averaging import WeightAverage
-from model.config import ModelConfig
-from model.datasets import EVENT_TYPES, dataset_from_args
-from model.encoder import Encoder
-from model.errors import ConfigError, DataError
-from model.evaluate import Prepared, evaluate_popularity, evaluate_split, left_pad, prepare
-from model.memory import release_free_memory
-from model.objectives import (
+from kvrec.errors import ConfigError, DataError
+from kvrec.model.artifact import save_artifact
+from kvrec.model.averaging import WeightAverage
+from kvrec.model.config import ModelConfig
+from kvrec.model.datasets import EVENT_TYPES, dataset_from_args
+from kvrec.model.encoder import Encoder
+from kvrec.model.evaluate import Prepared, evaluate_popularity, evaluate_split, left_pad, prepare
+from kvrec.model.memory import release_free_memory
+from kvrec.model.objectives import (
     contrastive_loss,
     replace_items,
     same_target_partners,
@@ -52,17 +52,17 @@ from model.objectives import (
     target_distribution,
     training_loss,
 )
-from model.owned import check_replaceable
-from model.progress import progress_bar, progress_line
-from model.schedule import length_grouped_batches, lr_factor, random_batches
-from model.train_command import (  # noqa: F401 - this module's names, as before
+from kvrec.model.owned import check_replaceable
+from kvrec.model.progress import progress_bar, progress_line
+from kvrec.model.schedule import length_grouped_batches, lr_factor, random_batches
+from kvrec.model.train_command import (  # noqa: F401 - this module's names, as before
     TrainSettings,
     add_arguments,
     add_training_arguments,
     settings_from_args,
     shape_from_args,
 )
-from model.warm_start import grown_vocabulary, load_earlier, warm_start
+from kvrec.model.warm_start import grown_vocabulary, load_earlier, warm_start
 
 TRIM_EVERY_STEPS = 50  # hand freed heap memory back to the OS this often (model/memory.py)
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.artifact import Artifact
-from model.encoder import Encoder
-from model.errors import ConfigError
+from kvrec.errors import ConfigError
+from kvrec.model.artifact import Artifact
+from kvrec.model.encoder import Encoder
 
 
 def grown_vocabulary(
@@ -31,7 +31,7 @@ def grown_vocabulary(
 
 
 def load_earlier(source: Path) -> Artifact:
-    from model.artifact import load_artifact
+    from kvrec.model.artifact import load_artifact
 
     earlier = load_artifact(source)
     if earlier.item_ids[:1] != [""]:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.config import ModelConfig
-from model.encoder import KVCache
+from kvrec.model.config import ModelConfig
+from kvrec.model.encoder import KVCache
 
 
 @dataclass

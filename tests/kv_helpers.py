@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from model.encoder import KVCache
+from kvrec.model.encoder import KVCache
 
 
 def split(cache: KVCache) -> list[KVCache]:

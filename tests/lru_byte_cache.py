@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Generic, Protocol, TypeVar
 
-from state.kvpool import CacheStats
+from kvrec.state.kvpool import CacheStats
 
 
 class Sized(Protocol):

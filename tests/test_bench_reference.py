@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.reference_sasrec import (
+from kvrec.bench.reference_sasrec import (
     ReferenceSASRec,
     ReferenceSettings,
     batch_step,
@@ -16,7 +16,7 @@ from bench.reference_sasrec import (
     length_chunks,
     training_batch,
 )
-from stream.cli import main as kvrec
+from kvrec.stream.cli import main as kvrec
 
 
 def _model(seed: int = 0) -> ReferenceSASRec:
@@ -43,7 +43,7 @@ def test_chunked_batch_gives_the_gradient_of_the_batch_padded_as_one() -> None:
     inputs, targets = training_batch(sequences, chosen, 12)
     full_ce_loss(whole, whole(inputs), targets).backward()
     assert len(length_chunks([min(len(sequences[u]), 13) - 1 for u in chosen], budget=8)) > 1
-    import bench.reference_sasrec as reference
+    import kvrec.bench.reference_sasrec as reference
 
     original = reference.CHUNK_POSITIONS
     try:

@@ -7,11 +7,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.window import WindowEvent
-from stream.schema import Recommendation, ScoredItem, encode_recommendation
-from stream.worker.cold_start import NO_MODEL, PopularRecommender
-from stream.worker.inference import WaveInput
-from stream.worker.wire import WireEncoder
+from kvrec.state.window import WindowEvent
+from kvrec.stream.schema import Recommendation, ScoredItem, encode_recommendation
+from kvrec.stream.worker.cold_start import NO_MODEL, PopularRecommender
+from kvrec.stream.worker.inference import WaveInput
+from kvrec.stream.worker.wire import WireEncoder
 
 ITEMS = st.sampled_from([f"sku-{i}" for i in range(12)])
 _waves = st.lists(  # waves of (user, previous items, new items)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream.lifecycle.announcements import (
+from kvrec.stream.lifecycle.announcements import (
     Announcement,
     Candidate,
     announce,
@@ -13,7 +13,13 @@ from stream.lifecycle.announcements import (
     latest_announcement,
     put,
 )
-from stream.lifecycle.live_stats import Refusal, WorkerStatus, live_hit_rates, live_stats_value, read_live
+from kvrec.stream.lifecycle.live_stats import (
+    Refusal,
+    WorkerStatus,
+    live_hit_rates,
+    live_stats_value,
+    read_live,
+)
 from tests.conftest import unique_topic
 
 

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from model.errors import ConfigError
-from stream.lifecycle.announcements import LIVE_STATS_TOPIC, now_ms, read_compacted
+from kvrec.errors import ConfigError
+from kvrec.stream.lifecycle.announcements import LIVE_STATS_TOPIC, now_ms, read_compacted
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model.errors import ArtifactError, ConfigError
-from stream.worker.settings import WorkerSettings
+from kvrec.errors import ArtifactError, ConfigError
+from kvrec.stream.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from model.artifact import Artifact
-    from stream.lifecycle.announcements import Announcement
-    from stream.worker.inference import Recommender
-    from stream.worker.protocols import ItemRetriever
+    from kvrec.model.artifact import Artifact
+    from kvrec.stream.lifecycle.announcements import Announcement
+    from kvrec.stream.worker.inference import Recommender
+    from kvrec.stream.worker.protocols import ItemRetriever
 
 log = logging.getLogger("kvrec.worker")
 
@@ -97,8 +97,8 @@ def load_recommender(
 
 def _verified(choice: ModelChoice) -> Artifact:
     """The artifact, every file checked against its manifest, the manifest the announced one."""
-    from model.artifact import load_artifact
-    from model.store import manifest_digest
+    from kvrec.model.artifact import load_artifact
+    from kvrec.model.store import manifest_digest
 
     artifact = load_artifact(choice.path)
     if choice.version is not None and artifact.version != choice.version:
@@ -113,7 +113,7 @@ def _verified(choice: ModelChoice) -> Artifact:
 
 def _check_fits(settings: WorkerSettings, artifact: Artifact) -> None:
     """The deployment can serve it: `--k`, the windows' history, the event types."""
-    from model.artifact import event_type_map
+    from kvrec.model.artifact import event_type_map
 
     if settings.k > artifact.config.n_items:
         raise ArtifactError(
@@ -136,9 +136,9 @@ def _build(settings: WorkerSettings, artifact: Artifact, cache_bytes: int | None
     """The backend, the retrieval index and the cache pool, as one `Recommender`."""
     import numpy as np
 
-    from model.backends import make_backend
-    from state.kvpool import KVPool
-    from stream.worker.inference import Recommender
+    from kvrec.model.backends import make_backend
+    from kvrec.state.kvpool import KVPool
+    from kvrec.stream.worker.inference import Recommender
 
     backend = make_backend(settings.backend, artifact.encoder, onnx_path=_onnx_path(settings, artifact))
     item_vectors = artifact.encoder.item_embeddings().detach().float().cpu().numpy()
@@ -167,8 +167,8 @@ def _onnx_path(settings: WorkerSettings, artifact: Artifact) -> Path | None:
     """`--onnx`, or for onnx-cpu without it the step exported next to the group's state."""
     if settings.backend != "onnx-cpu" or settings.onnx is not None:
         return settings.onnx
-    from model.export import export_step
-    from state.partition import group_directory
+    from kvrec.model.export import export_step
+    from kvrec.state.partition import group_directory
 
     onnx_path = settings.state_dir / group_directory(settings.group_id) / f"step-{artifact.version}.onnx"
     if not onnx_path.exists():
@@ -189,11 +189,11 @@ def build_retriever(settings: WorkerSettings, item_vectors: np.ndarray, progress
     device (`model.gpu_retrieval`, imported only then: a CPU worker never loads Triton)."""
     kind = retrieval_kind(settings)
     if kind == "torch-exact":
-        from model.gpu_retrieval import TorchExactRetriever
+        from kvrec.model.gpu_retrieval import TorchExactRetriever
 
         device = "cuda" if settings.backend == "torch-cuda" else "cpu"
         return TorchExactRetriever(item_vectors, device=device)
-    from model.retrieval import Retriever
+    from kvrec.model.retrieval import Retriever
 
     return Retriever(item_vectors, kind=kind, approx_threshold=settings.approx_threshold,
                      progress=progress)

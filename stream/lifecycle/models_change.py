@@ -8,20 +8,20 @@ import logging
 import sys
 import time
 
-from model.errors import ConfigError, KvrecError, RunFailed
-from model.store import StoredVersion
-from stream.kafka_config import KafkaUnreachable
-from stream.lifecycle.announcements import Announcement, Candidate, first_announcement
-from stream.lifecycle.models_context import Context, named_versions, summary_metrics
-from stream.lifecycle.policy import promotion_verdict, rollback_verdict
-from stream.logs import setup_logging
+from kvrec.errors import ConfigError, KvrecError, RunFailed
+from kvrec.model.store import StoredVersion
+from kvrec.stream.kafka_config import KafkaUnreachable
+from kvrec.stream.lifecycle.announcements import Announcement, Candidate, first_announcement
+from kvrec.stream.lifecycle.models_context import Context, named_versions, summary_metrics
+from kvrec.stream.lifecycle.policy import promotion_verdict, rollback_verdict
+from kvrec.stream.logs import setup_logging
 
 log = logging.getLogger("kvrec.models")
 
 
 def run_publish(context: Context) -> int:
     args = context.args
-    from model.artifact import load_artifact
+    from kvrec.model.artifact import load_artifact
 
     load_artifact(args.artifact)  # refuse a corrupted artifact before asking Kafka anything
     announcement = None

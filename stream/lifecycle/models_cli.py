@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import argparse
 
-from model.errors import ConfigError
-from model.flags import integer, number
-from model.store import ModelStore
-from stream.flag_groups import COMMAND_GROUP
-from stream.kafka_config import add_kafka_arguments, client_config
-from stream.lifecycle.announcements import LIVE_STATS_TOPIC, UPDATES_TOPIC
-from stream.lifecycle.models_change import run_guard, run_promote, run_publish, run_rollback, run_shadow
-from stream.lifecycle.models_context import Context
-from stream.lifecycle.models_show import run_list, run_show
-from stream.logs import add_logging_arguments
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
+from kvrec.model.store import ModelStore
+from kvrec.stream.flag_groups import COMMAND_GROUP
+from kvrec.stream.kafka_config import add_kafka_arguments, client_config
+from kvrec.stream.lifecycle.announcements import LIVE_STATS_TOPIC, UPDATES_TOPIC
+from kvrec.stream.lifecycle.models_change import run_guard, run_promote, run_publish, run_rollback, run_shadow
+from kvrec.stream.lifecycle.models_context import Context
+from kvrec.stream.lifecycle.models_show import run_list, run_show
+from kvrec.stream.logs import add_logging_arguments
 
 ACTIONS = {
     "list": "every stored version, what is announced, what the workers serve, the history",

@@ -10,11 +10,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from model.errors import ConfigError, RunFailed
-from model.store import ModelStore, StoredVersion
-from stream.kafka_config import topic_names
-from stream.lifecycle.announcements import Announcement, announce, ensure_model_topics, latest_announcement
-from stream.lifecycle.live_stats import LiveRate, LiveView, WorkerReport, read_live
+from kvrec.errors import ConfigError, RunFailed
+from kvrec.model.store import ModelStore, StoredVersion
+from kvrec.stream.kafka_config import topic_names
+from kvrec.stream.lifecycle.announcements import (
+    Announcement,
+    announce,
+    ensure_model_topics,
+    latest_announcement,
+)
+from kvrec.stream.lifecycle.live_stats import LiveRate, LiveView, WorkerReport, read_live
 
 READ_TIMEOUT_S = 30.0  # reading a topic from a broker that answered
 SUMMARY_KEYS = ("test", "validation", "popularity_test", "best_epoch", "users")
@@ -84,7 +89,7 @@ class Context:
 
     def verified(self, version: str) -> StoredVersion:
         """The stored version, after every file's sha256 was checked against its manifest."""
-        from model.artifact import load_artifact
+        from kvrec.model.artifact import load_artifact
 
         stored = self.store.get(version)
         load_artifact(stored.path)  # ArtifactError naming the file that does not match

@@ -13,16 +13,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from model.errors import ArtifactError
-from model.store import StoredVersion
-from stream.kafka_config import KafkaUnreachable
-from stream.lifecycle.announcements import (
+from kvrec.errors import ArtifactError
+from kvrec.model.store import StoredVersion
+from kvrec.stream.kafka_config import KafkaUnreachable
+from kvrec.stream.lifecycle.announcements import (
     Announcement,
 )
-from stream.lifecycle.live_stats import LiveRate, LiveView, WorkerReport
-from stream.lifecycle.models_context import Context, key_figure, named_versions, summary_metrics
-from stream.lifecycle.policy import figure
-from stream.lifecycle.roles import ModelRole
+from kvrec.stream.lifecycle.live_stats import LiveRate, LiveView, WorkerReport
+from kvrec.stream.lifecycle.models_context import Context, key_figure, named_versions, summary_metrics
+from kvrec.stream.lifecycle.policy import figure
+from kvrec.stream.lifecycle.roles import ModelRole
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ def _print_list_text(context: Context, rows: list[dict[str, Any]], missing: list
 def run_show(context: Context) -> int:
     args = context.args
     entry = context.store.get(args.version)
-    from model.artifact import load_artifact
+    from kvrec.model.artifact import load_artifact
 
     try:
         load_artifact(entry.path)

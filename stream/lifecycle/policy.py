@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from stream.lifecycle.live_stats import LiveRate
-from stream.lifecycle.roles import ModelRole
+from kvrec.stream.lifecycle.live_stats import LiveRate
+from kvrec.stream.lifecycle.roles import ModelRole
 
 
 @dataclass(frozen=True)

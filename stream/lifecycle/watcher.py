@@ -43,17 +43,17 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from state.window import WindowSnapshot
-from stream.lifecycle.announcements import Announcement, Candidate
-from stream.lifecycle.live_stats import Refusal, WorkerStatus, live_stats_value
-from stream.lifecycle.loading import ModelChoice, ModelRefused, load_recommender
-from stream.lifecycle.roles import ModelRole
-from stream.worker.metrics import WorkerMetrics
-from stream.worker.protocols import WaveRecommender
-from stream.worker.settings import WorkerSettings
+from kvrec.state.window import WindowSnapshot
+from kvrec.stream.lifecycle.announcements import Announcement, Candidate
+from kvrec.stream.lifecycle.live_stats import Refusal, WorkerStatus, live_stats_value
+from kvrec.stream.lifecycle.loading import ModelChoice, ModelRefused, load_recommender
+from kvrec.stream.lifecycle.roles import ModelRole
+from kvrec.stream.worker.metrics import WorkerMetrics
+from kvrec.stream.worker.protocols import WaveRecommender
+from kvrec.stream.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from stream.worker.inference import Recommender
+    from kvrec.stream.worker.inference import Recommender
 
 log = logging.getLogger("kvrec.worker")
 

@@ -12,7 +12,7 @@ import heapq
 import time
 from collections.abc import Iterable, Sequence
 
-from stream.worker.inference import RecommendCounters, ScoredBatch, WaveInput
+from kvrec.stream.worker.inference import RecommendCounters, ScoredBatch, WaveInput
 
 NO_MODEL = "none"
 

@@ -19,9 +19,9 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from stream.lifecycle.roles import ModelRole
-from stream.worker.inference import ScoredBatch, WaveInput
-from stream.worker.protocols import WaveRecommender
+from kvrec.stream.lifecycle.roles import ModelRole
+from kvrec.stream.worker.inference import ScoredBatch, WaveInput
+from kvrec.stream.worker.protocols import WaveRecommender
 
 log = logging.getLogger("kvrec.worker")
 

@@ -29,8 +29,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import generate_latest
 
-from model.errors import ConfigError
-from stream.lifecycle.roles import ModelRole
+from kvrec.errors import ConfigError
+from kvrec.stream.lifecycle.roles import ModelRole
 
 if TYPE_CHECKING:  # numpy is imported by the loop, not before the probes answer
     import numpy as np

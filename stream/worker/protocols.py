@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import numpy as np
 
-    from model.retrieval import ExcludeArg, SearchResult
-    from stream.worker.inference import RecommendCounters, ScoredBatch, WaveInput
+    from kvrec.model.retrieval import ExcludeArg, SearchResult
+    from kvrec.stream.worker.inference import RecommendCounters, ScoredBatch, WaveInput
 
 
 class CacheUsage(Protocol):

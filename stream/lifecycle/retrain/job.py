@@ -17,14 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from model.artifact import Artifact, load_artifact
-from model.datasets import Interaction
-from model.errors import ArtifactError
-from model.owned import NotOwned, remove_owned
-from model.store import ModelStore
-from model.train import TrainSettings, train
-from model.warm_start import SHAPE_FIELDS
-from stream.lifecycle.announcements import (
+from kvrec.errors import ArtifactError
+from kvrec.model.artifact import Artifact, load_artifact
+from kvrec.model.datasets import Interaction
+from kvrec.model.owned import NotOwned, remove_owned
+from kvrec.model.store import ModelStore
+from kvrec.model.train import TrainSettings, train
+from kvrec.model.warm_start import SHAPE_FIELDS
+from kvrec.stream.lifecycle.announcements import (
     LIVE_STATS_TOPIC,
     Announcement,
     Candidate,
@@ -32,10 +32,10 @@ from stream.lifecycle.announcements import (
     first_announcement,
     latest_announcement,
 )
-from stream.lifecycle.decision import Decision, decide
-from stream.lifecycle.live_stats import served_versions
-from stream.lifecycle.retrain.command import REFUSED_EXIT  # noqa: F401 - kvrec retrain's, as before
-from stream.lifecycle.roles import ModelRole
+from kvrec.stream.lifecycle.decision import Decision, decide
+from kvrec.stream.lifecycle.live_stats import served_versions
+from kvrec.stream.lifecycle.retrain.command import REFUSED_EXIT  # noqa: F401 - kvrec retrain's, as before
+from kvrec.stream.lifecycle.roles import ModelRole
 
 log = logging.getLogger("kvrec.retrain")
 
