@@ -29,6 +29,10 @@ Under exactly-once an output is appended before its transaction commits, and a d
 (`read_committed`) reader sees it only after: for `kvrec-eos` the bench reads with
 `isolation.level=read_committed` and the latency is the *visible* latency, the bench's read
 time minus the input's timestamp (`stream/latency.py`), with the append's beside it.
+
+Over 400 lines as one thing, the end-to-end harness: the systems as subprocesses (`Run`), the
+broker, producing and reading, the measurement and the report; bench/soak.py, swap.py,
+floor.py, loop.py and restore.py run their systems with it. Its figures: bench/e2e_plots.py.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
 from kvrec import flags
-from kvrec.bench.machine import machine_info, machine_line
+from kvrec.bench.e2e_plots import plot, plot_sweep
+from kvrec.bench.machine import machine_info
 from kvrec.errors import ConfigError
 from kvrec.model.datasets import BASE_TS_MS, Interaction, SyntheticSpec, generate_synthetic
 from kvrec.model.owned import work_dir
@@ -377,9 +382,8 @@ def measure(
     visible: bool = False,
 ) -> dict[str, Any]:
     """Peak throughput on a backlog, then one fixed-rate phase per fraction of that peak
-    (none when `rate_fractions` is empty). Each phase uses the next events of `rate_events`.
-
-    For the kvrec systems, `warmup` events first go through a kvrec worker of the same group
+    (none when `rate_fractions` is empty), each on the next events of `rate_events`. For the
+    kvrec systems, `warmup` events first go through a kvrec worker of the same group
     and state directory (with `warmup_args`, default `worker_args`), which then stops
     (checkpointing): the system under test starts with every stored window full, as a worker
     does in steady state, and a cold key/value cache.
@@ -391,26 +395,12 @@ def measure(
     consumer = reader(run.bootstrap, run.outputs, run.partitions, committed=visible)
     warmup = warmup if run.name.startswith("kvrec") else ()
     if warmup:
-        _replay(producer_config, run, warmup)
-        run.start(model, state_dir, worker_args if warmup_args is None else warmup_args,
-                  system="kvrec")
-        try:
-            _drain(consumer, len(warmup), timeout, run)
-        finally:
-            run.stop()
+        _warm_up(run, consumer, producer_config, warmup, model, state_dir,
+                 worker_args if warmup_args is None else warmup_args, timeout)
     # connected before the rate phases, so no event waits for a connection
     paced = Producer({**producer_config, "linger.ms": 2})
     paced.list_topics(run.events, timeout=10)
-    if run.name.startswith("kvrec"):
-        # a worker starts, then the backlog arrives (at the producer's speed, far above the
-        # worker's): with several processes, all of them have their partitions first, so the
-        # peak is not one process draining alone until the other joins
-        run.start(model, state_dir, worker_args)
-        run.wait_ready(timeout)
-        _replay(producer_config, run, peak_events)
-    else:
-        _replay(producer_config, run, peak_events)
-        run.start(model, state_dir, worker_args)
+    _start_with_backlog(run, producer_config, peak_events, model, state_dir, worker_args, timeout)
     phases: list[dict[str, Any]] = []
     try:
         times = sorted(_drain(consumer, len(peak_events), timeout, run))
@@ -419,32 +409,17 @@ def measure(
         span = times[-1] - times[0] + 0.001
         peak = len(times) / span
         is_kvrec = run.name.startswith("kvrec")
-        processes = (int(worker_args[list(worker_args).index("--processes") + 1])
-                     if "--processes" in worker_args else 1)
+        processes = _processes(worker_args)
         series = run.worker_series(processes) if is_kvrec else {}
         used = 0
         for fraction in rate_fractions:
             offered = min(max_rate, peak * fraction)
             count = min(len(rate_events) - used, max(1, int(offered * seconds)))
-            phase = rate_events[used : used + count]
+            phase = _rate_phase(run, consumer, paced, rate_events[used : used + count], offered,
+                                timeout + seconds)
             used += count
-            read_ms: dict[tuple[str, int], tuple[float, float]] = {}  # (append, read) time
-
-            def on_message(message: Message, now: float, read_ms: dict = read_ms) -> None:
-                now_ms = now * 1000.0
-                read_ms[_event_key(run.name, message.value() or b"")] = (
-                    output_stamp(message, now_ms)[0], now_ms)
-
-            producer = threading.Thread(
-                target=produce_records, args=(paced, run.events, list(encoded(phase)), offered),
-                daemon=True,
-            )
-            producer.start()
-            _drain(consumer, count, timeout + seconds, run, on_message)
-            producer.join()
             scraped = run.worker_series(processes) if is_kvrec else {}
-            phases.append({"fraction": fraction, "offered_rate": offered, "count": count,
-                           "read_ms": read_ms, "load_average_1m": os.getloadavg()[0],
+            phases.append({"fraction": fraction, **phase, "load_average_1m": os.getloadavg()[0],
                            "worker_timings": _timings_between(series, scraped)})
             series = scraped
     finally:
@@ -456,53 +431,127 @@ def measure(
     }
     line = f"{run.name:22s} peak {peak:9,.0f} ev/s"
     if phases:
-        total = len(warmup) + len(peak_events) + sum(p["count"] for p in phases)
-        stamps = _input_timestamps(run.bootstrap, run.events, run.partitions, total)
-        for phase in phases:
-            read_ms = phase.pop("read_ms")
-            measured = Latencies(visible=visible)
-            for key, (appended_ms, at_ms) in read_ms.items():
-                if key in stamps:
-                    measured.add_stamped(stamps[key], appended_ms, at_ms)
-            if len(measured) < phase["count"]:
-                raise RuntimeError(
-                    f"{run.name}: matched {len(measured)} of {phase['count']} outputs to inputs"
-                )
-            latencies = np.array(measured.system_ms)
-            first_input = min(stamps[k] for k in read_ms)
-            last_output = max(appended for appended, _ in read_ms.values())
-            achieved = phase["count"] / max(1e-3, (last_output - first_input) / 1000.0)
-            percentiles, reader_share = measured.percentiles((50, 95, 99))
-            phase.update(
-                achieved_events_per_s=achieved,
-                latency_ms={**percentiles, "max": float(latencies.max())},
-                latencies_ms=[round(float(x), 2) for x in latencies],
-                reader_ms={**reader_share, "max": float(max(measured.reader_ms))},
-                latency_stamp=measured.stamp,
-            )
-            if visible:  # the append's latency, before the commit made the output visible
-                appended = np.array(measured.appended_ms)
-                phase["appended_latency_ms"] = {
-                    f"p{q}": float(np.percentile(appended, q)) for q in (50, 95, 99)}
-            result["phases"].append(phase)
-            line += (f"\n{'':22s}   at {phase['offered_rate']:7,.0f} ev/s: latency p50 "
-                     f"{percentiles['p50']:7.1f}  p95 {percentiles['p95']:7.1f}  p99 "
-                     f"{percentiles['p99']:7.1f}  max {phase['latency_ms']['max']:7.1f} ms"
-                     f"  ({'visible; after append' if visible else 'reader'} "
-                     f"+{reader_share['p50']:.1f} p50, +{reader_share['p99']:.1f} p99)")
-            checkpoints = phase["worker_timings"].get("kvrec_checkpoint_seconds")
-            if checkpoints and checkpoints["count"]:
-                line += (f"\n{'':22s}   {checkpoints['count']} checkpoints, mean "
-                         f"{checkpoints['mean_ms']:.1f} ms, 99% <= {checkpoints['p99_at_most_ms']} ms")
-        # the headline phase: the one at half the peak (else the middle one)
-        headline = min(result["phases"], key=lambda p: abs(p["fraction"] - 0.5))
-        result.update(
-            offered_rate=headline["offered_rate"], rate_phase_events=headline["count"],
-            latency_ms=headline["latency_ms"], latencies_ms=headline["latencies_ms"],
-            reader_ms=headline["reader_ms"], latency_stamp=headline["latency_stamp"],
-        )
+        line += _add_phases(run, result, phases, len(warmup) + len(peak_events), visible)
     print(line, flush=True)
     return result
+
+
+def _add_phases(run: Run, result: dict[str, Any], phases: list[dict[str, Any]], before: int,
+                visible: bool) -> str:
+    """The rate phases' latencies (their outputs matched to the inputs, the `before` earlier
+    events included in the read) into `result`, the headline phase's at its top; their lines."""
+    total = before + sum(p["count"] for p in phases)
+    stamps = _input_timestamps(run.bootstrap, run.events, run.partitions, total)
+    line = ""
+    for phase in phases:
+        _phase_latencies(run.name, phase, stamps, visible)
+        result["phases"].append(phase)
+        line += _phase_line(phase, visible)
+    # the headline phase: the one at half the peak (else the middle one)
+    headline = min(result["phases"], key=lambda p: abs(p["fraction"] - 0.5))
+    result.update(
+        offered_rate=headline["offered_rate"], rate_phase_events=headline["count"],
+        latency_ms=headline["latency_ms"], latencies_ms=headline["latencies_ms"],
+        reader_ms=headline["reader_ms"], latency_stamp=headline["latency_stamp"],
+    )
+    return line
+
+
+def _processes(worker_args: Sequence[str]) -> int:
+    return (int(worker_args[list(worker_args).index("--processes") + 1])
+            if "--processes" in worker_args else 1)
+
+
+def _warm_up(run: Run, consumer: Consumer, producer_config: dict[str, Any],
+             warmup: Sequence[Interaction], model: Path, state_dir: Path,
+             worker_args: Sequence[str], timeout: float) -> None:
+    """The warm-up events through a kvrec worker, which then stops (checkpointing)."""
+    _replay(producer_config, run, warmup)
+    run.start(model, state_dir, worker_args, system="kvrec")
+    try:
+        _drain(consumer, len(warmup), timeout, run)
+    finally:
+        run.stop()
+
+
+def _start_with_backlog(run: Run, producer_config: dict[str, Any],
+                        peak_events: Sequence[Interaction], model: Path, state_dir: Path,
+                        worker_args: Sequence[str], timeout: float) -> None:
+    if run.name.startswith("kvrec"):
+        # a worker starts, then the backlog arrives (at the producer's speed, far above the
+        # worker's): with several processes, all of them have their partitions first, so the
+        # peak is not one process draining alone until the other joins
+        run.start(model, state_dir, worker_args)
+        run.wait_ready(timeout)
+        _replay(producer_config, run, peak_events)
+    else:
+        _replay(producer_config, run, peak_events)
+        run.start(model, state_dir, worker_args)
+
+
+def _rate_phase(run: Run, consumer: Consumer, paced: Producer, phase: Sequence[Interaction],
+                offered: float, timeout: float) -> dict[str, Any]:
+    """`phase` produced at `offered` events/s while its outputs are read: each output's
+    (append, read) time by its event's key."""
+    read_ms: dict[tuple[str, int], tuple[float, float]] = {}  # (append, read) time
+
+    def on_message(message: Message, now: float) -> None:
+        now_ms = now * 1000.0
+        read_ms[_event_key(run.name, message.value() or b"")] = (
+            output_stamp(message, now_ms)[0], now_ms)
+
+    producer = threading.Thread(
+        target=produce_records, args=(paced, run.events, list(encoded(phase)), offered),
+        daemon=True,
+    )
+    producer.start()
+    _drain(consumer, len(phase), timeout, run, on_message)
+    producer.join()
+    return {"offered_rate": offered, "count": len(phase), "read_ms": read_ms}
+
+
+def _phase_latencies(name: str, phase: dict[str, Any], stamps: dict[tuple[str, int], int],
+                     visible: bool) -> None:
+    """A rate phase's outputs matched to their inputs' timestamps: latencies into `phase`."""
+    read_ms = phase.pop("read_ms")
+    measured = Latencies(visible=visible)
+    for key, (appended_ms, at_ms) in read_ms.items():
+        if key in stamps:
+            measured.add_stamped(stamps[key], appended_ms, at_ms)
+    if len(measured) < phase["count"]:
+        raise RuntimeError(
+            f"{name}: matched {len(measured)} of {phase['count']} outputs to inputs"
+        )
+    latencies = np.array(measured.system_ms)
+    first_input = min(stamps[k] for k in read_ms)
+    last_output = max(appended for appended, _ in read_ms.values())
+    achieved = phase["count"] / max(1e-3, (last_output - first_input) / 1000.0)
+    percentiles, reader_share = measured.percentiles((50, 95, 99))
+    phase.update(
+        achieved_events_per_s=achieved,
+        latency_ms={**percentiles, "max": float(latencies.max())},
+        latencies_ms=[round(float(x), 2) for x in latencies],
+        reader_ms={**reader_share, "max": float(max(measured.reader_ms))},
+        latency_stamp=measured.stamp,
+    )
+    if visible:  # the append's latency, before the commit made the output visible
+        appended = np.array(measured.appended_ms)
+        phase["appended_latency_ms"] = {
+            f"p{q}": float(np.percentile(appended, q)) for q in (50, 95, 99)}
+
+
+def _phase_line(phase: dict[str, Any], visible: bool) -> str:
+    latency, reader = phase["latency_ms"], phase["reader_ms"]
+    line = (f"\n{'':22s}   at {phase['offered_rate']:7,.0f} ev/s: latency p50 "
+            f"{latency['p50']:7.1f}  p95 {latency['p95']:7.1f}  p99 "
+            f"{latency['p99']:7.1f}  max {latency['max']:7.1f} ms"
+            f"  ({'visible; after append' if visible else 'reader'} "
+            f"+{reader['p50']:.1f} p50, +{reader['p99']:.1f} p99)")
+    checkpoints = phase["worker_timings"].get("kvrec_checkpoint_seconds")
+    if checkpoints and checkpoints["count"]:
+        line += (f"\n{'':22s}   {checkpoints['count']} checkpoints, mean "
+                 f"{checkpoints['mean_ms']:.1f} ms, 99% <= {checkpoints['p99_at_most_ms']} ms")
+    return line
 
 
 @contextlib.contextmanager
@@ -516,90 +565,11 @@ def broker(bootstrap: str | None, workdir: Path) -> Iterator[str]:
         yield kafka.bootstrap_servers
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    systems = report["systems"]
-    curve = report.get("exactly_once_curve", [])
-    figure, axes = plt.subplots(1, 4 if curve else 3, figsize=(24 if curve else 18, 4.5))
-    cdf, bars, rates = axes[:3]
-    if curve:
-        plot_exactly_once(curve, axes[3])
-    for index, (name, result) in enumerate(systems.items()):
-        phases = result.get("phases", [])
-        if phases:
-            rates.plot([p["offered_rate"] for p in phases],
-                       [p["achieved_events_per_s"] for p in phases], marker="o",
-                       color=f"C{index}", label=name)
-    rates.set_xlabel("offered events/s")
-    rates.set_ylabel("delivered events/s")
-    rates.set_title("throughput against offered rate")
-    rates.legend(fontsize=8)
-    for name, result in systems.items():
-        values = np.sort(np.array(result["latencies_ms"]))
-        cdf.plot(values, np.arange(1, len(values) + 1) / len(values),
-                 label=f"{name} ({result['offered_rate']:,.0f} ev/s)")
-    cdf.set_xscale("log")
-    cdf.set_xlabel("event to output latency, ms (log)")
-    cdf.set_ylabel("share of events")
-    cdf.set_title("latency at a fixed offered rate")
-    cdf.legend(fontsize=8)
-    names = list(systems)
-    peaks = [systems[n]["peak_events_per_s"] for n in names]
-    bars.bar(range(len(names)), peaks, color=[f"C{i}" for i in range(len(names))])
-    bars.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
-    bars.set_yscale("log")
-    bars.set_ylabel("events/s draining a backlog (log)")
-    bars.set_title("peak throughput")
-    settings = report["settings"]
-    figure.suptitle(
-        f"kvrec bench e2e: {settings['events']} events, {settings['items']} items, "
-        f"W={settings['window']}, d={','.join(str(d) for d in settings['d_models'])}, "
-        f"{settings['users']} users, {settings['partitions']} partitions; "
-        f"{machine_line(report['machine'])}"
-    )
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def plot_exactly_once(curve: list[dict[str, Any]], axis: Any) -> None:
-    """Peak, and visible p99 at the headline rate phase (half the peak unless capped), against
-    the commit interval, one line per width."""
-    latency = axis.twinx()
-    for index, d in enumerate(sorted({p["d_model"] for p in curve})):
-        points = [p for p in curve if p["d_model"] == d]
-        intervals = [p["commit_interval_ms"] for p in points]
-        axis.plot(intervals, [p["peak_events_per_s"] for p in points], marker="o",
-                  color=f"C{index}", label=f"peak, d={d}")
-        measured = [p for p in points if "visible_ms" in p]
-        if measured:
-            latency.plot([p["commit_interval_ms"] for p in measured],
-                         [p["visible_ms"]["p99"] for p in measured], marker="s", linestyle="--",
-                         color=f"C{index}", label=f"visible p99 at the rate phase, d={d}")
-            latency.plot([p["commit_interval_ms"] for p in measured],
-                         [p["commit_wait_ms"]["p99"] for p in measured], marker="^",
-                         linestyle=":", color=f"C{index}",
-                         label=f"read - append time (the wait for the commit), p99, d={d}")
-    axis.set_xscale("log")
-    axis.set_xlabel("--commit-interval-ms (exactly-once)")
-    axis.set_ylabel("peak events/s (solid)")
-    latency.set_ylabel("ms: visible p99 (dashed), its wait for the commit p99 (dotted)")
-    axis.set_ylim(bottom=0)
-    latency.set_ylim(bottom=0)
-    axis.set_title("exactly-once: the commit interval")
-    lines = axis.get_legend_handles_labels()
-    more = latency.get_legend_handles_labels()
-    axis.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7)
-
-
 def _retrieval_report(log_path: Path) -> dict[str, Any] | None:
     """The worker's logged retrieval build report (kind, settings, measured recall@10)."""
     for line in log_path.read_text(errors="replace").splitlines():
-        found = _RETRIEVAL_LINE.search(line)  # `model V: retrieval {...}` (stream/worker/models.py)
+        # `model V: retrieval {...}` (stream/lifecycle/loading.py)
+        found = _RETRIEVAL_LINE.search(line)
         if found:
             return ast.literal_eval(found.group(1))
     return None
@@ -753,41 +723,6 @@ def run_sweep(args: argparse.Namespace, bootstrap: str, workdir: Path) -> list[d
     return results
 
 
-def plot_sweep(sweep: list[dict[str, Any]], items: int, window: int, path: Path,
-               machine: dict[str, Any] | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    for system, marker in (("kvrec", "o"), ("kvrec-no-cache", "s")):
-        by_window = sorted((p["window"], p["peak_events_per_s"]) for p in sweep
-                           if p["system"] == system and p["items"] == items and p["batch_size"] == 512)
-        axes[0].plot(*zip(*by_window, strict=True), marker=marker, label=system)
-    by_items = sorted((p["items"], p["peak_events_per_s"]) for p in sweep if p["system"] == "kvrec"
-                      and p["window"] == window and p["batch_size"] == 512)
-    by_batch = sorted((p["batch_size"], p["peak_events_per_s"]) for p in sweep
-                      if p["system"] == "kvrec" and p["window"] == window and p["items"] == items)
-    axes[1].plot(*zip(*by_items, strict=True), marker="o", color="C0")
-    axes[2].plot(*zip(*by_batch, strict=True), marker="o", color="C0")
-    for axis, label in zip(axes, ("window W (events)", "catalog items", "batch size (events)"),
-                           strict=True):
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_xlabel(label)
-        axis.set_ylabel("peak events/s")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title(f"against W ({items:,} items)")
-    axes[1].set_title(f"against catalog size (W={window})")
-    axes[2].set_title(f"against batch size (W={window}, {items:,} items)")
-    figure.suptitle("kvrec bench e2e --sweep: one worker draining a backlog"
-                    + (f"; {machine_line(machine)}" if machine else ""))
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", required=True, help="output JSON")
     parser.add_argument("--plot", default=None, help="output PNG")
@@ -832,7 +767,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-users", type=flags.integer(1), default=500, help="users per sweep point")
 
 
-def main(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class _Choices:
+    """The lists the flags give, checked."""
+
+    systems: list[str]
+    eos_intervals: list[int]
+    d_models: list[int]
+    fractions: list[float]
+    process_counts: list[int]
+
+
+def _choices(args: argparse.Namespace) -> _Choices:
+    """The flags checked (ConfigError: one line, exit 2); --quick's sizes set first."""
     if args.quick:
         args.events, args.items, args.window, args.seconds = 2000, 2000, 8, 3.0
         args.users, args.max_rate, args.timeout = min(args.users, 200), min(args.max_rate, 5000.0), 60.0
@@ -853,6 +800,13 @@ def main(args: argparse.Namespace) -> int:
     if not all(0 < f <= 1 for f in fractions) or args.seconds <= 0 or args.max_rate <= 0:
         raise ConfigError("--rate-fractions in (0, 1], --seconds and --max-rate > 0")
     process_counts = _integers("--processes", args.processes, 1)
+    return _Choices(systems, eos_intervals, d_models, fractions, process_counts)
+
+
+def main(args: argparse.Namespace) -> int:
+    choices = _choices(args)
+    systems, eos_intervals, d_models = choices.systems, choices.eos_intervals, choices.d_models
+    fractions, process_counts = choices.fractions, choices.process_counts
     workdir = work_dir(args.workdir, "kvrec-e2e-", "kvrec bench e2e")
     rate_events = int(args.max_rate * args.seconds * len(fractions)) + 1
     interactions = generate_synthetic(
@@ -890,32 +844,30 @@ def main(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "benchmark": "end to end through Kafka",
         "machine": machine_info(),
-        "settings": {
-            "events": args.events, "items": args.items, "window": args.window,
-            "d_models": d_models, "layers": BENCH_LAYERS, "heads": BENCH_HEADS,
-            "users": args.users, "seconds": args.seconds,
-            "history_per_user": history_per_user(args.history, args.window),
-            "sweep_users": args.sweep_users if args.sweep else None,
-            "rate_fractions": fractions, "max_rate": args.max_rate,
-            "partitions": args.partitions, "systems": systems, "quick": args.quick,
-            "processes": process_counts,
-            "eos_commit_intervals_ms": eos_intervals if "kvrec-eos" in systems else None,
-            "broker": "given" if args.bootstrap_servers else "local launcher",
-            "worker": "torch-cpu, --retrieval auto, at-least-once (kvrec-eos: exactly-once), "
-                      "default batch settings",
-            "latency": "output's broker append time (LogAppendTime) - input message Kafka "
-                       "timestamp (CreateTime); reader_ms: bench read time - append time. "
-                       "kvrec-eos: visible latency, the read time of a read_committed reader - "
-                       "the input's timestamp (appended_latency_ms: the append's; reader_ms: "
-                       "the wait for the commit and the reader's share)",
-        },
+        "settings": _settings(args, choices),
         "systems": results,
         "seconds_total": time.monotonic() - started,
     }
+    _add_ratios(report, results, sweep, process_counts, args.items)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(report, Path(args.plot))
+        if sweep:
+            plot_sweep(sweep, args.items, args.window,
+                       Path(args.plot).with_name(Path(args.plot).stem + "-sweep.png"),
+                       report["machine"])
+    return 0
+
+
+def _add_ratios(report: dict[str, Any], results: dict[str, Any], sweep: list[dict[str, Any]],
+                process_counts: list[int], items: int) -> None:
+    """The ratios the report leads with: the sweep's, process scaling, the exactly-once
+    curve, width, kvrec over no cache."""
     if sweep:
         report["sweep"] = sweep
         cached = {p["window"]: p["peak_events_per_s"] for p in sweep
-                  if p["system"] == "kvrec" and p["items"] == args.items and p["batch_size"] == 512}
+                  if p["system"] == "kvrec" and p["items"] == items and p["batch_size"] == 512}
         naive = {p["window"]: p["peak_events_per_s"] for p in sweep if p["system"] == "kvrec-no-cache"}
         report["sweep_kvrec_over_no_cache"] = {
             str(w): cached[w] / naive[w] for w in sorted(cached) if w in naive
@@ -942,12 +894,28 @@ def main(args: argparse.Namespace) -> int:
             "latency_p50": results["kvrec"]["latency_ms"]["p50"]
             / results["kvrec-no-cache"]["latency_ms"]["p50"],
         }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
-    if args.plot:
-        plot(report, Path(args.plot))
-        if sweep:
-            plot_sweep(sweep, args.items, args.window,
-                       Path(args.plot).with_name(Path(args.plot).stem + "-sweep.png"),
-                       report["machine"])
-    return 0
+
+
+def _settings(args: argparse.Namespace, choices: _Choices) -> dict[str, Any]:
+    """What was measured, and how, for the report."""
+    systems, d_models, fractions = choices.systems, choices.d_models, choices.fractions
+    process_counts, eos_intervals = choices.process_counts, choices.eos_intervals
+    return {
+        "events": args.events, "items": args.items, "window": args.window,
+        "d_models": d_models, "layers": BENCH_LAYERS, "heads": BENCH_HEADS,
+        "users": args.users, "seconds": args.seconds,
+        "history_per_user": history_per_user(args.history, args.window),
+        "sweep_users": args.sweep_users if args.sweep else None,
+        "rate_fractions": fractions, "max_rate": args.max_rate,
+        "partitions": args.partitions, "systems": systems, "quick": args.quick,
+        "processes": process_counts,
+        "eos_commit_intervals_ms": eos_intervals if "kvrec-eos" in systems else None,
+        "broker": "given" if args.bootstrap_servers else "local launcher",
+        "worker": "torch-cpu, --retrieval auto, at-least-once (kvrec-eos: exactly-once), "
+                  "default batch settings",
+        "latency": "output's broker append time (LogAppendTime) - input message Kafka "
+                   "timestamp (CreateTime); reader_ms: bench read time - append time. "
+                   "kvrec-eos: visible latency, the read time of a read_committed reader - "
+                   "the input's timestamp (appended_latency_ms: the append's; reader_ms: "
+                   "the wait for the commit and the reader's share)",
+    }

@@ -72,20 +72,24 @@ def _produce(producer: Producer, topic: str, count: int, rate: float) -> None:
     producer.flush(30)
 
 
+def _start_relay(case: dict[str, Any], bootstrap: str, source: str, sink: str, tag: str,
+                 workdir: Path) -> subprocess.Popen:
+    """The confluent-kafka passthrough from `source` to `sink`, logging to the work directory."""
+    with open(workdir / f"{tag}-relay.log", "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kvrec.bench.passthrough", bootstrap, source, sink, f"{tag}-group",
+             str(case["linger_ms"]), str(case["relay_wait_ms"])],
+            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
 def run_case(case: dict[str, Any], bootstrap: str, rate: float, seconds: float,
              partitions: int, workdir: Path) -> dict[str, Any]:
     tag = f"floor-{uuid.uuid4().hex[:8]}"
     source, sink = f"{tag}-in", f"{tag}-out"
     ensure_topics({"bootstrap.servers": bootstrap}, {source: (partitions, {}), sink: (partitions, {})})
-    relay = None
-    if case["relay"]:
-        with open(workdir / f"{tag}-relay.log", "w") as log:
-            relay = subprocess.Popen(
-                [sys.executable, "-m", "kvrec.bench.passthrough", bootstrap, source, sink, f"{tag}-group",
-                 str(case["linger_ms"]), str(case["relay_wait_ms"])],
-                env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
+    relay = _start_relay(case, bootstrap, source, sink, tag, workdir) if case["relay"] else None
     topic = sink if case["relay"] else source
     reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{tag}-reader",
                        "enable.auto.commit": False,

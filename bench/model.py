@@ -24,9 +24,10 @@ import torch
 from kvrec.bench.machine import machine_info
 from kvrec.errors import ConfigError
 from kvrec.flags import integer, number
-from kvrec.model.backends import BACKENDS, make_backend
+from kvrec.model.backends import BACKENDS, StepBackend, make_backend
 from kvrec.model.config import BLOCKS, ModelConfig
 from kvrec.model.encoder import Encoder
+from kvrec.model.events import EventInputs
 from kvrec.model.export import export_step
 from kvrec.state.kvpool import KVPool, budget_for
 
@@ -70,51 +71,57 @@ def run_model_bench(
         if "onnx-cpu" in backends:
             onnx_path = Path(tempfile.mkdtemp()) / "step.onnx"
             export_step(encoder, onnx_path)
-        history = config.history_needed
         for backend_name in backends:
             backend = make_backend(backend_name, encoder, onnx_path=onnx_path)
             cuda = backend_name == "torch-cuda"
             sync = torch.cuda.synchronize if cuda else (lambda: None)
             for batch in batches:
-                items = torch.randint(1, n_items + 1, (batch, history))
-                types = torch.randint(1, 5, (batch, history))
-                new_items = torch.randint(1, n_items + 1, (batch,))
-                new_types = torch.randint(1, 5, (batch,))
-                _, cache = backend.encode(items[:, :-1], types[:, :-1])
-                step_s = _time(
-                    lambda b=backend, c=cache, i=new_items, t=new_types: b.step(c, i, t, True),
-                    min_seconds, sync,
-                )
-                pool = KVPool(config, budget_for(config, 2 * batch), device=backend.device)
-                slots = torch.randperm(pool.slots)[:batch]
-                backend.encode_into(pool.kv, pool.vectors, slots, items[:, :-1], types[:, :-1])
-                one_each = (new_items.view(-1, 1), new_types.view(-1, 1),
-                            torch.ones(batch, dtype=torch.long))
-                pool_step_s = _time(
-                    lambda b=backend, p=pool, s=slots, e=one_each: b.extend_into(
-                        p.kv, p.vectors, s, *e, return_attention=True),
-                    min_seconds, sync,
-                )
-                encode_s = _time(
-                    lambda b=backend, i=items, t=types: b.encode(i, t), min_seconds, sync
-                )
-                row = {
-                    "block": block, "backend": backend_name, "window": window, "history_events": history,
-                    "batch": batch, "step_us_per_event": step_s / batch * 1e6,
-                    "pool_step_us_per_event": pool_step_s / batch * 1e6,
-                    "reencode_us_per_event": encode_s / batch * 1e6,
-                    "speedup": encode_s / step_s, "pool_speedup": encode_s / pool_step_s,
-                }
+                row = {"block": block, "backend": backend_name, "window": window,
+                       "history_events": config.history_needed, "batch": batch,
+                       **_measure(backend, config, batch, min_seconds, sync)}
                 results.append(row)
-                print(
-                    f"{block:11s} {backend_name:10s} W={window:3d} batch={batch:3d}  step "
-                    f"{row['step_us_per_event']:9.1f} us/event  pool step "
-                    f"{row['pool_step_us_per_event']:9.1f} us/event  re-encode "
-                    f"{row['reencode_us_per_event']:10.1f} us/event  x{row['speedup']:.1f} "
-                    f"(pool x{row['pool_speedup']:.1f})",
-                    flush=True,
-                )
+                print(_line(row), flush=True)
     return results
+
+
+def _measure(backend: StepBackend, config: ModelConfig, batch: int, min_seconds: float,
+             sync: Callable[[], None]) -> dict[str, float]:
+    """One batch size on one backend: `step` from a cache, the pool's step, re-encoding."""
+    n_items, history = config.n_items, config.history_needed
+    items = torch.randint(1, n_items + 1, (batch, history))
+    types = torch.randint(1, 5, (batch, history))
+    new_items = torch.randint(1, n_items + 1, (batch,))
+    new_types = torch.randint(1, 5, (batch,))
+    _, cache = backend.encode(items[:, :-1], types[:, :-1])
+    step_s = _time(
+        lambda b=backend, c=cache, i=new_items, t=new_types: b.step(c, i, t, True),
+        min_seconds, sync,
+    )
+    pool = KVPool(config, budget_for(config, 2 * batch), device=backend.device)
+    slots = torch.randperm(pool.slots)[:batch]
+    backend.encode_into(pool.kv, pool.vectors, slots, EventInputs(items[:, :-1], types[:, :-1]))
+    one_each = (EventInputs(new_items.view(-1, 1), new_types.view(-1, 1)),
+                torch.ones(batch, dtype=torch.long))
+    pool_step_s = _time(
+        lambda b=backend, p=pool, s=slots, e=one_each: b.extend_into(
+            p.kv, p.vectors, s, *e, return_attention=True),
+        min_seconds, sync,
+    )
+    encode_s = _time(lambda b=backend, i=items, t=types: b.encode(i, t), min_seconds, sync)
+    return {
+        "step_us_per_event": step_s / batch * 1e6,
+        "pool_step_us_per_event": pool_step_s / batch * 1e6,
+        "reencode_us_per_event": encode_s / batch * 1e6,
+        "speedup": encode_s / step_s, "pool_speedup": encode_s / pool_step_s,
+    }
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (f"{row['block']:11s} {row['backend']:10s} W={row['window']:3d} batch={row['batch']:3d}  step "
+            f"{row['step_us_per_event']:9.1f} us/event  pool step "
+            f"{row['pool_step_us_per_event']:9.1f} us/event  re-encode "
+            f"{row['reencode_us_per_event']:10.1f} us/event  x{row['speedup']:.1f} "
+            f"(pool x{row['pool_speedup']:.1f})")
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:

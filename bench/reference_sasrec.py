@@ -216,6 +216,20 @@ def evaluate(model: ReferenceSASRec, prepared: Prepared, split: str, max_len: in
     return metrics_from_ranks(rank_split(model, chosen, max_len=max_len))
 
 
+def _epoch(model: ReferenceSASRec, optimizer: torch.optim.Optimizer, sequences: list[list[int]],
+           batches: int, settings: ReferenceSettings, rng: np.random.Generator) -> float:
+    """`batches` steps on random batches of users (with replacement, as the reference does);
+    the summed loss."""
+    model.train()
+    total = 0.0
+    for _ in range(batches):
+        chosen = rng.integers(0, len(sequences), settings.batch_size)
+        optimizer.zero_grad(set_to_none=True)
+        total += batch_step(model, sequences, chosen, settings.max_len)
+        optimizer.step()
+    return total
+
+
 def train_reference(
     interactions: list[Interaction], settings: ReferenceSettings, log: Any = print
 ) -> dict[str, Any]:
@@ -230,18 +244,10 @@ def train_reference(
     best: dict[str, Any] = {"ndcg@10": -1.0}
     best_state: dict[str, torch.Tensor] = {}
     history: list[dict[str, Any]] = []
-    stopped_by = "epochs"
-    train_seconds = 0.0
-    epoch = 0
+    stopped_by, train_seconds, epoch = "epochs", 0.0, 0
     for epoch in range(1, settings.epochs + 1):
         started = time.perf_counter()
-        model.train()
-        total = 0.0
-        for _ in range(batches):
-            chosen = rng.integers(0, len(sequences), settings.batch_size)
-            optimizer.zero_grad(set_to_none=True)
-            total += batch_step(model, sequences, chosen, settings.max_len)
-            optimizer.step()
+        total = _epoch(model, optimizer, sequences, batches, settings, rng)
         validation = evaluate(model, prepared, "validation", settings.max_len)
         train_seconds += time.perf_counter() - started
         point = {
@@ -253,10 +259,8 @@ def train_reference(
         if improved:
             best = {**validation, "epoch": epoch}
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        log(
-            f"epoch {epoch} loss {point['loss']:.4f} val NDCG@10 {validation['ndcg@10']:.4f} "
-            f"HR@10 {validation['hr@10']:.4f}{' *' if improved else ''} {train_seconds:.0f} s"
-        )
+        log(f"epoch {epoch} loss {point['loss']:.4f} val NDCG@10 {validation['ndcg@10']:.4f} "
+            f"HR@10 {validation['hr@10']:.4f}{' *' if improved else ''} {train_seconds:.0f} s")
         if epoch - best["epoch"] >= settings.patience:
             stopped_by = "patience"
             break

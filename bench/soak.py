@@ -167,22 +167,10 @@ def soak(run: Run, *, model: Path, state_dir: Path, args: argparse.Namespace, ra
             now = time.monotonic()
             if now >= due:
                 interval = args.sample_seconds
-                lat = np.array(latencies) if latencies else np.array([np.nan])
-                samples.append({
-                    "t_s": round(now - started, 2),
-                    "rss_bytes": rss_bytes(run.process.pid),
-                    "cache_bytes": scrape_gauge(metrics_port, "kvrec_cache_bytes"),
-                    "offered_per_s": (produced[0] - last_produced) / interval,
-                    "delivered_per_s": read / interval,
-                    "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-                    "load_average_1m": os.getloadavg()[0],
-                })
-                s = samples[-1]
-                print(f"{s['t_s']:7.0f}s rss {s['rss_bytes'] / 2**20 if s['rss_bytes'] else 0:7.1f} MiB"
-                      f" cache {(s['cache_bytes'] or 0) / 2**20:6.1f} MiB offered "
-                      f"{s['offered_per_s']:7.0f}/s delivered {s['delivered_per_s']:7.0f}/s "
-                      f"p50 {s['p50_ms']:7.1f} p99 {s['p99_ms']:7.1f} ms load {s['load_average_1m']:.2f}",
-                      flush=True)
+                samples.append(_sample(run.process.pid, metrics_port, now - started,
+                                       (produced[0] - last_produced) / interval, read / interval,
+                                       latencies))
+                print(_sample_line(samples[-1]), flush=True)
                 read, last_produced, latencies = 0, produced[0], []
                 due += interval
                 if now >= end:
@@ -203,6 +191,28 @@ def soak(run: Run, *, model: Path, state_dir: Path, args: argparse.Namespace, ra
         consumer.close()
         run.stop()
     return samples
+
+
+def _sample(pid: int, metrics_port: int, t_s: float, offered_per_s: float,
+            delivered_per_s: float, latencies: list[float]) -> dict[str, Any]:
+    """The worker's memory and the stream's rates and latencies over the last interval."""
+    lat = np.array(latencies) if latencies else np.array([np.nan])
+    return {
+        "t_s": round(t_s, 2),
+        "rss_bytes": rss_bytes(pid),
+        "cache_bytes": scrape_gauge(metrics_port, "kvrec_cache_bytes"),
+        "offered_per_s": offered_per_s,
+        "delivered_per_s": delivered_per_s,
+        "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
+def _sample_line(s: dict[str, Any]) -> str:
+    return (f"{s['t_s']:7.0f}s rss {s['rss_bytes'] / 2**20 if s['rss_bytes'] else 0:7.1f} MiB"
+            f" cache {(s['cache_bytes'] or 0) / 2**20:6.1f} MiB offered "
+            f"{s['offered_per_s']:7.0f}/s delivered {s['delivered_per_s']:7.0f}/s "
+            f"p50 {s['p50_ms']:7.1f} p99 {s['p99_ms']:7.1f} ms load {s['load_average_1m']:.2f}")
 
 
 def _wait_ready(port: int, run: Run, timeout: float) -> None:

@@ -28,6 +28,10 @@ launcher) and a model store in the work directory:
 Exit status 1 on a correctness failure (a missing or duplicated recommendation, a partition
 whose version changes a different number of times than there were swaps); a latency or memory
 figure never fails the run: it is measured and reported.
+
+Over 400 lines as one thing: one benchmark's run (the workers, the replay, the reader, the
+swaps) and the report of it, which share the run's state (`Bench`); its plot and summary lines
+are bench/swap_output.py.
 """
 
 from __future__ import annotations
@@ -54,12 +58,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from kvrec import flags
 from kvrec.bench.e2e import REPO, broker, produce_paced, reader, stop_process
 from kvrec.bench.machine import machine_info
+from kvrec.bench.swap_output import per_second, plot, summary
 from kvrec.errors import ConfigError, DataError, RunFailed
 from kvrec.model.datasets import GAP_MS, Interaction, read_interactions
 from kvrec.model.owned import work_dir
 from kvrec.model.store import ModelStore
 from kvrec.stream.kafka_config import ensure_topics
-from kvrec.stream.model_updates import Announcement, ensure_model_topics
+from kvrec.stream.lifecycle.announcements import Announcement, ensure_model_topics
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "amazon-games.txt"
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
@@ -427,68 +432,24 @@ class Bench:
                announcements: list[tuple[float, Announcement]], inputs_in_topic: int,
                steady_end: float, replay_end: float, rss_before: dict[str, int],
                version_a: str, version_b: str, *, retrain: bool) -> dict[str, Any]:
-        args = self.args
         rows = sorted(output.rows, key=lambda row: (row[0], row[1]))
         counts = Counter((row[2], row[3]) for row in rows)
         sent = set(replay.sent)
         missing = len(sent - set(counts))
         duplicated = sum(c - 1 for c in counts.values() if c > 1)
         unexpected = len(set(counts) - sent)
-        partitions = {}
-        for partition in range(args.partitions):
-            runs: list[dict[str, Any]] = []
-            for row in rows:
-                if row[0] != partition:
-                    continue
-                if runs and runs[-1]["version"] == row[5]:
-                    runs[-1]["outputs"] += 1
-                else:
-                    runs.append({"version": row[5], "first_offset": row[1], "outputs": 1})
-            partitions[str(partition)] = {"version_changes": max(0, len(runs) - 1), "runs": runs}
+        partitions = _version_runs(rows, self.args.partitions)
         swaps_total = len(self.swaps)
-        # announcement i + 1 made swap i (record 0 is the first publish)
-        serving_changes = [a for a in announcements if a[1].reason != "shadow"]
         source_s = np.array([row[4] / 1000.0 for row in rows])
         latency_ms = np.array([row[6] - row[4] for row in rows])
-
-        def window(start: float, end: float) -> dict[str, Any]:
-            chosen = latency_ms[(source_s >= start) & (source_s < end)]
-            if not len(chosen):
-                return {"start_s": start, "end_s": end, "events": 0}
-            return {"start_s": start, "end_s": end, "events": len(chosen),
-                    "p50_ms": float(np.percentile(chosen, 50)),
-                    "p99_ms": float(np.percentile(chosen, 99)), "max_ms": float(chosen.max())}
-
-        steady = window(replay.started_at + args.warmup_s, steady_end)
-        for swap in self.swaps:
-            index = swap["swap"]
-            announced = (serving_changes[index][0] if index < len(serving_changes)
-                         else swap["triggered_s"])
-            swap["announced_s"] = announced
-            known = index < len(serving_changes)
-            swap["reason"] = serving_changes[index][1].reason if known else None
-            swap["announced_version"] = serving_changes[index][1].version if known else None
-            last = max(swap["worker_swapped_s"].values())
-            swap["latency"] = window(announced, last + args.settle_s)
-            if steady.get("p99_ms") and swap["latency"].get("p99_ms"):
-                swap["latency"]["p99_over_steady_p99"] = swap["latency"]["p99_ms"] / steady["p99_ms"]
-            swap["seconds_announce_to_last_swap"] = last - announced
-        training = None
-        if retrain and self.swaps:
-            training = window(self.swaps[0]["triggered_s"], self.swaps[0]["announced_s"])
-        ratios = [s["latency"].get("p99_over_steady_p99") for s in self.swaps]
-        ratios = [r for r in ratios if r is not None]
-        rss = {
-            w.name: {
-                "before_swap_1": rss_before[w.name],
-                "after_swap_1": self.swaps[0]["rss_bytes"][w.name],
-                "after_last_swap": self.swaps[-1]["rss_bytes"][w.name],
-                "last_over_first": self.swaps[-1]["rss_bytes"][w.name]
-                / self.swaps[0]["rss_bytes"][w.name],
-                "by_swap": [s["rss_bytes"][w.name] for s in self.swaps],
-            }
-            for w in self.workers
-        }
+        window = _LatencyWindow(source_s, latency_ms)
+        steady = window(replay.started_at + self.args.warmup_s, steady_end)
+        self._time_swaps(announcements, window, steady)
+        training = (window(self.swaps[0]["triggered_s"], self.swaps[0]["announced_s"])
+                    if retrain and self.swaps else None)
+        ratios = [r for r in (s["latency"].get("p99_over_steady_p99") for s in self.swaps)
+                  if r is not None]
+        rss = self._rss(rss_before)
         changes_ok = all(p["version_changes"] == swaps_total for p in partitions.values())
         served_as_announced = all(
             set(swap["serving"].values()) == {swap["announced_version"]} for swap in self.swaps
@@ -499,24 +460,7 @@ class Bench:
         return {
             "benchmark": "hot model swaps under a fixed-rate replay, two exactly-once workers",
             "machine": machine_info(),
-            "settings": {
-                "rate": args.rate, "partitions": args.partitions, "workers": 2,
-                "steady_s": args.steady_s, "warmup_s": args.warmup_s, "phase_s": args.phase_s,
-                "swaps_after_rollback": args.swaps, "swap_every_s": args.swap_every_s,
-                "settle_s": args.settle_s, "slice_lines": args.slice_lines,
-                "data": str(args.data), "retrieval": args.retrieval,
-                "model": str(args.model) if args.model else "trained by kvrec train",
-                "first_swap": "kvrec retrain --once --data" if retrain
-                else "kvrec models publish B --serve (no kvrec retrain command in this checkout)",
-                "broker": "given" if args.bootstrap_servers else "local launcher",
-                "latency": "bench receive time - source_ts (the input message's Kafka "
-                           "timestamp), same machine clock",
-                "steady_window": "input times from replay start + warmup_s to the start of swap 1",
-                "swap_window": "input times from the announcement (announced_ms of its record "
-                               "on the updates topic) to settle_s after the last worker counted "
-                               "the swap (its kvrec_model_swaps_total, polled every 0.1 s)",
-                "rss": "VmRSS of each worker process, 1 s after both counted the swap",
-            },
+            "settings": _settings(self.args, retrain),
             "versions": {"A": version_a, "B": version_b},
             "correctness": {
                 "inputs": len(replay.sent), "inputs_in_topic": inputs_in_topic,
@@ -545,100 +489,89 @@ class Bench:
             },
         }
 
+    def _time_swaps(self, announcements: list[tuple[float, Announcement]],
+                    window: _LatencyWindow, steady: dict[str, Any]) -> None:
+        """Each swap's announcement (time, reason, version) and its latency window."""
+        # announcement i + 1 made swap i (record 0 is the first publish)
+        serving_changes = [a for a in announcements if a[1].reason != "shadow"]
+        for swap in self.swaps:
+            index = swap["swap"]
+            announced = (serving_changes[index][0] if index < len(serving_changes)
+                         else swap["triggered_s"])
+            swap["announced_s"] = announced
+            known = index < len(serving_changes)
+            swap["reason"] = serving_changes[index][1].reason if known else None
+            swap["announced_version"] = serving_changes[index][1].version if known else None
+            last = max(swap["worker_swapped_s"].values())
+            swap["latency"] = window(announced, last + self.args.settle_s)
+            if steady.get("p99_ms") and swap["latency"].get("p99_ms"):
+                swap["latency"]["p99_over_steady_p99"] = swap["latency"]["p99_ms"] / steady["p99_ms"]
+            swap["seconds_announce_to_last_swap"] = last - announced
 
-# ------------------------------------------------------------------ output
-
-
-def per_second(input_s: np.ndarray, latency_ms: np.ndarray) -> dict[str, list[float]]:
-    """p50 and p99 of the outputs whose input fell in each second of the replay."""
-    second = np.floor(input_s).astype(np.int64)
-    found: dict[str, list[float]] = {"second": [], "events": [], "p50_ms": [], "p99_ms": []}
-    for value in np.unique(second):
-        chosen = latency_ms[second == value]
-        found["second"].append(float(value) + 0.5)
-        found["events"].append(float(len(chosen)))
-        found["p50_ms"].append(round(float(np.percentile(chosen, 50)), 1))
-        found["p99_ms"].append(round(float(np.percentile(chosen, 99)), 1))
-    return found
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = report["series"]
-    t, lat = np.array(series["input_s"]), np.array(series["latency_ms"])
-    start = report["replay_started_s"]
-    figure, (axis, memory) = plt.subplots(2, 1, figsize=(13, 8), height_ratios=[2, 1])
-    axis.scatter(t, np.maximum(lat, 0.1), s=1, alpha=0.15, color="C0", label="one recommendation")
-    seconds = report["per_second"]
-    axis.plot(seconds["second"], seconds["p99_ms"], color="C3", lw=1, label="p99 per second")
-    steady = report["latency_ms"]["steady"]
-    axis.axvspan(steady["start_s"] - start, steady["end_s"] - start, color="C2", alpha=0.1,
-                 label=f"steady: p99 {steady.get('p99_ms', 0):.0f} ms")
-    for swap in report["swaps"]:
-        window = swap["latency"]
-        axis.axvspan(window["start_s"] - start, window["end_s"] - start, color="C1", alpha=0.15)
-        axis.axvline(swap["announced_s"] - start, color="C1", lw=0.8)
-        axis.text(swap["announced_s"] - start, 1.01, str(swap["swap"]),
-                  transform=axis.get_xaxis_transform(), fontsize=7, ha="center")
-    axis.set_yscale("log")
-    axis.set_xlabel("input time, s since the replay started (orange: swap windows, numbered)")
-    axis.set_ylabel("event to recommendation, ms (log)")
-    ratio = report["latency_ms"]["worst_swap_p99_over_steady_p99"]
-    axis.set_title(f"latency: worst swap-window p99 / steady p99 = {ratio:.2f}" if ratio else "latency")
-    axis.legend(fontsize=8, loc="upper left")
-    for name, rss in report["rss_bytes"].items():
-        memory.plot(range(1, len(rss["by_swap"]) + 1), np.array(rss["by_swap"]) / 2**20,
-                    marker="o", label=f"{name} (last/first {rss['last_over_first']:.3f})")
-    memory.set_xticks(range(1, len(report["swaps"]) + 1))
-    memory.set_xlabel("swap")
-    memory.set_ylabel("worker RSS, MiB")
-    memory.legend(fontsize=8)
-    settings, machine = report["settings"], report["machine"]
-    correctness = report["correctness"]
-    figure.suptitle(
-        f"kvrec bench swap: {settings['rate']:.0f} ev/s, 2 exactly-once workers, "
-        f"{correctness['swaps']} swaps; missing {correctness['missing']}, duplicated "
-        f"{correctness['duplicated']}; {machine['cores']} cores, {machine['date_utc'][:10]}"
-    )
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    def _rss(self, rss_before: dict[str, int]) -> dict[str, dict[str, Any]]:
+        return {
+            w.name: {
+                "before_swap_1": rss_before[w.name],
+                "after_swap_1": self.swaps[0]["rss_bytes"][w.name],
+                "after_last_swap": self.swaps[-1]["rss_bytes"][w.name],
+                "last_over_first": self.swaps[-1]["rss_bytes"][w.name]
+                / self.swaps[0]["rss_bytes"][w.name],
+                "by_swap": [s["rss_bytes"][w.name] for s in self.swaps],
+            }
+            for w in self.workers
+        }
 
 
-def summary(report: dict[str, Any]) -> str:
-    c, latency = report["correctness"], report["latency_ms"]
-    steady = latency["steady"]
-    lines = [
-        f"inputs {c['inputs']} (topic {c['inputs_in_topic']}), outputs {c['outputs']}, missing "
-        f"{c['missing']}, duplicated {c['duplicated']}; version changes per partition "
-        f"{c['version_changes_by_partition']} for {c['swaps']} swaps: "
-        f"{'OK' if c['ok'] else 'FAILED'}",
-        f"steady p50 {steady.get('p50_ms', float('nan')):.1f} ms, p99 "
-        f"{steady.get('p99_ms', float('nan')):.1f} ms ({steady['events']} events)",
-    ]
-    for swap in report["swaps"]:
-        w = swap["latency"]
-        lines.append(
-            f"swap {swap['swap']:2d} {swap['action']:<34} p50 {w.get('p50_ms', float('nan')):7.1f}"
-            f"  p99 {w.get('p99_ms', float('nan')):7.1f} ms  ({w['events']} events, "
-            f"{swap['seconds_announce_to_last_swap']:.1f}s announce->last swap, p99/steady "
-            f"{w.get('p99_over_steady_p99', float('nan')):.2f})"
-        )
-    if latency["retrain_training"]:
-        t = latency["retrain_training"]
-        lines.append(f"during the retrain's training (before it announced): p50 "
-                     f"{t.get('p50_ms', float('nan')):.1f} ms, p99 {t.get('p99_ms', float('nan')):.1f} ms")
-    lines.append(f"worst swap p99 / steady p99: {latency['worst_swap_p99_over_steady_p99']:.2f} "
-                 f"(target 2x: {'met' if latency['target_p99_within_2x'] else 'MISSED'})")
-    for name, rss in report["rss_bytes"].items():
-        lines.append(f"{name} RSS after swap 1 {rss['after_swap_1'] / 2**20:.0f} MiB, after swap "
-                     f"{len(rss['by_swap'])} {rss['after_last_swap'] / 2**20:.0f} MiB "
-                     f"(x{rss['last_over_first']:.3f})")
-    return "\n".join(lines)
+class _LatencyWindow:
+    """Latency percentiles of the outputs whose inputs fall in a time window."""
+
+    def __init__(self, source_s: np.ndarray, latency_ms: np.ndarray) -> None:
+        self.source_s, self.latency_ms = source_s, latency_ms
+
+    def __call__(self, start: float, end: float) -> dict[str, Any]:
+        chosen = self.latency_ms[(self.source_s >= start) & (self.source_s < end)]
+        if not len(chosen):
+            return {"start_s": start, "end_s": end, "events": 0}
+        return {"start_s": start, "end_s": end, "events": len(chosen),
+                "p50_ms": float(np.percentile(chosen, 50)),
+                "p99_ms": float(np.percentile(chosen, 99)), "max_ms": float(chosen.max())}
+
+
+def _version_runs(rows: list[tuple[Any, ...]], partitions: int) -> dict[str, dict[str, Any]]:
+    """Per partition, its outputs in offset order as runs of one version."""
+    result = {}
+    for partition in range(partitions):
+        runs: list[dict[str, Any]] = []
+        for row in rows:
+            if row[0] != partition:
+                continue
+            if runs and runs[-1]["version"] == row[5]:
+                runs[-1]["outputs"] += 1
+            else:
+                runs.append({"version": row[5], "first_offset": row[1], "outputs": 1})
+        result[str(partition)] = {"version_changes": max(0, len(runs) - 1), "runs": runs}
+    return result
+
+
+def _settings(args: argparse.Namespace, retrain: bool) -> dict[str, Any]:
+    return {
+        "rate": args.rate, "partitions": args.partitions, "workers": 2,
+        "steady_s": args.steady_s, "warmup_s": args.warmup_s, "phase_s": args.phase_s,
+        "swaps_after_rollback": args.swaps, "swap_every_s": args.swap_every_s,
+        "settle_s": args.settle_s, "slice_lines": args.slice_lines,
+        "data": str(args.data), "retrieval": args.retrieval,
+        "model": str(args.model) if args.model else "trained by kvrec train",
+        "first_swap": "kvrec retrain --once --data" if retrain
+        else "kvrec models publish B --serve (no kvrec retrain command in this checkout)",
+        "broker": "given" if args.bootstrap_servers else "local launcher",
+        "latency": "bench receive time - source_ts (the input message's Kafka "
+                   "timestamp), same machine clock",
+        "steady_window": "input times from replay start + warmup_s to the start of swap 1",
+        "swap_window": "input times from the announcement (announced_ms of its record "
+                       "on the updates topic) to settle_s after the last worker counted "
+                       "the swap (its kvrec_model_swaps_total, polled every 0.1 s)",
+        "rss": "VmRSS of each worker process, 1 s after both counted the swap",
+    }
 
 
 # ------------------------------------------------------------------ command

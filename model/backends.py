@@ -18,6 +18,7 @@ from torch import Tensor
 from kvrec.errors import ConfigError
 from kvrec.model.choices import BACKENDS
 from kvrec.model.encoder import Encoder, KVCache
+from kvrec.model.events import EventInputs
 
 
 class StepBackend(Protocol):
@@ -30,8 +31,7 @@ class StepBackend(Protocol):
     def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]: ...
 
     def encode_into(
-        self, pool: KVCache, pool_vectors: Tensor, slots: Tensor, items: Tensor,
-        event_types: Tensor,
+        self, pool: KVCache, pool_vectors: Tensor, slots: Tensor, events: EventInputs
     ) -> Tensor:
         """`encode` written into rows `slots` of the pool; the vectors [B, d] on the host."""
         ...
@@ -41,8 +41,7 @@ class StepBackend(Protocol):
         pool: KVCache,
         pool_vectors: Tensor,
         slots: Tensor,
-        items: Tensor,
-        event_types: Tensor,
+        events: EventInputs,
         counts: Tensor,
         return_attention: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
@@ -80,12 +79,11 @@ class TorchBackend:
 
     @torch.inference_mode()
     def encode_into(
-        self, pool: KVCache, pool_vectors: Tensor, slots: Tensor, items: Tensor,
-        event_types: Tensor,
+        self, pool: KVCache, pool_vectors: Tensor, slots: Tensor, events: EventInputs
     ) -> Tensor:
         device = self.device
         return self.encoder.encode_into(
-            pool, pool_vectors, slots.to(device), items.to(device), event_types.to(device)
+            pool, pool_vectors, slots.to(device), events.to(device)
         ).cpu()
 
     @torch.inference_mode()
@@ -94,15 +92,14 @@ class TorchBackend:
         pool: KVCache,
         pool_vectors: Tensor,
         slots: Tensor,
-        items: Tensor,
-        event_types: Tensor,
+        events: EventInputs,
         counts: Tensor,
         return_attention: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         device = self.device
         vectors, attention = self.encoder.extend_into(
-            pool, pool_vectors, slots.to(device), items.to(device), event_types.to(device),
-            counts.to(device), return_attention=return_attention,
+            pool, pool_vectors, slots.to(device), events.to(device), counts.to(device),
+            return_attention=return_attention,
         )
         return vectors.cpu(), attention.cpu() if attention is not None else None
 
@@ -173,10 +170,9 @@ class OnnxBackend:
         return self.torch.encode(items, event_types)
 
     def encode_into(
-        self, pool: KVCache, pool_vectors: Tensor, slots: Tensor, items: Tensor,
-        event_types: Tensor,
+        self, pool: KVCache, pool_vectors: Tensor, slots: Tensor, events: EventInputs
     ) -> Tensor:
-        return self.torch.encode_into(pool, pool_vectors, slots, items, event_types)
+        return self.torch.encode_into(pool, pool_vectors, slots, events)
 
     @torch.inference_mode()
     def extend_into(
@@ -184,19 +180,14 @@ class OnnxBackend:
         pool: KVCache,
         pool_vectors: Tensor,
         slots: Tensor,
-        items: Tensor,
-        event_types: Tensor,
+        events: EventInputs,
         counts: Tensor,
         return_attention: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """The session's `extend` on the gathered rows, whose new caches are copied back."""
-        past = KVCache(pool.keys.index_select(1, slots), pool.values.index_select(1, slots),
-                       pool.positions.index_select(0, slots))
-        vectors, new_cache, attention = self.extend(past, items, event_types, counts,
-                                                    return_attention)
-        pool.keys.index_copy_(1, slots, new_cache.keys)
-        pool.values.index_copy_(1, slots, new_cache.values)
-        pool.positions.index_copy_(0, slots, new_cache.positions)
+        vectors, new_cache, attention = self._extend(pool.rows(slots), events, counts,
+                                                     return_attention)
+        pool.write_rows(slots, new_cache)
         last = vectors[torch.arange(len(counts)), counts - 1]
         pool_vectors.index_copy_(0, slots, last)
         return vectors, attention
@@ -236,20 +227,21 @@ class OnnxBackend:
         counts: Tensor,
         return_attention: bool = False,
     ) -> tuple[Tensor, KVCache, Tensor | None]:
+        return self._extend(cache, EventInputs(items, event_types), counts, return_attention)
+
+    def _extend(self, cache: KVCache, events: EventInputs, counts: Tensor, return_attention: bool
+                ) -> tuple[Tensor, KVCache, Tensor | None]:
         if not self.has_extend:
-            if items.shape[1] != 1 or bool((counts != 1).any()):
+            if events.shape[1] != 1 or bool((counts != 1).any()):
                 raise ValueError("this ONNX file holds step only: one event per user (re-export "
                                  "it with `kvrec export` for extend)")
             vectors, new_cache, attention = self.step(
-                cache, items[:, 0], event_types[:, 0], return_attention
+                cache, events.items[:, 0], events.event_types[:, 0], return_attention
             )
             return (vectors.unsqueeze(1), new_cache,
                     attention.unsqueeze(1) if attention is not None else None)
-        return self._run(cache, {
-            "items": items.numpy().astype(np.int64),
-            "event_types": event_types.numpy().astype(np.int64),
-            "counts": counts.numpy().astype(np.int64),
-        }, return_attention)
+        return self._run(cache, {**events.arrays(), "counts": counts.numpy().astype(np.int64)},
+                         return_attention)
 
 
 def make_backend(

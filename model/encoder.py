@@ -6,19 +6,30 @@ relative position too), so an event's key and value never change once computed. 
 buffer of W slots per layer (position p in slot p % W, as in Mistral 7B) is all the next event
 needs:
 
+    encode_into(pool, vectors, slots, events)          full pass of left-padded histories,
+                                                       written into rows `slots` of a slab of
+                                                       many users' caches (state/kvpool.py)
+    extend_into(pool, vectors, slots, events, counts)  up to W new events per user against
+                                                       those rows, written back in place
+
+are the serving path's two primitives; `events` is the bundle of what the model reads of each
+event (`EventInputs`, model/events.py: a new event feature is one field there). The reference
+passes, for training, evaluation and the exactness tests, take items and types:
+
     forward(items, types)                full pass over left-padded sequences (training)
     encode(items, types)                 full pass that also returns the cache
     extend(cache, items, types, counts)  up to W new events per user against the cache
     step(cache, items, types)            one new event per user: extend with T = 1
-    extend_into / encode_into            the same, on rows of a slab of many users' caches
-                                         (state/kvpool.py), read and written in place
 
-All four run the same `Block.forward` (or `HSTUBlock.forward`, model/hstu.py, with
+All run the same `Block.forward` (or `HSTUBlock.forward`, model/hstu.py, with
 `config.block = "hstu"`), with the cached keys and values as its past or none.
 After any number of events, `step` and `extend` equal `forward` over the whole history; an
 N-layer output depends on the last N*(W-1)+1 events (`config.history_needed`), so `encode`
 over those refills a cache exactly. Rotary angles are reduced modulo 2*pi in float64 before
 the cast to float32, so their error stays flat however far a long-lived cache's positions run.
+
+Over 400 lines as one thing, as gpt-fast's model.py: the model and its cache, whose passes
+share the masks, the rotary positions and the rolling buffer's arithmetic.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from kvrec.model.config import ModelConfig
+from kvrec.model.events import EventInputs
 from kvrec.model.hstu import HSTUBlock
 from kvrec.model.layers import (
     Dropout,
@@ -69,24 +81,34 @@ class KVCache:
     def batch_size(self) -> int:
         return int(self.positions.shape[0])
 
-    def split(self) -> list[KVCache]:
-        """One cache per user, each with its own storage (so it can be kept alone)."""
-        return [
-            KVCache(
-                self.keys[:, b : b + 1].clone(),
-                self.values[:, b : b + 1].clone(),
-                self.positions[b : b + 1].clone(),
-            )
-            for b in range(self.batch_size)
-        ]
-
-    @staticmethod
-    def cat(caches: list[KVCache]) -> KVCache:
+    def rows(self, slots: Tensor) -> KVCache:
+        """A copy of the users in rows `slots` (of a slab: many users' caches)."""
         return KVCache(
-            torch.cat([c.keys for c in caches], dim=1),
-            torch.cat([c.values for c in caches], dim=1),
-            torch.cat([c.positions for c in caches]),
+            self.keys.index_select(1, slots),
+            self.values.index_select(1, slots),
+            self.positions.index_select(0, slots),
         )
+
+    def write_rows(self, slots: Tensor, cache: KVCache) -> None:
+        """Rows `slots` become the users of `cache` (row b into slot slots[b]), in place."""
+        self.keys.index_copy_(1, slots, cache.keys.to(self.keys.dtype))
+        self.values.index_copy_(1, slots, cache.values.to(self.values.dtype))
+        self.positions.index_copy_(0, slots, cache.positions)
+
+    def write_new(self, slots: Tensor, new: _NewEvents, counts: Tensor) -> None:
+        """The new events of `extend`'s pass into rows `slots`, in place: each one's key and
+        value into its slot of the rolling buffer (nothing else is copied back), the positions
+        advanced by `counts`."""
+        _, batch, n_heads, length, head_dim = new.keys.shape
+        n_layers = new.keys.shape[0]
+        # [L, B, H, T, D] -> [B * T, L, H, D]: the layout `self.keys[:, slot, :, w]` takes
+        rows = slots.repeat_interleave(length)
+        where = torch.remainder(new.positions, self.keys.shape[3]).reshape(-1)
+        self.keys[:, rows, :, where] = new.keys.permute(1, 3, 0, 2, 4).reshape(
+            batch * length, n_layers, n_heads, head_dim)
+        self.values[:, rows, :, where] = new.values.permute(1, 3, 0, 2, 4).reshape(
+            batch * length, n_layers, n_heads, head_dim)
+        self.positions.index_copy_(0, slots, new.positions[:, 0] + counts)
 
     def to(self, device: torch.device | str) -> KVCache:
         return KVCache(self.keys.to(device), self.values.to(device), self.positions.to(device))
@@ -223,9 +245,11 @@ class Encoder(nn.Module):
             if module.padding_idx is not None:
                 module.weight.data[module.padding_idx].zero_()
 
-    def embed(self, items: Tensor, event_types: Tensor) -> Tensor:
-        x = self.item_embedding(items) * math.sqrt(self.config.d_model)
-        return self.embedding_dropout(x + self.type_embedding(event_types))
+    def embed(self, events: EventInputs) -> Tensor:
+        """[B, T, d]: every feature of each event, embedded and summed (the one reader of
+        `EventInputs`' fields)."""
+        x = self.item_embedding(events.items) * math.sqrt(self.config.d_model)
+        return self.embedding_dropout(x + self.type_embedding(events.event_types))
 
     def item_embeddings(self) -> Tensor:
         """[n_items + 1, d]: the output scoring matrix (tied with the input); row 0 = padding.
@@ -273,10 +297,11 @@ class Encoder(nn.Module):
 
     # --- full pass ----------------------------------------------------------------------------
     def _full(
-        self, items: Tensor, event_types: Tensor, keep_cache: bool
+        self, events: EventInputs, keep_cache: bool
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Left-padded sequences with no past; the sliding-window mask over them."""
         cfg = self.config
+        items = events.items
         real = items != 0  # left-padded: each row's real events are contiguous at the end
         positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, T]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_base)
@@ -289,20 +314,24 @@ class Encoder(nn.Module):
         mask = mask | torch.eye(length, dtype=torch.bool, device=items.device)  # pads see self
         mask = mask.unsqueeze(1)
         age = distance.clamp(0, cfg.window - 1).unsqueeze(0) if cfg.block == "hstu" else None
-        x = self.embed(items, event_types)
+        x = self.embed(events)
         hidden, keys, values, _ = self._layers(x, cos, sin, None, mask, age, keep_cache)
         return hidden, keys, values
 
     def forward(self, items: Tensor, event_types: Tensor) -> Tensor:
         """Hidden states [B, T, d] of left-padded (0 = pad) sequences; pad rows are garbage."""
-        hidden, _, _ = self._full(items, event_types, keep_cache=False)
+        hidden, _, _ = self._full(EventInputs(items, event_types), keep_cache=False)
         return hidden
 
     def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]:
         """User vectors at each row's last event [B, d] and the cache that continues from it;
         a row with no events gets an empty cache (and a meaningless vector)."""
-        hidden, layer_keys, layer_values = self._full(items, event_types, keep_cache=True)
+        return self._encode(EventInputs(items, event_types))
+
+    def _encode(self, events: EventInputs) -> tuple[Tensor, KVCache]:
+        hidden, layer_keys, layer_values = self._full(events, keep_cache=True)
         cfg = self.config
+        items = events.items
         batch, length = items.shape
         lengths = (items != 0).sum(dim=1)  # [B]
         slots = torch.arange(cfg.window, device=items.device)
@@ -336,7 +365,7 @@ class Encoder(nn.Module):
         age (index 0 = that event; zero before the user's first event).
 
         A chunked prefill against the rolling cache: equal to `counts[b]` calls of `step`."""
-        new = self._extend(cache, items, event_types, counts, return_attention)
+        new = self._extend(cache, EventInputs(items, event_types), counts, return_attention)
         new_cache = KVCache(
             cache.keys.scatter(3, new.index, new.keys),
             cache.values.scatter(3, new.index, new.values),
@@ -349,65 +378,42 @@ class Encoder(nn.Module):
         pool: KVCache,
         pool_vectors: Tensor,
         slots: Tensor,
-        items: Tensor,
-        event_types: Tensor,
+        events: EventInputs,
         counts: Tensor,
         return_attention: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """`extend` of the users whose caches are rows `slots` of `pool` (a cache of many
-        users: a slab), written back in place: each new event's key and value into its slot of
-        the rolling buffer (nothing else is copied back), the positions advanced, and the user
-        vector after each user's last new event into `pool_vectors` [S, d]. Returns the vectors
-        [B, T, d] and attention [B, T, W] as `extend` does; the result equals `extend` of the
-        gathered caches scattered back (the same arithmetic)."""
-        past = KVCache(
-            pool.keys.index_select(1, slots),
-            pool.values.index_select(1, slots),
-            pool.positions.index_select(0, slots),
-        )
-        new = self._extend(past, items, event_types, counts, return_attention)
-        cfg = self.config
-        batch, length = items.shape
-        # [L, B, H, T, D] -> [B * T, L, H, D]: the layout `pool.keys[:, slot, :, w]` takes
-        rows = slots.repeat_interleave(length)
-        where = torch.remainder(new.positions, cfg.window).reshape(-1)
-        pool.keys[:, rows, :, where] = new.keys.permute(1, 3, 0, 2, 4).reshape(
-            batch * length, cfg.n_layers, cfg.n_heads, cfg.head_dim)
-        pool.values[:, rows, :, where] = new.values.permute(1, 3, 0, 2, 4).reshape(
-            batch * length, cfg.n_layers, cfg.n_heads, cfg.head_dim)
-        pool.positions.index_copy_(0, slots, past.positions + counts)
-        last = new.hidden[torch.arange(batch, device=items.device), counts - 1]
+        users: a slab), written back in place (`KVCache.write_new`), and the user vector after
+        each user's last new event into `pool_vectors` [S, d]. Returns the vectors [B, T, d]
+        and attention [B, T, W] as `extend` does; the result equals `extend` of the gathered
+        caches scattered back (the same arithmetic)."""
+        new = self._extend(pool.rows(slots), events, counts, return_attention)
+        pool.write_new(slots, new, counts)
+        last = new.hidden[torch.arange(len(counts), device=counts.device), counts - 1]
         pool_vectors.index_copy_(0, slots, last.to(pool_vectors.dtype))
         return new.hidden, new.attention
 
     def encode_into(
-        self, pool: KVCache, pool_vectors: Tensor, slots: Tensor, items: Tensor, event_types: Tensor
+        self, pool: KVCache, pool_vectors: Tensor, slots: Tensor, events: EventInputs
     ) -> Tensor:
         """`encode` of left-padded histories, written into rows `slots` of `pool` (cache) and
         `pool_vectors` (the vector after each row's last event); returns the vectors [B, d]."""
-        vectors, cache = self.encode(items, event_types)
-        pool.keys.index_copy_(1, slots, cache.keys.to(pool.keys.dtype))
-        pool.values.index_copy_(1, slots, cache.values.to(pool.values.dtype))
-        pool.positions.index_copy_(0, slots, cache.positions)
+        vectors, cache = self._encode(events)
+        pool.write_rows(slots, cache)
         pool_vectors.index_copy_(0, slots, vectors.to(pool_vectors.dtype))
         return vectors
 
     def _extend(
-        self,
-        cache: KVCache,
-        items: Tensor,
-        event_types: Tensor,
-        counts: Tensor,
-        return_attention: bool,
+        self, cache: KVCache, events: EventInputs, counts: Tensor, return_attention: bool
     ) -> _NewEvents:
         """The pass `extend` and `extend_into` share: the new events' outputs, keys and values
         (padding's replaced by what its slot held), where they go, the attention."""
         cfg = self.config
-        batch, length = items.shape
+        batch, length = events.shape
         window = cfg.window
         if length > window:
             raise ValueError(f"extend takes at most W={window} new events per user, got {length}")
-        device = items.device
+        device = events.items.device
         start = cache.positions  # [B]: position of each user's first new event
         offsets = torch.arange(length, device=device)
         positions = start.view(-1, 1) + offsets.view(1, -1)  # [B, T]
@@ -432,7 +438,7 @@ class Encoder(nn.Module):
         if cfg.block == "hstu":  # new event t comes t - t' after new event t'
             new_distance = (offsets.view(-1, 1) - offsets.view(1, -1)).expand(batch, length, length)
             key_age = torch.cat([cached_distance, new_distance], dim=-1).clamp(0, window - 1)
-        x = self.embed(items, event_types)  # [B, T, d]
+        x = self.embed(events)  # [B, T, d]
         hidden, layer_keys, layer_values, probabilities = self._layers(
             x, cos, sin, cache, mask, key_age, keep=True, need_weights=return_attention
         )

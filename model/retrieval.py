@@ -20,6 +20,9 @@ excluded items are filtered out of an over-fetched candidate list, and the rare 
 fewer than k candidates is searched again wider, then exactly. Where fewer than k items remain,
 indices are -1 and scores -inf.
 
+Over 400 lines as one thing: one index and its contract (build, tune to a recall target,
+search with exact exclusions), which share the index's state and search parameters.
+
 GPU serving's exact top-k, `TorchExactRetriever`, is in `model.gpu_retrieval` (Triton stays off
 the CPU worker's imports).
 """

@@ -14,7 +14,7 @@ deletes only what kvrec wrote (model/owned.py): a version folder holding other f
 `.staging-*` folder without kvrec's marker, is left alone.
 
 Which version serves is not decided here: the `model-updates` topic says it
-(stream/model_updates.py).
+(stream/lifecycle/announcements.py).
 """
 
 from __future__ import annotations

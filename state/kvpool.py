@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,7 +30,16 @@ from torch import Tensor
 
 from kvrec.model.config import ModelConfig
 from kvrec.model.encoder import KVCache
-from kvrec.state.kvcache import CacheStats
+
+
+@dataclass
+class CacheStats:
+    """Lookups of the pool that hit or missed, and users evicted: for the metrics."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
 
 KNOWN_ROWS = 4  # history index, model item, model event type, deployment event type
 KNOWN_EVENT_BYTES = KNOWN_ROWS * 8

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvrec.errors import ConfigError, KvrecError
+from kvrec.stream.flag_groups import COMMAND_GROUP, SHARED_GROUP
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,17 +48,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("kvrec.deploy.kafka.launcher", "start a local single-node Kafka broker (KRaft)"),
     "topics": ("kvrec.stream.topics_cli", "create the topics a worker and `kvrec models` use"),
     "bench": ("kvrec.bench.cli", "benchmarks: `kvrec bench model`, `kvrec bench e2e`"),
-    "models": ("kvrec.stream.models_cli", "the model store and what serves: list, show, publish, "
-                                    "promote, shadow, rollback, guard"),
-    "retrain": ("kvrec.stream.retrain", "side job: retrain from the input topic, publish only if not worse"),
+    "models": ("kvrec.stream.lifecycle.models_cli", "the model store and what serves: list, show, "
+                                              "publish, promote, shadow, rollback, guard"),
+    "retrain": ("kvrec.stream.lifecycle.retrain",
+                "side job: retrain from the input topic, publish only if not worse"),
 }
 
 ENV_PREFIX = "KVREC_"
-# the argument group whose flags every Kafka command shares: their variables are `KVREC_<FLAG>`
-SHARED_GROUP = "kafka connection"
-# the argument group of the flags every action of a command shares (`kvrec models list|promote`):
-# their variables are the command's, `KVREC_<COMMAND>_<FLAG>`, not `KVREC_<COMMAND>_<ACTION>_<FLAG>`
-COMMAND_GROUP = "shared by every action"
 # flags whose default --help does not show (it may come from a variable holding a secret)
 SECRET_DESTS = frozenset({"sasl_password", "kafka_options"})
 # a flag's own variable name where it is not `<prefix><FLAG>` (a list flag reads a list)

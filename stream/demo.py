@@ -333,6 +333,12 @@ def _replay_and_watch(
         consumer.close()
     # the run lasts until the last recommendation (or until the watch gave up, if none came)
     elapsed = max((last_arrival if stats.count else time.monotonic()) - started, 1e-9)
+    return _report(args, names, stats, replayed, elapsed, ready_s)
+
+
+def _report(args: argparse.Namespace, names: dict[str, str], stats: LiveStats, replayed: int,
+            elapsed: float, ready_s: float) -> int:
+    """The run's figures as one JSON line; RunFailed if recommendations fell short."""
     print(json.dumps({
         "events_replayed": replayed,
         "recommendations": stats.count,

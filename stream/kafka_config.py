@@ -14,7 +14,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from kvrec.errors import ConfigError, RunFailed
 from kvrec.flags import number
-from kvrec.stream.cli import SHARED_GROUP
+from kvrec.stream.flag_groups import SHARED_GROUP
 from kvrec.stream.kafka_logs import kafka_log, kafka_log_filter
 
 # librdkafka settings that have a flag of their own: `-X` refuses them (one way to set each)

@@ -423,7 +423,7 @@ def _retrain_problems(container: Container, args: argparse.Namespace) -> list[st
     import torch
 
     from kvrec.model.train import settings_from_args, shape_from_args
-    from kvrec.stream.retrain.command import _faust_brokers
+    from kvrec.stream.lifecycle.retrain.command import _faust_brokers
 
     where, problems = container.where, []
     _faust_brokers(args)

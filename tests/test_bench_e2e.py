@@ -98,7 +98,7 @@ def test_the_readers_shortcut_finds_the_same_key_as_decoding(
 
 
 def test_the_sweep_reads_the_retrieval_report_the_worker_logs(tmp_path: Path) -> None:
-    """`kvrec worker` logs `model V: retrieval {...}` (stream/worker/models.py); the sweep's
+    """`kvrec worker` logs `model V: retrieval {...}` (stream/lifecycle/loading.py); the sweep's
     table takes kind, settings and recall from it (a format change once left them empty)."""
     from kvrec.bench.e2e import _retrieval_report
 
@@ -112,7 +112,7 @@ def test_the_sweep_reads_the_retrieval_report_the_worker_logs(tmp_path: Path) ->
     report = _retrieval_report(log)
     assert report is not None and report["kind"] == "ivfpq" and report["recall@10"] == 0.9787
     assert 'log.info("model %s: retrieval %s"' in (
-        Path(__file__).parent.parent / "stream" / "worker" / "models.py").read_text()
+        Path(__file__).parent.parent / "stream" / "lifecycle" / "loading.py").read_text()
 
 
 def test_each_commit_interval_and_width_is_its_own_row() -> None:

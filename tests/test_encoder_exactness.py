@@ -10,6 +10,7 @@ import torch
 
 from kvrec.model.config import ModelConfig
 from kvrec.model.encoder import Encoder, KVCache
+from tests.kv_helpers import cat, split
 
 TOLERANCE = 1e-4
 
@@ -60,15 +61,15 @@ def _step_batched(encoder: Encoder, sequences, cache: KVCache | None = None) -> 
     """Step all users together, one event per step; users stop when their sequence ends."""
     batch = len(sequences)
     cache = cache or KVCache.empty(encoder.config, batch, device=sequences[0][0].device)
-    per_user = [c for c in cache.split()]
+    per_user = [c for c in split(cache)]
     vectors: list[torch.Tensor | None] = [None] * batch
     for t in range(max(len(s[0]) for s in sequences)):
         active = [b for b in range(batch) if t < len(sequences[b][0])]
-        stepped = KVCache.cat([per_user[b] for b in active])
+        stepped = cat([per_user[b] for b in active])
         items = torch.stack([sequences[b][0][t] for b in active])
         types = torch.stack([sequences[b][1][t] for b in active])
         out, stepped, _ = encoder.step(stepped, items, types)
-        for slot, (b, user_cache) in enumerate(zip(active, stepped.split(), strict=True)):
+        for slot, (b, user_cache) in enumerate(zip(active, split(stepped), strict=True)):
             per_user[b] = user_cache
             vectors[b] = out[slot]
     return torch.stack(vectors)  # type: ignore[arg-type]
@@ -131,7 +132,7 @@ def test_split_and_cat_round_trip_is_lossless() -> None:
     encoder = _encoder(2, 5, 7)
     sequences = _sequences([3, 9, 14], 7)
     _, cache = encoder.encode(_left_pad([s[0] for s in sequences]), _left_pad([s[1] for s in sequences]))
-    again = KVCache.cat(cache.split())
+    again = cat(split(cache))
     assert torch.equal(again.keys, cache.keys) and torch.equal(again.values, cache.values)
     assert torch.equal(again.positions, cache.positions)
     assert again.nbytes() == cache.nbytes()

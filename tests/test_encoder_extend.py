@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvrec.model.encoder import Encoder, KVCache
+from tests.kv_helpers import cat, split
 from tests.test_encoder_exactness import TOLERANCE, _encoder, _sequences
 
 
@@ -36,17 +37,17 @@ def _extend_in_chunks(
         for row, b in enumerate(active):
             items[row, : counts[b]] = sequences[b][0][done[b] : done[b] + counts[b]]
             types[row, : counts[b]] = sequences[b][1][done[b] : done[b] + counts[b]]
-        per_user = cache.split()
+        per_user = split(cache)
         out, stepped, attention = encoder.extend(
-            KVCache.cat([per_user[b] for b in active]), items, types,
+            cat([per_user[b] for b in active]), items, types,
             torch.tensor([counts[b] for b in active]), return_attention=True,
         )
-        for row, (b, user_cache) in enumerate(zip(active, stepped.split(), strict=True)):
+        for row, (b, user_cache) in enumerate(zip(active, split(stepped), strict=True)):
             per_user[b] = user_cache
             vectors[b].extend(out[row, : counts[b]])
             attentions[b].extend(attention[row, : counts[b]])
             done[b] += counts[b]
-        cache = KVCache.cat(per_user)
+        cache = cat(per_user)
     return [torch.stack(v) for v in vectors], cache, [torch.stack(a) for a in attentions]
 
 

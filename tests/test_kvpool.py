@@ -19,10 +19,12 @@ from kvrec.model.artifact import Artifact
 from kvrec.model.backends import make_backend
 from kvrec.model.config import BLOCKS, ModelConfig
 from kvrec.model.encoder import Encoder, KVCache
+from kvrec.model.events import EventInputs
 from kvrec.model.retrieval import Exclusions, Retriever
 from kvrec.state.kvpool import ARRAY_HEADER_BYTES, KNOWN_EVENT_BYTES, KVPool, budget_for
 from kvrec.state.window import Window, WindowEvent
 from kvrec.stream.worker.inference import Recommender, WaveInput
+from tests.kv_helpers import cat
 from tests.worker_fixtures import make_artifact
 from tests.worker_reference import (
     ReferenceEvent,
@@ -202,7 +204,7 @@ def test_extend_into_equals_extend_of_each_users_cache(
             if lengths[u]:
                 items = torch.from_numpy(rng.integers(1, 31, (1, lengths[u])))
                 types = torch.from_numpy(rng.integers(1, 4, (1, lengths[u])))
-                encoder.encode_into(pool.kv, pool.vectors, slots[u : u + 1], items, types)
+                encoder.encode_into(pool.kv, pool.vectors, slots[u : u + 1], EventInputs(items, types))
                 caches.append(encoder.encode(items, types)[1])
             else:
                 caches.append(KVCache.empty(config, 1))
@@ -211,9 +213,9 @@ def test_extend_into_equals_extend_of_each_users_cache(
         types = torch.from_numpy(rng.integers(1, 4, (users, width)))
         untouched = [s for s in range(pool.slots) if s not in slots.tolist()]
         before = pool.kv.keys[:, untouched].clone()
-        got, got_attention = encoder.extend_into(pool.kv, pool.vectors, slots, items, types,
+        got, got_attention = encoder.extend_into(pool.kv, pool.vectors, slots, EventInputs(items, types),
                                                  counts, return_attention=True)
-        want, want_cache, want_attention = encoder.extend(KVCache.cat(caches), items, types,
+        want, want_cache, want_attention = encoder.extend(cat(caches), items, types,
                                                           counts, return_attention=True)
     real = torch.arange(width).view(1, -1) < counts.view(-1, 1)
     torch.testing.assert_close(got[real], want[real])

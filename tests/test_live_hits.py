@@ -6,8 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvrec.state.window import WindowEvent
+from kvrec.stream.lifecycle.roles import ModelRole
 from kvrec.stream.worker.inference import ScoredBatch, WaveInput
-from kvrec.stream.worker.live import SERVE, LiveHits
+from kvrec.stream.worker.live import LiveHits
 
 ITEM_IDS = ["", *(f"sku-{i}" for i in range(1, 9))]
 INDEX = {item: i for i, item in enumerate(ITEM_IDS) if i > 0}
@@ -22,7 +23,7 @@ _waves = st.lists(  # waves of (user, [(event item id, its list as indices)])
 
 @given(_waves, st.integers(1, 3))
 def test_hits_on_indices_are_hits_on_ids(waves, max_users: int) -> None:
-    by_index, by_id = LiveHits(SERVE, max_users), LiveHits(SERVE, max_users)
+    by_index, by_id = LiveHits(ModelRole.SERVE, max_users), LiveHits(ModelRole.SERVE, max_users)
     for n, wave in enumerate(waves):
         inputs = [WaveInput(user, [], [WindowEvent(item, 1, 0, 0) for item, _ in events], 10, 0)
                   for user, events in wave]
@@ -37,6 +38,8 @@ def test_hits_on_indices_are_hits_on_ids(waves, max_users: int) -> None:
                 batch.unknown_item.append(False)
         version = f"v{n % 2}"
         by_index.observe(inputs, batch, version)
-        by_id.observe(inputs, list(batch), version)  # `Scored` objects: ids as strings
+        ids_only = ScoredBatch(ITEM_IDS, ["view"])  # no index of ids: lists of ids
+        ids_only.extend(batch)
+        by_id.observe(inputs, ids_only, version)
         assert by_index.snapshot() == by_id.snapshot()
         assert list(by_index.last) == list(by_id.last)

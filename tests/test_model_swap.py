@@ -20,17 +20,17 @@ from kvrec.model.store import ModelStore, StoredVersion
 from kvrec.model.train import TrainSettings, train
 from kvrec.state.window import Window, WindowEvent
 from kvrec.stream.cli import main as kvrec
-from kvrec.stream.model_updates import (
+from kvrec.stream.lifecycle.announcements import (
     Announcement,
     Candidate,
     announce,
     ensure_model_topics,
     first_announcement,
     latest_announcement,
-    live_hit_rates,
 )
+from kvrec.stream.lifecycle.live_stats import live_hit_rates
+from kvrec.stream.lifecycle.loading import ModelChoice, ModelRefused, load_recommender
 from kvrec.stream.worker.inference import Recommender, WaveInput
-from kvrec.stream.worker.models import ModelChoice, ModelRefused, load_recommender
 from kvrec.stream.worker.settings import WorkerSettings
 from tests.conftest import unique_topic
 from tests.test_worker_reliability import OnePartition
@@ -303,7 +303,7 @@ def test_swap_refuse_and_roll_back_under_exactly_once(kafka_bootstrap: str, tmp_
         assert worker.counter("kvrec_model_swaps_total") == 1
 
         # the worker reports what it serves and what it refused; `kvrec models list` shows it
-        from kvrec.stream.model_updates import read_live
+        from kvrec.stream.lifecycle.live_stats import read_live
 
         def reported() -> bool:
             reports = read_live(life.config, "default", life.stats).reports
@@ -396,7 +396,7 @@ def test_a_version_announced_before_it_reaches_the_mount_is_waited_for_not_refus
     kafka_bootstrap: str, tmp_path: Path, good_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Shared storage may show a version later than the announcement reaches a worker."""
-    from kvrec.stream.worker.watcher import ModelWatcher
+    from kvrec.stream.lifecycle.watcher import ModelWatcher
 
     monkeypatch.setattr(ModelWatcher, "missing_retry_s", 0.5)
     life = Lifecycle(kafka_bootstrap, tmp_path)
@@ -435,7 +435,7 @@ class WatcherRig:
                  serving: str = "v1") -> None:
         import threading
 
-        from kvrec.stream.worker import watcher as watcher_module
+        from kvrec.stream.lifecycle import watcher as watcher_module
         from kvrec.stream.worker.metrics import WorkerMetrics
 
         self.config = {"bootstrap.servers": bootstrap}
@@ -511,7 +511,7 @@ def test_a_refused_version_announced_again_is_tried_again(
         # what it serves reaches the stats topic with the live counters
         rig.watcher.publish_stats({("v2", "serve"): (3, 1)})
         rig.watcher.stats_producer.flush(10)
-        from kvrec.stream.model_updates import read_live
+        from kvrec.stream.lifecycle.live_stats import read_live
 
         view = read_live(rig.config, "default", rig.stats)
         assert [(r.status.serving if r.status else None) for r in view.reports] == ["v2"]

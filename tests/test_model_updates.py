@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from kvrec.stream.model_updates import (
+from kvrec.stream.lifecycle.announcements import (
     Announcement,
     Candidate,
-    Refusal,
-    WorkerStatus,
     announce,
     ensure_model_topics,
     first_announcement,
     latest_announcement,
+    put,
+)
+from kvrec.stream.lifecycle.live_stats import (
+    Refusal,
+    WorkerStatus,
     live_hit_rates,
     live_stats_value,
-    put,
     read_live,
 )
 from tests.conftest import unique_topic

@@ -12,15 +12,9 @@ from hypothesis import strategies as st
 
 from kvrec.model.store import ModelStore
 from kvrec.stream.cli import main as kvrec
-from kvrec.stream.model_policy import promotion_verdict, rollback_verdict
-from kvrec.stream.model_updates import (
-    LiveRate,
-    Refusal,
-    WorkerStatus,
-    latest_announcement,
-    live_stats_value,
-    put,
-)
+from kvrec.stream.lifecycle.announcements import latest_announcement, put
+from kvrec.stream.lifecycle.live_stats import LiveRate, Refusal, WorkerStatus, live_stats_value
+from kvrec.stream.lifecycle.policy import promotion_verdict, rollback_verdict
 from tests.conftest import unique_topic
 from tests.worker_fixtures import make_artifact
 
@@ -543,8 +537,8 @@ def test_action_variables_and_range_checks(monkeypatch: pytest.MonkeyPatch,
 @pytest.mark.kafka
 def test_an_announcement_that_came_in_meanwhile_is_not_undone(
         setup: Setup, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvrec.stream import models_cli
-    from kvrec.stream.model_updates import announce
+    from kvrec.stream.lifecycle import models_cli
+    from kvrec.stream.lifecycle.announcements import announce
 
     publish(capsys, setup, 0, "--serve")
     b = publish(capsys, setup, 1, "--serve")

@@ -14,8 +14,8 @@ import torch
 from kvrec.errors import ConfigError
 from kvrec.model.artifact import load_artifact, save_artifact
 from kvrec.model.datasets import Interaction, SyntheticSpec, generate_synthetic
-from kvrec.model.decision import decide, held_out_tail
 from kvrec.model.train import TrainSettings, train
+from kvrec.stream.lifecycle.decision import decide, held_out_tail
 
 TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "window": 8, "dropout": 0.1}
 
@@ -176,7 +176,7 @@ def _retrain(tmp_path: Path, bootstrap: str, name: str, *flags: str) -> tuple[in
 
 @pytest.mark.kafka
 def test_retrain_once_publishes_then_refuses_a_worse_model(kafka_bootstrap: str, tmp_path: Path) -> None:
-    from kvrec.stream.model_updates import latest_announcement
+    from kvrec.stream.lifecycle.announcements import latest_announcement
     from tests.conftest import create_topics, unique_topic
 
     topic, updates, group = unique_topic("rt-events"), unique_topic("rt-updates"), unique_topic("rt")
@@ -220,18 +220,17 @@ def test_a_retrained_version_never_puts_a_refused_one_in_the_history(
         kafka_bootstrap: str, tmp_path: Path) -> None:
     """The announced version no worker served (refused) is not the rollback target after a
     retrain: the history holds the versions the workers reported serving."""
-    from kvrec.model.decision import Decision
     from kvrec.model.store import ModelStore
-    from kvrec.stream.model_updates import (
-        WorkerStatus,
+    from kvrec.stream.lifecycle.announcements import (
         announce,
         ensure_model_topics,
         first_announcement,
         latest_announcement,
-        live_stats_value,
         put,
     )
-    from kvrec.stream.retrain.job import JobSettings, _publish
+    from kvrec.stream.lifecycle.decision import Decision
+    from kvrec.stream.lifecycle.live_stats import WorkerStatus, live_stats_value
+    from kvrec.stream.lifecycle.retrain.job import JobSettings, _publish
     from tests.conftest import unique_topic
     from tests.worker_fixtures import make_artifact
 

@@ -11,8 +11,8 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from kvrec.errors import ConfigError
 from kvrec.stream.cli import build_parser
-from kvrec.stream.retrain.app import AppSettings, build_app
-from kvrec.stream.retrain.command import _faust_brokers, _faust_credentials
+from kvrec.stream.lifecycle.retrain.app import AppSettings, build_app
+from kvrec.stream.lifecycle.retrain.command import _faust_brokers, _faust_credentials
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvrec.state.kvcache import LruByteCache
 from kvrec.state.store import WindowStore
 from kvrec.state.window import CorruptWindow, Window, WindowEvent
+from tests.lru_byte_cache import LruByteCache
 
 
 def _event(i: int, item: str = "sku-1") -> WindowEvent:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from kvrec.model.config import ModelConfig
-from kvrec.model.train import TrainSettings, lr_factor
+from kvrec.model.schedule import lr_factor
+from kvrec.model.train import TrainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 # the flags of the run that reached the published test NDCG@10 (docs/results.md, docs/history/quality.md)

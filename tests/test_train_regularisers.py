@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvrec.model.artifact import load_artifact
-from kvrec.model.train import (
-    TrainSettings,
+from kvrec.model.objectives import (
     contrastive_loss,
     future_targets,
     replace_items,
@@ -21,6 +20,7 @@ from kvrec.model.train import (
     sequences_by_last_item,
     target_distribution,
 )
+from kvrec.model.train import TrainSettings
 from kvrec.stream.cli import main as kvrec
 
 

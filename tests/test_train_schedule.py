@@ -13,7 +13,8 @@ import torch
 from kvrec.model.config import ModelConfig
 from kvrec.model.encoder import Encoder
 from kvrec.model.evaluate import Split, evaluate_split
-from kvrec.model.train import TrainSettings, length_grouped_batches, lr_factor, random_batches
+from kvrec.model.schedule import length_grouped_batches, lr_factor, random_batches
+from kvrec.model.train import TrainSettings
 
 
 def test_cosine_warms_up_then_decays_to_the_floor() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvrec.stream.lifecycle.loading import retrieval_kind
 from kvrec.stream.worker.app import add_arguments, build_recommender
-from kvrec.stream.worker.models import retrieval_kind
 from kvrec.stream.worker.settings import WorkerSettings
 from tests.test_worker_inference import _run, _stream
 from tests.worker_fixtures import make_artifact

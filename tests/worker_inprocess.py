@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from kvrec.stream.kafka_config import client_config
+from kvrec.stream.lifecycle.watcher import ModelWatcher
 from kvrec.stream.worker.app import (
     add_arguments,
     build_recommender,
@@ -19,7 +20,6 @@ from kvrec.stream.worker.app import (
 from kvrec.stream.worker.loop import Worker
 from kvrec.stream.worker.metrics import HealthState, WorkerMetrics
 from kvrec.stream.worker.settings import WorkerSettings
-from kvrec.stream.worker.watcher import ModelWatcher
 
 
 def worker_args(

@@ -8,6 +8,9 @@ after a grace period, so no Java process is left behind. A data directory is for
 only when the launcher made it (its marker file, model/owned.py) or it is new or empty: one
 holding anything else is refused, never wiped.
 
+Over 400 lines as one thing: one broker process's life (jars, format, start, readiness, stop,
+the status/stop of a background one), which shares its paths, ports and process group.
+
     with LocalKafka() as kafka:
         print(kafka.bootstrap_servers)
 

@@ -25,16 +25,18 @@ from kvrec.stream.kafka_config import (
     topic_partitions,
     wait_for_kafka,
 )
+from kvrec.stream.lifecycle.loading import ModelChoice, ModelRefused, choice_of, load_recommender
 from kvrec.stream.logs import add_logging_arguments, setup_logging
 from kvrec.stream.worker.checkpoint import ClientHang
 from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, serve
-from kvrec.stream.worker.models import ModelChoice, ModelRefused, choice_of, load_recommender
 from kvrec.stream.worker.settings import WorkerSettings, add_worker_arguments
 
 if TYPE_CHECKING:
-    from kvrec.stream.model_updates import Announcement
+    from kvrec.stream.lifecycle.announcements import Announcement
+    from kvrec.stream.lifecycle.watcher import ModelWatcher
     from kvrec.stream.worker.cold_start import PopularRecommender
     from kvrec.stream.worker.inference import Recommender
+    from kvrec.stream.worker.loop import Worker
 
 CAPACITY_WITHOUT_MODEL = 200  # events kept per user while no model says how many it needs
 
@@ -65,7 +67,7 @@ def starting_model(
 
     announcement = None
     if settings.model_store is not None:
-        from kvrec.stream.model_updates import ensure_model_topics, latest_announcement
+        from kvrec.stream.lifecycle.announcements import ensure_model_topics, latest_announcement
 
         wait_for_kafka(kafka_config, args.connect_timeout, retry=True, log=log, on_wait=health.beat)
         if args.create_topics:
@@ -125,14 +127,34 @@ def main(args: argparse.Namespace) -> int:
                  server.server_address[1])
     import torch
 
+    from kvrec.stream.lifecycle.watcher import ModelWatcher
     from kvrec.stream.worker.loop import Worker
-    from kvrec.stream.worker.watcher import ModelWatcher
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     log.info("loading the model and building retrieval")
     recommender, announced = starting_model(settings, kafka_config, metrics, health, args)
     settings = resolve_window_capacity(settings, recommender)
+    _reach_topics(settings, kafka_config, args, health)
+    watcher = None
+    if settings.model_store is not None:  # follow the announcements: hot swaps
+        watcher = ModelWatcher(settings, kafka_config, metrics, announced, recommender.version)
+        watcher.start()
+    worker = Worker(settings, recommender, metrics, health, kafka_config, watcher=watcher)
+    log.info(
+        "worker %s: model %s, %s, window %d events, %s",
+        settings.instance_id,
+        recommender.version,
+        settings.backend,
+        settings.window_capacity,
+        "exactly-once" if settings.exactly_once else "at-least-once",
+    )
+    return _run_until_stopped(worker, watcher, args.release_memory_s)
+
+
+def _reach_topics(settings: WorkerSettings, kafka_config: dict[str, object],
+                  args: argparse.Namespace, health: HealthState) -> None:
+    """Wait for Kafka, create the topics if asked, and check they are there."""
     # a Kafka that does not answer: one line after --connect-timeout, then quiet retries
     # (alive on /health, not /ready)
     wait_for_kafka(kafka_config, args.connect_timeout, retry=True, log=log, on_wait=health.beat)
@@ -140,18 +162,19 @@ def main(args: argparse.Namespace) -> int:
         ensure_topics(kafka_config, topic_specs(settings, args.partitions), args.connect_timeout)
     # before any client is made: a missing topic is one line, and nothing is committed
     check_topics(settings, topic_partitions(kafka_config, args.connect_timeout))
-    watcher = None
-    if settings.model_store is not None:  # follow the announcements: hot swaps
-        watcher = ModelWatcher(settings, kafka_config, metrics, announced, recommender.version)
-        watcher.start()
-    worker = Worker(settings, recommender, metrics, health, kafka_config, watcher=watcher)
+
+
+def _run_until_stopped(worker: Worker, watcher: ModelWatcher | None,
+                       release_memory_s: float) -> int:
+    """Run the loop until SIGTERM or SIGINT; a hung client call exits at once."""
     freeze_heap()
     trimming = None
-    if args.release_memory_s > 0:
+    if release_memory_s > 0:
         from kvrec.model.memory import release_periodically
 
-        trimming = release_periodically(args.release_memory_s)
+        trimming = release_periodically(release_memory_s)
 
+    settings = worker.settings
     leaving = [settings.leave_group_on_stop]  # a scale-down: the group frees the partitions now
 
     def stop(signum: int, frame: object) -> None:
@@ -163,20 +186,12 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGUSR2, stop)  # stop for good (a scale-down): leave the group
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where is it stuck?
-    log.info(
-        "worker %s: model %s, %s, window %d events, %s",
-        settings.instance_id,
-        recommender.version,
-        settings.backend,
-        settings.window_capacity,
-        "exactly-once" if settings.exactly_once else "at-least-once",
-    )
     try:
         worker.run()  # /health: from "starting" to the loop's beats
         if leaving[0] and settings.static_membership:  # closed, checkpointed: now leave
             from kvrec.stream.worker.leave import leave_group
 
-            leave_group(kafka_config, settings.group_id, settings.instance_id)
+            leave_group(worker.kafka_config, settings.group_id, settings.instance_id)
     except ClientHang as hang:
         # a client call hangs in C: exit at once (a normal exit would wait for the clients);
         # nothing was committed, and the restarted worker replays the work

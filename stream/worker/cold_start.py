@@ -12,14 +12,20 @@ import heapq
 import time
 from collections.abc import Iterable, Sequence
 
-from kvrec.state.kvcache import LruByteCache
-from kvrec.stream.worker.inference import RecommendCounters, Scored, WaveInput
+from kvrec.stream.worker.inference import RecommendCounters, ScoredBatch, WaveInput
 
 NO_MODEL = "none"
 
 
+class NoCache:
+    """The cache of a recommender that keeps nothing per user."""
+
+    bytes_used = 0
+
+
 class PopularRecommender:
-    """The `Recommender` interface without a model: live popularity."""
+    """A `WaveRecommender` (stream/worker/protocols.py) without a model: live popularity. Its
+    `ScoredBatch`'s catalog is the call's listed items (row 0: none)."""
 
     version = NO_MODEL
     max_events_per_user = 64
@@ -29,7 +35,7 @@ class PopularRecommender:
     def __init__(self, k: int, exclude_seen: bool = True) -> None:
         self.k = k
         self.exclude_seen = exclude_seen
-        self.cache: LruByteCache[object] = LruByteCache(1)  # nothing to cache; for the metrics
+        self.cache = NoCache()
         self.counts: dict[str, int] = {}
         self._top: list[tuple[str, int]] = []
         self._top_due = 0.0
@@ -37,21 +43,27 @@ class PopularRecommender:
     def forget(self, user_ids: Iterable[str]) -> None:
         return None
 
-    def recommend(self, wave: Sequence[WaveInput]) -> tuple[list[Scored], RecommendCounters]:
+    def recommend(self, wave: Sequence[WaveInput]) -> tuple[ScoredBatch, RecommendCounters]:
         for user in wave:
             for event in user.events:
                 self.counts[event.item_id] = self.counts.get(event.item_id, 0) + 1
         self._refresh()
-        results = []
+        top = self._top
+        item_ids = ["", *(item for item, _ in top)]
+        batch = ScoredBatch(item_ids, (), {item: i for i, item in enumerate(item_ids) if i})
         for user in wave:
             seen = {event.item_id for event in user.previous} if self.exclude_seen else set()
             for event in user.events:
                 if self.exclude_seen:
                     seen.add(event.item_id)
-                items = [(item, float(count)) for item, count in self._top if item not in seen]
-                results.append(Scored(user.user_id, items[: self.k], cold_start=True,
-                                      unknown_item=True))
-        return results, RecommendCounters(0, 0, sum(len(user.events) for user in wave))
+                listed = [i for i, (item, _) in enumerate(top, start=1) if item not in seen][: self.k]
+                batch.user_ids.append(user.user_id)
+                batch.items.append(listed)
+                batch.scores.append([float(top[i - 1][1]) for i in listed])
+                batch.because.append([])
+                batch.cold_start.append(True)
+                batch.unknown_item.append(True)
+        return batch, RecommendCounters(0, 0, sum(len(user.events) for user in wave))
 
     def _refresh(self) -> None:
         now = time.monotonic()

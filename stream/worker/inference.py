@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, overload
 
 import numpy as np
 import torch
@@ -34,10 +34,14 @@ from kvrec.errors import ArtifactError
 from kvrec.model.artifact import Artifact, event_type_map
 from kvrec.model.backends import StepBackend
 from kvrec.model.batching import group_by_length
-from kvrec.model.retrieval import Exclusions, Retriever
+from kvrec.model.events import EventInputs
+from kvrec.model.retrieval import Exclusions
 from kvrec.state.kvpool import KNOWN_ROWS, KVPool
 from kvrec.state.window import WindowEvent, WindowSnapshot
 from kvrec.stream.worker.because import Because, event_type_name
+
+if TYPE_CHECKING:
+    from kvrec.stream.worker.protocols import ItemRetriever
 
 AT, ITEM, TYPE, RAW_TYPE = range(KNOWN_ROWS)  # rows of a known-events array (state/kvpool.py)
 _USER_KEY = 1 << 42  # (user row, history index) as one sortable int64: row * _USER_KEY + index
@@ -99,7 +103,13 @@ class ScoredBatch(Sequence[Scored]):
         self.cold_start += other.cold_start
         self.unknown_item += other.unknown_item
 
-    def __getitem__(self, e):  # type: ignore[no-untyped-def,override]
+    @overload
+    def __getitem__(self, e: int) -> Scored: ...
+
+    @overload
+    def __getitem__(self, e: slice) -> list[Scored]: ...
+
+    def __getitem__(self, e: int | slice) -> Scored | list[Scored]:
         if isinstance(e, slice):
             return [self._row(i) for i in range(*e.indices(len(self)))]
         if e < 0:
@@ -178,9 +188,9 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def _padded(known: np.ndarray, starts: np.ndarray, lengths: np.ndarray, left: bool
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Items and types of `known[:, starts[i] : starts[i] + lengths[i]]` as rows padded with 0
-    on the left (`encode`) or on the right (`extend`): [B, longest] each."""
+            ) -> EventInputs:
+    """The model's inputs of `known[:, starts[i] : starts[i] + lengths[i]]` as rows padded
+    with 0 on the left (`encode`) or on the right (`extend`): [B, longest] each."""
     longest = int(lengths.max())
     columns = np.arange(longest, dtype=np.int64)
     shift = (longest - lengths) if left else np.zeros_like(lengths)
@@ -189,7 +199,7 @@ def _padded(known: np.ndarray, starts: np.ndarray, lengths: np.ndarray, left: bo
     source = np.where(valid, source, 0)
     items = np.where(valid, known[ITEM][source], 0)
     types = np.where(valid, known[TYPE][source], 0)
-    return torch.from_numpy(items), torch.from_numpy(types)
+    return EventInputs(torch.from_numpy(items), torch.from_numpy(types))
 
 
 class Recommender:
@@ -199,7 +209,7 @@ class Recommender:
         self,
         artifact: Artifact,
         backend: StepBackend,
-        retriever: Retriever,
+        retriever: ItemRetriever,
         cache: KVPool | int,
         *,
         k: int = 10,
@@ -293,7 +303,7 @@ class Recommender:
             lengths = np.minimum(counts[rows], self.history)
             self.backend.encode_into(
                 pool.kv, pool.vectors, torch.from_numpy(slots),
-                *_padded(known, base[rows] + counts[rows] - lengths, lengths, left=True),
+                _padded(known, base[rows] + counts[rows] - lengths, lengths, left=True),
             )
             pool.store(slots, [windows[r][1].events[-1].offset for r in rows.tolist()],
                        [known[:, b : b + n].copy() for b, n in zip(base[rows].tolist(),
@@ -421,7 +431,7 @@ class Recommender:
             lengths = np.minimum(wave.n_previous[refill], self.history)
             starts = wave.known_base[refill] + wave.n_previous[refill] - lengths
             self.backend.encode_into(pool.kv, pool.vectors, torch.from_numpy(wave.slots[refill]),
-                                     *_padded(wave.known, starts, lengths, left=True))
+                                     _padded(wave.known, starts, lengths, left=True))
         before = (wave.answered_by < 0) & wave.has_previous[wave.event_user]
         needed = np.unique(wave.event_user[before])
         wave.previous_row[needed] = np.arange(len(needed))
@@ -442,13 +452,13 @@ class Recommender:
         for group in group_by_length(wave.n_new[moving].tolist()):
             rows = moving[group]
             counts = wave.n_new[rows]
-            items, types = _padded(wave.known, wave.known_base[rows] + wave.n_previous[rows],
-                                   counts, left=False)
+            events = _padded(wave.known, wave.known_base[rows] + wave.n_previous[rows],
+                             counts, left=False)
             out, weights = self.backend.extend_into(
                 self.cache.kv, self.cache.vectors, torch.from_numpy(wave.slots[rows]),
-                items, types, torch.from_numpy(counts), return_attention=True,
+                events, torch.from_numpy(counts), return_attention=True,
             )
-            columns = np.arange(items.shape[1])
+            columns = np.arange(events.shape[1])
             real = columns[None, :] < counts[:, None]
             into = torch.from_numpy((wave.new_base[rows][:, None] + columns[None, :])[real])
             real_rows = torch.from_numpy(real)

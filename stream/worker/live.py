@@ -19,34 +19,30 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from kvrec.stream.worker.inference import Scored, ScoredBatch, WaveInput
+from kvrec.stream.lifecycle.roles import ModelRole
+from kvrec.stream.worker.inference import ScoredBatch, WaveInput
+from kvrec.stream.worker.protocols import WaveRecommender
 
 log = logging.getLogger("kvrec.worker")
-
-SERVE, SHADOW = "serve", "shadow"
 
 
 @dataclass
 class LiveHits:
     """The users' last lists (bounded, least recent out first) and the counts by version."""
 
-    role: str
+    role: ModelRole
     max_users: int
-    # user -> (version, its list, how to find an item id in it): model item indices and the
-    # catalog's index of ids for a `ScoredBatch` (no string per listed item), else the ids
-    last: OrderedDict[str, tuple[str, Sequence[object], Mapping[str, int] | None]] = field(
+    # user -> (version, its list, how to find an item id in it): the batch's item indices and
+    # its catalog's index of ids (no string per listed item), else the ids themselves
+    last: OrderedDict[str, tuple[str, Sequence[int | str], Mapping[str, int] | None]] = field(
         default_factory=OrderedDict)
     counts: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # -> [events, hits]
 
-    def observe(self, wave: Sequence[WaveInput], scored: Sequence[Scored], version: str) -> None:
+    def observe(self, wave: Sequence[WaveInput], scored: ScoredBatch, version: str) -> None:
         """`scored`: one result per event of `wave`, users in order, each user's in order."""
-        index: Mapping[str, int] | None
-        if isinstance(scored, ScoredBatch) and scored.item_index is not None:
-            lists: Iterator[Sequence[object]] = iter(scored.items)
-            index = scored.item_index
-        else:
-            lists = iter([item for item, _ in result.items] for result in scored)
-            index = None
+        index = scored.item_index
+        lists: Iterator[Sequence[int | str]] = iter(
+            scored.items if index is not None else scored.item_id_rows())
         last, role, counted = self.last, self.role, self.counts
         for user in wave:
             user_id = user.user_id
@@ -79,7 +75,7 @@ class Shadow:
     Its failures never touch the serving path: they are counted and the shadow stops after
     `max_failures` in a row."""
 
-    recommender: object  # a stream.worker.inference.Recommender
+    recommender: WaveRecommender
     share: float
     hits: LiveHits
     failures: int = 0
@@ -87,7 +83,7 @@ class Shadow:
 
     @property
     def version(self) -> str:
-        return self.recommender.version  # type: ignore[attr-defined,no-any-return]
+        return self.recommender.version
 
     @property
     def stopped(self) -> bool:
@@ -99,7 +95,7 @@ class Shadow:
         if not sampled or self.stopped:
             return True
         try:
-            scored, _ = self.recommender.recommend(sampled)  # type: ignore[attr-defined]
+            scored, _ = self.recommender.recommend(sampled)
         except Exception as exc:  # the candidate's problem, never the serving path's
             self.failures += 1
             log.warning("shadow model %s failed (%d in a row): %r", self.version, self.failures, exc)

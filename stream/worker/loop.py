@@ -53,6 +53,8 @@ from confluent_kafka.admin import AdminClient
 
 from kvrec.state.window import Window, WindowEvent, WindowSnapshot, pack_event
 from kvrec.stream.kafka_logs import kafka_log
+from kvrec.stream.lifecycle.roles import ModelRole
+from kvrec.stream.lifecycle.watcher import ModelWatcher, Prepared
 from kvrec.stream.schema import (
     BecauseEvent,
     InvalidEvent,
@@ -71,15 +73,19 @@ from kvrec.stream.worker.checkpoint import (
     failed_for_good,
 )
 from kvrec.stream.worker.dead_letters import DeadLetters
-from kvrec.stream.worker.inference import Recommender, Scored, ScoredBatch, WaveInput
-from kvrec.stream.worker.live import SERVE, SHADOW, LiveHits, Shadow
+from kvrec.stream.worker.inference import Scored, ScoredBatch, WaveInput
+from kvrec.stream.worker.live import LiveHits, Shadow
 from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, observe_many
 from kvrec.stream.worker.produce import produce
-from kvrec.stream.worker.recovery import RecoveryResult, recover_partition, restore_consumer_config
+from kvrec.stream.worker.protocols import WaveRecommender
+from kvrec.stream.worker.recovery import (
+    RecoveryResult,
+    recover_partition,
+    restore_consumer_config,
+)
 from kvrec.stream.worker.settings import WorkerSettings
 from kvrec.stream.worker.standby import standby_consumer_config
 from kvrec.stream.worker.state_manager import StateManager
-from kvrec.stream.worker.watcher import ModelWatcher, Prepared
 from kvrec.stream.worker.wire import WireEncoder
 
 log = logging.getLogger(__name__)
@@ -142,7 +148,7 @@ class Worker:
     def __init__(
         self,
         settings: WorkerSettings,
-        recommender: Recommender,
+        recommender: WaveRecommender,
         metrics: WorkerMetrics,
         health: HealthState,
         kafka_config: dict[str, object],
@@ -152,8 +158,8 @@ class Worker:
         self.settings = settings
         self.recommender = recommender  # swapped between two batches when `watcher` has a new one
         self.watcher = watcher
-        self.live = LiveHits(SERVE, settings.live_users)
-        self.shadow_live = LiveHits(SHADOW, settings.live_users)
+        self.live = LiveHits(ModelRole.SERVE, settings.live_users)
+        self.shadow_live = LiveHits(ModelRole.SHADOW, settings.live_users)
         self.shadow: Shadow | None = None
         self._live_exported: dict[tuple[str, str], tuple[int, int]] = {}
         self._stats_due = 0.0
@@ -193,7 +199,7 @@ class Worker:
         self._admin: AdminClient | None = None
         self.kafka_config = kafka_config
         self._backlog = True  # the last batch was full: the next waits for a full one
-        self._wire: tuple[object, WireEncoder] | None = None  # (recommender, its encoder)
+        self._wire: tuple[WaveRecommender, WireEncoder] | None = None  # (recommender, its encoder)
 
     # --- rebalance: the state manager's (state_manager.py) ----------------------------------
     @property
@@ -299,7 +305,7 @@ class Worker:
             watcher.publish_stats({**self.live.snapshot(), **self.shadow_live.snapshot()})
 
     def _swap(self, prepared: Prepared) -> None:
-        if prepared.role == SHADOW:
+        if prepared.role == ModelRole.SHADOW:
             self.shadow = None
             if prepared.recommender is not None:
                 self.shadow_live.last.clear()
@@ -309,7 +315,8 @@ class Worker:
             return
         self._commit()  # the version changes at a checkpoint: no transaction holds two versions
         old = self.recommender
-        self.recommender = prepared.recommender  # type: ignore[assignment]
+        assert prepared.recommender is not None  # a serving version comes with its recommender
+        self.recommender = prepared.recommender
         self.shadow = None
         self.metrics.serving(self.recommender.version, old.version)
         self.metrics.model_swaps.inc()
@@ -578,13 +585,8 @@ class Worker:
         self.metrics.unknown_items.inc(counters.unknown_items)
         self.metrics.cache_bytes.set(self.recommender.cache.bytes_used)
         emitted_ms = int(time.time() * 1000)
-        if isinstance(scored, ScoredBatch):
-            values = self._encode_batch(ordered, scored, emitted_ms)
-            cold_start = sum(scored.cold_start)
-        else:  # the cold-start mode's recommender (no model): a few objects per event
-            values = [self._encode(source, result, emitted_ms)
-                      for source, result in zip(ordered, scored, strict=True)]
-            cold_start = sum(result.cold_start for result in scored)
+        values = self._encode_batch(ordered, scored, emitted_ms)
+        cold_start = sum(scored.cold_start)
         for user in users.values():  # made: the events join their windows
             user.window.extend_packed([source.event for source in user.sources], user.entries)
         return _Outputs(ordered, values, cold_start, [emitted_ms] * len(ordered))
@@ -593,7 +595,8 @@ class Worker:
         """The batch's recommendations in one pass (stream/worker/wire.py), bytes for bytes what
         `_encode` makes of each."""
         recommender = self.recommender
-        if self._wire is None or self._wire[0] is not recommender:
+        if self._wire is None or self._wire[0] is not recommender or \
+                self._wire[1].item_ids is not batch.item_ids:  # cold start: a catalog per wave
             self._wire = (recommender, WireEncoder(recommender.version, batch.item_ids,
                                                    batch.event_types))
         source_ts = []

@@ -30,6 +30,7 @@ from prometheus_client import (
 from prometheus_client.exposition import generate_latest
 
 from kvrec.errors import ConfigError
+from kvrec.stream.lifecycle.roles import ModelRole
 
 if TYPE_CHECKING:  # numpy is imported by the loop, not before the probes answer
     import numpy as np
@@ -201,8 +202,8 @@ class WorkerMetrics:
         if previous is not None:
             self.model_info.remove(previous)
         self.model_info.labels(version).set(1)
-        self.live_events.labels(version, "serve")
-        self.live_hits.labels(version, "serve")
+        self.live_events.labels(version, ModelRole.SERVE)
+        self.live_hits.labels(version, ModelRole.SERVE)
 
     def forget_partition(self, partition: int) -> None:
         """The partition is no longer owned: drop its labelled series."""

@@ -8,7 +8,7 @@ timer (or one run once caught up) that retrains from a snapshot of it, and a web
              store (Faust's rocksdb store on the rocksdict library) under --state-dir, with its
              changelog topic `<group id>-history-changelog` (as many partitions as the input
              topic), so a new pod with an empty disk restores it
-    timer    every --interval-s: snapshot the table and run the job (stream/retrain/job.py) in
+    timer    every --interval-s: snapshot the table and run the job (stream/lifecycle/retrain/job.py) in
              a thread, so the agent keeps consuming while it trains
     --once   wait until every assigned partition is read up to the input topic's end offsets
              as of the start, run the job once, stop
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from faust.types import TP
 
 from kvrec.errors import KvrecError
 from kvrec.model.progress import progress_bar
-from kvrec.stream.retrain.job import REFUSED_EXIT, Outcome, interactions_from_histories
+from kvrec.stream.lifecycle.retrain.job import REFUSED_EXIT, Outcome, interactions_from_histories
 from kvrec.stream.schema import InvalidEvent, parse_event
 
 log = logging.getLogger("kvrec.retrain")
@@ -90,7 +90,23 @@ def build_app(settings: AppSettings, end_offsets: dict[int, int],
     interactions; `end_offsets` (partition -> end offset at the start) is what --once reads
     up to; `stop` stops the worker that runs the app (--once calls it when done)."""
     status = Status(mode="once" if settings.once else "timer", end_offsets=dict(end_offsets))
-    app = faust.App(
+    app = _faust_app(settings)
+    source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
+    # keys: the user id's bytes (raw); values: JSON lists
+    history = app.Table("history", default=list, partitions=settings.partitions, key_type=bytes)
+    _keep_history(app, source, settings, status, history)
+    retrain = _retraining(history, status, job)
+
+    @app.page("/retrain/")
+    async def view(web: Any, request: Any) -> Any:
+        return web.json(status.to_dict())
+
+    _schedule(app, settings, status, retrain, stop)
+    return app, status
+
+
+def _faust_app(settings: AppSettings) -> faust.App:
+    return faust.App(
         settings.group_id,
         broker=settings.brokers,
         broker_credentials=settings.credentials,
@@ -108,10 +124,11 @@ def build_app(settings: AppSettings, end_offsets: dict[int, int],
         web_bind=settings.web_host,
         web_in_thread=False,
     )
-    source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
-    # keys: the user id's bytes (raw); values: JSON lists
-    history = app.Table("history", default=list, partitions=settings.partitions, key_type=bytes)
-    running = asyncio.Lock()
+
+
+def _keep_history(app: faust.App, source: faust.TopicT, settings: AppSettings, status: Status,
+                  history: faust.Table) -> None:
+    """The agent that keeps each user's last `--history` events in the table."""
 
     @app.agent(source, name="kvrec-retrain-history")
     async def keep_history(stream: faust.StreamT) -> None:
@@ -134,6 +151,12 @@ def build_app(settings: AppSettings, end_offsets: dict[int, int],
                 status.users += 1
             kept.append([parsed.item_id, parsed.event_type, parsed.ts])
             history[key] = kept[-settings.history:]
+
+
+def _retraining(history: faust.Table, status: Status, job: Callable[[list], Outcome]
+                ) -> Callable[[], Awaitable[None]]:
+    """One retraining run on a snapshot of the table (skipped while one is going)."""
+    running = asyncio.Lock()
 
     async def retrain() -> None:
         if running.locked():
@@ -158,10 +181,12 @@ def build_app(settings: AppSettings, end_offsets: dict[int, int],
                 status.exit_status = 0 if outcome.decision.publish else REFUSED_EXIT
             status.phase = "idle"
 
-    @app.page("/retrain/")
-    async def view(web: Any, request: Any) -> Any:
-        return web.json(status.to_dict())
+    return retrain
 
+
+def _schedule(app: faust.App, settings: AppSettings, status: Status,
+              retrain: Callable[[], Awaitable[None]], stop: Callable[[], None]) -> None:
+    """--once: retrain when caught up, commit, stop. Else: every --interval-s."""
     if settings.once:
         @app.task
         async def once() -> None:
@@ -182,8 +207,6 @@ def build_app(settings: AppSettings, end_offsets: dict[int, int],
                 log.info("the history table is still being restored: retraining waits")
                 return
             await retrain()
-
-    return app, status
 
 
 async def _caught_up(app: faust.App, settings: AppSettings, status: Status) -> None:

@@ -18,11 +18,12 @@ from kvrec.model.datasets import add_dataset_arguments, check_dataset_arguments,
 from kvrec.model.store import ModelStore
 from kvrec.model.train_command import add_training_arguments, settings_from_args, shape_from_args
 from kvrec.stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text, wait_for_kafka
+from kvrec.stream.lifecycle.announcements import LIVE_STATS_TOPIC, UPDATES_TOPIC, ensure_model_topics
+from kvrec.stream.lifecycle.roles import ModelRole
 from kvrec.stream.logs import add_logging_arguments, setup_logging
-from kvrec.stream.model_updates import LIVE_STATS_TOPIC, UPDATES_TOPIC, ensure_model_topics
 
 if TYPE_CHECKING:
-    from kvrec.stream.retrain.job import JobSettings, Outcome
+    from kvrec.stream.lifecycle.retrain.job import JobSettings, Outcome
 
 log = logging.getLogger("kvrec.retrain")
 
@@ -81,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "model's by more than this (absolute, e.g. 0.002; 0 = refuse any drop)",
     )
     models.add_argument(
-        "--publish-as", default="serve", choices=("serve", "shadow"),
+        "--publish-as", default=ModelRole.SERVE.value, choices=[role.value for role in ModelRole],
         help="serve: announce it as the serving version; shadow: as the serving version's "
              "shadow candidate (with no serving version it serves)",
     )
@@ -98,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _job_settings(args: argparse.Namespace, kafka_config: dict[str, object]) -> JobSettings:
-    from kvrec.stream.retrain.job import JobSettings
+    from kvrec.stream.lifecycle.retrain.job import JobSettings
 
     return JobSettings(
         kafka_config=kafka_config,
@@ -127,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
     if args.data is not None:
         check_dataset_arguments(args)
     from kvrec.model.train import configure_torch
-    from kvrec.stream.retrain.job import run_job
+    from kvrec.stream.lifecycle.retrain.job import run_job
 
     configure_torch(args)
     settings = _job_settings(args, kafka_config)
@@ -200,8 +201,8 @@ def input_end_offsets(kafka_config: dict[str, object], topic: str,
 def _run_app(args: argparse.Namespace, kafka_config: dict[str, object], settings: JobSettings) -> int:
     import faust
 
-    from kvrec.stream.retrain import lz4
-    from kvrec.stream.retrain.app import AppSettings, build_app
+    from kvrec.stream.lifecycle.retrain import lz4
+    from kvrec.stream.lifecycle.retrain.app import AppSettings, build_app
 
     if not lz4.install():
         log.warning("no LZ4 decoder for Faust's Kafka client (neither cramjam nor liblz4): an "
@@ -223,7 +224,7 @@ def _run_app(args: argparse.Namespace, kafka_config: dict[str, object], settings
     def stop() -> None:  # as SIGTERM would: the worker's own shutdown path
         holder["worker"]._schedule_shutdown(signal.SIGTERM)
 
-    from kvrec.stream.retrain.job import run_job
+    from kvrec.stream.lifecycle.retrain.job import run_job
 
     app, status = build_app(app_settings, end_offsets, lambda data: run_job(data, settings), stop)
     if args.log_level != "DEBUG":

@@ -2,7 +2,7 @@
 hot path, so that the loop only has to swap between two micro-batches.
 
 For each new announcement of the worker's model (`--model-name`), in a background thread:
-load the version from the store and run every check (stream/worker/models.py: sha256 of every
+load the version from the store and run every check (stream/lifecycle/loading.py: sha256 of every
 file against the announced manifest, event types and history against the deployment, backend
 and retrieval index, smoke inference), then pre-warm the key/value caches of the most recently
 active users from their stored windows (the loop hands it snapshots between two batches), and
@@ -21,7 +21,7 @@ between).
 
 With its live counters (every `--stats-interval-ms`), the worker reports what it serves on the
 stats topic: the version, the shadow, the versions it served since it started, the versions
-it refused and why (stream/model_updates.py `WorkerStatus`): what `kvrec models list` shows.
+it refused and why (stream/lifecycle/live_stats.py `WorkerStatus`): what `kvrec models list` shows.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -43,16 +44,16 @@ from confluent_kafka import (
 )
 
 from kvrec.state.window import WindowSnapshot
-from kvrec.stream.model_updates import (
-    Announcement,
-    Candidate,
-    Refusal,
-    WorkerStatus,
-    live_stats_value,
-)
+from kvrec.stream.lifecycle.announcements import Announcement, Candidate
+from kvrec.stream.lifecycle.live_stats import Refusal, WorkerStatus, live_stats_value
+from kvrec.stream.lifecycle.loading import ModelChoice, ModelRefused, load_recommender
+from kvrec.stream.lifecycle.roles import ModelRole
 from kvrec.stream.worker.metrics import WorkerMetrics
-from kvrec.stream.worker.models import ModelChoice, ModelRefused, load_recommender
+from kvrec.stream.worker.protocols import WaveRecommender
 from kvrec.stream.worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from kvrec.stream.worker.inference import Recommender
 
 log = logging.getLogger("kvrec.worker")
 
@@ -63,8 +64,8 @@ WindowsProvider = Callable[[int], list[tuple[str, WindowSnapshot]]]
 class Prepared:
     """A version ready to swap in: `role` serve (it replaces the serving model) or shadow."""
 
-    role: str
-    recommender: object | None  # a Recommender; None for "stop the shadow"
+    role: ModelRole
+    recommender: WaveRecommender | None  # None for "stop the shadow"
     announcement: Announcement
     share: float = 0.0  # shadow: the share of users it scores
 
@@ -97,7 +98,8 @@ class ModelWatcher:
         self.refused: dict[tuple[str, str], int] = {}
         # what the loop serves, as taken (reported with the live counters)
         live = serving_version or (serving.version if serving is not None else "none")
-        self._live_serving, self._live_shadow = live, None
+        self._live_serving: str = live
+        self._live_shadow: str | None = None
         self._served: list[str] = [live]
         self._refusals: list[Refusal] = []
         self._newest: Announcement | None = None
@@ -137,13 +139,13 @@ class ModelWatcher:
         with self._lock:
             ready, self._ready = self._ready, []
         for prepared in ready:  # the loop swaps each in now
-            version = getattr(prepared.recommender, "version", None)
-            if prepared.role == "serve" and version is not None:
-                self._live_serving, self._live_shadow = str(version), None
+            version = prepared.recommender.version if prepared.recommender is not None else None
+            if prepared.role == ModelRole.SERVE and version is not None:
+                self._live_serving, self._live_shadow = version, None
                 self._served = [v for v in self._served if v != version][-(REPORTED - 1):]
-                self._served.append(str(version))
-            elif prepared.role == "shadow":
-                self._live_shadow = str(version) if version is not None else None
+                self._served.append(version)
+            elif prepared.role == ModelRole.SHADOW:
+                self._live_shadow = version
         return ready
 
     def status(self) -> WorkerStatus:
@@ -204,7 +206,7 @@ class ModelWatcher:
                       message.offset(), exc)
             self.metrics.model_refusals.labels("announcement").inc()
 
-    def _check_current(self, announcement: Announcement, role: str) -> None:
+    def _check_current(self, announcement: Announcement, role: ModelRole) -> None:
         """Read what came in meanwhile; raise `_Superseded` if a newer announcement changes
         what `role` should be (the version being prepared would serve for nothing)."""
         while True:
@@ -215,21 +217,21 @@ class ModelWatcher:
         newest = self._newest
         if newest is None or newest is announcement:
             return
-        key = _serve_key if role == "serve" else _shadow_key
+        key = _serve_key if role == ModelRole.SERVE else _shadow_key
         if key(newest) != key(announcement):
-            version = (announcement.version if role == "serve"
+            version = (announcement.version if role == ModelRole.SERVE
                        else announcement.shadow.version if announcement.shadow else "none")
             log.info("model %s (%s) superseded by a newer announcement (%s serves%s) before it "
                      "was ready: dropped", version, role, newest.version,
                      f", {newest.shadow.version} shadows" if newest.shadow else "")
             raise _Superseded
 
-    def _may_try(self, key: tuple[str, str] | None, announcement: Announcement, role: str) -> bool:
+    def _may_try(self, key: tuple[str, str] | None, announcement: Announcement, role: ModelRole) -> bool:
         """A version refused before is tried again only for a new announcement that names it
         for this role; otherwise it is skipped, and the log says so."""
         if key is None or key not in self.refused:
             return True
-        decided = (announcement.reason == "shadow") == (role == "shadow")
+        decided = (announcement.reason == "shadow") == (role == ModelRole.SHADOW)
         if decided and self.refused[key] != announcement.announced_ms:
             log.info("model %s (%s) was refused before and is announced again: trying it again",
                      key[0], role)
@@ -240,13 +242,14 @@ class ModelWatcher:
 
     def _act(self, announcement: Announcement) -> None:
         serve_key = _serve_key(announcement)
-        new_serving = serve_key != self.serving_key and self._may_try(serve_key, announcement, "serve")
+        new_serving = (serve_key != self.serving_key
+                       and self._may_try(serve_key, announcement, ModelRole.SERVE))
         if new_serving and self._prepare_serving(announcement):
             self.serving_key = serve_key
             self.shadow_key = None  # the new serving model starts without a shadow
         shadow_key = _shadow_key(announcement)
         new_shadow = (shadow_key != self.shadow_key
-                      and self._may_try(shadow_key, announcement, "shadow"))
+                      and self._may_try(shadow_key, announcement, ModelRole.SHADOW))
         if new_shadow and self._prepare_shadow(announcement):
             self.shadow_key = shadow_key
 
@@ -256,22 +259,23 @@ class ModelWatcher:
                                        announcement.manifest_sha256)
         log.info("model %s announced (%s%s): preparing it", announcement.version,
                  announcement.reason, f": {announcement.note}" if announcement.note else "")
-        recommender = self._load(choice, _serve_key(announcement), announcement, "serve")
+        key = (announcement.version, announcement.manifest_sha256)  # _serve_key(announcement)
+        recommender = self._load(choice, key, announcement, ModelRole.SERVE)
         if recommender is None:
             return False
-        self._check_current(announcement, "serve")
-        warmed = recommender.prewarm(self._recent_windows())  # type: ignore[attr-defined]
-        self._check_current(announcement, "serve")
+        self._check_current(announcement, ModelRole.SERVE)
+        warmed = recommender.prewarm(self._recent_windows())
+        self._check_current(announcement, ModelRole.SERVE)
         self.metrics.model_prepare_seconds.observe(time.perf_counter() - started)
         log.info("model %s ready in %.1f s (%d users' caches pre-warmed): swapping",
                  announcement.version, time.perf_counter() - started, warmed)
-        self._hand_over(Prepared("serve", recommender, announcement))
+        self._hand_over(Prepared(ModelRole.SERVE, recommender, announcement))
         return True
 
     def _prepare_shadow(self, announcement: Announcement) -> bool:
         candidate = announcement.shadow
         if candidate is None:
-            self._hand_over(Prepared("shadow", None, announcement))
+            self._hand_over(Prepared(ModelRole.SHADOW, None, announcement))
             return True
         log.info("shadow model %s announced (%.0f%% of users): preparing it", candidate.version,
                  100 * candidate.sample)
@@ -279,18 +283,18 @@ class ModelWatcher:
         cache_bytes = max(16 << 20, int(self.settings.cache_bytes * share))
         recommender = self._load(
             ModelChoice.announced(self.settings, candidate.version, candidate.manifest_sha256),
-            _candidate_key(candidate), announcement, "shadow", cache_bytes,
+            _candidate_key(candidate), announcement, ModelRole.SHADOW, cache_bytes,
         )
         if recommender is None:
             return False
-        self._check_current(announcement, "shadow")
-        self._hand_over(Prepared("shadow", recommender, announcement, share))
+        self._check_current(announcement, ModelRole.SHADOW)
+        self._hand_over(Prepared(ModelRole.SHADOW, recommender, announcement, share))
         return True
 
     def _load(
-        self, choice: ModelChoice, key: tuple[str, str], announcement: Announcement, role: str,
+        self, choice: ModelChoice, key: tuple[str, str], announcement: Announcement, role: ModelRole,
         cache_bytes: int | None = None,
-    ) -> object | None:
+    ) -> Recommender | None:
         if not choice.path.is_dir():  # not visible on this mount yet (shared storage): wait
             log.warning("model %s is announced but %s is not there yet: retrying in %.0f s",
                         choice.version, choice.path, self.missing_retry_s)

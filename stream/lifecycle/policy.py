@@ -1,5 +1,5 @@
 """The two live-figure decisions of the model lifecycle, as pure functions of the live counters
-(stream/model_updates.py `live_hit_rates`):
+(stream/lifecycle/live_stats.py `live_hit_rates`):
 
 - may a candidate be promoted (`kvrec models promote --require-live`): it scored at least N
   events as shadow, the serving version at least N while serving, and the candidate's hit rate
@@ -19,9 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from kvrec.stream.model_updates import LiveRate
-
-SERVE, SHADOW = "serve", "shadow"
+from kvrec.stream.lifecycle.live_stats import LiveRate
+from kvrec.stream.lifecycle.roles import ModelRole
 
 
 @dataclass(frozen=True)
@@ -54,9 +53,9 @@ def drop_z(now: LiveRate, before: LiveRate) -> float:
 def promotion_verdict(rates: Mapping[tuple[str, str], LiveRate], candidate: str, serving: str,
                       margin: float, min_events: int) -> Verdict:
     """May `candidate` replace `serving`, judged on live figures? `margin` is relative."""
-    shadow = rates.get((candidate, SHADOW)) or _zero(candidate, SHADOW)
-    served = rates.get((serving, SERVE)) or _zero(serving, SERVE)
-    figures = f"{figure(shadow, candidate, SHADOW)}, {figure(served, serving, SERVE)}"
+    shadow = rates.get((candidate, ModelRole.SHADOW)) or _zero(candidate, ModelRole.SHADOW)
+    served = rates.get((serving, ModelRole.SERVE)) or _zero(serving, ModelRole.SERVE)
+    figures = f"{figure(shadow, candidate, ModelRole.SHADOW)}, {figure(served, serving, ModelRole.SERVE)}"
     if shadow.events < min_events:
         return Verdict(False, f"too few live events to judge: {figures} (need {min_events:,} each)")
     if served.events < min_events:
@@ -72,9 +71,10 @@ def rollback_verdict(rates: Mapping[tuple[str, str], LiveRate], serving: str, pr
                      margin: float, min_events: int, confidence: float = 0.99) -> Verdict:
     """Has `serving` fallen below `predecessor` (both counted serving) by more than the
     relative `margin`, and by more than sampling noise at `confidence`?"""
-    now = rates.get((serving, SERVE)) or _zero(serving, SERVE)
-    before = rates.get((predecessor, SERVE)) or _zero(predecessor, SERVE)
-    figures = f"{figure(now, serving, SERVE)}, its predecessor {figure(before, predecessor, SERVE)}"
+    serve = ModelRole.SERVE
+    now = rates.get((serving, serve)) or _zero(serving, serve)
+    before = rates.get((predecessor, serve)) or _zero(predecessor, serve)
+    figures = f"{figure(now, serving, serve)}, its predecessor {figure(before, predecessor, serve)}"
     if now.events < min_events or before.events < min_events:
         return Verdict(False, f"too few live events to judge: {figures} (need {min_events:,} each)")
     z = drop_z(now, before)

@@ -1,5 +1,5 @@
 """One retraining run: train a candidate warm-started from the serving model, score both on the
-same held-out tail (model/decision.py), then publish and announce it or refuse it.
+same held-out tail (stream/lifecycle/decision.py), then publish and announce it or refuse it.
 
 The serving model is the version the newest announcement of `--model-name` on
 `--updates-topic` names, loaded from `--model-store`. With no announcement, the candidate is
@@ -20,20 +20,22 @@ from typing import Any
 from kvrec.errors import ArtifactError
 from kvrec.model.artifact import Artifact, load_artifact
 from kvrec.model.datasets import Interaction
-from kvrec.model.decision import Decision, decide
 from kvrec.model.owned import NotOwned, remove_owned
 from kvrec.model.store import ModelStore
-from kvrec.model.train import SHAPE_FIELDS, TrainSettings, train
-from kvrec.stream.model_updates import (
+from kvrec.model.train import TrainSettings, train
+from kvrec.model.warm_start import SHAPE_FIELDS
+from kvrec.stream.lifecycle.announcements import (
     LIVE_STATS_TOPIC,
     Announcement,
     Candidate,
     announce,
     first_announcement,
     latest_announcement,
-    served_versions,
 )
-from kvrec.stream.retrain.command import REFUSED_EXIT  # noqa: F401 - kvrec retrain's, as before
+from kvrec.stream.lifecycle.decision import Decision, decide
+from kvrec.stream.lifecycle.live_stats import served_versions
+from kvrec.stream.lifecycle.retrain.command import REFUSED_EXIT  # noqa: F401 - kvrec retrain's, as before
+from kvrec.stream.lifecycle.roles import ModelRole
 
 log = logging.getLogger("kvrec.retrain")
 
@@ -47,7 +49,7 @@ class JobSettings:
     train: TrainSettings
     shape: dict[str, Any]  # ModelConfig overrides for a model trained from scratch
     margin: float
-    publish_as: str  # "serve" or "shadow"
+    publish_as: str  # a ModelRole
     shadow_sample: float
     work_dir: Path  # candidates are written here, then copied into the store
     progress: bool = True
@@ -146,7 +148,7 @@ def _publish(settings: JobSettings, candidate: Artifact, decision: Decision,
     if current is None:
         announcement = first_announcement(settings.store.model_name, stored.version, location,
                                           stored.manifest_sha256, "retrain", metrics, note)
-    elif settings.publish_as == "shadow":
+    elif settings.publish_as == ModelRole.SHADOW:
         announcement = current.with_shadow(
             Candidate(stored.version, location, stored.manifest_sha256, settings.shadow_sample), note
         )

@@ -1,15 +1,15 @@
-"""Per-user key/value caches in memory: least recently used first out, bounded by bytes.
+"""An LRU map of per-user entries bounded by bytes, keyed by (user id, model version).
 
-Entries are keyed by (user id, model version), so a model swap never mixes versions: the new
-version simply misses and refills from the user's stored window. Caches are never
-changelogged; they are rebuilt from the window on a miss (exactly, see `model.encoder`).
+The worker's first cache design (one entry per user and version); the worker now keeps its
+users' caches in one pool of slots (state/kvpool.py). Kept for tests/test_state_window.py.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
+
+from kvrec.state.kvpool import CacheStats
 
 
 class Sized(Protocol):
@@ -17,13 +17,6 @@ class Sized(Protocol):
 
 
 EntryT = TypeVar("EntryT", bound=Sized)
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
 
 
 class LruByteCache(Generic[EntryT]):
