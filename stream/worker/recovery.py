@@ -100,19 +100,17 @@ def recover_partition(
     """Bring `windows`' store up to the end of its changelog partition.
 
     `committed_input_offset` is the group's committed offset of the input partition (the next
-    offset to consume, or a negative value when nothing was committed yet). `progress` is
-    called when the restore starts, after every read (at least every 50 ms while it runs, so
-    the caller can beat its liveness) and at its end. A restore may take as long as it needs;
-    one that reads nothing for `stall_timeout_s` raises TimeoutError. Progress is logged every
-    `log_every_s`.
-    """
+    offset to consume; negative when nothing was committed yet). `progress` is called at the
+    start, after every read (at least every 50 ms, so the caller can beat its liveness) and at
+    the end. A restore takes as long as it needs; one that reads nothing for `stall_timeout_s`
+    raises TimeoutError. Progress is logged every `log_every_s`."""
     started = time.monotonic()
     tp = TopicPartition(changelog_topic, windows.partition)
     low, high = _watermarks(restore_consumer, tp)
     stored = windows.changelog_offset()
     start = low if stored is None else max(stored + 1, low)
     total = max(0, high - start)
-    restored = skipped = 0
+    restored = skipped = read = 0
 
     def report(read: int) -> RestoreProgress:
         state = RestoreProgress(windows.partition, read, total, time.monotonic() - started)
@@ -128,55 +126,82 @@ def recover_partition(
              changelog_topic, windows.partition, total, start, high - 1)
     tp.offset = start if start > 0 else OFFSET_BEGINNING
     restore_consumer.assign([tp])  # the restore consumer has enable.partition.eof on
-    read = 0
-    last_read_at = next_log = started
-    next_log += log_every_s
+    clock = _RestoreClock(f"{changelog_topic}[{windows.partition}]", total, started,
+                          stall_timeout_s, log_every_s)
     try:
         reached_end = False
         while not reached_end:
-            now = time.monotonic()
-            if now - last_read_at > stall_timeout_s:
-                raise TimeoutError(
-                    f"restoring {changelog_topic}[{windows.partition}]: nothing read for "
-                    f"{stall_timeout_s:.0f} s ({read} of {total} records)"
-                )
-            if now >= next_log:
-                log.info("restoring %s[%d]: %d of %d records (%.0f%%), %.0f s",
-                         changelog_topic, windows.partition, read, total,
-                         100.0 * read / total, now - started)
-                next_log = now + log_every_s
-            batch: dict[str, bytes] = {}
-            last_offset: int | None = None
-            # a short wait: `consume` returns when the batch is full or the wait is over, and
-            # a long wait would be paid by every small partition (it was 1 s per partition)
-            for message in restore_consumer.consume(num_messages=batch_records, timeout=0.05):
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        reached_end = True
-                        continue
-                    raise RuntimeError(f"changelog read failed: {error}")
-                last_offset = message.offset()
-                record = read_record(message.key(), message.value(), message.headers())
-                if record is None or record.input_offset >= committed_input_offset:
-                    skipped += 1  # not a worker's record, or its checkpoint never committed
-                else:
-                    batch[record.user_id] = record.window
-                    restored += 1
-            if last_offset is not None:
-                windows.restore(batch, last_offset)
-                read = min(total, last_offset + 1 - start)
-                last_read_at = time.monotonic()
+            clock.tick(read)
+            chunk = _read_chunk(restore_consumer, batch_records, committed_input_offset)
+            reached_end = chunk.reached_end
+            restored, skipped = restored + chunk.restored, skipped + chunk.skipped
+            if chunk.last_offset is not None:
+                windows.restore(chunk.windows, chunk.last_offset)
+                read = min(total, chunk.last_offset + 1 - start)
+                clock.read_some()
             report(total if reached_end else read)
     finally:
         restore_consumer.unassign()
     seconds = time.monotonic() - started
-    log.info(
-        "restored %s[%d]: %d windows, %d uncommitted records skipped, %.2fs",
-        changelog_topic,
-        windows.partition,
-        restored,
-        skipped,
-        seconds,
-    )
+    log.info("restored %s[%d]: %d windows, %d uncommitted records skipped, %.2fs",
+             changelog_topic, windows.partition, restored, skipped, seconds)
     return RecoveryResult(windows.partition, restored, skipped, seconds)
+
+
+@dataclass
+class _Chunk:
+    """One read of the changelog: the windows to restore (the last record of a user wins)."""
+
+    windows: dict[str, bytes]
+    last_offset: int | None
+    restored: int  # records applied (a user's later record replaces its earlier one)
+    skipped: int
+    reached_end: bool
+
+
+def _read_chunk(restore_consumer: Consumer, batch_records: int, committed_input_offset: int) -> _Chunk:
+    """Read up to `batch_records` changelog records. A record whose checkpoint never committed
+    (its input offset at or past the committed one), or that is not a worker's, is skipped."""
+    chunk = _Chunk({}, None, 0, 0, False)
+    # a short wait: `consume` returns when the batch is full or the wait is over, and a long
+    # wait would be paid by every small partition (it was 1 s per partition)
+    for message in restore_consumer.consume(num_messages=batch_records, timeout=0.05):
+        error = message.error()
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                chunk.reached_end = True
+                continue
+            raise RuntimeError(f"changelog read failed: {error}")
+        chunk.last_offset = message.offset()
+        record = read_record(message.key(), message.value(), message.headers())
+        if record is None or record.input_offset >= committed_input_offset:
+            chunk.skipped += 1
+        else:
+            chunk.windows[record.user_id] = record.window
+            chunk.restored += 1
+    return chunk
+
+
+class _RestoreClock:
+    """A restore's clock: it gives up after `stall_timeout_s` without a read, and logs the
+    progress every `log_every_s`."""
+
+    def __init__(self, name: str, total: int, started: float, stall_timeout_s: float,
+                 log_every_s: float) -> None:
+        self.name, self.total, self.started = name, total, started
+        self.stall_timeout_s, self.log_every_s = stall_timeout_s, log_every_s
+        self.last_read_at = started
+        self.next_log = started + log_every_s
+
+    def tick(self, read: int) -> None:
+        now = time.monotonic()
+        if now - self.last_read_at > self.stall_timeout_s:
+            raise TimeoutError(f"restoring {self.name}: nothing read for "
+                               f"{self.stall_timeout_s:.0f} s ({read} of {self.total} records)")
+        if now >= self.next_log:
+            log.info("restoring %s: %d of %d records (%.0f%%), %.0f s", self.name, read,
+                     self.total, 100.0 * read / self.total, now - self.started)
+            self.next_log = now + self.log_every_s
+
+    def read_some(self) -> None:
+        self.last_read_at = time.monotonic()
