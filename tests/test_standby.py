@@ -282,3 +282,30 @@ def test_a_partition_given_up_is_shadowed_from_its_store_and_handed_back_open(
     windows = state.open(0, store)  # the same open store, active again
     assert windows.changelog_offset() == 9 and windows.store.get("a") == b"active"
     state.close_all()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps)
+def test_a_full_restore_holds_exactly_the_committed_work(tmp_path_factory, steps):
+    """The restore's own rule (stream/worker/recovery.py): whatever the history (checkpoints,
+    crashes between a checkpoint's changelog records and its commit, replays), a restore gives
+    each user the window of exactly the events below the committed input offset; a record of
+    a checkpoint that never committed is left out, and so is nothing else."""
+    producer, committed = FakeProducer(), {0: -1001}
+    worker = SimulatedWorker(producer, committed)
+    for step in steps:
+        if step[0] == "event":
+            worker.inputs.append(step[1])
+        elif step[0] == "process":
+            worker.process(step[1])
+        elif step[0] in ("checkpoint", "crash"):
+            worker.checkpoint(commit=step[0] == "checkpoint")
+    final = max(committed[0], -1)
+    state_dir = tmp_path_factory.mktemp("restore")
+    restore(producer, WorkerState(state_dir, "g", "events", window_capacity=3), final)
+    expected: dict[str, list[int]] = {}
+    for offset in range(max(final, 0)):
+        expected.setdefault(worker.inputs[offset], []).append(offset)
+    _, stored = _contents(state_dir)
+    assert {user.decode() if isinstance(user, bytes) else user: [int(o) for o in value.decode().split(",")]
+            for user, value in stored.items()} == expected
