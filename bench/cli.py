@@ -1,5 +1,6 @@
-"""`kvrec bench model|retrieval|gpu|e2e|loop|train|reference|restore|swap|soak|floor`: benchmarks that write
-JSON (and a plot)."""
+"""`kvrec bench model|retrieval|gpu|e2e|loop|train|reference|freshness|restore|swap|soak|floor`:
+benchmarks that write JSON
+(and a plot)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ BENCHMARKS = {
     "loop": ("bench.loop", "the worker loop without a broker: its own ceiling, stage by stage"),
     "train": ("bench.train", "trained models side by side: test metrics, time, curves"),
     "reference": ("bench.reference_sasrec", "the public reference: SASRec + full CE, run here"),
+    "freshness": ("bench.freshness", "next-event hit rate: refreshed per event vs nightly vs popularity"),
     "restore": ("bench.restore", "restoring windows from the changelog: windows/s against size"),
     "swap": ("bench.swap", "hot model swaps under a fixed-rate replay: exactly-once, latency, RSS"),
     "soak": ("bench.soak", "one worker for 30 minutes: memory, cache, throughput, p99 over time"),
