@@ -55,17 +55,31 @@ def test_padding_rows_are_zero_after_the_embedding_and_every_block() -> None:
         assert torch.count_nonzero(out[:, :9]) == 0 and torch.count_nonzero(out[:, 9:]) > 0
 
 
+def _blocks_output(model: ReferenceSASRec, items: torch.Tensor, mask_padding_keys: bool) -> torch.Tensor:
+    """The blocks run on the model's own embedding, with or without padding keys masked."""
+    real = (items != 0).unsqueeze(-1)
+    positions = torch.arange(1, model.max_len + 1) * real.squeeze(-1)
+    x = model.item_embedding(items) * model.item_embedding.embedding_dim ** 0.5
+    x = (x + model.position_embedding(positions)) * real
+    blocked = ~torch.ones(model.max_len, model.max_len, dtype=torch.bool).tril()
+    if mask_padding_keys:
+        blocked = (blocked | ~real.squeeze(-1)[:, None, :]) & ~torch.eye(model.max_len, dtype=torch.bool)
+        blocked = blocked.repeat_interleave(2, dim=0)  # heads
+    for block in model.blocks:
+        x = block(x, blocked, real)
+    return model.last_norm(x)
+
+
 def test_real_positions_attend_to_the_padding_before_them() -> None:
-    """Unmasked padding keys (as in pmixer): a short history's output moves with the value bias
-    that the zeroed padding rows carry; a full window's does not."""
+    """Unmasked padding keys (as in pmixer): a short history's output is not what it would be
+    with padding keys masked out; a full window has no padding, so the two agree."""
     model = _model()
-    short, full = torch.tensor([[3, 4, 5]]), torch.arange(1, 13).view(1, -1)
+    short = torch.tensor([[0] * 9 + [3, 4, 5]])
+    full = torch.arange(1, 13).view(1, -1)
     with torch.no_grad():
-        before_short, before_full = model(short)[:, -1], model(full)[:, -1]
-        model.blocks[0].attention.in_proj_bias[16:].add_(1.0)  # the value bias
-        assert not torch.allclose(model(short)[:, -1], before_short)
-        model.blocks[0].attention.in_proj_bias[16:].sub_(1.0)
-        torch.testing.assert_close(model(full)[:, -1], before_full)
+        torch.testing.assert_close(model(short), _blocks_output(model, short, False))
+        assert not torch.allclose(model(short)[:, -1], _blocks_output(model, short, True)[:, -1])
+        torch.testing.assert_close(model(full), _blocks_output(model, full, True))
 
 
 def test_the_sampler_takes_every_user_once_a_pass_and_skips_short_ones() -> None:
