@@ -23,8 +23,9 @@ it. Three lists, each of `--k` items:
 Each list leaves out the items the user had when it was made (the worker's `--exclude-seen`;
 `--include-seen` keeps them), so a repeat of an item seen earlier can be a hit only with
 `--include-seen`. Hit rates are reported over all judged events and by the judged event's type
-(next-purchase: the `purchase` row), and over the events whose item the user had not had
-before; the refreshed list's NDCG@k besides. The JSON states the machine and the cut.
+(next-purchase: the `purchase` row), over the events whose item the user had not had before,
+and split by whether the nightly list came from the model (the user had events before the day)
+or from popularity; the refreshed list's NDCG@k besides. The JSON states the machine and the cut.
 """
 
 from __future__ import annotations
@@ -150,8 +151,9 @@ class Tally:
         self.hits: dict[tuple[str, str], int] = defaultdict(int)
         self.ndcg: dict[str, float] = defaultdict(float)
 
-    def add(self, judged: Judged, lists: dict[str, list[str]]) -> None:
+    def add(self, judged: Judged, lists: dict[str, list[str]], nightly_by_model: bool) -> None:
         groups = ["all", f"type:{judged.event_type}"] + (["new_item"] if judged.new_item else [])
+        groups += ["nightly_by_model"] if nightly_by_model else ["nightly_by_popularity"]
         for group in groups:
             self.events[group] += 1
             for system, items in lists.items():
@@ -211,7 +213,7 @@ def measure(artifact: Any, interactions: list[Interaction], args: argparse.Names
             "refreshed": lists[(judged.user, judged.position)] or popular_list(popular, now_seen, args.k),
             "nightly": nightly or popular_list(popular, day_seen, args.k),
             "popularity": popular_list(popular, day_seen, args.k),
-        })
+        }, nightly_by_model=nightly is not None)
     return {
         "cut_ms": cut, "test_days": args.test_days, "k": args.k, "exclude_seen": exclude,
         "max_len": max_len, "judged_events": len(replayed.judged),

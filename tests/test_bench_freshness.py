@@ -71,6 +71,8 @@ def test_refreshed_lists_follow_the_day_and_nightly_ones_do_not() -> None:
     assert purchase["events"] == 1 and purchase["refreshed_hr@1"] == 1.0
     assert purchase["nightly_hr@1"] == 0.0
     assert result["hit_rates"]["new_item"]["events"] == 3
+    assert result["hit_rates"]["nightly_by_model"]["events"] == 3
+    assert "nightly_by_popularity" not in result["hit_rates"]
 
 
 def test_a_seen_item_is_never_in_an_excluding_list() -> None:
