@@ -126,3 +126,14 @@ def test_the_command_writes_the_training_part_and_needs_a_model(tmp_path: Path) 
     assert kvrec(base) == 2
     assert kvrec([*base, "--json", str(tmp_path / "out.json")]) == 2
     assert not (tmp_path / "out.json").exists()
+
+
+def test_a_user_new_that_day_gets_the_days_popularity_as_nightly_list() -> None:
+    events = [
+        _event("b", 4, 0, 0), _event("b", 4, 0, 1), _event("d", 1, 0, 2), _event("d", 2, 0, 3),
+        _event("e", 1, 1, 0), _event("e", 2, 1, 1),  # e's second event: judged, nothing before day 1
+    ]
+    result = measure(_artifact(), events, _args(), max_len=10)["hit_rates"]
+    assert result["nightly_by_popularity"]["events"] == 1 and "nightly_by_model" not in result
+    assert result["all"]["refreshed_hr@1"] == 1.0  # the model follows 1 with 2
+    assert result["all"]["nightly_hr@1"] == result["all"]["popularity_hr@1"] == 0.0  # [4]
