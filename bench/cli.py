@@ -8,18 +8,18 @@ import argparse
 import importlib
 
 BENCHMARKS = {
-    "model": ("bench.model", "step with the cache vs re-encoding the window"),
-    "retrieval": ("bench.retrieval", "top-k retrieval throughput and recall vs exact"),
-    "gpu": ("bench.gpu", "batched step + exact top-10 over 1M items on a GPU"),
-    "e2e": ("bench.e2e", "end to end through Kafka: kvrec vs no cache vs plain relays"),
-    "loop": ("bench.loop", "the worker loop without a broker: its own ceiling, stage by stage"),
-    "train": ("bench.train", "trained models side by side: test metrics, time, curves"),
-    "reference": ("bench.reference_sasrec", "the public reference: SASRec + full CE, run here"),
-    "freshness": ("bench.freshness", "next-event hit rate: refreshed per event vs nightly vs popularity"),
-    "restore": ("bench.restore", "restoring windows from the changelog: windows/s against size"),
-    "swap": ("bench.swap", "hot model swaps under a fixed-rate replay: exactly-once, latency, RSS"),
-    "soak": ("bench.soak", "one worker for 30 minutes: memory, cache, throughput, p99 over time"),
-    "floor": ("bench.floor", "the latency floor of bench e2e: Kafka round trips, relay, reader"),
+    "model": ("kvrec.bench.model", "step with the cache vs re-encoding the window"),
+    "retrieval": ("kvrec.bench.retrieval", "top-k retrieval throughput and recall vs exact"),
+    "gpu": ("kvrec.bench.gpu", "batched step + exact top-10 over 1M items on a GPU"),
+    "e2e": ("kvrec.bench.e2e", "end to end through Kafka: kvrec vs no cache vs plain relays"),
+    "loop": ("kvrec.bench.loop", "the worker loop without a broker: its own ceiling, stage by stage"),
+    "train": ("kvrec.bench.train", "trained models side by side: test metrics, time, curves"),
+    "reference": ("kvrec.bench.reference_sasrec", "the public reference: SASRec + full CE, run here"),
+    "freshness": ("kvrec.bench.freshness", "next-event hit rate: refreshed per event vs nightly vs popularity"),
+    "restore": ("kvrec.bench.restore", "restoring windows from the changelog: windows/s against size"),
+    "swap": ("kvrec.bench.swap", "hot model swaps under a fixed-rate replay: exactly-once, latency, RSS"),
+    "soak": ("kvrec.bench.soak", "one worker for 30 minutes: memory, cache, throughput, p99 over time"),
+    "floor": ("kvrec.bench.floor", "the latency floor of bench e2e: Kafka round trips, relay, reader"),
 }
 
 

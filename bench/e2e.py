@@ -53,21 +53,21 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
-from bench.machine import machine_info, machine_line
-from model import flags
-from model.datasets import BASE_TS_MS, Interaction, SyntheticSpec, generate_synthetic
-from model.errors import ConfigError
-from model.owned import work_dir
-from stream.kafka_config import ensure_topics
-from stream.latency import (
+from kvrec import flags
+from kvrec.bench.machine import machine_info, machine_line
+from kvrec.errors import ConfigError
+from kvrec.model.datasets import BASE_TS_MS, Interaction, SyntheticSpec, generate_synthetic
+from kvrec.model.owned import work_dir
+from kvrec.stream.kafka_config import ensure_topics
+from kvrec.stream.latency import (
     LOG_APPEND_TIME,
     READ_COMMITTED,
     Latencies,
     output_stamp,
     read_available,
 )
-from stream.replay import BURST_SECONDS, TokenBucket, replay_events
-from stream.schema import Event, encode_event
+from kvrec.stream.replay import BURST_SECONDS, TokenBucket, replay_events
+from kvrec.stream.schema import Event, encode_event
 
 SYSTEMS = ("kvrec", "kvrec-eos", "kvrec-no-cache", "confluent-passthrough", "faust-passthrough")
 DEFAULT_SYSTEMS = ("kvrec", "kvrec-no-cache", "confluent-passthrough", "faust-passthrough")
@@ -87,10 +87,10 @@ def build_artifact(out_dir: Path, *, n_items: int, window: int, d_model: int = B
     probed for recall@10 0.96, 200 us a query), which no trained catalog looks like."""
     import torch
 
-    from bench.retrieval import clustered_catalog
-    from model.artifact import save_artifact
-    from model.config import ModelConfig
-    from model.encoder import Encoder
+    from kvrec.bench.retrieval import clustered_catalog
+    from kvrec.model.artifact import save_artifact
+    from kvrec.model.config import ModelConfig
+    from kvrec.model.encoder import Encoder
 
     torch.manual_seed(seed)
     config = ModelConfig(
@@ -154,7 +154,7 @@ class Run:
         system = system or self.name
         if system.startswith("kvrec"):
             command = [
-                sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", self.bootstrap,
+                sys.executable, "-m", "kvrec.stream.cli", "worker", "--bootstrap-servers", self.bootstrap,
                 "--input-topic", self.events, "--output-topic", self.outputs,
                 "--dead-letter-topic", self.dead_letters, "--group-id", self.group,
                 "--instance-id", self.group, "--model", str(model),
@@ -166,18 +166,18 @@ class Run:
                 command += ["--no-kv-cache"]
             return command, env
         if system == "confluent-passthrough":
-            return [sys.executable, "-m", "bench.passthrough", self.bootstrap, self.events,
+            return [sys.executable, "-m", "kvrec.bench.passthrough", self.bootstrap, self.events,
                     self.outputs, self.group], env
         env.update(
             KVREC_BENCH_APP_ID=self.group, KVREC_BENCH_BOOTSTRAP=self.bootstrap,
             KVREC_BENCH_IN=self.events, KVREC_BENCH_OUT=self.outputs,
             KVREC_BENCH_PARTITIONS=str(self.partitions),
         )
-        return [sys.executable, "-m", "bench.faust_passthrough"], env
+        return [sys.executable, "-m", "kvrec.bench.faust_passthrough"], env
 
     def start(self, model: Path, state_dir: Path, worker_args: Sequence[str],
               system: str | None = None) -> None:
-        from deploy.kafka.launcher import free_port
+        from kvrec.deploy.kafka.launcher import free_port
 
         self.metrics_port = free_port()
         command, env = self.command(model, state_dir, worker_args, system)
@@ -510,7 +510,7 @@ def broker(bootstrap: str | None, workdir: Path) -> Iterator[str]:
     if bootstrap:
         yield bootstrap
         return
-    from deploy.kafka.launcher import LocalKafka
+    from kvrec.deploy.kafka.launcher import LocalKafka
 
     with LocalKafka(data_dir=workdir / "kafka", die_with_parent=True) as kafka:
         yield kafka.bootstrap_servers

@@ -2,7 +2,7 @@
 in a consumer group that forwards every message of one topic to another, key and value
 unchanged. Configured by environment variables (`KVREC_BENCH_APP_ID`, `KVREC_BENCH_BOOTSTRAP`,
 `KVREC_BENCH_IN`, `KVREC_BENCH_OUT`, `KVREC_BENCH_PARTITIONS`); run as
-`python -m bench.faust_passthrough` (SIGTERM stops it)."""
+`python -m kvrec.bench.faust_passthrough` (SIGTERM stops it)."""
 
 from __future__ import annotations
 

@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from bench.e2e import REPO, broker, read_available
-from bench.machine import machine_info
-from model import flags
-from model.owned import work_dir
-from stream.kafka_config import ensure_topics
+from kvrec import flags
+from kvrec.bench.e2e import REPO, broker, read_available
+from kvrec.bench.machine import machine_info
+from kvrec.model.owned import work_dir
+from kvrec.stream.kafka_config import ensure_topics
 
 CASES: tuple[dict[str, Any], ...] = (
     {"name": "direct, linger 0", "relay": False, "linger_ms": 0, "reader": "poll"},
@@ -81,7 +81,7 @@ def run_case(case: dict[str, Any], bootstrap: str, rate: float, seconds: float,
     if case["relay"]:
         with open(workdir / f"{tag}-relay.log", "w") as log:
             relay = subprocess.Popen(
-                [sys.executable, "-m", "bench.passthrough", bootstrap, source, sink, f"{tag}-group",
+                [sys.executable, "-m", "kvrec.bench.passthrough", bootstrap, source, sink, f"{tag}-group",
                  str(case["linger_ms"]), str(case["relay_wait_ms"])],
                 env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,

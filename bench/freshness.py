@@ -42,12 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.machine import machine_info
-from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
-from model.errors import ConfigError, DataError
-from model.evaluate import left_pad
-from model.flags import integer
-from model.progress import progress_bar
+from kvrec.bench.machine import machine_info
+from kvrec.errors import ConfigError, DataError
+from kvrec.flags import integer
+from kvrec.model.datasets import Interaction, add_dataset_arguments, dataset_from_args
+from kvrec.model.evaluate import left_pad
+from kvrec.model.progress import progress_bar
 
 DAY_MS = 86_400_000
 SYSTEMS = ("refreshed", "nightly", "popularity")
@@ -258,7 +258,7 @@ def main(args: argparse.Namespace) -> int:
         count = write_train(interactions, cut, Path(args.write_train))
         print(f"{count:,} events before {cut} ms written to {args.write_train}")
         return 0
-    from model.artifact import load_artifact
+    from kvrec.model.artifact import load_artifact
 
     artifact = load_artifact(args.model)
     training = json.loads((artifact.path / "config.json").read_text()).get("training", {})

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from bench.machine import machine_info
-from model.config import ModelConfig
-from model.encoder import Encoder
-from model.errors import ConfigError
-from model.flags import integer, number
-from model.gpu_retrieval import TorchExactRetriever
+from kvrec.bench.machine import machine_info
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
+from kvrec.model.config import ModelConfig
+from kvrec.model.encoder import Encoder
+from kvrec.model.gpu_retrieval import TorchExactRetriever
 
 
 def _rate(call, events: int, seconds: float, sync) -> float:

@@ -41,18 +41,18 @@ python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
   || status=1
 
 # 2. step against re-encoding at every batch size (the cache pays on the device too)
-timeout 150 python3 -m stream.cli bench model --json "$OUT/model-gpu.json" \
+timeout 150 python3 -m kvrec.stream.cli bench model --json "$OUT/model-gpu.json" \
   --plot "$OUT/model-gpu.png" --backends torch-cuda,torch-cpu --windows 50,200 \
   --batches 64,256,512,2048 --min-seconds 0.5 2>&1 | tail -20 || status=1
 
 # 3. the worker loop without a broker: CPU worker and GPU worker, 1M items, exact top-10 on
 #    the device for the GPU worker (auto = torch-exact with --backend torch-cuda)
 for batch in 512 4096; do
-  timeout 120 python3 -m stream.cli bench loop --json "$OUT/loop-gpu-1m-b$batch.json" \
+  timeout 120 python3 -m kvrec.stream.cli bench loop --json "$OUT/loop-gpu-1m-b$batch.json" \
     --items 1000000 --users 20000 --batch "$batch" --batches 20 --warmup-batches 20 \
     -- --backend torch-cuda 2>&1 | tail -3 || status=1
 done
-timeout 150 python3 -m stream.cli bench loop --json "$OUT/loop-cpu-1m-b512.json" \
+timeout 150 python3 -m kvrec.stream.cli bench loop --json "$OUT/loop-cpu-1m-b512.json" \
   --items 1000000 --users 20000 --batch 512 --batches 10 --warmup-batches 10 --profile \
   -- --retrieval ivfpq 2>&1 | tail -14 || status=1
 exit "$status"

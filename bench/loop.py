@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.e2e import build_artifact
-from bench.machine import machine_info
-from model import flags
-from model.owned import work_dir
+from kvrec import flags
+from kvrec.bench.e2e import build_artifact
+from kvrec.bench.machine import machine_info
+from kvrec.model.owned import work_dir
 
 # (stage, (file, function) pairs whose cumulative profiled time is that stage's); indented
 # stages are parts of the one above them
@@ -71,11 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _worker(model: Path, state_dir: Path, worker_flags: list[str]) -> Any:
     from confluent_kafka import TopicPartition
 
-    from stream.worker.app import add_arguments as worker_arguments
-    from stream.worker.app import build_recommender, resolve_window_capacity
-    from stream.worker.loop import KafkaClients, Worker
-    from stream.worker.metrics import HealthState, WorkerMetrics
-    from stream.worker.settings import WorkerSettings
+    from kvrec.stream.worker.app import add_arguments as worker_arguments
+    from kvrec.stream.worker.app import build_recommender, resolve_window_capacity
+    from kvrec.stream.worker.loop import KafkaClients, Worker
+    from kvrec.stream.worker.metrics import HealthState, WorkerMetrics
+    from kvrec.stream.worker.settings import WorkerSettings
     from tests.fake_kafka import FakeConsumer, FakeProducer, FakeRestoreConsumer
 
     parser = argparse.ArgumentParser()
@@ -98,7 +98,7 @@ def _worker(model: Path, state_dir: Path, worker_flags: list[str]) -> Any:
 
 
 def _batches(args: argparse.Namespace, count: int, first_offset: int) -> list[list[Any]]:
-    from stream.schema import Event, encode_event
+    from kvrec.stream.schema import Event, encode_event
     from tests.fake_kafka import FakeMessage
 
     rng = np.random.default_rng(first_offset)
@@ -160,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
     for batch in warmup:  # windows fill (and their caches), as in a worker's steady state
         worker.process(batch)
     worker.checkpoint.commit()
-    from stream.worker.app import freeze_heap
+    from kvrec.stream.worker.app import freeze_heap
 
     freeze_heap()  # the worker's collector settings (app.py), as it has them when it runs
     timed = _batches(args, args.batches, offset)

@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from bench.machine import machine_info
-from model.backends import BACKENDS, make_backend
-from model.config import BLOCKS, ModelConfig
-from model.encoder import Encoder
-from model.errors import ConfigError
-from model.export import export_step
-from model.flags import integer, number
-from state.kvpool import KVPool, budget_for
+from kvrec.bench.machine import machine_info
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
+from kvrec.model.backends import BACKENDS, make_backend
+from kvrec.model.config import BLOCKS, ModelConfig
+from kvrec.model.encoder import Encoder
+from kvrec.model.export import export_step
+from kvrec.state.kvpool import KVPool, budget_for
 
 
 def _time(call: Callable[[], object], min_seconds: float, sync: Callable[[], None]) -> float:

@@ -1,7 +1,7 @@
 """A plain confluent-kafka relay for `kvrec bench e2e`: consume a topic, forward each message's
 key and value unchanged to another topic, nothing else.
 
-    python -m bench.passthrough BOOTSTRAP INPUT OUTPUT GROUP [LINGER_MS [BATCH_WAIT_MS]]
+    python -m kvrec.bench.passthrough BOOTSTRAP INPUT OUTPUT GROUP [LINGER_MS [BATCH_WAIT_MS]]
 
 It reads with one blocking `poll`, then takes what is already fetched without waiting
 (`consume(511, 0)`); BATCH_WAIT_MS > 0 reads with `consume(512, BATCH_WAIT_MS)` instead, as it

@@ -56,13 +56,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.machine import machine_info
-from model.checksums import file_sha256
-from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
-from model.errors import ConfigError
-from model.evaluate import Prepared, evaluate_popularity, metrics_from_ranks, prepare, rank_split
-from model.flags import integer, number
-from model.named_datasets import NAMED_DATASETS, resolve_named
+from kvrec.bench.machine import machine_info
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
+from kvrec.model.checksums import file_sha256
+from kvrec.model.datasets import Interaction, add_dataset_arguments, dataset_from_args
+from kvrec.model.evaluate import Prepared, evaluate_popularity, metrics_from_ranks, prepare, rank_split
+from kvrec.model.named_datasets import NAMED_DATASETS, resolve_named
 
 SOURCE = "pmixer/SASRec.pytorch python/model.py (2020-2025 layout) + full CE (Klenitskiy & Vasilev 2023)"
 

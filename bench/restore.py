@@ -19,16 +19,16 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
-from bench.e2e import broker
-from bench.machine import machine_info
-from model.errors import ConfigError
-from model.flags import integer
-from model.owned import claim_dir
-from state.changelog import ChangelogRecord
-from state.partition import WorkerState
-from state.window import Window, WindowEvent
-from stream.kafka_config import ensure_topics
-from stream.worker.recovery import recover_partition, restore_consumer_config
+from kvrec.bench.e2e import broker
+from kvrec.bench.machine import machine_info
+from kvrec.errors import ConfigError
+from kvrec.flags import integer
+from kvrec.model.owned import claim_dir
+from kvrec.state.changelog import ChangelogRecord
+from kvrec.state.partition import WorkerState
+from kvrec.state.window import Window, WindowEvent
+from kvrec.stream.kafka_config import ensure_topics
+from kvrec.stream.worker.recovery import recover_partition, restore_consumer_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

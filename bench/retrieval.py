@@ -21,12 +21,12 @@ import faiss
 import numpy as np
 import torch
 
-from bench.machine import machine_info
-from model.errors import ConfigError
-from model.flags import integer, number
-from model.gpu_retrieval import TorchExactRetriever
-from model.progress import progress_bar, progress_line
-from model.retrieval import KINDS, Retriever, recall_at_k
+from kvrec.bench.machine import machine_info
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
+from kvrec.model.gpu_retrieval import TorchExactRetriever
+from kvrec.model.progress import progress_bar, progress_line
+from kvrec.model.retrieval import KINDS, Retriever, recall_at_k
 
 BENCH_KINDS = (*(k for k in KINDS if k != "auto"), "torch-exact")
 

@@ -40,14 +40,14 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Producer
 
-from bench.e2e import Run, broker, build_artifact, measure, read_available, reader
-from bench.machine import machine_info
-from deploy.kafka.launcher import free_port
-from model import flags
-from model.errors import ConfigError
-from model.owned import work_dir
-from stream.replay import BURST_SECONDS, TokenBucket
-from stream.schema import Event, encode_event
+from kvrec import flags
+from kvrec.bench.e2e import Run, broker, build_artifact, measure, read_available, reader
+from kvrec.bench.machine import machine_info
+from kvrec.deploy.kafka.launcher import free_port
+from kvrec.errors import ConfigError
+from kvrec.model.owned import work_dir
+from kvrec.stream.replay import BURST_SECONDS, TokenBucket
+from kvrec.stream.schema import Event, encode_event
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 EVENT_TYPE_SHARES = (0.7, 0.2, 0.07, 0.03)
@@ -360,6 +360,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _interaction(user: str, item: str, kind: str, n: int) -> Any:
-    from model.datasets import Interaction
+    from kvrec.model.datasets import Interaction
 
     return Interaction(user, item, kind, int(time.time() * 1000) - 60_000 + n % 60_000)

@@ -51,15 +51,15 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from bench.e2e import REPO, broker, produce_paced, reader, stop_process
-from bench.machine import machine_info
-from model import flags
-from model.datasets import GAP_MS, Interaction, read_interactions
-from model.errors import ConfigError, DataError, RunFailed
-from model.owned import work_dir
-from model.store import ModelStore
-from stream.kafka_config import ensure_topics
-from stream.model_updates import Announcement, ensure_model_topics
+from kvrec import flags
+from kvrec.bench.e2e import REPO, broker, produce_paced, reader, stop_process
+from kvrec.bench.machine import machine_info
+from kvrec.errors import ConfigError, DataError, RunFailed
+from kvrec.model.datasets import GAP_MS, Interaction, read_interactions
+from kvrec.model.owned import work_dir
+from kvrec.model.store import ModelStore
+from kvrec.stream.kafka_config import ensure_topics
+from kvrec.stream.model_updates import Announcement, ensure_model_topics
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "amazon-games.txt"
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
@@ -83,7 +83,7 @@ def start_kvrec(arguments: Sequence[str], log_path: Path) -> subprocess.Popen:
     with open(log_path, "ab") as log:
         log.write(f"\n$ kvrec {' '.join(arguments)}\n".encode())
         log.flush()
-        return subprocess.Popen([sys.executable, "-m", "stream.cli", *arguments], env=ENV,
+        return subprocess.Popen([sys.executable, "-m", "kvrec.stream.cli", *arguments], env=ENV,
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
@@ -239,7 +239,7 @@ def train_artifact(data: Path, out: Path, log_path: Path, args: argparse.Namespa
 
 
 def retrain_available() -> bool:
-    from stream.cli import COMMANDS
+    from kvrec.stream.cli import COMMANDS
 
     return "retrain" in COMMANDS
 
@@ -295,7 +295,7 @@ class Bench:
 
     def worker_command(self, worker: Worker) -> list[str]:
         return [
-            sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", self.bootstrap,
+            sys.executable, "-m", "kvrec.stream.cli", "worker", "--bootstrap-servers", self.bootstrap,
             "--input-topic", self.inputs, "--output-topic", self.outputs,
             "--dead-letter-topic", self.dead_letters, "--group-id", self.group,
             "--instance-id", f"{self.group}-{worker.name}", "--model-store", str(self.store_root),

@@ -32,9 +32,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.machine import machine_info, machine_line
-from model.artifact import load_artifact
-from model.errors import ConfigError, DataError
+from kvrec.bench.machine import machine_info, machine_line
+from kvrec.errors import ConfigError, DataError
+from kvrec.model.artifact import load_artifact
 
 
 def summarise(path: str) -> dict[str, Any]:

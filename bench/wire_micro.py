@@ -2,7 +2,7 @@
 the same inputs (`kvrec bench loop`'s event shape; batches of 512 events, 10 scored items and 3
 `because` entries each): `parse_event` and `WireEncoder.encode_batch`, in µs an event.
 
-    python -m bench.wire_micro --old CHECKOUT --json OUT.json   # e.g. `git archive main` unpacked
+    python -m kvrec.bench.wire_micro --old CHECKOUT --json OUT.json   # e.g. `git archive main` unpacked
 
 The two encoders' outputs are checked equal first.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bench.machine import machine_info
-from stream import schema
-from stream.worker.wire import WireEncoder
+from kvrec.bench.machine import machine_info
+from kvrec.stream import schema
+from kvrec.stream.worker.wire import WireEncoder
 
 NOW = 1_800_000_000_000
 BATCH = 512

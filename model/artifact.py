@@ -27,12 +27,12 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.artifact_files import FILES, MANIFEST, check_artifact_dir
-from model.checksums import file_sha256
-from model.config import ModelConfig
-from model.encoder import Encoder
-from model.errors import ArtifactError, KvrecError
-from model.owned import NotOwned, check_replaceable, remove_owned
+from kvrec.errors import ArtifactError, KvrecError
+from kvrec.model.artifact_files import FILES, MANIFEST, check_artifact_dir
+from kvrec.model.checksums import file_sha256
+from kvrec.model.config import ModelConfig
+from kvrec.model.encoder import Encoder
+from kvrec.model.owned import NotOwned, check_replaceable, remove_owned
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.errors import ArtifactError
+from kvrec.errors import ArtifactError
 
 FILES = ("weights.safetensors", "config.json", "vocab.json", "popularity.json", "metrics.json")
 MANIFEST = "manifest.json"

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.choices import BACKENDS
-from model.encoder import Encoder, KVCache
-from model.errors import ConfigError
+from kvrec.errors import ConfigError
+from kvrec.model.choices import BACKENDS
+from kvrec.model.encoder import Encoder, KVCache
 
 
 class StepBackend(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from model.errors import ConfigError
+from kvrec.errors import ConfigError
 
 SIMILARITIES = ("dot", "cosine")
 BLOCKS = ("transformer", "hstu")

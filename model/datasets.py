@@ -51,9 +51,9 @@ from typing import TextIO
 
 import numpy as np
 
-from model.errors import DataError
-from model.flags import integer
-from model.named_datasets import check_named, no_such_data, resolve_named
+from kvrec.errors import DataError
+from kvrec.flags import integer
+from kvrec.model.named_datasets import check_named, no_such_data, resolve_named
 
 FORMATS = ("sasrec", "sequences", "movielens", "csv", "synthetic")
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from model.artifact import Artifact
-from model.datasets import Interaction, group_by_user
-from model.evaluate import Split, metrics_from_ranks, rank_split
+from kvrec.model.artifact import Artifact
+from kvrec.model.datasets import Interaction, group_by_user
+from kvrec.model.evaluate import Split, metrics_from_ranks, rank_split
 
 TAIL = "each user's last event (users with 3 or more events), after all the events before it"
 MISS = 2**40  # the rank of a target a model cannot score: never a hit (log2 stays finite)

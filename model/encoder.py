@@ -31,9 +31,9 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
-from model.config import ModelConfig
-from model.hstu import HSTUBlock
-from model.layers import (
+from kvrec.model.config import ModelConfig
+from kvrec.model.hstu import HSTUBlock
+from kvrec.model.layers import (
     Dropout,
     apply_rope,
     attention_scores,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from model.artifact_files import check_artifact_dir
-from model.datasets import add_dataset_arguments, check_dataset_arguments
-from model.flags import integer
+from kvrec.flags import integer
+from kvrec.model.artifact_files import check_artifact_dir
+from kvrec.model.datasets import add_dataset_arguments, check_dataset_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     check_artifact_dir(args.model)
     check_dataset_arguments(args)
-    from model.evaluate import main as evaluate
+    from kvrec.model.evaluate import main as evaluate
 
     return evaluate(args)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.datasets import Interaction, dataset_from_args, group_by_user
-from model.encoder import Encoder
+from kvrec.model.datasets import Interaction, dataset_from_args, group_by_user
+from kvrec.model.encoder import Encoder
 
 CUTOFFS = (10, 20)
 
@@ -156,7 +156,7 @@ def evaluate_popularity(popularity: np.ndarray, split: Split) -> dict[str, float
 
 
 def main(args: argparse.Namespace) -> int:
-    from model.artifact import load_artifact
+    from kvrec.model.artifact import load_artifact
 
     artifact = load_artifact(args.model)
     interactions = dataset_from_args(args)

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from model.encoder import Encoder, KVCache
-from model.export_command import EXPORT_INPUTS, EXPORT_OUTPUTS, check_out
+from kvrec.model.encoder import Encoder, KVCache
+from kvrec.model.export_command import EXPORT_INPUTS, EXPORT_OUTPUTS, check_out
 
 INPUTS = list(EXPORT_INPUTS)
 OUTPUTS = list(EXPORT_OUTPUTS)
@@ -106,7 +106,7 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from model.artifact import load_artifact
+    from kvrec.model.artifact import load_artifact
 
     out = Path(args.out)
     check_out(out)  # kvrec export (model/export_command.py) checked it first, before torch

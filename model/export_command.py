@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model.artifact_files import check_artifact_dir
-from model.errors import ConfigError
+from kvrec.errors import ConfigError
+from kvrec.model.artifact_files import check_artifact_dir
 
 # the graph's inputs and outputs, in order (model/export.py writes them, model/backends.py reads them)
 EXPORT_INPUTS = ("keys", "values", "positions", "items", "event_types", "counts")
@@ -52,6 +52,6 @@ def check_out(out: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     check_out(Path(args.out))
     check_artifact_dir(args.model)
-    from model.export import main as export
+    from kvrec.model.export import main as export
 
     return export(args)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from model.retrieval import ExcludeArg, Exclusions, SearchResult, check_item_vectors, check_queries
+from kvrec.model.retrieval import ExcludeArg, Exclusions, SearchResult, check_item_vectors, check_queries
 
 try:  # Triton ships with torch's CUDA builds; absent elsewhere
     import triton

@@ -19,8 +19,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
-from model.config import ModelConfig
-from model.layers import apply_rope, attention_scores, dropout, weighted_values
+from kvrec.model.config import ModelConfig
+from kvrec.model.layers import apply_rope, attention_scores, dropout, weighted_values
 
 
 class HSTUBlock(nn.Module):

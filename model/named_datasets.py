@@ -17,8 +17,8 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.checksums import file_sha256
-from model.errors import DataError
+from kvrec.errors import DataError
+from kvrec.model.checksums import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DIR = REPO_ROOT / "bench" / "datasets"

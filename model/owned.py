@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from model.errors import ConfigError
+from kvrec.errors import ConfigError
 
 MARKER = ".kvrec-owned"
 ARTIFACT_MANIFEST = "manifest.json"

@@ -36,8 +36,8 @@ import faiss
 import numpy as np
 import torch
 
-from model.choices import RETRIEVAL_KINDS
-from model.progress import progress_bar
+from kvrec.model.choices import RETRIEVAL_KINDS
+from kvrec.model.progress import progress_bar
 
 KINDS = RETRIEVAL_KINDS
 RECALL_K = 10

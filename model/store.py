@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.artifact_files import FILES, MANIFEST
-from model.errors import ArtifactError
-from model.owned import MARKER, NotOwned, check_replaceable, mark, remove_owned
+from kvrec.errors import ArtifactError
+from kvrec.model.artifact_files import FILES, MANIFEST
+from kvrec.model.owned import MARKER, NotOwned, check_replaceable, mark, remove_owned
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class ModelStore:
     def publish(self, artifact_dir: str | Path) -> StoredVersion:
         """Copy a verified artifact in as its version (the manifest's). Publishing a version
         that is already there with the same manifest is a no-op; a different one is refused."""
-        from model.artifact import load_artifact
+        from kvrec.model.artifact import load_artifact
 
         source = Path(artifact_dir)
         artifact = load_artifact(source)  # refuses a corrupted or incomplete artifact

@@ -36,18 +36,18 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model.artifact import Artifact, save_artifact
-from model.averaging import WeightAverage
-from model.config import ModelConfig
-from model.datasets import EVENT_TYPES, dataset_from_args
-from model.encoder import Encoder
-from model.errors import ConfigError, DataError
-from model.evaluate import evaluate_popularity, evaluate_split, left_pad, prepare
-from model.losses import softmax_cross_entropy
-from model.memory import release_free_memory
-from model.owned import check_replaceable
-from model.progress import progress_bar, progress_line
-from model.train_command import (  # noqa: F401 - this module's names, as before
+from kvrec.errors import ConfigError, DataError
+from kvrec.model.artifact import Artifact, save_artifact
+from kvrec.model.averaging import WeightAverage
+from kvrec.model.config import ModelConfig
+from kvrec.model.datasets import EVENT_TYPES, dataset_from_args
+from kvrec.model.encoder import Encoder
+from kvrec.model.evaluate import evaluate_popularity, evaluate_split, left_pad, prepare
+from kvrec.model.losses import softmax_cross_entropy
+from kvrec.model.memory import release_free_memory
+from kvrec.model.owned import check_replaceable
+from kvrec.model.progress import progress_bar, progress_line
+from kvrec.model.train_command import (  # noqa: F401 - this module's names, as before
     TrainSettings,
     add_arguments,
     add_training_arguments,
@@ -430,7 +430,7 @@ def grown_vocabulary(
 
 
 def _load_earlier(source: Path) -> Artifact:
-    from model.artifact import load_artifact
+    from kvrec.model.artifact import load_artifact
 
     earlier = load_artifact(source)
     if earlier.item_ids[:1] != [""]:

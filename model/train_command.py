@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.config import BLOCKS, SIMILARITIES, ModelConfig
-from model.datasets import add_dataset_arguments, check_dataset_arguments
-from model.errors import ConfigError
-from model.flags import integer, number
-from model.owned import check_replaceable
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
+from kvrec.model.config import BLOCKS, SIMILARITIES, ModelConfig
+from kvrec.model.datasets import add_dataset_arguments, check_dataset_arguments
+from kvrec.model.owned import check_replaceable
 
 
 @dataclass
@@ -200,6 +200,6 @@ def main(args: argparse.Namespace) -> int:
     # refused now, not after training: --out must be new, empty or an earlier artifact
     check_replaceable(args.out, "--out", kind="artifact")
     check_dataset_arguments(args)
-    from model.train import main as train
+    from kvrec.model.train import main as train
 
     return train(args)

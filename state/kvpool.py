@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.config import ModelConfig
-from model.encoder import KVCache
-from state.kvcache import CacheStats
+from kvrec.model.config import ModelConfig
+from kvrec.model.encoder import KVCache
+from kvrec.state.kvcache import CacheStats
 
 KNOWN_ROWS = 4  # history index, model item, model event type, deployment event type
 KNOWN_EVENT_BYTES = KNOWN_ROWS * 8

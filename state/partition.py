@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from state.changelog import ChangelogRecord
-from state.store import WindowStore
-from state.window import CorruptWindow, Window
+from kvrec.state.changelog import ChangelogRecord
+from kvrec.state.store import WindowStore
+from kvrec.state.window import CorruptWindow, Window
 
 log = logging.getLogger(__name__)
 

@@ -33,23 +33,23 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from model.errors import ConfigError, KvrecError
+from kvrec.errors import ConfigError, KvrecError
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "replay": ("stream.replay", "publish a dataset to the events topic"),
-    "tail": ("stream.tail", "print the recommendations topic as it arrives"),
-    "train": ("model.train_command", "train the encoder and write a model artifact"),
-    "eval": ("model.eval_command", "full-ranking evaluation of a model artifact"),
-    "export": ("model.export_command", "export a model artifact's step to ONNX"),
-    "worker": ("stream.worker.app", "run the streaming recommender worker"),
-    "demo": ("stream.demo", "start a broker, train, run a worker, replay, show results"),
-    "broker": ("deploy.kafka.launcher", "start a local single-node Kafka broker (KRaft)"),
-    "topics": ("stream.topics_cli", "create the topics a worker and `kvrec models` use"),
-    "bench": ("bench.cli", "benchmarks: `kvrec bench model`, `kvrec bench e2e`"),
-    "models": ("stream.models_cli", "the model store and what serves: list, show, publish, "
+    "replay": ("kvrec.stream.replay", "publish a dataset to the events topic"),
+    "tail": ("kvrec.stream.tail", "print the recommendations topic as it arrives"),
+    "train": ("kvrec.model.train_command", "train the encoder and write a model artifact"),
+    "eval": ("kvrec.model.eval_command", "full-ranking evaluation of a model artifact"),
+    "export": ("kvrec.model.export_command", "export a model artifact's step to ONNX"),
+    "worker": ("kvrec.stream.worker.app", "run the streaming recommender worker"),
+    "demo": ("kvrec.stream.demo", "start a broker, train, run a worker, replay, show results"),
+    "broker": ("kvrec.deploy.kafka.launcher", "start a local single-node Kafka broker (KRaft)"),
+    "topics": ("kvrec.stream.topics_cli", "create the topics a worker and `kvrec models` use"),
+    "bench": ("kvrec.bench.cli", "benchmarks: `kvrec bench model`, `kvrec bench e2e`"),
+    "models": ("kvrec.stream.models_cli", "the model store and what serves: list, show, publish, "
                                     "promote, shadow, rollback, guard"),
-    "retrain": ("stream.retrain", "side job: retrain from the input topic, publish only if not worse"),
+    "retrain": ("kvrec.stream.retrain", "side job: retrain from the input topic, publish only if not worse"),
 }
 
 ENV_PREFIX = "KVREC_"
@@ -195,7 +195,7 @@ def _refuse_old_name(option: str, name: str) -> None:
 
 def _shared_names() -> set[str]:
     """The variables of the shared Kafka connection flags."""
-    from stream.kafka_config import add_kafka_arguments
+    from kvrec.stream.kafka_config import add_kafka_arguments
 
     probe = argparse.ArgumentParser(add_help=False)
     add_kafka_arguments(probe)

@@ -28,17 +28,17 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from model.artifact_files import check_artifact_dir
-from model.choices import BACKENDS
-from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
-from model.errors import ConfigError, RunFailed
-from model.flags import integer, number
-from model.owned import work_dir
-from stream.demo_worker import WorkerProcess, free_port
-from stream.kafka_config import ensure_topics, kafka_error_text
-from stream.latency import LOG_APPEND_TIME, Latencies, read_available
-from stream.replay import ReplayStats, replay_events
-from stream.schema import decode_recommendation
+from kvrec.errors import ConfigError, RunFailed
+from kvrec.flags import integer, number
+from kvrec.model.artifact_files import check_artifact_dir
+from kvrec.model.choices import BACKENDS
+from kvrec.model.datasets import Interaction, add_dataset_arguments, dataset_from_args
+from kvrec.model.owned import work_dir
+from kvrec.stream.demo_worker import WorkerProcess, free_port
+from kvrec.stream.kafka_config import ensure_topics, kafka_error_text
+from kvrec.stream.latency import LOG_APPEND_TIME, Latencies, read_available
+from kvrec.stream.replay import ReplayStats, replay_events
+from kvrec.stream.schema import decode_recommendation
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared/datasets/amazon-games.txt"
 # the demo's small model, all of it named (not `kvrec train`'s defaults, the full recipe, which
@@ -100,7 +100,7 @@ def _broker(bootstrap: str | None, workdir: Path) -> Iterator[str]:
     if bootstrap:
         yield bootstrap
         return
-    from deploy.kafka.launcher import LocalKafka
+    from kvrec.deploy.kafka.launcher import LocalKafka
 
     started = time.monotonic()
     print("demo: starting a local Kafka broker (KRaft) ...", flush=True)
@@ -113,7 +113,7 @@ def _train(args: argparse.Namespace, workdir: Path) -> Path:
     out = workdir / "model"
     threads, why = _chosen_threads(args.train_threads)
     command = [
-        sys.executable, "-m", "stream.cli", "train", "--format", args.format,
+        sys.executable, "-m", "kvrec.stream.cli", "train", "--format", args.format,
         "--out", str(out), "--epochs", str(args.train_epochs), *DEMO_MODEL_FLAGS,
         "--seed", str(args.seed), "--threads", str(threads),
     ]
@@ -247,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
         port = free_port()
         worker = WorkerProcess(
             [
-                sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", bootstrap,
+                sys.executable, "-m", "kvrec.stream.cli", "worker", "--bootstrap-servers", bootstrap,
                 "--model", str(model), "--state-dir", str(workdir / "state"),
                 "--backend", args.backend, "--metrics-port", str(port), "--log-level", "WARNING",
                 "--input-topic", names["events"], "--output-topic", names["recommendations"],

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
-from model.errors import RunFailed
+from kvrec.errors import RunFailed
 
 STOP_GRACE_S = 60.0
 ERROR_PREFIX = "kvrec: error: "

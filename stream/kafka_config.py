@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from model.errors import ConfigError, RunFailed
-from model.flags import number
-from stream.cli import SHARED_GROUP
-from stream.kafka_logs import kafka_log, kafka_log_filter
+from kvrec.errors import ConfigError, RunFailed
+from kvrec.flags import number
+from kvrec.stream.cli import SHARED_GROUP
+from kvrec.stream.kafka_logs import kafka_log, kafka_log_filter
 
 # librdkafka settings that have a flag of their own: `-X` refuses them (one way to set each)
 NAMED_SETTINGS = {

@@ -9,7 +9,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from stream.kafka_logs import librdkafka_parts
+from kvrec.stream.kafka_logs import librdkafka_parts
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("text", "json")

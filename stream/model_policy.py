@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from stream.model_updates import LiveRate
+from kvrec.stream.model_updates import LiveRate
 
 SERVE, SHADOW = "serve", "shadow"
 

@@ -34,8 +34,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from model.errors import ConfigError
-from stream.kafka_config import ensure_topics, kafka_error_text
+from kvrec.errors import ConfigError
+from kvrec.stream.kafka_config import ensure_topics, kafka_error_text
 
 UPDATES_TOPIC = "model-updates"
 LIVE_STATS_TOPIC = "model-live-stats"

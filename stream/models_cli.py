@@ -30,14 +30,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from model.errors import ArtifactError, ConfigError, KvrecError, RunFailed
-from model.flags import integer, number
-from model.store import ModelStore, StoredVersion
-from stream.cli import COMMAND_GROUP
-from stream.kafka_config import KafkaUnreachable, add_kafka_arguments, client_config, topic_names
-from stream.logs import add_logging_arguments, setup_logging
-from stream.model_policy import SERVE, SHADOW, figure, promotion_verdict, rollback_verdict
-from stream.model_updates import (
+from kvrec.errors import ArtifactError, ConfigError, KvrecError, RunFailed
+from kvrec.flags import integer, number
+from kvrec.model.store import ModelStore, StoredVersion
+from kvrec.stream.cli import COMMAND_GROUP
+from kvrec.stream.kafka_config import KafkaUnreachable, add_kafka_arguments, client_config, topic_names
+from kvrec.stream.logs import add_logging_arguments, setup_logging
+from kvrec.stream.model_policy import SERVE, SHADOW, figure, promotion_verdict, rollback_verdict
+from kvrec.stream.model_updates import (
     LIVE_STATS_TOPIC,
     UPDATES_TOPIC,
     Announcement,
@@ -208,7 +208,7 @@ class Context:
 
     def verified(self, version: str) -> StoredVersion:
         """The stored version, after every file's sha256 was checked against its manifest."""
-        from model.artifact import load_artifact
+        from kvrec.model.artifact import load_artifact
 
         stored = self.store.get(version)
         load_artifact(stored.path)  # ArtifactError naming the file that does not match
@@ -443,7 +443,7 @@ def run_list(context: Context) -> int:
 def run_show(context: Context) -> int:
     args = context.args
     entry = context.store.get(args.version)
-    from model.artifact import load_artifact
+    from kvrec.model.artifact import load_artifact
 
     try:
         load_artifact(entry.path)
@@ -522,7 +522,7 @@ def _json_file(path: Any) -> dict[str, Any]:
 
 def run_publish(context: Context) -> int:
     args = context.args
-    from model.artifact import load_artifact
+    from kvrec.model.artifact import load_artifact
 
     load_artifact(args.artifact)  # refuse a corrupted artifact before asking Kafka anything
     announcement = None

@@ -16,20 +16,20 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaException, Producer
 
-from model.datasets import Interaction, add_dataset_arguments, dataset_from_args
-from model.errors import ConfigError
-from model.flags import integer, number
-from model.progress import progress_bar
-from stream.kafka_config import (
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
+from kvrec.model.datasets import Interaction, add_dataset_arguments, dataset_from_args
+from kvrec.model.progress import progress_bar
+from kvrec.stream.kafka_config import (
     add_kafka_arguments,
     client_config,
     ensure_topics,
     kafka_error_text,
     topic_names,
 )
-from stream.kafka_logs import kafka_log
-from stream.logs import add_logging_arguments, setup_logging
-from stream.schema import Event, encode_event
+from kvrec.stream.kafka_logs import kafka_log
+from kvrec.stream.logs import add_logging_arguments, setup_logging
+from kvrec.stream.schema import Event, encode_event
 
 # throughput settings; anything in the caller's config wins
 PRODUCER_DEFAULTS: dict[str, object] = {

@@ -20,18 +20,18 @@ import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from model.errors import ConfigError, RunFailed
-from model.flags import integer, number
-from stream.kafka_config import (
+from kvrec.errors import ConfigError, RunFailed
+from kvrec.flags import integer, number
+from kvrec.stream.kafka_config import (
     add_kafka_arguments,
     client_config,
     kafka_error_text,
     topic_names,
     wait_for_kafka,
 )
-from stream.kafka_logs import kafka_log
-from stream.logs import add_logging_arguments, setup_logging
-from stream.schema import decode_recommendation
+from kvrec.stream.kafka_logs import kafka_log
+from kvrec.stream.logs import add_logging_arguments, setup_logging
+from kvrec.stream.schema import decode_recommendation
 
 SHOWN_ITEMS = 5
 TOPIC_POLL_S = 1.0  # how often a missing topic is looked for

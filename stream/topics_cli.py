@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from model.flags import integer
-from stream.kafka_config import add_kafka_arguments, client_config, ensure_topics, topic_names
-from stream.logs import add_logging_arguments, setup_logging
-from stream.model_updates import topic_specs as model_topic_specs
-from stream.worker.app import topic_specs as worker_topic_specs
-from stream.worker.settings import add_topic_arguments
+from kvrec.flags import integer
+from kvrec.stream.kafka_config import add_kafka_arguments, client_config, ensure_topics, topic_names
+from kvrec.stream.logs import add_logging_arguments, setup_logging
+from kvrec.stream.model_updates import topic_specs as model_topic_specs
+from kvrec.stream.worker.app import topic_specs as worker_topic_specs
+from kvrec.stream.worker.settings import add_topic_arguments
 
 TopicSpecs = dict[str, tuple[int, dict[str, str]]]
 

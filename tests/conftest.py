@@ -48,7 +48,7 @@ def kafka_bootstrap() -> Iterator[str]:
         with container:
             yield container.get_bootstrap_server()
         return
-    from deploy.kafka.launcher import LocalKafka
+    from kvrec.deploy.kafka.launcher import LocalKafka
 
     # die_with_parent: a pytest killed with SIGKILL takes its broker with it
     with LocalKafka(die_with_parent=True) as kafka:

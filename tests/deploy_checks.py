@@ -139,7 +139,7 @@ def dockerfile_problems(path: Path = DEPLOY / "Dockerfile") -> list[str]:
 def exported_series() -> set[str]:
     """Every series name a worker's /metrics has (counters as _total, histograms as
     _bucket/_sum/_count), from the worker's own registry, plus Prometheus' `up`."""
-    from stream.worker.metrics import WorkerMetrics
+    from kvrec.stream.worker.metrics import WorkerMetrics
 
     names = {"up"}
     for family in WorkerMetrics().registry.collect():
@@ -304,7 +304,7 @@ def compose_containers(compose: dict) -> Iterator[Container]:
 def known_variables(argv: list[str]) -> set[str]:
     """The variables kvrec reads for `kvrec <argv>`'s command, named as stream/cli.py names
     them (its sub-commands' too: `kvrec models list|promote ...`)."""
-    from stream.cli import COMMAND_GROUP, ENV_PREFIX, SHARED_GROUP, build_parser, env_name
+    from kvrec.stream.cli import COMMAND_GROUP, ENV_PREFIX, SHARED_GROUP, build_parser, env_name
 
     def walk(parser: argparse.ArgumentParser, prefix: str, command_prefix: str | None) -> set[str]:
         names = set()
@@ -347,9 +347,9 @@ def settings_problems(container: Container, root: Path) -> list[str]:
     also: every KVREC_* variable is one that its command (or `kvrec models`, for the model
     store commands an operator runs in the pod) reads, paths lie on mounted volumes, and the
     probes' port is the metrics port."""
-    from model.errors import KvrecError
-    from stream.cli import build_parser
-    from stream.kafka_config import client_config
+    from kvrec.errors import KvrecError
+    from kvrec.stream.cli import build_parser
+    from kvrec.stream.kafka_config import client_config
 
     where, argv = container.where, container.argv
     if not argv or argv[0] not in ("worker", "retrain"):
@@ -390,7 +390,7 @@ def _off_mounts(container: Container, flags: dict[str, str | None]) -> list[str]
 
 
 def _worker_problems(container: Container, args: argparse.Namespace) -> list[str]:
-    from stream.worker.settings import WorkerSettings
+    from kvrec.stream.worker.settings import WorkerSettings
 
     where, problems = container.where, []
     settings = WorkerSettings.from_args(args)
@@ -413,7 +413,7 @@ def liveness_budget_s(probe: dict) -> float:
     """The least time from a worker's last beat to the kubelet's restart: /health fails
     `stale_after_s` after the last beat (stream/worker/metrics.py), then the kubelet needs
     failureThreshold failed probes, periodSeconds apart (the first may come at once)."""
-    from stream.worker.metrics import HealthState
+    from kvrec.stream.worker.metrics import HealthState
 
     period, failures = probe.get("periodSeconds", 10), probe.get("failureThreshold", 3)
     return HealthState().stale_after_s + period * (failures - 1)
@@ -422,8 +422,8 @@ def liveness_budget_s(probe: dict) -> float:
 def _retrain_problems(container: Container, args: argparse.Namespace) -> list[str]:
     import torch
 
-    from model.train import settings_from_args, shape_from_args
-    from stream.retrain.command import _faust_brokers
+    from kvrec.model.train import settings_from_args, shape_from_args
+    from kvrec.stream.retrain.command import _faust_brokers
 
     where, problems = container.where, []
     _faust_brokers(args)
@@ -672,7 +672,7 @@ EXPORTER_SERIES = {
 
 def worker_series_labels() -> dict[str, tuple[str, ...]]:
     """Every worker series name with the labels the worker itself gives it."""
-    from stream.worker.metrics import WorkerMetrics
+    from kvrec.stream.worker.metrics import WorkerMetrics
 
     registry = WorkerMetrics().registry
     out: dict[str, tuple[str, ...]] = {}

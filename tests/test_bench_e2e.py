@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.e2e import DEFAULT_SYSTEMS, _event_key
-from stream.schema import Recommendation, ScoredItem, encode_recommendation
+from kvrec.bench.e2e import DEFAULT_SYSTEMS, _event_key
+from kvrec.stream.schema import Recommendation, ScoredItem, encode_recommendation
 
 pytestmark = pytest.mark.kafka
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.kafka
 def test_bench_e2e_quick_measures_every_system(kafka_bootstrap, tmp_path: Path) -> None:
     out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
     done = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "bench", "e2e", "--quick", "--json", str(out),
+        [sys.executable, "-m", "kvrec.stream.cli", "bench", "e2e", "--quick", "--json", str(out),
          "--plot", str(png), "--bootstrap-servers", kafka_bootstrap, "--workdir", str(tmp_path / "w")],
         cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300,  # hang guard
     )
@@ -50,7 +50,7 @@ def test_bench_e2e_quick_measures_every_system(kafka_bootstrap, tmp_path: Path) 
 
 
 def test_sweep_covers_every_axis_and_the_no_cache_worker() -> None:
-    from bench.e2e import SWEEP_BATCHES, SWEEP_ITEMS, SWEEP_WINDOWS, sweep_points
+    from kvrec.bench.e2e import SWEEP_BATCHES, SWEEP_ITEMS, SWEEP_WINDOWS, sweep_points
 
     points = sweep_points(100_000, 50)
     kvrec = [p for p in points if p["system"] == "kvrec"]
@@ -65,7 +65,7 @@ def test_bench_e2e_measures_kvrec_with_one_and_two_processes(kafka_bootstrap, tm
     out = tmp_path / "e2e.json"
     with open(tmp_path / "bench.log", "w") as log:
         done = subprocess.run(
-            [sys.executable, "-m", "stream.cli", "bench", "e2e", "--quick", "--json", str(out),
+            [sys.executable, "-m", "kvrec.stream.cli", "bench", "e2e", "--quick", "--json", str(out),
              "--systems", "kvrec", "--processes", "1,2", "--bootstrap-servers", kafka_bootstrap,
              "--workdir", str(tmp_path / "w")],
             cwd=Path(__file__).parent.parent, stdout=log, stderr=subprocess.STDOUT, timeout=300,
@@ -100,7 +100,7 @@ def test_the_readers_shortcut_finds_the_same_key_as_decoding(
 def test_the_sweep_reads_the_retrieval_report_the_worker_logs(tmp_path: Path) -> None:
     """`kvrec worker` logs `model V: retrieval {...}` (stream/worker/models.py); the sweep's
     table takes kind, settings and recall from it (a format change once left them empty)."""
-    from bench.e2e import _retrieval_report
+    from kvrec.bench.e2e import _retrieval_report
 
     log = tmp_path / "worker.log"
     log.write_text(
@@ -118,7 +118,7 @@ def test_the_sweep_reads_the_retrieval_report_the_worker_logs(tmp_path: Path) ->
 def test_each_commit_interval_and_width_is_its_own_row() -> None:
     """kvrec-eos once per commit interval, every kvrec system once per width (`-d<D>` unless
     64); the measured worker runs exactly-once with that interval, its warm-up at-least-once."""
-    from bench.e2e import _variants
+    from kvrec.bench.e2e import _variants
 
     eos = _variants("kvrec-eos", [1], [100, 250, 500, 1000], [64, 128])
     assert [v.name for v in eos] == [
@@ -146,7 +146,7 @@ def test_each_commit_interval_and_width_is_its_own_row() -> None:
 ])
 def test_bad_eos_and_width_lists_are_one_line(flags: list[str], tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "bench", "e2e", "--json", str(tmp_path / "x.json"),
+        [sys.executable, "-m", "kvrec.stream.cli", "bench", "e2e", "--json", str(tmp_path / "x.json"),
          "--systems", "kvrec-eos", *flags, "--workdir", str(tmp_path / "w")],
         cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=60,
     )
@@ -163,7 +163,7 @@ def test_bench_e2e_measures_exactly_once_visibly_and_the_d128_model(kafka_bootst
     out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
     with open(tmp_path / "bench.log", "w") as log:
         done = subprocess.run(
-            [sys.executable, "-m", "stream.cli", "bench", "e2e", "--quick", "--json", str(out),
+            [sys.executable, "-m", "kvrec.stream.cli", "bench", "e2e", "--quick", "--json", str(out),
              "--plot", str(png), "--systems", "kvrec,kvrec-eos", "--eos-commit-intervals", "100",
              "--d-models", "64,128", "--bootstrap-servers", kafka_bootstrap,
              "--workdir", str(tmp_path / "w")],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.floor import CASES
+from kvrec.bench.floor import CASES
 
 pytestmark = pytest.mark.kafka
 
@@ -19,7 +19,7 @@ def test_bench_floor_measures_every_case(kafka_bootstrap, tmp_path: Path) -> Non
     out = tmp_path / "floor.json"
     with open(tmp_path / "floor.log", "w") as log:
         done = subprocess.run(
-            [sys.executable, "-m", "stream.cli", "bench", "floor", "--json", str(out),
+            [sys.executable, "-m", "kvrec.stream.cli", "bench", "floor", "--json", str(out),
              "--rate", "200", "--seconds", "1", "--bootstrap-servers", kafka_bootstrap,
              "--workdir", str(tmp_path / "w")],
             cwd=Path(__file__).parent.parent, stdout=log, stderr=subprocess.STDOUT, timeout=240,

@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.freshness import DAY_MS, cut_of, measure, replay
-from model.datasets import Interaction
-from model.errors import DataError
-from stream.cli import main as kvrec
+from kvrec.bench.freshness import DAY_MS, cut_of, measure, replay
+from kvrec.errors import DataError
+from kvrec.model.datasets import Interaction
+from kvrec.stream.cli import main as kvrec
 
 N_ITEMS = 6
 

@@ -11,7 +11,7 @@ from pathlib import Path
 def test_bench_loop_measures_and_profiles_the_worker_loop(tmp_path: Path) -> None:
     out = tmp_path / "loop.json"
     done = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "bench", "loop", "--json", str(out), "--items", "500",
+        [sys.executable, "-m", "kvrec.stream.cli", "bench", "loop", "--json", str(out), "--items", "500",
          "--users", "40", "--batch", "64", "--batches", "3", "--warmup-batches", "2",
          "--profile", "--workdir", str(tmp_path / "w"), "--", "--k", "5"],
         cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300,
@@ -40,7 +40,7 @@ def test_bench_loop_runs_the_process_as_the_worker_does(tmp_path: Path) -> None:
     that spins extra torch threads or scans every window object in full collections."""
     out = tmp_path / "loop.json"
     done = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "bench", "loop", "--json", str(out), "--items", "500",
+        [sys.executable, "-m", "kvrec.stream.cli", "bench", "loop", "--json", str(out), "--items", "500",
          "--users", "20", "--batch", "16", "--batches", "2", "--warmup-batches", "1",
          "--workdir", str(tmp_path / "w")],
         cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300,

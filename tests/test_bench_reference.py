@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.reference_sasrec import (
+from kvrec.bench.reference_sasrec import (
     ReferenceSASRec,
     ReferenceSettings,
     UserSampler,
@@ -16,7 +16,7 @@ from bench.reference_sasrec import (
     full_ce_loss,
     training_batch,
 )
-from stream.cli import main as kvrec
+from kvrec.stream.cli import main as kvrec
 
 
 def _model(seed: int = 0) -> ReferenceSASRec:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.cli import main
+from kvrec.stream.cli import main
 
 pytestmark = pytest.mark.kafka
 

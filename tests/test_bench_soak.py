@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.soak import ArrivingUsers, judge
+from kvrec.bench.soak import ArrivingUsers, judge
 
 
 def _samples(rss: list[float], cache: list[float], every_s: float = 60.0) -> list[dict]:
@@ -47,7 +47,7 @@ def test_a_short_soak_samples_memory_cache_throughput_and_latency(kafka_bootstra
     out, png = tmp_path / "soak.json", tmp_path / "soak.png"
     with open(tmp_path / "soak.log", "w") as log:
         done = subprocess.run(
-            [sys.executable, "-m", "stream.cli", "bench", "soak", "--json", str(out), "--plot",
+            [sys.executable, "-m", "kvrec.stream.cli", "bench", "soak", "--json", str(out), "--plot",
              str(png), "--minutes", "0.35", "--rate", "200", "--items", "2000", "--window", "8",
              "--active-users", "300", "--cache-bytes", str(1 << 20), "--sample-seconds", "3",
              "--bootstrap-servers", kafka_bootstrap, "--workdir", str(tmp_path / "w")],

@@ -23,7 +23,7 @@ def test_bench_swap_loses_and_duplicates_nothing_and_switches_once_per_swap(
     # outputs from the last version (at 1 s, a loaded run once had two partitions without any)
     with log.open("wb") as output:
         done = subprocess.run(
-            [sys.executable, "-m", "stream.cli", "bench", "swap", "--json", str(out), "--plot",
+            [sys.executable, "-m", "kvrec.stream.cli", "bench", "swap", "--json", str(out), "--plot",
              str(png), "--bootstrap-servers", kafka_bootstrap, "--workdir", str(tmp_path / "w"),
              "--slice-lines", "2000", "--rate", "150", "--steady-s", "4", "--warmup-s", "1",
              "--phase-s", "1", "--swaps", "1", "--swap-every-s", "1", "--settle-s", "4"],

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from model import named_datasets
-from model.datasets import read_interactions
-from model.errors import DataError
-from model.named_datasets import BUNDLED_DIR, NAMED_DATASETS
+from kvrec.errors import DataError
+from kvrec.model import named_datasets
+from kvrec.model.datasets import read_interactions
+from kvrec.model.named_datasets import BUNDLED_DIR, NAMED_DATASETS
 
 COMMITTED = [d for d in NAMED_DATASETS.values() if d.path.parent == BUNDLED_DIR]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from model.datasets import group_by_user, read_interactions
-from model.errors import DataError
+from kvrec.errors import DataError
+from kvrec.model.datasets import group_by_user, read_interactions
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from model.errors import RunFailed
-from stream.demo import train_threads
-from stream.demo_worker import WorkerProcess, free_port
-from stream.worker.metrics import HealthState, WorkerMetrics, serve
+from kvrec.errors import RunFailed
+from kvrec.stream.demo import train_threads
+from kvrec.stream.demo_worker import WorkerProcess, free_port
+from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 SYNTHETIC = [
@@ -127,7 +127,7 @@ def test_a_worker_that_crashes_is_reported_with_its_exception() -> None:
 def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "model"
     subprocess.run(
-        [sys.executable, "-m", "stream.cli", "train", *SYNTHETIC, "--out", str(out), "--epochs", "1",
+        [sys.executable, "-m", "kvrec.stream.cli", "train", *SYNTHETIC, "--out", str(out), "--epochs", "1",
          "--d-model", "32", "--layers", "1", "--window", "8", "--max-len", "30", "--threads", "1",
          "--dropout", "0.2", "--lr-schedule", "constant", "--warmup-epochs", "0"],
         cwd=ROOT, check=True, capture_output=True, timeout=300,
@@ -136,7 +136,7 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _demo(bootstrap: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "stream.cli", "demo", "--bootstrap-servers", bootstrap,
+    return [sys.executable, "-m", "kvrec.stream.cli", "demo", "--bootstrap-servers", bootstrap,
             *SYNTHETIC, *args]
 
 

@@ -472,7 +472,7 @@ def test_the_object_store_overlay_needs_no_shared_volume(rendered):
 
 def test_the_build_context_and_the_image_lock():
     assert checks.dockerignore_problems() == []
-    from deploy import image_lock
+    from kvrec.deploy import image_lock
 
     assert image_lock.problems() == []
     text = (checks.DEPLOY / "Dockerfile").read_text()
@@ -488,7 +488,7 @@ def test_a_broken_build_context_or_image_lock_fails(tmp_path):
     ignore.write_text(text.replace("!stream\n", ""))
     assert "COPY stream: left out of the build context" in checks.dockerignore_problems(dockerignore=ignore)
     assert checks.dockerignore_problems(dockerignore=tmp_path / "none")
-    from deploy import image_lock
+    from kvrec.deploy import image_lock
 
     lock = tmp_path / "requirements-image.lock"
     lines = image_lock.IMAGE_LOCK.read_text().splitlines()
@@ -743,7 +743,7 @@ def test_the_image_leaves_out_only_packages_the_lock_has():
             if "[" in name:
                 continue
             assert name.lower() in lock, name
-    from deploy import image_lock
+    from kvrec.deploy import image_lock
 
     assert {name.lower() for name in image_lock.NOT_IN_IMAGE} <= lock
 
@@ -789,7 +789,7 @@ def test_a_worker_with_the_manifests_settings_serves_and_stops_within_its_grace_
     log = tmp_path / "worker.log"
     with open(log, "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", *worker.argv],
+            [sys.executable, "-m", "kvrec.stream.cli", *worker.argv],
             env={**base, **env, "PYTHONPATH": str(checks.REPO)}, stderr=stderr, text=True,
         )
     try:

@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import BENCHMARKS
-from model.errors import ConfigError
-from stream.cli import COMMANDS
-from stream.cli import main as kvrec
-from stream.kafka_config import add_kafka_arguments, client_config
-from stream.kafka_logs import kafka_log
+from kvrec.bench.cli import BENCHMARKS
+from kvrec.errors import ConfigError
+from kvrec.stream.cli import COMMANDS
+from kvrec.stream.cli import main as kvrec
+from kvrec.stream.kafka_config import add_kafka_arguments, client_config
+from kvrec.stream.kafka_logs import kafka_log
 
 KVREC = Path(sys.executable).with_name("kvrec")
 
 
 def _run_kvrec(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "stream.cli"]
+    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "kvrec.stream.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -148,7 +148,7 @@ def test_kafka_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyP
     }
     with pytest.raises(ConfigError):
         client_config(parser.parse_args(["--sasl-mechanism", "PLAIN", "--sasl-username", "a"]))
-    from stream.cli import build_parser
+    from kvrec.stream.cli import build_parser
 
     monkeypatch.setenv("KVREC_SASL_PASSWORD", "from-env")
     monkeypatch.setenv("KVREC_BOOTSTRAP_SERVERS", "envhost:1")
@@ -158,7 +158,7 @@ def test_kafka_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyP
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    from stream.cli import build_parser
+    from kvrec.stream.cli import build_parser
 
     return build_parser(argv).parse_args(argv)
 
@@ -243,7 +243,7 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 def _command_parser(command: list[str]) -> argparse.ArgumentParser:
     """The parser of `kvrec <command...>`, with its variables applied, as `--help` renders it."""
-    from stream.cli import build_parser
+    from kvrec.stream.cli import build_parser
 
     parser = build_parser(command)
     for name in command:
@@ -274,7 +274,7 @@ SECRET_FLAGS = {"--sasl-password", "--kafka-option"}  # no default shown: it may
 def _variable(command: list[str], option: str, group: str | None) -> str:
     """The variable a flag must name: KVREC_<FLAG> for the Kafka connection flags, the command's
     for the flags every action of a command shares, else KVREC_<COMMAND>_<SUB-COMMAND>_<FLAG>."""
-    from stream.cli import COMMAND_GROUP, SHARED_GROUP, env_name
+    from kvrec.stream.cli import COMMAND_GROUP, SHARED_GROUP, env_name
 
     if group == SHARED_GROUP:
         return env_name(option)
@@ -498,7 +498,7 @@ def test_a_worker_that_cannot_reach_kafka_says_so_once_then_waits_quietly(
     small_model: Path, tmp_path: Path
 ) -> None:
     port = _closed_port()
-    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "stream.cli"]
+    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "kvrec.stream.cli"]
     process = subprocess.Popen(
         [*command, "worker", "--model", str(small_model), "--state-dir", str(tmp_path),
          "--bootstrap-servers", f"127.0.0.1:{port}", "--connect-timeout", "1",
@@ -526,7 +526,7 @@ def test_a_worker_that_cannot_reach_kafka_says_so_once_then_waits_quietly(
 
 def test_tail_without_timeout_says_so_once_then_waits_quietly() -> None:
     port = _closed_port()
-    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "stream.cli"]
+    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "kvrec.stream.cli"]
     process = subprocess.Popen(
         [*command, "tail", "--bootstrap-servers", f"127.0.0.1:{port}", "--connect-timeout", "1"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
@@ -549,8 +549,8 @@ def test_tail_without_timeout_says_so_once_then_waits_quietly() -> None:
 def test_librdkafka_lines_go_through_python_logging_without_the_flood() -> None:
     from confluent_kafka import Consumer
 
-    from stream.kafka_logs import kafka_log_filter
-    from stream.logs import JsonFormatter
+    from kvrec.stream.kafka_logs import kafka_log_filter
+    from kvrec.stream.logs import JsonFormatter
 
     class Keep(logging.Handler):
         def __init__(self) -> None:
@@ -592,7 +592,7 @@ def test_librdkafka_lines_go_through_python_logging_without_the_flood() -> None:
 def test_a_transaction_error_the_worker_handles_is_a_warning_not_an_error() -> None:
     """librdkafka logs a transaction fenced by a rebalance as an error (TXNERR); the worker
     aborts it and replays (a person need not act): WARNING. Other transaction errors stay."""
-    from stream.kafka_logs import LIBRDKAFKA_FORMAT
+    from kvrec.stream.kafka_logs import LIBRDKAFKA_FORMAT
 
     class Keep(logging.Handler):
         def __init__(self) -> None:
@@ -633,7 +633,7 @@ def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 @pytest.mark.parametrize("command", ["replay", "tail", "train", "eval", "export", "worker", "demo",
                                      "broker", "bench"])
 def test_no_numeric_flag_escapes_its_range_check(command: str) -> None:
-    from stream.cli import build_parser
+    from kvrec.stream.cli import build_parser
 
     parser = build_parser([command])
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

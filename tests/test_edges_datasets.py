@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from model.datasets import (
+from kvrec.errors import DataError
+from kvrec.model.datasets import (
     EVENT_TYPES,
     Interaction,
     SyntheticSpec,
@@ -18,7 +19,6 @@ from model.datasets import (
     iter_interactions,
     read_interactions,
 )
-from model.errors import DataError
 
 
 def _write(tmp_path: Path, name: str, text: str | bytes) -> Path:

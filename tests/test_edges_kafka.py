@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Message, Producer
 
-from model.datasets import SyntheticSpec, generate_synthetic
-from stream.cli import main as kvrec
-from stream.kafka_config import add_kafka_arguments, client_config, wait_for_kafka
-from stream.replay import replay_events
-from stream.schema import BecauseEvent, Recommendation, ScoredItem, encode_recommendation
+from kvrec.model.datasets import SyntheticSpec, generate_synthetic
+from kvrec.stream.cli import main as kvrec
+from kvrec.stream.kafka_config import add_kafka_arguments, client_config, wait_for_kafka
+from kvrec.stream.replay import replay_events
+from kvrec.stream.schema import BecauseEvent, Recommendation, ScoredItem, encode_recommendation
 from tests.conftest import create_topics, unique_topic
 
 pytestmark = pytest.mark.kafka

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from stream.schema import (
+from kvrec.stream.schema import (
     BecauseEvent,
     Event,
     InvalidEvent,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.cli import main as kvrec
+from kvrec.stream.cli import main as kvrec
 
 
 def test_quick_model_bench_writes_json_and_plot(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.encoder import Encoder, KVCache
+from kvrec.model.config import ModelConfig
+from kvrec.model.encoder import Encoder, KVCache
 
 TOLERANCE = 1e-4
 
@@ -225,7 +225,7 @@ def test_the_hstu_bias_by_age_takes_part_in_both_passes() -> None:
 
 
 def test_configs_without_a_block_read_as_the_transformer_and_unknown_blocks_are_refused() -> None:
-    from model.errors import ConfigError
+    from kvrec.errors import ConfigError
 
     old = ModelConfig(n_items=5).to_dict()
     del old["block"]  # an artifact written before the field

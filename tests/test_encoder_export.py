@@ -9,11 +9,11 @@ import onnx
 import pytest
 import torch
 
-from model.backends import make_backend
-from model.config import ModelConfig
-from model.encoder import Encoder
-from model.errors import ConfigError
-from model.export import INPUTS, OUTPUTS, export_step
+from kvrec.errors import ConfigError
+from kvrec.model.backends import make_backend
+from kvrec.model.config import ModelConfig
+from kvrec.model.encoder import Encoder
+from kvrec.model.export import INPUTS, OUTPUTS, export_step
 
 
 @pytest.fixture(scope="module",

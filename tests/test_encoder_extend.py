@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.encoder import Encoder, KVCache
+from kvrec.model.encoder import Encoder, KVCache
 from tests.test_encoder_exactness import TOLERANCE, _encoder, _sequences
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from deploy.kafka import launcher
-from deploy.kafka.launcher import LocalKafka, ensure_jars, jar_cache_dir
-from model.errors import ConfigError
+from kvrec.deploy.kafka import launcher
+from kvrec.deploy.kafka.launcher import LocalKafka, ensure_jars, jar_cache_dir
+from kvrec.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def test_start_then_stop_leaves_no_java_process_and_no_data_dir() -> None:
 @pytest.mark.kafka
 def test_background_broker_start_status_stop_from_the_command_line(tmp_path: Path) -> None:
     data_dir = tmp_path / "broker"
-    cli = ["-m", "deploy.kafka.launcher"]
+    cli = ["-m", "kvrec.deploy.kafka.launcher"]
     try:
         started = _run(*cli, "start", "--data-dir", str(data_dir), "--port", "0")
         assert started.returncode == 0, started.stderr
@@ -122,7 +122,7 @@ def test_missing_java_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_missing_java_on_the_command_line_is_one_error_line(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(tmp_path)}  # an empty folder: no java, no mvn
-    result = _run("-m", "stream.cli", "broker", "--port", "0", env=env)
+    result = _run("-m", "kvrec.stream.cli", "broker", "--port", "0", env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvrec: error: `java` not found"), result.stderr

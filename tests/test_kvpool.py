@@ -15,14 +15,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.artifact import Artifact
-from model.backends import make_backend
-from model.config import BLOCKS, ModelConfig
-from model.encoder import Encoder, KVCache
-from model.retrieval import Exclusions, Retriever
-from state.kvpool import ARRAY_HEADER_BYTES, KNOWN_EVENT_BYTES, KVPool, budget_for
-from state.window import Window, WindowEvent
-from stream.worker.inference import Recommender, WaveInput
+from kvrec.model.artifact import Artifact
+from kvrec.model.backends import make_backend
+from kvrec.model.config import BLOCKS, ModelConfig
+from kvrec.model.encoder import Encoder, KVCache
+from kvrec.model.retrieval import Exclusions, Retriever
+from kvrec.state.kvpool import ARRAY_HEADER_BYTES, KNOWN_EVENT_BYTES, KVPool, budget_for
+from kvrec.state.window import Window, WindowEvent
+from kvrec.stream.worker.inference import Recommender, WaveInput
 from tests.worker_fixtures import make_artifact
 from tests.worker_reference import (
     ReferenceEvent,
@@ -318,7 +318,7 @@ def test_a_wave_of_more_users_than_slots_runs_in_parts(artifacts) -> None:
 
 
 def test_onnx_backend_on_a_host_pool(artifacts, tmp_path: Path) -> None:
-    from model.export import export_step
+    from kvrec.model.export import export_step
 
     artifact = artifacts["a"]
     capacity = artifact.config.history_needed

@@ -10,10 +10,10 @@ import uuid
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from stream.demo import LiveStats
-from stream.kafka_config import ensure_topics
-from stream.latency import LOG_APPEND_TIME, Latencies, read_available
-from stream.schema import Recommendation, ScoredItem, encode_recommendation
+from kvrec.stream.demo import LiveStats
+from kvrec.stream.kafka_config import ensure_topics
+from kvrec.stream.latency import LOG_APPEND_TIME, Latencies, read_available
+from kvrec.stream.schema import Recommendation, ScoredItem, encode_recommendation
 
 pytestmark = pytest.mark.kafka
 
@@ -125,7 +125,7 @@ def test_under_exactly_once_the_latency_is_when_a_read_committed_reader_sees_the
     transaction commits, `COMMIT_DELAY_S` later: a read_committed reader does not get it
     before, and the visible latency (`Latencies(visible=True)`) includes the wait, while the
     append's latency, kept beside it, does not."""
-    from stream.latency import READ_COMMITTED, VISIBLE
+    from kvrec.stream.latency import READ_COMMITTED, VISIBLE
 
     topic = _topic(kafka_bootstrap, LOG_APPEND_TIME)
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from state.window import WindowEvent
-from stream.worker.inference import ScoredBatch, WaveInput
-from stream.worker.live import SERVE, LiveHits
+from kvrec.state.window import WindowEvent
+from kvrec.stream.worker.inference import ScoredBatch, WaveInput
+from kvrec.stream.worker.live import SERVE, LiveHits
 
 ITEM_IDS = ["", *(f"sku-{i}" for i in range(1, 9))]
 INDEX = {item: i for i, item in enumerate(ITEM_IDS) if i > 0}

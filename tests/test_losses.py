@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model.losses import softmax_cross_entropy
+from kvrec.model.losses import softmax_cross_entropy
 
 
 def _reference(hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import ctypes.util
 
 import pytest
 
-from model.memory import release_free_memory
+from kvrec.model.memory import release_free_memory
 
 
 def _resident_mb() -> float:
@@ -32,7 +32,7 @@ def test_freed_heap_pages_are_returned() -> None:
 def test_release_periodically_calls_until_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    import model.memory as memory
+    import kvrec.model.memory as memory
 
     calls: list[float] = []
     monkeypatch.setattr(memory, "release_free_memory", lambda: calls.append(time.monotonic()))

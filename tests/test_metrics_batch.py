@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 
-from stream.worker.metrics import LATENCY_BUCKETS, observe_many
+from kvrec.stream.worker.metrics import LATENCY_BUCKETS, observe_many
 
 # the bounds themselves and their neighbours: where a bucket boundary could be off by one
 _EDGES = [x for b in LATENCY_BUCKETS for x in (b, np.nextafter(b, 0.0), np.nextafter(b, 20.0))]

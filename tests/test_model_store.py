@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from model.errors import ArtifactError
-from model.store import STAGING_PREFIX, ModelStore
+from kvrec.errors import ArtifactError
+from kvrec.model.store import STAGING_PREFIX, ModelStore
 from tests.worker_fixtures import make_artifact
 
 

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from model.artifact import load_artifact
-from model.backends import make_backend
-from model.datasets import Interaction
-from model.errors import ArtifactError
-from model.retrieval import Retriever
-from model.store import ModelStore, StoredVersion
-from model.train import TrainSettings, train
-from state.window import Window, WindowEvent
-from stream.cli import main as kvrec
-from stream.model_updates import (
+from kvrec.errors import ArtifactError
+from kvrec.model.artifact import load_artifact
+from kvrec.model.backends import make_backend
+from kvrec.model.datasets import Interaction
+from kvrec.model.retrieval import Retriever
+from kvrec.model.store import ModelStore, StoredVersion
+from kvrec.model.train import TrainSettings, train
+from kvrec.state.window import Window, WindowEvent
+from kvrec.stream.cli import main as kvrec
+from kvrec.stream.model_updates import (
     Announcement,
     Candidate,
     announce,
@@ -29,9 +29,9 @@ from stream.model_updates import (
     latest_announcement,
     live_hit_rates,
 )
-from stream.worker.inference import Recommender, WaveInput
-from stream.worker.models import ModelChoice, ModelRefused, load_recommender
-from stream.worker.settings import WorkerSettings
+from kvrec.stream.worker.inference import Recommender, WaveInput
+from kvrec.stream.worker.models import ModelChoice, ModelRefused, load_recommender
+from kvrec.stream.worker.settings import WorkerSettings
 from tests.conftest import unique_topic
 from tests.test_worker_reliability import OnePartition
 from tests.worker_fixtures import EVENT_TYPES, make_artifact
@@ -130,7 +130,7 @@ def test_a_prewarmed_cache_gives_the_lists_a_refill_gives_and_saves_the_refill(t
 def _settings(tmp_path: Path, **extra: object) -> WorkerSettings:
     import argparse
 
-    from stream.worker.settings import add_worker_arguments
+    from kvrec.stream.worker.settings import add_worker_arguments
 
     parser = argparse.ArgumentParser()
     add_worker_arguments(parser)
@@ -303,7 +303,7 @@ def test_swap_refuse_and_roll_back_under_exactly_once(kafka_bootstrap: str, tmp_
         assert worker.counter("kvrec_model_swaps_total") == 1
 
         # the worker reports what it serves and what it refused; `kvrec models list` shows it
-        from stream.model_updates import read_live
+        from kvrec.stream.model_updates import read_live
 
         def reported() -> bool:
             reports = read_live(life.config, "default", life.stats).reports
@@ -396,7 +396,7 @@ def test_a_version_announced_before_it_reaches_the_mount_is_waited_for_not_refus
     kafka_bootstrap: str, tmp_path: Path, good_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Shared storage may show a version later than the announcement reaches a worker."""
-    from stream.worker.watcher import ModelWatcher
+    from kvrec.stream.worker.watcher import ModelWatcher
 
     monkeypatch.setattr(ModelWatcher, "missing_retry_s", 0.5)
     life = Lifecycle(kafka_bootstrap, tmp_path)
@@ -435,8 +435,8 @@ class WatcherRig:
                  serving: str = "v1") -> None:
         import threading
 
-        from stream.worker import watcher as watcher_module
-        from stream.worker.metrics import WorkerMetrics
+        from kvrec.stream.worker import watcher as watcher_module
+        from kvrec.stream.worker.metrics import WorkerMetrics
 
         self.config = {"bootstrap.servers": bootstrap}
         self.updates, self.stats = unique_topic("model-updates"), unique_topic("model-stats")
@@ -511,7 +511,7 @@ def test_a_refused_version_announced_again_is_tried_again(
         # what it serves reaches the stats topic with the live counters
         rig.watcher.publish_stats({("v2", "serve"): (3, 1)})
         rig.watcher.stats_producer.flush(10)
-        from stream.model_updates import read_live
+        from kvrec.stream.model_updates import read_live
 
         view = read_live(rig.config, "default", rig.stats)
         assert [(r.status.serving if r.status else None) for r in view.reports] == ["v2"]

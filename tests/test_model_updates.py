@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream.model_updates import (
+from kvrec.stream.model_updates import (
     Announcement,
     Candidate,
     Refusal,

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.store import ModelStore
-from stream.cli import main as kvrec
-from stream.model_policy import promotion_verdict, rollback_verdict
-from stream.model_updates import (
+from kvrec.model.store import ModelStore
+from kvrec.stream.cli import main as kvrec
+from kvrec.stream.model_policy import promotion_verdict, rollback_verdict
+from kvrec.stream.model_updates import (
     LiveRate,
     Refusal,
     WorkerStatus,
@@ -519,7 +519,7 @@ def test_action_variables_and_range_checks(monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from stream.cli import build_parser
+    from kvrec.stream.cli import build_parser
 
     monkeypatch.setenv("KVREC_MODELS_GUARD_MARGIN", "0.1")
     monkeypatch.setenv("KVREC_MODELS_UPDATES_TOPIC", "updates-x")
@@ -543,8 +543,8 @@ def test_action_variables_and_range_checks(monkeypatch: pytest.MonkeyPatch,
 @pytest.mark.kafka
 def test_an_announcement_that_came_in_meanwhile_is_not_undone(
         setup: Setup, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from stream import models_cli
-    from stream.model_updates import announce
+    from kvrec.stream import models_cli
+    from kvrec.stream.model_updates import announce
 
     publish(capsys, setup, 0, "--serve")
     b = publish(capsys, setup, 1, "--serve")
@@ -576,7 +576,7 @@ def test_the_guard_loop_rolls_back_and_logs_why(setup: Setup, capsys: pytest.Cap
     root = Path(__file__).resolve().parent.parent
     with log_path.open("w") as log:
         guard = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "models", "guard", "--interval-s", "0.5",
+            [sys.executable, "-m", "kvrec.stream.cli", "models", "guard", "--interval-s", "0.5",
              "--margin", "0.02", "--min-live-events", "500", *setup.flags()],
             cwd=root, stdout=log, stderr=subprocess.STDOUT)
     try:

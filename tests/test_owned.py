@@ -19,14 +19,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deploy.kafka import launcher
-from model.artifact import FILES, MANIFEST, save_artifact
-from model.config import ModelConfig
-from model.encoder import Encoder
-from model.owned import ARTIFACT_NAMES, MARKER, NotOwned, claim_dir, remove_owned
-from model.store import STAGING_PREFIX, ModelStore
-from state.store import WindowStore
-from stream.cli import main as kvrec
+from kvrec.deploy.kafka import launcher
+from kvrec.model.artifact import FILES, MANIFEST, save_artifact
+from kvrec.model.config import ModelConfig
+from kvrec.model.encoder import Encoder
+from kvrec.model.owned import ARTIFACT_NAMES, MARKER, NotOwned, claim_dir, remove_owned
+from kvrec.model.store import STAGING_PREFIX, ModelStore
+from kvrec.state.store import WindowStore
+from kvrec.stream.cli import main as kvrec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -185,7 +185,7 @@ def test_foreign_content_is_never_deleted(
 # --- each command ------------------------------------------------------------------------------
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "stream.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "kvrec.stream.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -12,11 +12,11 @@ import termios
 import threading
 from pathlib import Path
 
-from model.progress import progress_bar
+from kvrec.model.progress import progress_bar
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = [
-    sys.executable, "-m", "stream.cli", "train", "--format", "synthetic",
+    sys.executable, "-m", "kvrec.stream.cli", "train", "--format", "synthetic",
     "--synthetic-users", "300", "--synthetic-items", "120", "--synthetic-events", "6000",
     "--epochs", "3", "--patience", "10", "--d-model", "32", "--layers", "1", "--window", "8",
     "--max-len", "30", "--batch-size", "32", "--threads", "1",

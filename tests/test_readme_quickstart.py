@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.kafka.launcher import free_port, running_broker, stop_detached
+from kvrec.deploy.kafka.launcher import free_port, running_broker, stop_detached
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -40,14 +40,14 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from model.artifact import Artifact, load_artifact
-from model.config import BLOCKS
-from state.kvpool import budget_for
-from state.partition import PartitionWindows, WorkerState
-from state.window import WindowEvent, pack_event
-from stream.worker.app import add_arguments, build_recommender, resolve_window_capacity
-from stream.worker.inference import RecommendCounters, Recommender, ScoredBatch, WaveInput
-from stream.worker.settings import WorkerSettings
+from kvrec.model.artifact import Artifact, load_artifact
+from kvrec.model.config import BLOCKS
+from kvrec.state.kvpool import budget_for
+from kvrec.state.partition import PartitionWindows, WorkerState
+from kvrec.state.window import WindowEvent, pack_event
+from kvrec.stream.worker.app import add_arguments, build_recommender, resolve_window_capacity
+from kvrec.stream.worker.inference import RecommendCounters, Recommender, ScoredBatch, WaveInput
+from kvrec.stream.worker.settings import WorkerSettings
 from tests.worker_fixtures import EVENT_TYPES, make_artifact
 
 TOLERANCE = 1e-4

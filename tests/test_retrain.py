@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.artifact import load_artifact, save_artifact
-from model.datasets import Interaction, SyntheticSpec, generate_synthetic
-from model.decision import decide, held_out_tail
-from model.errors import ConfigError
-from model.train import TrainSettings, train
+from kvrec.errors import ConfigError
+from kvrec.model.artifact import load_artifact, save_artifact
+from kvrec.model.datasets import Interaction, SyntheticSpec, generate_synthetic
+from kvrec.model.decision import decide, held_out_tail
+from kvrec.model.train import TrainSettings, train
 
 TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "window": 8, "dropout": 0.1}
 
@@ -146,7 +146,7 @@ def _walks(users: int, length: int, catalog: int = 60) -> list[Interaction]:
 def _produce(bootstrap: str, topic: str, events: list[Interaction]) -> None:
     from confluent_kafka import Producer
 
-    from stream.schema import Event, encode_event
+    from kvrec.stream.schema import Event, encode_event
 
     producer = Producer({"bootstrap.servers": bootstrap, "compression.type": "lz4",
                          "linger.ms": 20})  # LZ4 as `kvrec replay` sends
@@ -166,7 +166,7 @@ def _retrain(tmp_path: Path, bootstrap: str, name: str, *flags: str) -> tuple[in
     root = Path(__file__).resolve().parent.parent
     with log.open("w") as out:
         process = subprocess.run(
-            [sys.executable, "-m", "stream.cli", "retrain", "--bootstrap-servers", bootstrap,
+            [sys.executable, "-m", "kvrec.stream.cli", "retrain", "--bootstrap-servers", bootstrap,
              "--once", *TINY_FLAGS, *flags],
             cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=out,
             stderr=subprocess.STDOUT, timeout=240,
@@ -176,7 +176,7 @@ def _retrain(tmp_path: Path, bootstrap: str, name: str, *flags: str) -> tuple[in
 
 @pytest.mark.kafka
 def test_retrain_once_publishes_then_refuses_a_worse_model(kafka_bootstrap: str, tmp_path: Path) -> None:
-    from stream.model_updates import latest_announcement
+    from kvrec.stream.model_updates import latest_announcement
     from tests.conftest import create_topics, unique_topic
 
     topic, updates, group = unique_topic("rt-events"), unique_topic("rt-updates"), unique_topic("rt")
@@ -220,9 +220,9 @@ def test_a_retrained_version_never_puts_a_refused_one_in_the_history(
         kafka_bootstrap: str, tmp_path: Path) -> None:
     """The announced version no worker served (refused) is not the rollback target after a
     retrain: the history holds the versions the workers reported serving."""
-    from model.decision import Decision
-    from model.store import ModelStore
-    from stream.model_updates import (
+    from kvrec.model.decision import Decision
+    from kvrec.model.store import ModelStore
+    from kvrec.stream.model_updates import (
         WorkerStatus,
         announce,
         ensure_model_topics,
@@ -231,7 +231,7 @@ def test_a_retrained_version_never_puts_a_refused_one_in_the_history(
         live_stats_value,
         put,
     )
-    from stream.retrain.job import JobSettings, _publish
+    from kvrec.stream.retrain.job import JobSettings, _publish
     from tests.conftest import unique_topic
     from tests.worker_fixtures import make_artifact
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from model.errors import ConfigError
-from stream.cli import build_parser
-from stream.retrain.app import AppSettings, build_app
-from stream.retrain.command import _faust_brokers, _faust_credentials
+from kvrec.errors import ConfigError
+from kvrec.stream.cli import build_parser
+from kvrec.stream.retrain.app import AppSettings, build_app
+from kvrec.stream.retrain.command import _faust_brokers, _faust_credentials
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

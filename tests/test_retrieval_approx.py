@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.retrieval import bench_queries, clustered_catalog
-from model.retrieval import Retriever, recall_at_k
+from kvrec.bench.retrieval import bench_queries, clustered_catalog
+from kvrec.model.retrieval import Retriever, recall_at_k
 
 N_ITEMS = 20_000
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from bench.retrieval import run_retrieval_bench
+from kvrec.bench.retrieval import run_retrieval_bench
 
 
 def test_bench_writes_measured_rows(tmp_path):
@@ -26,7 +26,7 @@ def test_bench_writes_measured_rows(tmp_path):
 
 def test_cli_bad_kind_is_one_line_error(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "bench", "retrieval", "--json", str(tmp_path / "x.json"),
+        [sys.executable, "-m", "kvrec.stream.cli", "bench", "retrieval", "--json", str(tmp_path / "x.json"),
          "--kinds", "exact,annoy"],
         capture_output=True, text=True, timeout=120,
     )

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.gpu_retrieval import TorchExactRetriever, padded_exclusions
-from model.retrieval import Retriever, recall_at_k
+from kvrec.model.gpu_retrieval import TorchExactRetriever, padded_exclusions
+from kvrec.model.retrieval import Retriever, recall_at_k
 
 
 def brute_force(items, queries, k, exclude=None, unavailable=()):

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.schema import Event, InvalidEvent, encode_event, parse_event, parse_event_stdlib
+from kvrec.stream.schema import Event, InvalidEvent, encode_event, parse_event, parse_event_stdlib
 
 TYPES = frozenset({"view", "click", "add_to_cart", "purchase"})
 NOW = 1_800_000_000_000

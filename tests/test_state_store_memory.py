@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from state.store import WRITE_BUFFER_BYTES, WindowStore
+from kvrec.state.store import WRITE_BUFFER_BYTES, WindowStore
 
 
 def test_written_windows_reach_files_after_a_few_mib(tmp_path: Path) -> None:

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.kvcache import LruByteCache
-from state.store import WindowStore
-from state.window import CorruptWindow, Window, WindowEvent
+from kvrec.state.kvcache import LruByteCache
+from kvrec.state.store import WindowStore
+from kvrec.state.window import CorruptWindow, Window, WindowEvent
 
 
 def _event(i: int, item: str = "sku-1") -> WindowEvent:
@@ -93,7 +93,7 @@ def test_packed_entries_follow_the_events_through_trimming_and_round_trips() -> 
 
 
 def test_checkpointed_windows_stay_in_memory_up_to_the_limit(tmp_path: Path) -> None:
-    from state.partition import WorkerState
+    from kvrec.state.partition import WorkerState
 
     states = WorkerState(tmp_path, "group", "events", window_capacity=4, keep_in_memory=2)
     state = states.open(0)
@@ -114,7 +114,7 @@ def test_checkpointed_windows_stay_in_memory_up_to_the_limit(tmp_path: Path) -> 
 
 
 def test_an_aborted_change_is_never_written(tmp_path: Path) -> None:
-    from state.partition import WorkerState
+    from kvrec.state.partition import WorkerState
 
     states = WorkerState(tmp_path, "group", "events", window_capacity=4)
     state = states.open(0)
@@ -132,7 +132,7 @@ def test_an_aborted_change_is_never_written(tmp_path: Path) -> None:
 
 
 def test_a_changelog_record_reads_back_and_anything_else_is_refused() -> None:
-    from state.changelog import ChangelogRecord, read_record
+    from kvrec.state.changelog import ChangelogRecord, read_record
 
     record = ChangelogRecord("ü-1", b"window", 41)
     assert read_record(record.key, record.window, list(record.headers.items())) == record

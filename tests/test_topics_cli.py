@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from stream.cli import build_parser
-from stream.topics_cli import wanted_topics
+from kvrec.stream.cli import build_parser
+from kvrec.stream.topics_cli import wanted_topics
 from tests.conftest import create_topics, unique_topic
 
 KVREC = Path(sys.executable).with_name("kvrec")
 
 
 def _kvrec(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "stream.cli"]
+    command = [str(KVREC)] if KVREC.exists() else [sys.executable, "-m", "kvrec.stream.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120)
 
 

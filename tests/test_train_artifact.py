@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.artifact import load_artifact
-from model.datasets import SyntheticSpec, generate_synthetic
-from model.errors import ArtifactError, ConfigError
-from model.evaluate import metrics_from_ranks, rank_targets
-from model.train import TrainSettings, train
+from kvrec.errors import ArtifactError, ConfigError
+from kvrec.model.artifact import load_artifact
+from kvrec.model.datasets import SyntheticSpec, generate_synthetic
+from kvrec.model.evaluate import metrics_from_ranks, rank_targets
+from kvrec.model.train import TrainSettings, train
 
 SMALL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "window": 8, "dropout": 0.1}
 FLAT = {"lr_schedule": "constant", "warmup_epochs": 0.0}  # a few epochs: no warm-up, no decay
@@ -87,7 +87,7 @@ def test_tampered_weights_are_refused(trained: tuple[Path, dict], tmp_path: Path
 
 def test_cli_refuses_a_bad_model_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "eval", "--model", str(tmp_path), "--format",
+        [sys.executable, "-m", "kvrec.stream.cli", "eval", "--model", str(tmp_path), "--format",
          "synthetic"],
         capture_output=True, text=True,
     )
@@ -99,7 +99,7 @@ def test_cli_refuses_a_bad_model_in_one_line(tmp_path: Path) -> None:
 def test_eval_cli_prints_the_documented_json(trained: tuple[Path, dict]) -> None:
     out, _ = trained
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "eval", "--model", str(out), "--format", "synthetic",
+        [sys.executable, "-m", "kvrec.stream.cli", "eval", "--model", str(out), "--format", "synthetic",
          "--synthetic-users", "300", "--synthetic-items", "120", "--synthetic-events", "6000",
          "--seed", "1", "--json"],
         capture_output=True, text=True, check=True,
@@ -157,7 +157,7 @@ def test_sigterm_stops_training_and_still_publishes_the_best_weights(tmp_path: P
 
     out = tmp_path / "model"
     process = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "train", "--format", "synthetic",
+        [sys.executable, "-m", "kvrec.stream.cli", "train", "--format", "synthetic",
          "--synthetic-users", "300", "--synthetic-items", "120", "--synthetic-events", "6000",
          "--d-model", "16", "--window", "8", "--max-len", "30", "--epochs", "500",
          "--patience", "500", "--threads", "1", "--out", str(out)],

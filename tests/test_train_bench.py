@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.train import kvrec_run, summarise
-from model.datasets import SyntheticSpec, generate_synthetic
-from model.errors import ArtifactError, DataError
-from model.train import TrainSettings, train
-from stream.cli import main as kvrec
+from kvrec.bench.train import kvrec_run, summarise
+from kvrec.errors import ArtifactError, DataError
+from kvrec.model.datasets import SyntheticSpec, generate_synthetic
+from kvrec.model.train import TrainSettings, train
+from kvrec.stream.cli import main as kvrec
 
 SMALL = {"d_model": 16, "n_layers": 1, "n_heads": 2, "window": 8, "dropout": 0.1}
 

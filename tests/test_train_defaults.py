@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from model.config import ModelConfig
-from model.train import TrainSettings, lr_factor
+from kvrec.model.config import ModelConfig
+from kvrec.model.train import TrainSettings, lr_factor
 
 ROOT = Path(__file__).resolve().parent.parent
 # the flags of the run that reached the published test NDCG@10 (README, docs/quality.md)
@@ -27,7 +27,7 @@ RECIPE = {
 
 
 def _parse(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
-    from stream.cli import build_parser
+    from kvrec.stream.cli import build_parser
 
     for name in [n for n in os.environ if n.startswith("KVREC_TRAIN_")]:
         monkeypatch.delenv(name)  # the defaults themselves, not this machine's settings

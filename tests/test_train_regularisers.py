@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.artifact import load_artifact
-from model.train import (
+from kvrec.model.artifact import load_artifact
+from kvrec.model.train import (
     TrainSettings,
     contrastive_loss,
     future_targets,
@@ -21,7 +21,7 @@ from model.train import (
     sequences_by_last_item,
     target_distribution,
 )
-from stream.cli import main as kvrec
+from kvrec.stream.cli import main as kvrec
 
 
 def test_item_noise_replaces_real_items_at_its_rate_and_never_padding() -> None:
@@ -103,7 +103,7 @@ def test_the_options_train_and_are_recorded_in_the_artifact(tmp_path: Path) -> N
 
 
 def test_the_weight_average_follows_the_weights_and_swaps_in_and_out() -> None:
-    from model.averaging import WeightAverage
+    from kvrec.model.averaging import WeightAverage
 
     model = torch.nn.Linear(3, 2)
     start = model.weight.detach().clone()

@@ -10,10 +10,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.encoder import Encoder
-from model.evaluate import Split, evaluate_split
-from model.train import TrainSettings, length_grouped_batches, lr_factor, random_batches
+from kvrec.model.config import ModelConfig
+from kvrec.model.encoder import Encoder
+from kvrec.model.evaluate import Split, evaluate_split
+from kvrec.model.train import TrainSettings, length_grouped_batches, lr_factor, random_batches
 
 
 def test_cosine_warms_up_then_decays_to_the_floor() -> None:

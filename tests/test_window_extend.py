@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from state.window import Window, WindowEvent, pack_event
+from kvrec.state.window import Window, WindowEvent, pack_event
 
 _events = st.lists(st.tuples(st.text(max_size=4), st.integers(0, 5), st.integers(-5, 5),
                              st.integers(1, 4)), max_size=12)

@@ -7,8 +7,8 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.schema import BecauseEvent, Recommendation, ScoredItem, encode_recommendation
-from stream.worker.wire import WireEncoder
+from kvrec.stream.schema import BecauseEvent, Recommendation, ScoredItem, encode_recommendation
+from kvrec.stream.worker.wire import WireEncoder
 
 TEXT = st.text(min_size=1, max_size=12)  # any Unicode: quotes, control characters, emoji
 EVENT_TYPES = ["view", "click", "add_to_cart", "purchase"]
@@ -90,7 +90,7 @@ BOUNDARIES = st.tuples(
 @given(st.lists(st.lists(FINITE | BOUNDARIES, max_size=5), max_size=4))
 def test_the_batch_number_writer_is_repr_or_leaves_the_row(rows) -> None:
     """msgspec writes a batch's scores in one call; a row it returns is `json`'s text of it."""
-    from stream.worker.wire import _number_texts
+    from kvrec.stream.worker.wire import _number_texts
 
     for row, text in zip(rows, _number_texts(rows, len(rows)), strict=True):
         if text is not None:

@@ -23,9 +23,9 @@ from confluent_kafka import KafkaError, KafkaException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from state.partition import WorkerState
-from stream.worker import checkpoint as checkpoint_module
-from stream.worker.checkpoint import (
+from kvrec.state.partition import WorkerState
+from kvrec.stream.worker import checkpoint as checkpoint_module
+from kvrec.stream.worker.checkpoint import (
     RESTART,
     STUCK_AFTER_TIMEOUTS,
     Checkpoint,
@@ -235,8 +235,8 @@ def test_a_consumer_error_ends_the_worker_exactly_when_it_is_fatal(
 
     from confluent_kafka import TopicPartition
 
-    from stream.worker.loop import KafkaClients, Worker
-    from stream.worker.metrics import HealthState, WorkerMetrics
+    from kvrec.stream.worker.loop import KafkaClients, Worker
+    from kvrec.stream.worker.metrics import HealthState, WorkerMetrics
     from tests.fake_kafka import FakeMessage, FakeProducer, FakeRestoreConsumer
 
     base, recommender = fake_worker_settings

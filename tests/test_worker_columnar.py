@@ -20,10 +20,10 @@ from types import SimpleNamespace
 import pytest
 from confluent_kafka import TopicPartition
 
-import stream.worker.loop as loop_module
-from stream.worker.loop import KafkaClients, Worker
-from stream.worker.metrics import HealthState, WorkerMetrics
-from stream.worker.settings import WorkerSettings
+import kvrec.stream.worker.loop as loop_module
+from kvrec.stream.worker.loop import KafkaClients, Worker
+from kvrec.stream.worker.metrics import HealthState, WorkerMetrics
+from kvrec.stream.worker.settings import WorkerSettings
 from tests.fake_kafka import FakeConsumer, FakeMessage, FakeProducer, FakeRestoreConsumer
 from tests.worker_fixtures import EVENT_TYPES, exact_worker_with_model, make_artifact
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from stream.cli import build_parser
-from stream.worker.settings import WorkerSettings
+from kvrec.stream.cli import build_parser
+from kvrec.stream.worker.settings import WorkerSettings
 
 BASE = ["worker", "--metrics-port", "-1"]
 
@@ -36,7 +36,7 @@ def test_a_given_interval_wins_under_either_guarantee(guarantee: str, given: int
 def test_the_help_names_both_defaults() -> None:
     import argparse
 
-    from stream.worker.settings import add_worker_arguments
+    from kvrec.stream.worker.settings import add_worker_arguments
 
     parser = argparse.ArgumentParser()
     add_worker_arguments(parser)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stream.worker.app import add_arguments, build_recommender
-from stream.worker.models import retrieval_kind
-from stream.worker.settings import WorkerSettings
+from kvrec.stream.worker.app import add_arguments, build_recommender
+from kvrec.stream.worker.models import retrieval_kind
+from kvrec.stream.worker.settings import WorkerSettings
 from tests.test_worker_inference import _run, _stream
 from tests.worker_fixtures import make_artifact
 from tests.worker_reference import assert_matches_reference

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from deploy.kafka.launcher import LocalKafka
-from stream.worker.checkpoint import RESTART
+from kvrec.deploy.kafka.launcher import LocalKafka
+from kvrec.stream.worker.checkpoint import RESTART
 from tests.test_worker_kafka import (
     Topics,
     _committed_total,
@@ -241,8 +241,8 @@ def test_a_broker_frozen_past_the_session_timeout_loses_nothing(broker, artifact
 # (the rule over every sequence of client answers: tests/test_worker_stuck_transaction.py)
 
 def _transactional_checkpoint(tmp_path: Path, producer, topic: str):  # type: ignore[no-untyped-def]
-    from state.partition import WorkerState
-    from stream.worker.checkpoint import Checkpoint
+    from kvrec.state.partition import WorkerState
+    from kvrec.stream.worker.checkpoint import Checkpoint
     from tests.fake_kafka import FakeConsumer
 
     state = WorkerState(tmp_path / "state", "g", "events", window_capacity=4)
@@ -260,7 +260,7 @@ def test_an_abort_stuck_in_the_client_while_the_broker_answers_ends_the_worker(b
     error the worker exits and restarts on, instead of retrying until the outage limit."""
     from confluent_kafka import KafkaError, KafkaException
 
-    from stream.worker.checkpoint import STUCK_AFTER_TIMEOUTS, ClientHang
+    from kvrec.stream.worker.checkpoint import STUCK_AFTER_TIMEOUTS, ClientHang
     from tests.conftest import create_topics, unique_topic
 
     topic = unique_topic("stuck")
@@ -441,7 +441,7 @@ def test_liveness_holds_through_a_broker_frozen_past_the_probe_budget_within_the
     it), so no freeze fits between the two there; the outage limit here is then the one an
     operator gets by raising `KVREC_WORKER_OUTAGE_LIMIT_S` past the budget, 2.5x the budget, with
     the manifest's probe timings unchanged: /health itself must follow the limit."""
-    from stream.worker.metrics import HealthState, serve
+    from kvrec.stream.worker.metrics import HealthState, serve
     from tests.worker_inprocess import ThreadWorker, worker_args
 
     SCALE = 10.0

@@ -22,13 +22,13 @@ from confluent_kafka import TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from state.partition import WorkerState
-from state.window import Window, WindowEvent
-from stream.schema import InvalidEvent, parse_event
-from stream.worker.loop import KafkaClients, Worker
-from stream.worker.metrics import HealthState, WorkerMetrics
-from stream.worker.recovery import recover_partition
-from stream.worker.settings import WorkerSettings
+from kvrec.state.partition import WorkerState
+from kvrec.state.window import Window, WindowEvent
+from kvrec.stream.schema import InvalidEvent, parse_event
+from kvrec.stream.worker.loop import KafkaClients, Worker
+from kvrec.stream.worker.metrics import HealthState, WorkerMetrics
+from kvrec.stream.worker.recovery import recover_partition
+from kvrec.stream.worker.settings import WorkerSettings
 from tests.fake_kafka import FakeConsumer, FakeMessage, FakeProducer, FakeRestoreConsumer
 from tests.worker_fixtures import EVENT_TYPES, exact_worker_with_model, make_artifact
 

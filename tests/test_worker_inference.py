@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.backends import make_backend
-from model.retrieval import Retriever
-from state.window import Window, WindowEvent
-from stream.worker.inference import Recommender, WaveInput
+from kvrec.model.backends import make_backend
+from kvrec.model.retrieval import Retriever
+from kvrec.state.window import Window, WindowEvent
+from kvrec.stream.worker.inference import Recommender, WaveInput
 from tests.worker_fixtures import make_artifact
 from tests.worker_reference import (
     ReferenceEvent,

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from state.store import WindowStore
-from state.window import Window, WindowEvent
-from stream.schema import decode_recommendation
+from kvrec.state.store import WindowStore
+from kvrec.state.window import Window, WindowEvent
+from kvrec.stream.schema import decode_recommendation
 from tests.conftest import create_topics, unique_topic
 from tests.worker_fixtures import EVENT_TYPES, make_artifact
 from tests.worker_reference import ReferenceEvent, assert_same_ranking, reference_recommendations
@@ -112,7 +112,7 @@ def _start_worker(
     log: Path | None = None,
 ) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "stream.cli", "worker",
+        sys.executable, "-m", "kvrec.stream.cli", "worker",
         "--bootstrap-servers", bootstrap,
         "--input-topic", topics.events,
         "--output-topic", topics.recommendations,

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from state.partition import PartitionWindows
-from stream.worker.metrics import HealthState, WorkerMetrics, serve
+from kvrec.state.partition import PartitionWindows
+from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, serve
 from tests.conftest import create_topics, unique_topic
 from tests.test_worker_reliability import OnePartition, _event
 from tests.worker_fixtures import make_artifact
@@ -139,7 +139,7 @@ def test_the_worker_command_serves_its_probes_before_importing_torch() -> None:
 def test_a_metrics_address_it_cannot_listen_on_is_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "model").mkdir()
     run = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "worker", "--model", str(tmp_path / "model"),
+        [sys.executable, "-m", "kvrec.stream.cli", "worker", "--model", str(tmp_path / "model"),
          "--metrics-host", "203.0.113.7", "--metrics-port", "0"],
         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
     )
@@ -180,7 +180,7 @@ def test_owning_nothing_is_ready_exactly_when_the_group_outnumbers_the_partition
 
     from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-    from stream.worker.loop import KafkaClients, Worker
+    from kvrec.stream.worker.loop import KafkaClients, Worker
     from tests.fake_kafka import FakeConsumer, FakeProducer, FakeRestoreConsumer
 
     base, recommender = fake_worker
@@ -376,11 +376,11 @@ def test_health_stays_ok_through_a_long_restore_that_reports_its_progress(
         real_restore(self, windows, changelog_offset)
 
     monkeypatch.setattr(PartitionWindows, "restore", slow_restore)
-    import stream.worker.loop as loop
+    import kvrec.stream.worker.loop as loop
 
     monkeypatch.setattr(loop, "recover_partition", functools.partial(
         loop.recover_partition, batch_records=20, log_every_s=0.25))
-    caplog.set_level("INFO", logger="stream.worker.recovery")
+    caplog.set_level("INFO", logger="kvrec.stream.worker.recovery")
     second = ThreadWorker(topics.args(model, tmp_path / "second"),
                           health=HealthState(stale_after_s=stale_after_s))
     server = serve(second.metrics, second.health, 0, "127.0.0.1")
@@ -506,7 +506,7 @@ def test_probes_answer_from_the_first_second_and_the_readme_names_every_metric(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [
-        sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", kafka_bootstrap,
+        sys.executable, "-m", "kvrec.stream.cli", "worker", "--bootstrap-servers", kafka_bootstrap,
         "--input-topic", topics.events, "--output-topic", topics.recommendations,
         "--dead-letter-topic", topics.dead_letters, "--group-id", topics.group,
         "--instance-id", "scrape", "--model", str(model), "--state-dir", str(tmp_path / "state"),

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from stream.worker.metrics import HealthState, WorkerMetrics, serve
-from stream.worker.processes import aggregate, available_cores, child_command, child_ports
+from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, serve
+from kvrec.stream.worker.processes import aggregate, available_cores, child_command, child_ports
 from tests.test_worker_kafka import Topics, _consume, _events, _free_port, _produce_events
 from tests.worker_fixtures import make_artifact
 
@@ -62,7 +62,7 @@ def _wait(predicate, timeout: float, what: str, process: subprocess.Popen, log: 
 def test_child_settings_come_last_and_ports_follow_the_parents(tmp_path: Path) -> None:
     command = child_command(["worker", "--instance-id", "pod", "--metrics-port", "9464"],
                             "pod-1", 9466)
-    assert command[:3] == [sys.executable, "-m", "stream.cli"]
+    assert command[:3] == [sys.executable, "-m", "kvrec.stream.cli"]
     assert command[-6:] == ["--processes", "1", "--instance-id", "pod-1", "--metrics-port", "9466"]
     assert child_ports(9464, 2) == [9465, 9466]
     assert child_ports(-1, 3) == [-1, -1, -1]
@@ -102,7 +102,7 @@ def test_the_parent_is_ready_only_when_every_child_is() -> None:
 def _start(kafka_bootstrap: str, topics: Topics, model: Path, state_dir: Path, port: int,
            log: Path) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "stream.cli", "worker", "--processes", "2",
+        sys.executable, "-m", "kvrec.stream.cli", "worker", "--processes", "2",
         "--bootstrap-servers", kafka_bootstrap, "--input-topic", topics.events,
         "--output-topic", topics.recommendations, "--dead-letter-topic", topics.dead_letters,
         "--group-id", topics.group, "--instance-id", "pod", "--model", str(model),
@@ -183,8 +183,8 @@ def test_a_commit_during_a_rebalance_is_retried_not_fatal(tmp_path: Path) -> Non
     ILLEGAL_GENERATION and the worker exited: that commit is retried once the client rejoined."""
     from confluent_kafka import KafkaError, KafkaException
 
-    from state.partition import WorkerState
-    from stream.worker.checkpoint import Checkpoint, DeliveryError
+    from kvrec.state.partition import WorkerState
+    from kvrec.stream.worker.checkpoint import Checkpoint, DeliveryError
     from tests.fake_kafka import FakeConsumer, FakeProducer
 
     class Rebalancing(FakeConsumer):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from state.store import WindowStore
-from state.window import Window, WindowEvent
-from stream.schema import decode_recommendation
+from kvrec.state.store import WindowStore
+from kvrec.state.window import Window, WindowEvent
+from kvrec.stream.schema import decode_recommendation
 from tests.conftest import create_topics, unique_topic
 from tests.worker_fixtures import make_artifact
 from tests.worker_inprocess import ThreadWorker, worker_args
@@ -321,9 +321,9 @@ def test_an_interrupted_restore_leaves_a_consistent_store_and_resumes(kafka_boot
     (one RocksDB batch). Cut it off after its first batch, as a revocation or a kill mid-restore
     would, and the store holds exactly a prefix of the changelog; the next restore goes on from
     there and ends equal to a restore that was never interrupted."""
-    from bench.restore import _fill
-    from state.partition import WorkerState
-    from stream.worker.recovery import recover_partition, restore_consumer_config
+    from kvrec.bench.restore import _fill
+    from kvrec.state.partition import WorkerState
+    from kvrec.stream.worker.recovery import recover_partition, restore_consumer_config
 
     changelog = unique_topic("interrupted-changelog")
     create_topics(kafka_bootstrap, {changelog: 1}, config={"cleanup.policy": "compact"})

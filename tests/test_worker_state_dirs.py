@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from state.partition import WorkerState, group_directory
-from state.store import WindowStore
-from state.window import Window
+from kvrec.state.partition import WorkerState, group_directory
+from kvrec.state.store import WindowStore
+from kvrec.state.window import Window
 from tests.conftest import create_topics, unique_topic
 from tests.test_worker_reliability import OnePartition, _event
 from tests.worker_fixtures import make_artifact

@@ -15,10 +15,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.errors import ConfigError
-from stream.kafka_config import topic_partitions
-from stream.worker.app import check_topics, topic_roles
-from stream.worker.settings import WorkerSettings
+from kvrec.errors import ConfigError
+from kvrec.stream.kafka_config import topic_partitions
+from kvrec.stream.worker.app import check_topics, topic_roles
+from kvrec.stream.worker.settings import WorkerSettings
 from tests.conftest import create_topics, unique_topic
 from tests.worker_fixtures import make_artifact
 from tests.worker_inprocess import ThreadWorker, worker_args
@@ -152,7 +152,7 @@ def test_a_worker_whose_changelog_does_not_exist_says_so_in_one_line(kafka_boots
                                b'"ts": 1700000000000}' % i)
     producer.flush(30)
     run = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "worker",
+        [sys.executable, "-m", "kvrec.stream.cli", "worker",
          *names.command(kafka_bootstrap, model, tmp_path / "state")],
         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=180,
     )

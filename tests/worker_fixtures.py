@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.artifact import Artifact, load_artifact, save_artifact
-from model.config import ModelConfig
-from model.encoder import Encoder
-from stream.worker.app import add_arguments, build_recommender, resolve_window_capacity
-from stream.worker.settings import WorkerSettings
+from kvrec.model.artifact import Artifact, load_artifact, save_artifact
+from kvrec.model.config import ModelConfig
+from kvrec.model.encoder import Encoder
+from kvrec.stream.worker.app import add_arguments, build_recommender, resolve_window_capacity
+from kvrec.stream.worker.settings import WorkerSettings
 
 EVENT_TYPES = ["view", "click", "add_to_cart", "purchase"]
 

@@ -9,17 +9,17 @@ import threading
 import time
 from pathlib import Path
 
-from stream.kafka_config import client_config
-from stream.worker.app import (
+from kvrec.stream.kafka_config import client_config
+from kvrec.stream.worker.app import (
     add_arguments,
     build_recommender,
     resolve_window_capacity,
     starting_model,
 )
-from stream.worker.loop import Worker
-from stream.worker.metrics import HealthState, WorkerMetrics
-from stream.worker.settings import WorkerSettings
-from stream.worker.watcher import ModelWatcher
+from kvrec.stream.worker.loop import Worker
+from kvrec.stream.worker.metrics import HealthState, WorkerMetrics
+from kvrec.stream.worker.settings import WorkerSettings
+from kvrec.stream.worker.watcher import ModelWatcher
 
 
 def worker_args(

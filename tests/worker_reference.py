@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.artifact import Artifact
+from kvrec.model.artifact import Artifact
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Convert SSLRec's RetailRocket matrices to `bench/datasets/retailrocket.csv.gz`.
 
     git --git-dir MIRROR show HEAD:datasets/multi_behavior/retail_rocket/train_mat_view.pkl > DIR/...
-    python -m bench.datasets.convert_retailrocket DIR bench/datasets/retailrocket.csv.gz
+    python -m kvrec.bench.datasets.convert_retailrocket DIR bench/datasets/retailrocket.csv.gz
 
 HKUDS/SSLRec publishes RetailRocket as three pickled SciPy CSR matrices of shape
 [users, items], one per behaviour (`train_mat_view.pkl`, `train_mat_cart.pkl`,
@@ -76,5 +76,5 @@ def convert(source: Path, out: Path) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m bench.datasets.convert_retailrocket SOURCE_DIR OUT.csv.gz")
+        raise SystemExit("usage: python -m kvrec.bench.datasets.convert_retailrocket SOURCE_DIR OUT.csv.gz")
     print(convert(Path(sys.argv[1]), Path(sys.argv[2])), "events")

@@ -12,7 +12,7 @@ holding anything else is refused, never wiped.
         print(kafka.bootstrap_servers)
 
     kvrec broker                              # foreground; Ctrl-C stops it
-    python -m deploy.kafka.launcher start     # background; then `status`, `stop`
+    python -m kvrec.deploy.kafka.launcher start     # background; then `status`, `stop`
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from model.errors import ConfigError
-from model.flags import PORT, number
-from model.owned import NotOwned, check_replaceable, claim_dir, foreign_entries, mark, remove_owned
+from kvrec.errors import ConfigError
+from kvrec.flags import PORT, number
+from kvrec.model.owned import NotOwned, check_replaceable, claim_dir, foreign_entries, mark, remove_owned
 
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"
@@ -523,7 +523,7 @@ def stop_detached(data_dir: Path, grace: float = 20.0) -> dict | None:
     return record
 
 
-# ---- command line: `kvrec broker [run|start|stop|status]`, `python -m deploy.kafka.launcher` ---
+# ---- command line: `kvrec broker [run|start|stop|status]`, `python -m kvrec.deploy.kafka.launcher` ---
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -589,7 +589,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _cli() -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.kafka.launcher", description=__doc__.split("\n")[0]
+        prog="python -m kvrec.deploy.kafka.launcher", description=__doc__.split("\n")[0]
     )
     add_arguments(parser)
     try:

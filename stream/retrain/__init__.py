@@ -8,6 +8,6 @@ serving model on the same held-out tail (stream/retrain/job.py, model/decision.p
     kvrec retrain --model-store models --data games.txt    # from a file instead of the topic
 """
 
-from stream.retrain.command import add_arguments, main
+from kvrec.stream.retrain.command import add_arguments, main
 
 __all__ = ["add_arguments", "main"]

@@ -27,10 +27,10 @@ from typing import Any
 import faust
 from faust.types import TP
 
-from model.errors import KvrecError
-from model.progress import progress_bar
-from stream.retrain.job import REFUSED_EXIT, Outcome, interactions_from_histories
-from stream.schema import InvalidEvent, parse_event
+from kvrec.errors import KvrecError
+from kvrec.model.progress import progress_bar
+from kvrec.stream.retrain.job import REFUSED_EXIT, Outcome, interactions_from_histories
+from kvrec.stream.schema import InvalidEvent, parse_event
 
 log = logging.getLogger("kvrec.retrain")
 

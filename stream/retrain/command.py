@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from model.datasets import add_dataset_arguments, check_dataset_arguments, dataset_from_args
-from model.errors import ConfigError
-from model.flags import PORT, integer, number
-from model.store import ModelStore
-from model.train_command import add_training_arguments, settings_from_args, shape_from_args
-from stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text, wait_for_kafka
-from stream.logs import add_logging_arguments, setup_logging
-from stream.model_updates import LIVE_STATS_TOPIC, UPDATES_TOPIC, ensure_model_topics
+from kvrec.errors import ConfigError
+from kvrec.flags import PORT, integer, number
+from kvrec.model.datasets import add_dataset_arguments, check_dataset_arguments, dataset_from_args
+from kvrec.model.store import ModelStore
+from kvrec.model.train_command import add_training_arguments, settings_from_args, shape_from_args
+from kvrec.stream.kafka_config import add_kafka_arguments, client_config, kafka_error_text, wait_for_kafka
+from kvrec.stream.logs import add_logging_arguments, setup_logging
+from kvrec.stream.model_updates import LIVE_STATS_TOPIC, UPDATES_TOPIC, ensure_model_topics
 
 if TYPE_CHECKING:
-    from stream.retrain.job import JobSettings, Outcome
+    from kvrec.stream.retrain.job import JobSettings, Outcome
 
 log = logging.getLogger("kvrec.retrain")
 
@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _job_settings(args: argparse.Namespace, kafka_config: dict[str, object]) -> JobSettings:
-    from stream.retrain.job import JobSettings
+    from kvrec.stream.retrain.job import JobSettings
 
     return JobSettings(
         kafka_config=kafka_config,
@@ -126,8 +126,8 @@ def main(args: argparse.Namespace) -> int:
     settings_from_args(args)  # the training flags, and --data, before torch and Kafka
     if args.data is not None:
         check_dataset_arguments(args)
-    from model.train import configure_torch
-    from stream.retrain.job import run_job
+    from kvrec.model.train import configure_torch
+    from kvrec.stream.retrain.job import run_job
 
     configure_torch(args)
     settings = _job_settings(args, kafka_config)
@@ -200,8 +200,8 @@ def input_end_offsets(kafka_config: dict[str, object], topic: str,
 def _run_app(args: argparse.Namespace, kafka_config: dict[str, object], settings: JobSettings) -> int:
     import faust
 
-    from stream.retrain import lz4
-    from stream.retrain.app import AppSettings, build_app
+    from kvrec.stream.retrain import lz4
+    from kvrec.stream.retrain.app import AppSettings, build_app
 
     if not lz4.install():
         log.warning("no LZ4 decoder for Faust's Kafka client (neither cramjam nor liblz4): an "
@@ -223,7 +223,7 @@ def _run_app(args: argparse.Namespace, kafka_config: dict[str, object], settings
     def stop() -> None:  # as SIGTERM would: the worker's own shutdown path
         holder["worker"]._schedule_shutdown(signal.SIGTERM)
 
-    from stream.retrain.job import run_job
+    from kvrec.stream.retrain.job import run_job
 
     app, status = build_app(app_settings, end_offsets, lambda data: run_job(data, settings), stop)
     if args.log_level != "DEBUG":

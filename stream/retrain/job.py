@@ -17,14 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from model.artifact import Artifact, load_artifact
-from model.datasets import Interaction
-from model.decision import Decision, decide
-from model.errors import ArtifactError
-from model.owned import NotOwned, remove_owned
-from model.store import ModelStore
-from model.train import SHAPE_FIELDS, TrainSettings, train
-from stream.model_updates import (
+from kvrec.errors import ArtifactError
+from kvrec.model.artifact import Artifact, load_artifact
+from kvrec.model.datasets import Interaction
+from kvrec.model.decision import Decision, decide
+from kvrec.model.owned import NotOwned, remove_owned
+from kvrec.model.store import ModelStore
+from kvrec.model.train import SHAPE_FIELDS, TrainSettings, train
+from kvrec.stream.model_updates import (
     LIVE_STATS_TOPIC,
     Announcement,
     Candidate,
@@ -33,7 +33,7 @@ from stream.model_updates import (
     latest_announcement,
     served_versions,
 )
-from stream.retrain.command import REFUSED_EXIT  # noqa: F401 - kvrec retrain's, as before
+from kvrec.stream.retrain.command import REFUSED_EXIT  # noqa: F401 - kvrec retrain's, as before
 
 log = logging.getLogger("kvrec.retrain")
 

@@ -17,24 +17,24 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from model.errors import ConfigError
-from stream.kafka_config import (
+from kvrec.errors import ConfigError
+from kvrec.stream.kafka_config import (
     add_kafka_arguments,
     client_config,
     ensure_topics,
     topic_partitions,
     wait_for_kafka,
 )
-from stream.logs import add_logging_arguments, setup_logging
-from stream.worker.checkpoint import ClientHang
-from stream.worker.metrics import HealthState, WorkerMetrics, serve
-from stream.worker.models import ModelChoice, ModelRefused, choice_of, load_recommender
-from stream.worker.settings import WorkerSettings, add_worker_arguments
+from kvrec.stream.logs import add_logging_arguments, setup_logging
+from kvrec.stream.worker.checkpoint import ClientHang
+from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, serve
+from kvrec.stream.worker.models import ModelChoice, ModelRefused, choice_of, load_recommender
+from kvrec.stream.worker.settings import WorkerSettings, add_worker_arguments
 
 if TYPE_CHECKING:
-    from stream.model_updates import Announcement
-    from stream.worker.cold_start import PopularRecommender
-    from stream.worker.inference import Recommender
+    from kvrec.stream.model_updates import Announcement
+    from kvrec.stream.worker.cold_start import PopularRecommender
+    from kvrec.stream.worker.inference import Recommender
 
 CAPACITY_WITHOUT_MODEL = 200  # events kept per user while no model says how many it needs
 
@@ -61,11 +61,11 @@ def starting_model(
     """What the worker serves at start: the announced version (with --model-store), else
     --model, else nothing (cold-start mode). A refused announced version falls back the same
     way, loudly; a refused --model is an error (fix the flag)."""
-    from stream.worker.cold_start import PopularRecommender
+    from kvrec.stream.worker.cold_start import PopularRecommender
 
     announcement = None
     if settings.model_store is not None:
-        from stream.model_updates import ensure_model_topics, latest_announcement
+        from kvrec.stream.model_updates import ensure_model_topics, latest_announcement
 
         wait_for_kafka(kafka_config, args.connect_timeout, retry=True, log=log, on_wait=health.beat)
         if args.create_topics:
@@ -97,7 +97,7 @@ def resolve_window_capacity(
     """--window-capacity 0: the events the served model needs for exact refills."""
     from dataclasses import replace
 
-    from stream.worker.cold_start import PopularRecommender
+    from kvrec.stream.worker.cold_start import PopularRecommender
 
     if isinstance(recommender, PopularRecommender):  # no model yet: room for the usual ones
         return replace(settings, window_capacity=settings.window_capacity or CAPACITY_WITHOUT_MODEL)
@@ -110,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
     setup_logging(args)
     settings = WorkerSettings.from_args(args)
     if args.processes != 1:
-        from stream.worker.processes import process_count, run_processes
+        from kvrec.stream.worker.processes import process_count, run_processes
 
         count = process_count(args.processes)
         if count > 1:  # the children check everything else, each on its own
@@ -125,8 +125,8 @@ def main(args: argparse.Namespace) -> int:
                  server.server_address[1])
     import torch
 
-    from stream.worker.loop import Worker
-    from stream.worker.watcher import ModelWatcher
+    from kvrec.stream.worker.loop import Worker
+    from kvrec.stream.worker.watcher import ModelWatcher
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -148,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
     freeze_heap()
     trimming = None
     if args.release_memory_s > 0:
-        from model.memory import release_periodically
+        from kvrec.model.memory import release_periodically
 
         trimming = release_periodically(args.release_memory_s)
 

@@ -33,10 +33,10 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from model.errors import RunFailed
-from state.partition import WorkerState
-from stream.kafka_config import kafka_error_text
-from stream.worker.produce import produce
+from kvrec.errors import RunFailed
+from kvrec.state.partition import WorkerState
+from kvrec.stream.kafka_config import kafka_error_text
+from kvrec.stream.worker.produce import produce
 
 log = logging.getLogger(__name__)
 

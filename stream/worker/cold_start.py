@@ -12,8 +12,8 @@ import heapq
 import time
 from collections.abc import Iterable, Sequence
 
-from state.kvcache import LruByteCache
-from stream.worker.inference import RecommendCounters, Scored, WaveInput
+from kvrec.state.kvcache import LruByteCache
+from kvrec.stream.worker.inference import RecommendCounters, Scored, WaveInput
 
 NO_MODEL = "none"
 

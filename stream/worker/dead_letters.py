@@ -13,9 +13,9 @@ import logging
 
 from confluent_kafka import Message, Producer
 
-from state.partition import QuarantinedWindow
-from stream.worker.metrics import WorkerMetrics
-from stream.worker.produce import DeliveryCallback, produce
+from kvrec.state.partition import QuarantinedWindow
+from kvrec.stream.worker.metrics import WorkerMetrics
+from kvrec.stream.worker.produce import DeliveryCallback, produce
 
 log = logging.getLogger(__name__)
 

@@ -30,14 +30,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from model.artifact import Artifact, event_type_map
-from model.backends import StepBackend
-from model.batching import group_by_length
-from model.errors import ArtifactError
-from model.retrieval import Exclusions, Retriever
-from state.kvpool import KNOWN_ROWS, KVPool
-from state.window import WindowEvent, WindowSnapshot
-from stream.worker.because import Because, event_type_name
+from kvrec.errors import ArtifactError
+from kvrec.model.artifact import Artifact, event_type_map
+from kvrec.model.backends import StepBackend
+from kvrec.model.batching import group_by_length
+from kvrec.model.retrieval import Exclusions, Retriever
+from kvrec.state.kvpool import KNOWN_ROWS, KVPool
+from kvrec.state.window import WindowEvent, WindowSnapshot
+from kvrec.stream.worker.because import Because, event_type_name
 
 AT, ITEM, TYPE, RAW_TYPE = range(KNOWN_ROWS)  # rows of a known-events array (state/kvpool.py)
 _USER_KEY = 1 << 42  # (user row, history index) as one sortable int64: row * _USER_KEY + index

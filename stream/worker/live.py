@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from stream.worker.inference import Scored, ScoredBatch, WaveInput
+from kvrec.stream.worker.inference import Scored, ScoredBatch, WaveInput
 
 log = logging.getLogger("kvrec.worker")
 

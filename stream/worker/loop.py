@@ -51,10 +51,10 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from state.partition import WorkerState
-from state.window import Window, WindowEvent, WindowSnapshot, pack_event
-from stream.kafka_logs import kafka_log
-from stream.schema import (
+from kvrec.state.partition import WorkerState
+from kvrec.state.window import Window, WindowEvent, WindowSnapshot, pack_event
+from kvrec.stream.kafka_logs import kafka_log
+from kvrec.stream.schema import (
     BecauseEvent,
     InvalidEvent,
     Recommendation,
@@ -62,7 +62,7 @@ from stream.schema import (
     encode_recommendation,
     parse_event,
 )
-from stream.worker.checkpoint import (
+from kvrec.stream.worker.checkpoint import (
     RESTART,
     WAIT_MARGIN_S,
     Checkpoint,
@@ -71,15 +71,15 @@ from stream.worker.checkpoint import (
     TransactionAborted,
     failed_for_good,
 )
-from stream.worker.dead_letters import DeadLetters
-from stream.worker.inference import Recommender, Scored, ScoredBatch, WaveInput
-from stream.worker.live import SERVE, SHADOW, LiveHits, Shadow
-from stream.worker.metrics import HealthState, WorkerMetrics, observe_many
-from stream.worker.produce import produce
-from stream.worker.recovery import RestoreProgress, recover_partition, restore_consumer_config
-from stream.worker.settings import WorkerSettings
-from stream.worker.watcher import ModelWatcher, Prepared
-from stream.worker.wire import WireEncoder
+from kvrec.stream.worker.dead_letters import DeadLetters
+from kvrec.stream.worker.inference import Recommender, Scored, ScoredBatch, WaveInput
+from kvrec.stream.worker.live import SERVE, SHADOW, LiveHits, Shadow
+from kvrec.stream.worker.metrics import HealthState, WorkerMetrics, observe_many
+from kvrec.stream.worker.produce import produce
+from kvrec.stream.worker.recovery import RestoreProgress, recover_partition, restore_consumer_config
+from kvrec.stream.worker.settings import WorkerSettings
+from kvrec.stream.worker.watcher import ModelWatcher, Prepared
+from kvrec.stream.worker.wire import WireEncoder
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class Worker:
     def _group_members(self) -> int:
         """How many members the consumer group has now (the group coordinator's answer)."""
         if self._admin is None:
-            from stream.kafka_config import admin_client
+            from kvrec.stream.kafka_config import admin_client
 
             self._admin = admin_client(self.kafka_config)
         group = self.settings.group_id
@@ -372,7 +372,7 @@ class Worker:
         log.info("serving model %s (was %s; %s%s)", self.recommender.version, old.version,
                  announcement.reason, f": {announcement.note}" if announcement.note else "")
         del old, prepared
-        from model.memory import release_free_memory
+        from kvrec.model.memory import release_free_memory
 
         release_free_memory()  # the old model's pages back to the OS: memory stays flat
 

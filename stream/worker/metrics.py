@@ -29,7 +29,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import generate_latest
 
-from model.errors import ConfigError
+from kvrec.errors import ConfigError
 
 if TYPE_CHECKING:  # numpy is imported by the loop, not before the probes answer
     import numpy as np

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.errors import ArtifactError, ConfigError
-from stream.worker.settings import WorkerSettings
+from kvrec.errors import ArtifactError, ConfigError
+from kvrec.stream.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from stream.model_updates import Announcement
-    from stream.worker.inference import Recommender
+    from kvrec.stream.model_updates import Announcement
+    from kvrec.stream.worker.inference import Recommender
 
 log = logging.getLogger("kvrec.worker")
 
@@ -82,12 +82,12 @@ def load_recommender(
     """Load, check, build and smoke-test one version (see the module's docstring)."""
     import numpy as np
 
-    from model.artifact import event_type_map, load_artifact
-    from model.backends import make_backend
-    from model.store import manifest_digest
-    from state.kvpool import KVPool
-    from state.partition import group_directory
-    from stream.worker.inference import Recommender
+    from kvrec.model.artifact import event_type_map, load_artifact
+    from kvrec.model.backends import make_backend
+    from kvrec.model.store import manifest_digest
+    from kvrec.state.kvpool import KVPool
+    from kvrec.state.partition import group_directory
+    from kvrec.stream.worker.inference import Recommender
 
     with _check("verify"):
         artifact = load_artifact(choice.path)
@@ -116,7 +116,7 @@ def load_recommender(
     with _check("build"):
         onnx_path = settings.onnx
         if settings.backend == "onnx-cpu" and onnx_path is None:
-            from model.export import export_step
+            from kvrec.model.export import export_step
 
             group_dir = settings.state_dir / group_directory(settings.group_id)
             onnx_path = group_dir / f"step-{artifact.version}.onnx"
@@ -160,11 +160,11 @@ def build_retriever(settings: WorkerSettings, item_vectors: Any, progress: bool)
     device (`model.gpu_retrieval`, imported only then: a CPU worker never loads Triton)."""
     kind = retrieval_kind(settings)
     if kind == "torch-exact":
-        from model.gpu_retrieval import TorchExactRetriever
+        from kvrec.model.gpu_retrieval import TorchExactRetriever
 
         device = "cuda" if settings.backend == "torch-cuda" else "cpu"
         return TorchExactRetriever(item_vectors, device=device)
-    from model.retrieval import Retriever
+    from kvrec.model.retrieval import Retriever
 
     return Retriever(item_vectors, kind=kind, approx_threshold=settings.approx_threshold,
                      progress=progress)

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from model.errors import ConfigError
+from kvrec.errors import ConfigError
 
 log = logging.getLogger("kvrec.worker")
 
@@ -80,7 +80,7 @@ def _free_port() -> int:
 
 def child_command(argv: Sequence[str], instance_id: str, metrics_port: int) -> list[str]:
     """The parent's own command line with the child's settings last (the last flag wins)."""
-    return [sys.executable, "-m", "stream.cli", *argv, "--processes", "1",
+    return [sys.executable, "-m", "kvrec.stream.cli", *argv, "--processes", "1",
             "--instance-id", instance_id, "--metrics-port", str(metrics_port)]
 
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from model.errors import ConfigError
-from state.changelog import read_record
-from state.partition import PartitionWindows
+from kvrec.errors import ConfigError
+from kvrec.state.changelog import read_record
+from kvrec.state.partition import PartitionWindows
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from model.choices import BACKENDS, RETRIEVAL_KINDS
-from model.errors import ConfigError
-from model.flags import integer, number
+from kvrec.errors import ConfigError
+from kvrec.flags import integer, number
+from kvrec.model.choices import BACKENDS, RETRIEVAL_KINDS
 
 DEFAULT_EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 # --commit-interval-ms when not given, by guarantee. Under exactly-once a read_committed reader

@@ -42,17 +42,17 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from state.window import WindowSnapshot
-from stream.model_updates import (
+from kvrec.state.window import WindowSnapshot
+from kvrec.stream.model_updates import (
     Announcement,
     Candidate,
     Refusal,
     WorkerStatus,
     live_stats_value,
 )
-from stream.worker.metrics import WorkerMetrics
-from stream.worker.models import ModelChoice, ModelRefused, load_recommender
-from stream.worker.settings import WorkerSettings
+from kvrec.stream.worker.metrics import WorkerMetrics
+from kvrec.stream.worker.models import ModelChoice, ModelRefused, load_recommender
+from kvrec.stream.worker.settings import WorkerSettings
 
 log = logging.getLogger("kvrec.worker")
 

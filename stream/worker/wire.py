@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-from stream.schema import RECOMMENDATION_SCHEMA_VERSION
-from stream.worker.because import event_type_name
+from kvrec.stream.schema import RECOMMENDATION_SCHEMA_VERSION
+from kvrec.stream.worker.because import event_type_name
 
 _string = json.JSONEncoder(separators=(",", ":")).encode  # ensure_ascii, like stream.schema
 
