@@ -1,5 +1,5 @@
-"""`kvrec bench model|retrieval|gpu|e2e|loop|train|reference|restore|takeover|swap|soak|floor`:
-benchmarks that write JSON (and a plot)."""
+"""`kvrec bench model|retrieval|gpu|e2e|loop|train|reference|freshness|restore|takeover|swap|soak|
+floor`: benchmarks that write JSON (and a plot)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "loop": ("kvrec.bench.loop", "the worker loop without a broker: its own ceiling, stage by stage"),
     "train": ("kvrec.bench.train", "trained models side by side: test metrics, time, curves"),
     "reference": ("kvrec.bench.reference_sasrec", "the public reference: SASRec + full CE, run here"),
+    "freshness": ("kvrec.bench.freshness", "next-event hit rate: refreshed per event vs nightly vs popular"),
     "restore": ("kvrec.bench.restore", "restoring windows from the changelog: windows/s against size"),
     "takeover": ("kvrec.bench.takeover", "a moved partition serving again: with vs without a standby"),
     "swap": ("kvrec.bench.swap", "hot model swaps under a fixed-rate replay: exactly-once, latency, RSS"),

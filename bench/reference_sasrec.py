@@ -3,35 +3,37 @@
     kvrec bench reference --data amazon-beauty --format sequences --threads 1 \\
         --json bench/results/quality-amazon-beauty-reference.json
 
-SASRec (Kang & McAuley 2018) as pmixer/SASRec.pytorch builds it, trained with the full-softmax
-cross-entropy of SASRec+ (Klenitskiy & Vasilev, RecSys 2023) instead of one sampled negative
-with BCE. Written here from the papers and a reading of the public code (none of it copied):
+SASRec (Kang & McAuley 2018) as pmixer/SASRec.pytorch builds it (python/model.py, the layout
+that repository had from 2020 until its 2025 pre-/post-LN rework, and that SASRec+ was measured
+with), trained with the full-softmax cross-entropy of SASRec+ (Klenitskiy & Vasilev, RecSys
+2023) instead of one sampled negative with BCE. Written here from the papers and a reading of
+the public code (none of it copied); line by line:
 
-- item embeddings scaled by sqrt(d), plus learned absolute positional embeddings; positions
-  are counted as in a sequence left-padded to `max_len`, so the newest event always has
-  position `max_len`; dropout on the sum;
-- `blocks` pre-LayerNorm blocks (pmixer's `--norm_first`): x + causal self-attention(LN(x)),
-  then x + FFN(LN(x)), FFN = Linear, dropout, ReLU, Linear, dropout (pmixer's order), dropout
-  on the attention weights; a final LayerNorm; LayerNorm eps 1e-8;
+- every sequence is left-padded to `max_len` (the newest event last, at position `max_len`;
+  padding at position 0); item embeddings scaled by sqrt(d), plus learned absolute positional
+  embeddings, dropout on the sum, then padding rows zeroed (pmixer's timeline mask);
+- `blocks` blocks, each: q = LN(x); x = q + causal-attention(query q, keys and values x)
+  (only the query is normalised, and the residual is added to it); x = LN(x); x = x + FFN(x),
+  FFN = Linear, dropout, ReLU, Linear, dropout; padding rows zeroed again; dropout on the
+  attention weights; a final LayerNorm; every LayerNorm eps 1e-8;
+- padding keys are not masked: a real position attends to the zeroed padding rows before it
+  (their keys and values are the projections' biases), as pmixer's does, so a short history's
+  output depends on `max_len`; this is why every sequence is padded to `max_len`;
 - scores = the last position's vector . item embeddings (tied, as in SASRec);
-- Xavier-normal initialisation of every matrix, padding rows zero; Adam, betas (0.9, 0.98),
-  no weight decay (pmixer's `--l2_emb 0`);
-- batches of `batch_size` users drawn uniformly at random (pmixer's sampler: with
-  replacement, users with at least 2 training events), ceil(users / batch_size) batches an
-  epoch; each user's last `max_len` training events; the loss at every non-padding position is
-  the cross-entropy of the next item over the whole catalog (the padding index excluded).
+- Xavier-normal initialisation of every matrix (biases and LayerNorm as torch leaves them),
+  padding rows of both embeddings zero; Adam, betas (0.9, 0.98), no weight decay;
+- pmixer's sampler: the users in a random order, reshuffled after each pass over them,
+  batches of `batch_size`, ceil(users / batch_size) batches an epoch; a user with fewer than 2
+  training events is replaced by a random user; each user's last `max_len` + 1 training
+  events give `max_len` inputs and their next items; the loss at every non-padding position
+  is the cross-entropy of the next item over the whole catalog (the padding index excluded),
+  averaged over the batch's positions.
 
-Padding: padding keys are masked out of attention (pmixer lets a real position attend to the
-zero-embedded padding before it; a padded position here attends only to itself), so a real
-position's output does not depend on its row's padding; a batch is therefore run as chunks of
-users of similar length (`batch_step`), with the loss and gradient of the whole batch.
-
-Settings (defaults, pmixer's for this model family): d 50, 2 blocks, 1 head, max_len 200,
-dropout 0.2, lr 1e-3, batch 128. The epoch budget, the same rule for every dataset: at most
-`--epochs` 200, validation NDCG@10 after every epoch, stop after `--patience` 10 epochs without
-a better one (kvrec train's rule), keep the best weights (pmixer trains a fixed 1,000
-epochs and reports the best figures it saw; early stopping on validation is the SASRec+
-protocol and picks nothing by test).
+Settings (defaults): the issue's public run, which are the original SASRec paper's for the
+Amazon data: max_len 50, d 50, 2 blocks, 1 head, dropout 0.5, lr 1e-3, batch 128. The epoch
+budget, the same rule for every dataset: at most `--epochs` 200, validation NDCG@10 after every
+epoch, stop after `--patience` 10 epochs without a better one (kvrec train's rule), keep the
+best weights (the checkpoint with the best validation NDCG@10).
 `--time-limit-s` stops training early (a safety for a shared machine; the JSON says so).
 
 Split and metric are `kvrec eval`'s: leave-one-out via `model.evaluate.prepare`, the target
@@ -62,19 +64,18 @@ from kvrec.model.datasets import Interaction, add_dataset_arguments, dataset_fro
 from kvrec.model.evaluate import Prepared, evaluate_popularity, metrics_from_ranks, prepare, rank_split
 from kvrec.model.named_datasets import NAMED_DATASETS, resolve_named
 
-CHUNK_POSITIONS = 2048  # padded positions per forward pass within a batch (`batch_step`)
-SOURCE = "pmixer/SASRec.pytorch python/model.py (norm_first) + full CE (Klenitskiy & Vasilev 2023)"
+SOURCE = "pmixer/SASRec.pytorch python/model.py (2020-2025 layout) + full CE (Klenitskiy & Vasilev 2023)"
 
 
 @dataclass
 class ReferenceSettings:
-    """pmixer/SASRec.pytorch's defaults (python/main.py), pre-LN, with full cross-entropy."""
+    """The issue's public run of pmixer/SASRec.pytorch, with full cross-entropy."""
 
     hidden: int = 50
     blocks: int = 2
     heads: int = 1
-    max_len: int = 200
-    dropout: float = 0.2
+    max_len: int = 50
+    dropout: float = 0.5
     lr: float = 1e-3
     batch_size: int = 128
     epochs: int = 200
@@ -84,6 +85,8 @@ class ReferenceSettings:
 
 
 class Block(nn.Module):
+    """q = LN(x); x = q + attention(q, x, x); x = LN(x); x = x + FFN(x); padding rows zeroed."""
+
     def __init__(self, hidden: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(hidden, eps=1e-8)
@@ -94,21 +97,21 @@ class Block(nn.Module):
             nn.Linear(hidden, hidden), nn.Dropout(dropout),
         )
 
-    def forward(self, x: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
-        normed = self.attention_norm(x)
-        attended, _ = self.attention(normed, normed, normed, attn_mask=blocked, need_weights=False)
-        x = x + attended
-        return x + self.ffn(self.ffn_norm(x))
+    def forward(self, x: torch.Tensor, blocked: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        query = self.attention_norm(x)
+        attended, _ = self.attention(query, x, x, attn_mask=blocked, need_weights=False)
+        x = self.ffn_norm(query + attended)
+        return (x + self.ffn(x)) * real
 
 
 class ReferenceSASRec(nn.Module):
-    """`forward(items, types)` -> [B, T, d] (types ignored: SASRec has none); `score(v)` ->
-    [B, n_items + 1], the interface `model.evaluate.rank_split` ranks with."""
+    """`forward(items, types)` -> [B, max_len, d] (types ignored: SASRec has none; the input
+    left-padded or cut to `max_len`); `score(v)` -> [B, n_items + 1], the interface
+    `model.evaluate.rank_split` ranks with."""
 
     def __init__(self, n_items: int, settings: ReferenceSettings) -> None:
         super().__init__()
         self.max_len = settings.max_len
-        self.heads = settings.heads
         self.item_embedding = nn.Embedding(n_items + 1, settings.hidden, padding_idx=0)
         self.position_embedding = nn.Embedding(settings.max_len + 1, settings.hidden, padding_idx=0)
         self.embedding_dropout = nn.Dropout(settings.dropout)
@@ -124,19 +127,14 @@ class ReferenceSASRec(nn.Module):
             self.position_embedding.weight[0].zero_()
 
     def forward(self, items: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
-        items = items[:, -self.max_len :]
-        length = items.shape[1]
-        real = items != 0
-        positions = torch.arange(self.max_len - length + 1, self.max_len + 1, device=items.device)
-        positions = positions.expand_as(items) * real
+        items = F.pad(items[:, -self.max_len :], (self.max_len - min(items.shape[1], self.max_len), 0))
+        real = (items != 0).unsqueeze(-1)
+        positions = torch.arange(1, self.max_len + 1, device=items.device) * real.squeeze(-1)
         x = self.item_embedding(items) * math.sqrt(self.item_embedding.embedding_dim)
-        x = self.embedding_dropout(x + self.position_embedding(positions))
-        causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
-        allowed = causal & real[:, None, :]  # [B, query, key]
-        allowed |= torch.eye(length, dtype=torch.bool, device=items.device)
-        blocked = (~allowed).repeat_interleave(self.heads, dim=0)
+        x = self.embedding_dropout(x + self.position_embedding(positions)) * real
+        blocked = ~torch.ones(self.max_len, self.max_len, dtype=torch.bool, device=items.device).tril()
         for block in self.blocks:
-            x = block(x, blocked)
+            x = block(x, blocked, real)
         return self.last_norm(x)
 
     def score(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -154,16 +152,41 @@ def item_vocabulary(interactions: list[Interaction]) -> dict[str, int]:
 def training_batch(
     sequences: list[list[int]], chosen: np.ndarray, max_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-item targets, left-padded to the batch's longest sequence."""
-    rows = [sequences[u][-(max_len + 1) :] for u in chosen]
-    length = max(len(r) for r in rows) - 1
-    inputs = torch.zeros((len(rows), length), dtype=torch.long)
-    targets = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
+    """Inputs and next-item targets, each user's last `max_len` + 1 events, left-padded to
+    `max_len`."""
+    inputs = torch.zeros((len(chosen), max_len), dtype=torch.long)
+    targets = torch.zeros((len(chosen), max_len), dtype=torch.long)
+    for i, user in enumerate(chosen):
+        row = sequences[user][-(max_len + 1) :]
         n = len(row) - 1
-        inputs[i, length - n :] = torch.tensor(row[:-1])
-        targets[i, length - n :] = torch.tensor(row[1:])
+        inputs[i, max_len - n :] = torch.tensor(row[:-1])
+        targets[i, max_len - n :] = torch.tensor(row[1:])
     return inputs, targets
+
+
+class UserSampler:
+    """pmixer's sampler: users in a random order, reshuffled after each pass; a user with fewer
+    than 2 training events is replaced by a random user until one has 2."""
+
+    def __init__(self, sequences: list[list[int]], rng: np.random.Generator) -> None:
+        self.sequences = sequences
+        self.rng = rng
+        self.order = rng.permutation(len(sequences))
+        self.counter = 0
+        if not any(len(s) >= 2 for s in sequences):
+            raise ConfigError("no user has 2 training events: nothing to train on")
+
+    def batch(self, size: int) -> np.ndarray:
+        chosen = np.empty(size, dtype=np.int64)
+        for i in range(size):
+            if self.counter % len(self.order) == 0:
+                self.rng.shuffle(self.order)
+            user = int(self.order[self.counter % len(self.order)])
+            self.counter += 1
+            while len(self.sequences[user]) < 2:
+                user = int(self.rng.integers(0, len(self.sequences)))
+            chosen[i] = user
+        return chosen
 
 
 def full_ce_loss(
@@ -176,39 +199,14 @@ def full_ce_loss(
     return F.cross_entropy(logits, targets[keep], reduction=reduction)
 
 
-def length_chunks(lengths: list[int], budget: int = CHUNK_POSITIONS) -> list[list[int]]:
-    """Indices sorted by length, cut into chunks of at most `budget` padded positions."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    chunks: list[list[int]] = []
-    chunk: list[int] = []
-    for index in order:
-        if chunk and (len(chunk) + 1) * lengths[index] > budget:
-            chunks.append(chunk)
-            chunk = []
-        chunk.append(index)
-    if chunk:
-        chunks.append(chunk)
-    return chunks
-
-
 def batch_step(
     model: ReferenceSASRec, sequences: list[list[int]], chosen: np.ndarray, max_len: int
 ) -> float:
-    """Accumulate the gradient of the batch's mean cross-entropy over its non-padding positions.
-
-    The batch is run as chunks of users of similar length: with padding keys masked and
-    positions counted from the newest event, a position's output does not depend on how much
-    padding its row has, so this is the loss and gradient of the batch padded as one, without
-    running the transformer on padding (a random batch of 128 users here is mostly padding)."""
-    lengths = [min(len(sequences[u]), max_len + 1) - 1 for u in chosen]
-    positions = sum(lengths)
-    total = 0.0
-    for chunk in length_chunks(lengths):
-        inputs, targets = training_batch(sequences, chosen[chunk], max_len)
-        loss = full_ce_loss(model, model(inputs), targets, reduction="sum") / positions
-        loss.backward()
-        total += loss.item()
-    return total
+    """Accumulate the gradient of the batch's mean cross-entropy over its non-padding positions."""
+    inputs, targets = training_batch(sequences, chosen, max_len)
+    loss = full_ce_loss(model, model(inputs), targets)
+    loss.backward()
+    return float(loss.item())
 
 
 def evaluate(model: ReferenceSASRec, prepared: Prepared, split: str, max_len: int) -> dict[str, float]:
@@ -217,13 +215,12 @@ def evaluate(model: ReferenceSASRec, prepared: Prepared, split: str, max_len: in
 
 
 def _epoch(model: ReferenceSASRec, optimizer: torch.optim.Optimizer, sequences: list[list[int]],
-           batches: int, settings: ReferenceSettings, rng: np.random.Generator) -> float:
-    """`batches` steps on random batches of users (with replacement, as the reference does);
-    the summed loss."""
+           sampler: UserSampler, batches: int, settings: ReferenceSettings) -> float:
+    """`batches` steps on the sampler's batches of users (pmixer's order); the summed loss."""
     model.train()
     total = 0.0
     for _ in range(batches):
-        chosen = rng.integers(0, len(sequences), settings.batch_size)
+        chosen = sampler.batch(settings.batch_size)
         optimizer.zero_grad(set_to_none=True)
         total += batch_step(model, sequences, chosen, settings.max_len)
         optimizer.step()
@@ -237,7 +234,8 @@ def train_reference(
     rng = np.random.default_rng(settings.seed)
     item_index = item_vocabulary(interactions)
     prepared = prepare(interactions, item_index, {"purchase": 1})
-    sequences = [items for items in prepared.train_items if len(items) >= 2]
+    sequences = prepared.train_items
+    sampler = UserSampler(sequences, rng)
     model = ReferenceSASRec(len(item_index), settings)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.9, 0.98))
     batches = math.ceil(len(sequences) / settings.batch_size)
@@ -247,7 +245,7 @@ def train_reference(
     stopped_by, train_seconds, epoch = "epochs", 0.0, 0
     for epoch in range(1, settings.epochs + 1):
         started = time.perf_counter()
-        total = _epoch(model, optimizer, sequences, batches, settings, rng)
+        total = _epoch(model, optimizer, sequences, sampler, batches, settings)
         validation = evaluate(model, prepared, "validation", settings.max_len)
         train_seconds += time.perf_counter() - started
         point = {

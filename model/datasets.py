@@ -24,7 +24,7 @@ Formats:
                user id (numeric), then file order.
     csv        header naming `user_id,item_id` and optionally `event_type` (default "view")
                and `ts` (epoch ms; without the column, rows are 1 ms apart in file order).
-               Ties in time keep file order.
+               Ties in time keep file order. A file whose name ends in `.gz` is gzip-read.
     synthetic  `SyntheticSpec`: Zipf item popularity plus real sequential structure: the items
                sit on one random cycle (each item has exactly one successor); a user's next
                event follows that successor with probability `follow_probability`, otherwise
@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -132,6 +134,8 @@ def iter_interactions(
         raise DataError(f"{file}: not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         raise DataError(f"{file}: {exc.strerror or exc}") from None
+    except EOFError as exc:  # a gzip file cut short
+        raise DataError(f"{file}: {exc}") from None
     if not len(order):
         raise DataError(f"{file}: no interactions")
     return columns.iterate(order)
@@ -251,9 +255,16 @@ def _read_movielens(file: Path) -> tuple[_Columns, np.ndarray]:
     return columns, order
 
 
+def _open_text(file: Path) -> TextIO:
+    """The file as text; gzip-read when its name ends in `.gz`."""
+    if file.suffix == ".gz":
+        return gzip.open(file, "rt", encoding="utf-8", newline="")
+    return file.open(encoding="utf-8", newline="")
+
+
 def _read_csv(file: Path) -> tuple[_Columns, np.ndarray]:
     columns = _Columns()
-    with file.open(encoding="utf-8", newline="") as handle:
+    with _open_text(file) as handle:
         reader = csv.reader(handle)
         header = [name.strip() for name in next(reader, [])]
         if not {"user_id", "item_id"} <= set(header):

@@ -6,8 +6,9 @@ A name given to `--data` (one that is not a file) reads the dataset's file; its 
 the one it is stored in. Whether it was named or given by its path, a named dataset's file is
 hashed on every read and refused when its sha256 is not the recorded one, so a figure measured
 on it is always measured on the same data. Nothing is downloaded: amazon-beauty and
-amazon-toys are committed under bench/datasets/ (bench/datasets/README.md: source, licence,
-sizes); amazon-games is read from ../shared/datasets/ beside the checkout, as before.
+amazon-toys (sequences) and retailrocket (csv: view, add_to_cart and purchase events with their
+times) are committed under bench/datasets/ (bench/datasets/README.md: source, licence, sizes);
+amazon-games is read from ../shared/datasets/ beside the checkout, as before.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ NAMED_DATASETS: dict[str, NamedDataset] = {
             "amazon-games", SHARED_DIR / "amazon-games.txt", "sasrec",
             "b7376fe24430743f411dc7f567285657b2adb3f74361cc7ba0aee94f3024b651",
             31_013, 23_715, 287_107,
+        ),
+        NamedDataset(
+            "retailrocket", BUNDLED_DIR / "retailrocket.csv.gz", "csv",
+            "4a03cc8fe94455914e13f0dd3fdf19038190fcac537c670ab84351054cb76f20",
+            2_174, 29_905, 97_381,
         ),
     )
 }

@@ -21,7 +21,7 @@ COMMITTED = [d for d in NAMED_DATASETS.values() if d.path.parent == BUNDLED_DIR]
 
 
 def test_two_or_more_datasets_are_committed() -> None:
-    assert {d.name for d in COMMITTED} >= {"amazon-beauty", "amazon-toys"}
+    assert {d.name for d in COMMITTED} >= {"amazon-beauty", "amazon-toys", "retailrocket"}
     readme = (BUNDLED_DIR / "README.md").read_text()
     for dataset in COMMITTED:
         assert dataset.sha256 in readme and dataset.path.name in readme
@@ -34,7 +34,37 @@ def test_committed_file_has_its_recorded_sha256_and_size(dataset: named_datasets
     assert len(data) == dataset.interactions
     assert len({e.user_id for e in data}) == dataset.users
     assert len({e.item_id for e in data}) == dataset.items
-    assert min(Counter(e.user_id for e in data).values()) >= 5  # 5-core
+    if dataset.format == "sequences":
+        assert min(Counter(e.user_id for e in data).values()) >= 5  # 5-core
+
+
+def test_retailrocket_is_a_time_ordered_clickstream_of_three_event_types() -> None:
+    data = read_interactions("retailrocket", "csv")
+    assert Counter(e.event_type for e in data) == {
+        "view": 75_374, "add_to_cart": 12_456, "purchase": 9_551}
+    times = [e.ts for e in data]
+    assert times == sorted(times)
+    # Unix seconds as epoch ms, May to September 2015
+    assert 1_430_000_000_000 < times[0] < times[-1] < 1_443_000_000_000
+    assert all(t % 1000 == 0 for t in times)
+
+
+def test_a_gzip_csv_is_read_and_a_broken_one_is_a_clear_error(tmp_path: Path) -> None:
+    import gzip
+
+    text = "user_id,item_id,event_type,ts\n1,7,view,2000\n1,8,purchase,1000\n"
+    good = tmp_path / "events.csv.gz"
+    good.write_bytes(gzip.compress(text.encode()))
+    plain = tmp_path / "events.csv"
+    plain.write_text(text)
+    assert read_interactions(good, "csv") == read_interactions(plain, "csv")
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(good.read_bytes()[:-12])
+    not_gzip = tmp_path / "not.csv.gz"
+    not_gzip.write_text(text)
+    for bad in (cut, not_gzip):
+        with pytest.raises(DataError, match=str(bad.name)):
+            read_interactions(bad, "csv")
 
 
 def test_reading_by_name_and_by_path_agree() -> None:
@@ -94,7 +124,7 @@ def test_a_misspelt_name_is_offered_the_closest_one() -> None:
         read_interactions("amazon-gamez", "sasrec")
     assert str(refused.value) == (
         "amazon-gamez: no such file, nor a named dataset (amazon-beauty, amazon-toys, "
-        "amazon-games); did you mean amazon-games?"
+        "amazon-games, retailrocket); did you mean amazon-games?"
     )
 
 
