@@ -19,6 +19,10 @@ the seen items each event leaves out are one CSR structure (`Exclusions.from_csr
 Events whose item the model does not know (a new product) stay in the window but are skipped
 by the encoder: the recommendation is the one of the user's latest known event. A user with no
 known event at all gets the artifact's popular items, marked `cold_start`.
+
+One file, one thing: the Recommender and the shapes of what goes in and out of it (over 400
+lines because a wave's plan, refill, advance, retrieval and `because` share the `_Wave` columns,
+and splitting them would pass those columns between files for no reader's gain).
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ a checkpoint (or an abort) waiting for Kafka is alive up to its own limit (`--ou
 past which it gives up and the worker exits); `/ready` follows the assignment (metrics.py:
 HealthState). Once a second the loop sets the consumer-lag gauge of each owned partition from
 librdkafka's cached watermarks (no request).
+
+One file, one thing: the loop, every step of one event in the order it happens (over 400 lines
+because the steps above read best in one place; what is not a step of the loop lives beside it:
+the state manager, the checkpoint, the wire format, the model watcher).
 """
 
 from __future__ import annotations
