@@ -210,11 +210,11 @@ def test_sigterm_on_a_scale_down_leaves_at_once_a_restart_or_no_api_keeps_the_id
         return worker
 
     with FakeKubernetes(replicas=2) as fake:
-        a, b = start(first, fake.url), start(second, fake.url)
+        a, b = start(first, fake.url), start(second, "http://127.0.0.1:9")  # b: no API
         try:
             _wait(shared, "the two workers did not share the partitions", timeout=120)
+            b = restart(b, fake.url)  # no API: one warning, a restart
             b = restart(b, fake.url)  # the API says 2 replicas: a restart
-            b = restart(b, "http://127.0.0.1:9")  # no API: one warning, a restart
             assert shared(), owners()
             fake.replicas = 1  # a scale-down from 2 to 1: kvrec-worker-1 goes
             signalled = time.monotonic()
