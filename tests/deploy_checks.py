@@ -499,12 +499,17 @@ def keda_target_problems(docs: list[dict]) -> list[str]:
 
 
 def hardening_problems(docs: list[dict]) -> list[str]:
-    """Every pod: no service account token; every container: read-only root filesystem, no
+    """Every pod: no service account token, unless it runs as its own ServiceAccount whose roles
+    only read named objects (`rbac_problems`); every container: read-only root filesystem, no
     privilege escalation, every capability dropped; a kvrec container has a writable /tmp."""
     problems = []
     for where, spec in _pod_specs(docs):
         if spec.get("automountServiceAccountToken") is not False:
-            problems.append(f"{where}: automountServiceAccountToken is not false")
+            account = spec.get("serviceAccountName", "default")
+            if account == "default" or not _granted(docs, account):
+                problems.append(f"{where}: automountServiceAccountToken is not false (and no "
+                                "ServiceAccount of its own with a Role)")
+            problems += rbac_problems(docs, account)
         if spec.get("securityContext", {}).get("runAsNonRoot") is not True:
             problems.append(f"{where}: runAsNonRoot is not true")
         for container in spec.get("initContainers", []) + spec.get("containers", []):
@@ -517,6 +522,68 @@ def hardening_problems(docs: list[dict]) -> list[str]:
                 problems.append(f"{name}: capabilities are not all dropped")
             if "/tmp" not in [m["mountPath"] for m in container.get("volumeMounts", [])]:
                 problems.append(f"{name}: no writable volume at /tmp (the root filesystem is read-only)")
+    return problems
+
+
+def _granted(docs: list[dict], account: str) -> list[dict]:
+    """The rules of every Role or ClusterRole bound to the ServiceAccount `account`."""
+    bound = {(b["roleRef"]["kind"], b["roleRef"]["name"]) for b in docs
+             if b.get("kind") in ("RoleBinding", "ClusterRoleBinding")
+             and any(s.get("kind") == "ServiceAccount" and s.get("name") == account
+                     for s in b.get("subjects", []))}
+    return [rule for d in docs if (d.get("kind"), d["metadata"]["name"]) in bound
+            for rule in d.get("rules", [])]
+
+
+def rbac_problems(docs: list[dict], account: str) -> list[str]:
+    """A ServiceAccount a pod mounts may only `get` objects named one by one: no list, watch or
+    write, no wildcard, no ClusterRole (a pod that is taken over reads little and writes nothing)."""
+    problems = []
+    if not any(d.get("kind") == "ServiceAccount" and d["metadata"]["name"] == account
+               for d in docs):
+        problems.append(f"ServiceAccount/{account}: not in the manifests")
+    for binding in docs:
+        cluster_wide = binding.get("kind") == "ClusterRoleBinding" or (
+            binding.get("kind") == "RoleBinding" and binding["roleRef"]["kind"] != "Role")
+        if cluster_wide and any(s.get("name") == account for s in binding.get("subjects", [])):
+            problems.append(f"{binding['kind']}/{binding['metadata']['name']}: binds "
+                            f"{account} to a cluster-wide role")
+    for rule in _granted(docs, account):
+        if rule.get("verbs") != ["get"] or not rule.get("resourceNames") or "*" in (
+                rule.get("resources", []) + rule.get("apiGroups", []) + rule["resourceNames"]):
+            problems.append(f"ServiceAccount/{account}: a rule beyond `get` on named objects: {rule}")
+    return problems
+
+
+def scale_down_problems(docs: list[dict]) -> list[str]:
+    """The workers tell a scale-down from a restart (--leave-on-scale-down): it is on, their
+    ServiceAccount may `get` their own StatefulSet, the token is mounted, the pod name reaches
+    --pod-name, and a NetworkPolicy lets them reach the API server (HTTPS)."""
+    worker = next(d for d in docs if d.get("kind") == "StatefulSet"
+                  and d["metadata"]["name"] == "kvrec-worker")
+    spec = worker["spec"]["template"]["spec"]
+    settings = next(d["data"] for d in docs
+                    if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "kvrec-worker")
+    problems = []
+    if settings.get("KVREC_WORKER_LEAVE_ON_SCALE_DOWN") != "true":
+        problems.append("ConfigMap/kvrec-worker: KVREC_WORKER_LEAVE_ON_SCALE_DOWN is not true")
+    if spec.get("automountServiceAccountToken") is not True:
+        problems.append("StatefulSet/kvrec-worker: no service account token to ask the API with")
+    account = spec.get("serviceAccountName", "default")
+    if not any(rule.get("verbs") == ["get"] and "statefulsets" in rule.get("resources", [])
+               and "apps" in rule.get("apiGroups", []) and "kvrec-worker" in rule.get(
+                   "resourceNames", []) for rule in _granted(docs, account)):
+        problems.append(f"ServiceAccount/{account}: may not get statefulsets/kvrec-worker")
+    env = {v["name"]: v for c in spec["containers"] for v in c.get("env", [])}
+    if env.get("KVREC_WORKER_POD_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get(
+            "fieldPath") != "metadata.name":
+        problems.append("StatefulSet/kvrec-worker: KVREC_WORKER_POD_NAME is not the pod's name")
+    labels = worker["spec"]["template"]["metadata"].get("labels", {})
+    egress = [rule for p in docs if p.get("kind") == "NetworkPolicy"
+              and _selects(p["spec"]["podSelector"], labels) for rule in p["spec"].get("egress", [])]
+    if not any(any(peer.get("ipBlock") for peer in rule.get("to", []))
+               and {443, 6443} & {p.get("port") for p in rule.get("ports", [])} for rule in egress):
+        problems.append("StatefulSet/kvrec-worker: no NetworkPolicy egress to the API server")
     return problems
 
 

@@ -374,6 +374,7 @@ def test_the_rules_a_real_cluster_needs_hold(rendered, overlay):
     assert checks.hardening_problems(docs) == []
     assert checks.network_policy_problems(docs) == []
     assert checks.storage_problems(docs) == []
+    assert checks.scale_down_problems(docs) == []
 
 
 def test_the_liveness_budget_covers_the_outage_limit(rendered, tmp_path):
@@ -431,7 +432,7 @@ def test_broken_copies_break_the_rules(rendered, tmp_path):
 
     def writable(doc: dict) -> None:
         del _worker(doc)["securityContext"]["readOnlyRootFilesystem"]
-        doc["spec"]["template"]["spec"]["automountServiceAccountToken"] = True
+        del doc["spec"]["template"]["spec"]["serviceAccountName"]  # the token of `default`
 
     writable_docs = checks.mutated(docs, "StatefulSet", "kvrec-worker", writable)
     problems = " ".join(checks.hardening_problems(writable_docs))
@@ -444,6 +445,42 @@ def test_broken_copies_break_the_rules(rendered, tmp_path):
         checks.mutated(docs, "ConfigMap", "kvrec-kafka", other_port)))
     unpoliced = [d for d in docs if d["kind"] != "NetworkPolicy"]
     assert "no NetworkPolicy" in " ".join(checks.network_policy_problems(unpoliced))
+
+    def list_all(doc: dict) -> None:
+        doc["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]})
+
+    greedy = checks.mutated(docs, "Role", "kvrec-worker-scale-down", list_all)
+    assert "beyond `get` on named objects" in " ".join(checks.hardening_problems(greedy))
+
+    def unnamed(doc: dict) -> None:
+        del doc["rules"][0]["resourceNames"]
+
+    assert "beyond `get` on named objects" in " ".join(checks.hardening_problems(
+        checks.mutated(docs, "Role", "kvrec-worker-scale-down", unnamed)))
+    assert checks.scale_down_problems(docs) == []  # the control
+
+    def off(doc: dict) -> None:
+        del doc["data"]["KVREC_WORKER_LEAVE_ON_SCALE_DOWN"]
+
+    def tokenless(doc: dict) -> None:
+        doc["spec"]["template"]["spec"]["automountServiceAccountToken"] = False
+
+    def nameless(doc: dict) -> None:
+        _worker(doc)["env"] = [v for v in _worker(doc)["env"] if v["name"] != "KVREC_WORKER_POD_NAME"]
+
+    def other_object(doc: dict) -> None:
+        doc["rules"][0]["resourceNames"] = ["kvrec-retrain"]
+
+    for kind, name, change, problem in (
+        ("ConfigMap", "kvrec-worker", off, "LEAVE_ON_SCALE_DOWN is not true"),
+        ("StatefulSet", "kvrec-worker", tokenless, "no service account token"),
+        ("StatefulSet", "kvrec-worker", nameless, "KVREC_WORKER_POD_NAME"),
+        ("Role", "kvrec-worker-scale-down", other_object, "may not get statefulsets/kvrec-worker"),
+    ):
+        assert problem in " ".join(checks.scale_down_problems(
+            checks.mutated(docs, kind, name, change))), problem
+    apiless = [d for d in docs if d["metadata"]["name"] != "kvrec-worker-kubernetes-api"]
+    assert "egress to the API server" in " ".join(checks.scale_down_problems(apiless))
 
     def default_class(doc: dict) -> None:
         del doc["spec"]["storageClassName"]

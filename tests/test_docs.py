@@ -140,7 +140,8 @@ def _documented_flags() -> dict[str, tuple[str, str]]:
 def _shown(action: argparse.Action) -> str | None:
     """The default as the table gives it; None where the table explains it in words (no
     default, one computed at start, or a secret)."""
-    if action.default is None or action.dest in ("instance_id", "sasl_password", "kafka_options"):
+    if action.default is None or action.dest in ("instance_id", "pod_name", "sasl_password",
+                                                         "kafka_options"):
         return None
     if isinstance(action.default, bool):
         return "on" if action.default else "off"

@@ -176,11 +176,13 @@ def _run_until_stopped(worker: Worker, watcher: ModelWatcher | None,
 
     settings = worker.settings
     leaving = [settings.leave_group_on_stop]  # a scale-down: the group frees the partitions now
+    terminated = [False]  # SIGTERM: a restart or, with --leave-on-scale-down, maybe a scale-down
 
     def stop(signum: int, frame: object) -> None:
         worker.running = False
         if signum == signal.SIGUSR2:
             leaving[0] = True
+        terminated[0] = terminated[0] or signum == signal.SIGTERM
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -188,6 +190,8 @@ def _run_until_stopped(worker: Worker, watcher: ModelWatcher | None,
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where is it stuck?
     try:
         worker.run()  # /health: from "starting" to the loop's beats
+        if terminated[0] and not leaving[0]:
+            leaving[0] = _scaled_down(settings)
         if leaving[0] and settings.static_membership:  # closed, checkpointed: now leave
             from kvrec.stream.worker.leave import leave_group
 
@@ -206,6 +210,16 @@ def _run_until_stopped(worker: Worker, watcher: ModelWatcher | None,
             watcher.stop()
         gc.unfreeze()  # hand the long-lived objects back to the collector for a clean exit
     return 0
+
+
+def _scaled_down(settings: WorkerSettings) -> bool:
+    """--leave-on-scale-down: whether this SIGTERM is a StatefulSet scale-down (leave)."""
+    if not (settings.leave_on_scale_down and settings.static_membership):
+        return False
+    from kvrec.stream.worker.scale_down import KubernetesApi, scaled_down
+
+    return scaled_down(settings.pod_name,
+                       KubernetesApi(settings.kubernetes_api, settings.kubernetes_credentials))
 
 
 def freeze_heap() -> None:

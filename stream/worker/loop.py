@@ -140,6 +140,8 @@ class KafkaClients:
         }
         if settings.exactly_once:
             producer_config["transactional.id"] = f"{settings.group_id}-{settings.instance_id}"
+            # a killed member's open transaction blocks read_committed readers until then
+            producer_config["transaction.timeout.ms"] = settings.transaction_timeout_ms
         restore_consumer = Consumer(restore_consumer_config(kafka_config, settings.group_id))
         standby = (Consumer(standby_consumer_config(kafka_config, settings.group_id))
                    if settings.standby_replicas else None)

@@ -11,6 +11,7 @@ from pathlib import Path
 from kvrec.errors import ConfigError
 from kvrec.flags import integer, number
 from kvrec.model.choices import BACKENDS, RETRIEVAL_KINDS
+from kvrec.stream.worker.scale_down import DEFAULT_API, DEFAULT_CREDENTIALS, split_pod_name
 
 DEFAULT_EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 # --commit-interval-ms when not given, by guarantee. Under exactly-once a read_committed reader
@@ -19,6 +20,11 @@ DEFAULT_EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 # default under exactly-once too). At-least-once outputs are visible at once: there the
 # interval only bounds what a crash replays.
 COMMIT_INTERVAL_MS = {"at-least-once": 1000, "exactly-once": 100}
+# --transaction-timeout-ms when not given (exactly-once). A member killed inside a transaction
+# leaves it open until this timeout, and read_committed readers see nothing past it (the new
+# owner's outputs included) until the broker aborts it: librdkafka's default is 60 s; Kafka
+# Streams sets 10 s under exactly-once.
+TRANSACTION_TIMEOUT_MS = 10_000
 
 
 def add_topic_arguments(topics: argparse._ArgumentGroup) -> None:
@@ -57,6 +63,25 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="a static member leaves the group when it stops (its partitions move at once) "
              "instead of keeping them for a restart until the session timeout; without it, "
              "SIGUSR2 stops the worker and leaves for that stop only (a scale-down)",
+    )
+    topics.add_argument(
+        "--leave-on-scale-down", action=argparse.BooleanOptionalAction, default=False,
+        help="on SIGTERM, ask the Kubernetes API for the StatefulSet's spec.replicas and leave "
+             "the group when this pod's ordinal (--pod-name) is >= it (a scale-down); a restart, "
+             "or an API that cannot be asked (one warning), keeps the static identity",
+    )
+    topics.add_argument(
+        "--pod-name", default=socket.gethostname(),
+        help="this pod's name, <statefulset>-<ordinal>, for --leave-on-scale-down",
+    )
+    topics.add_argument(
+        "--kubernetes-api", default=DEFAULT_API,
+        help="the Kubernetes API's base URL, for --leave-on-scale-down",
+    )
+    topics.add_argument(
+        "--kubernetes-credentials", default=str(DEFAULT_CREDENTIALS),
+        help="folder of the pod's service-account token, ca.crt and namespace files, for "
+             "--leave-on-scale-down",
     )
     topics.add_argument(
         "--standby-replicas", type=integer(0, 16), default=0,
@@ -147,6 +172,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "--commit-interval-ms", type=integer(1), default=None,
         help="checkpoint every this many ms (default: 1000 at-least-once, 100 exactly-once, "
              "where a read_committed reader sees an output only once its transaction commits)",
+    )
+    loop.add_argument(
+        "--transaction-timeout-ms", type=integer(1_000, 900_000), default=None,
+        help="exactly-once: how long the broker keeps a killed member's open transaction "
+             "before aborting it (read_committed readers wait for it; default: "
+             f"{TRANSACTION_TIMEOUT_MS} under exactly-once, as Kafka Streams; above "
+             "--commit-interval-ms, at most the broker's transaction.max.timeout.ms)",
     )
     loop.add_argument(
         "--outage-limit-s", type=number(above=0, below=300), default=120.0,
@@ -249,6 +281,11 @@ class WorkerSettings:
     stats_interval_ms: int = 10_000
     standby_replicas: int = 0
     leave_group_on_stop: bool = False
+    leave_on_scale_down: bool = False
+    pod_name: str = ""
+    kubernetes_api: str = DEFAULT_API
+    kubernetes_credentials: Path = DEFAULT_CREDENTIALS
+    transaction_timeout_ms: int = TRANSACTION_TIMEOUT_MS
 
     @cached_property  # read once per message on the hot path: built once
     def event_type_set(self) -> frozenset[str]:
@@ -273,6 +310,9 @@ class WorkerSettings:
         unavailable = Path(args.unavailable_items) if args.unavailable_items else None
         if unavailable is not None and not unavailable.is_file():
             raise ConfigError(f"--unavailable-items {unavailable}: no such file")
+        if args.leave_on_scale_down and split_pod_name(args.pod_name) is None:
+            raise ConfigError(f"--pod-name {args.pod_name!r}: --leave-on-scale-down needs a "
+                              "StatefulSet pod's name, <statefulset>-<ordinal>")
         return cls(
             input_topic=args.input_topic,
             output_topic=args.output_topic,
@@ -319,4 +359,22 @@ class WorkerSettings:
             stats_interval_ms=args.stats_interval_ms,
             standby_replicas=args.standby_replicas,
             leave_group_on_stop=args.leave_group_on_stop,
+            leave_on_scale_down=args.leave_on_scale_down,
+            pod_name=args.pod_name,
+            kubernetes_api=args.kubernetes_api,
+            kubernetes_credentials=Path(args.kubernetes_credentials),
+            transaction_timeout_ms=transaction_timeout_ms(args),
         )
+
+
+def transaction_timeout_ms(args: argparse.Namespace) -> int:
+    """--transaction-timeout-ms or its default; a transaction spans a commit interval, so the
+    timeout must be longer (otherwise the broker would abort every transaction)."""
+    timeout = TRANSACTION_TIMEOUT_MS if args.transaction_timeout_ms is None \
+        else args.transaction_timeout_ms
+    interval = (COMMIT_INTERVAL_MS[args.processing_guarantee]
+                if args.commit_interval_ms is None else args.commit_interval_ms)
+    if args.processing_guarantee == "exactly-once" and timeout <= interval:
+        raise ConfigError(f"--transaction-timeout-ms {timeout} must be above "
+                          f"--commit-interval-ms {interval} (a transaction spans an interval)")
+    return timeout
