@@ -4,6 +4,7 @@ taken over from the survivor's standby copies, exactly once (stream/worker/stand
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections import Counter, defaultdict
 
@@ -40,6 +41,13 @@ def _wait(condition, what: str, timeout: float = 90.0) -> None:  # type: ignore[
         time.sleep(0.2)
 
 
+def _produce_paced(bootstrap: str, topic: str, events: list[dict], per_chunk: int = 50,
+                   pause_s: float = 0.1) -> None:
+    for start in range(0, len(events), per_chunk):
+        _produce_events(bootstrap, topic, events[start : start + per_chunk])
+        time.sleep(pause_s)
+
+
 def test_a_member_killed_mid_transaction_is_taken_over_from_standbys_exactly_once(
     kafka_bootstrap, artifact, tmp_path  # noqa: F811
 ):
@@ -60,13 +68,18 @@ def test_a_member_killed_mid_transaction_is_taken_over_from_standbys_exactly_onc
         # b shadows a's partitions (and a b's)
         _wait(lambda: "standby for" in logs["b"].read_text(), "b keeps no standby")
         time.sleep(2.0)  # the standbys catch up with the first half
-        _produce_events(kafka_bootstrap, topics.events, second)
+        # the second half at about 500 events/s, so the kill lands while events still arrive
+        # (produced at once, a fast machine processed all of them before the kill)
+        producing = threading.Thread(target=_produce_paced, daemon=True,
+                                     args=(kafka_bootstrap, topics.events, second))
+        producing.start()
         _wait(lambda: _committed_total(kafka_bootstrap, topics) > len(first) + 200,
               "the second half is not being processed")
         a.kill()  # SIGKILL, most likely inside a transaction (one every 200 ms)
         killed = time.monotonic()
         a.wait()
         assert _committed_total(kafka_bootstrap, topics) < len(events), "killed too late"
+        producing.join(timeout=60)
         _wait_committed(kafka_bootstrap, topics, len(events))
     finally:
         stderr_b = _stop(b)

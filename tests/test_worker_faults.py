@@ -439,7 +439,7 @@ def test_liveness_holds_through_a_broker_frozen_past_the_probe_budget_within_the
 
     The shipped manifests' budget already covers their outage limit (tests/test_deploy.py checks
     it), so no freeze fits between the two there; the outage limit here is then the one an
-    operator gets by raising `KVREC_WORKER_OUTAGE_LIMIT_S` past the budget, 2.5x the budget, with
+    operator gets by raising `KVREC_WORKER_OUTAGE_LIMIT_S` past the budget, 4x the budget, with
     the manifest's probe timings unchanged: /health itself must follow the limit."""
     from kvrec.stream.worker.metrics import HealthState, serve
     from tests.worker_inprocess import ThreadWorker, worker_args
@@ -449,7 +449,8 @@ def test_liveness_holds_through_a_broker_frozen_past_the_probe_budget_within_the
     stale_s = HealthState().stale_after_s / SCALE
     period_s, outage_s = period_s / SCALE, outage_s / SCALE
     budget_s = stale_s + period_s * threshold  # silence that gets the pod restarted
-    outage_s = max(outage_s, 2.5 * budget_s)
+    outage_s = max(outage_s, 4.0 * budget_s)  # 2.5x left 15 s after the thaw: a loaded CI
+    # run's coordinator took longer to answer again
     # past the budget by two probes, well within the outage limit: after the thaw the broker
     # takes seconds to answer again (coordinator recovery), and a loaded machine more
     freeze_s = budget_s + 2 * period_s
