@@ -136,8 +136,8 @@ def test_leave_on_scale_down_needs_a_statefulset_pod_name() -> None:
     assert _settings("--leave-on-scale-down", "--pod-name", "kvrec-worker-2").leave_on_scale_down
 
 
-def test_the_transaction_timeout_defaults_to_10_s_and_must_exceed_the_commit_interval() -> None:
-    assert _settings("--processing-guarantee", "exactly-once").transaction_timeout_ms == 10_000
+def test_the_transaction_timeout_defaults_to_60_s_and_must_exceed_the_commit_interval() -> None:
+    assert _settings("--processing-guarantee", "exactly-once").transaction_timeout_ms == 60_000
     with pytest.raises(ConfigError, match="--commit-interval-ms"):
         _settings("--processing-guarantee", "exactly-once", "--commit-interval-ms", "5000",
                   "--transaction-timeout-ms", "5000")

@@ -54,7 +54,10 @@ def test_a_member_killed_mid_transaction_is_taken_over_from_standbys_exactly_onc
     topics = Topics(kafka_bootstrap, "standby")
     events = _events(3000, users=40, items=60, seed=11)
     first, second = events[:1500], events[1500:]
-    extra = ("--session-timeout-ms", "6000", "--standby-replicas", "1")
+    # Kafka Streams' 10 s transaction timeout (the default, librdkafka's 60 s, held the new
+    # owner's outputs back 68.3 s in one run)
+    extra = ("--session-timeout-ms", "6000", "--standby-replicas", "1",
+             "--transaction-timeout-ms", "10000")
     logs = {name: tmp_path / f"{name}.log" for name in "ab"}
     a = _start_worker(kafka_bootstrap, topics, artifact.path, tmp_path / "a", "a",
                       "exactly-once", -1, *extra, log=logs["a"])
@@ -120,8 +123,8 @@ def test_a_member_killed_mid_transaction_is_taken_over_from_standbys_exactly_onc
     assert sum(by_user.values()) == len(events)
     print(f"promoted {promoted}; from the kill to every recommendation visible to "
           f"read_committed: {visible:.1f} s")
-    # librdkafka's 60 s default held them back 68.3 s in one run; 10 s: 13.0 and 18.4 s
-    assert visible < 45.0, "a's open transaction outlived --transaction-timeout-ms's default"
+    # librdkafka's 60 s held them back 68.3 s in one run; 10 s: 13.0 and 18.4 s
+    assert visible < 45.0, "a's open transaction outlived --transaction-timeout-ms 10000"
 
 
 

@@ -20,11 +20,13 @@ DEFAULT_EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 # default under exactly-once too). At-least-once outputs are visible at once: there the
 # interval only bounds what a crash replays.
 COMMIT_INTERVAL_MS = {"at-least-once": 1000, "exactly-once": 100}
-# --transaction-timeout-ms when not given (exactly-once). A member killed inside a transaction
-# leaves it open until this timeout, and read_committed readers see nothing past it (the new
-# owner's outputs included) until the broker aborts it: librdkafka's default is 60 s; Kafka
-# Streams sets 10 s under exactly-once.
-TRANSACTION_TIMEOUT_MS = 10_000
+# --transaction-timeout-ms when not given (exactly-once): librdkafka's 60 s. A member killed
+# inside a transaction leaves it open until this timeout, and read_committed readers see nothing
+# past it (the new owner's outputs included) until the broker aborts it; Kafka Streams sets 10 s.
+# But the broker also aborts a live member's transaction that a Kafka outage holds open past it,
+# and the member, fenced, exits (a restart replays): with 10 s an exactly-once worker would not
+# ride out an outage of 10 s mid-transaction (tests/test_worker_faults.py freezes the broker 15 s).
+TRANSACTION_TIMEOUT_MS = 60_000
 
 
 def add_topic_arguments(topics: argparse._ArgumentGroup) -> None:
@@ -177,8 +179,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "--transaction-timeout-ms", type=integer(1_000, 900_000), default=None,
         help="exactly-once: how long the broker keeps a killed member's open transaction "
              "before aborting it (read_committed readers wait for it; default: "
-             f"{TRANSACTION_TIMEOUT_MS} under exactly-once, as Kafka Streams; above "
-             "--commit-interval-ms, at most the broker's transaction.max.timeout.ms)",
+             f"{TRANSACTION_TIMEOUT_MS} under exactly-once, librdkafka's; Kafka Streams uses "
+             "10000, but a Kafka outage longer than it mid-transaction fences the worker, which "
+             "exits and replays on restart; above --commit-interval-ms, at most the broker's "
+             "transaction.max.timeout.ms)",
     )
     loop.add_argument(
         "--outage-limit-s", type=number(above=0, below=300), default=120.0,
