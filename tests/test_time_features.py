@@ -207,3 +207,36 @@ def test_onnx_export_of_a_time_model_is_refused_with_one_line(tmp_path) -> None:
 
     with pytest.raises(ArtifactError, match="time features"):
         export_step(_encoder(1, 3, 0), tmp_path / "m.onnx")
+
+
+def test_train_and_eval_with_time_features_and_the_worker_refuses_the_model(tmp_path) -> None:
+    import json
+
+    from kvrec.errors import ArtifactError
+    from kvrec.model.artifact import load_artifact
+    from kvrec.stream.cli import main as kvrec
+    from kvrec.stream.worker.inference import Recommender
+
+    out = tmp_path / "model"
+    data = ["--format", "synthetic", "--synthetic-users", "120", "--synthetic-items", "30",
+            "--synthetic-events", "1500"]
+    assert kvrec(["train", *data, "--epochs", "1", "--d-model", "16", "--window", "4",
+                  "--max-len", "20", "--time-features", "on", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["time_features"] is True
+    artifact = load_artifact(out)
+    assert artifact.config.time_features
+    assert kvrec(["eval", "--model", str(out), *data, "--json"]) == 0  # times reach the encoder
+    with pytest.raises(ArtifactError, match="time features"):
+        Recommender(artifact, None, None, 0)  # type: ignore[arg-type]
+
+
+def test_prepare_gives_each_kept_event_the_code_of_its_kept_predecessor() -> None:
+    from kvrec.model.datasets import Interaction
+    from kvrec.model.evaluate import prepare
+
+    ts = [1_600_000_000_000 + k * 7_000 * (k + 1) for k in range(6)]
+    events = [Interaction("u", "ab"[k % 2], "view", t) for k, t in enumerate(ts)]
+    prepared = prepare(events, {"": 0, "a": 1, "b": 2}, {"view": 1})
+    codes = sequence_time_codes(ts)
+    assert prepared.train_times == [codes[:4]]
+    assert prepared.test.input_times == [codes[:5]] and prepared.validation.input_times == [codes[:4]]
