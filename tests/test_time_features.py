@@ -228,6 +228,15 @@ def test_train_and_eval_with_time_features_and_the_worker_refuses_the_model(tmp_
     assert kvrec(["eval", "--model", str(out), *data, "--json"]) == 0  # times reach the encoder
     with pytest.raises(ArtifactError, match="time features"):
         Recommender(artifact, None, None, 0)  # type: ignore[arg-type]
+    from kvrec.bench.time_features import main as bench
+
+    result_path = tmp_path / "result.json"
+    assert bench([*data, "--model", f"time={out}", "--model", f"flat={out}:items-only",
+                  "--json", str(result_path)]) == 0
+    runs = json.loads(result_path.read_text())["runs"]
+    assert [r["next_item"]["users"] for r in runs] == [120, 120]
+    assert 0 < runs[0]["next_purchase"]["users"] < 120  # the users whose last event is a purchase
+    assert runs[0]["next_item"] != runs[1]["next_item"]  # the items-only reading changes inputs
 
 
 def test_prepare_gives_each_kept_event_the_code_of_its_kept_predecessor() -> None:
