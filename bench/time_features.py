@@ -7,7 +7,9 @@ features (issue 31, item 3), side by side on one dataset, as JSON.
 Each model ranks every test target of `kvrec eval`'s leave-one-out split (each user's last
 event; the items the user had before it left out, as `kvrec eval` does). A model marked
 `:items-only` reads every event as one type (`view`), as it was trained. Figures: HR@10 and
-NDCG@10 over all users, and over the users whose last event is a purchase (next purchase).
+NDCG@10 over all users, over the users whose last event is a purchase (next purchase) and over
+those whose last item is new to them (not a repeat); each model's training record
+(`metrics.json`: epochs, validation history, best epoch) is copied in.
 """
 
 from __future__ import annotations
@@ -49,10 +51,14 @@ def _run(spec: str, interactions: list) -> dict[str, object]:
     ranks = rank_split(artifact.encoder, test, max_len=int(training.get("max_len", 200)))
     last = _last_types(interactions, artifact.item_index)
     purchase = np.array([last[u] == PURCHASE for u in test.users], dtype=bool)
+    new = np.array([t not in set(h) for t, h in zip(test.targets, test.inputs, strict=True)],
+                   dtype=bool)
     return {"name": name, "model": path, "items_only": mode == "items-only",
             "time_features": artifact.config.time_features,
             "next_item": {**metrics_from_ranks(ranks), "users": len(ranks)},
-            "next_purchase": {**metrics_from_ranks(ranks[purchase]), "users": int(purchase.sum())}}
+            "next_purchase": {**metrics_from_ranks(ranks[purchase]), "users": int(purchase.sum())},
+            "next_new_item": {**metrics_from_ranks(ranks[new]), "users": int(new.sum())},
+            "training": json.loads((Path(path) / "metrics.json").read_text())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         item, buy = run["next_item"], run["next_purchase"]
         print(f"{run['name']:8s} next item NDCG@10 {item['ndcg@10']:.4f} HR@10 {item['hr@10']:.4f}"
               f"   next purchase NDCG@10 {buy['ndcg@10']:.4f} HR@10 {buy['hr@10']:.4f}"
-              f" ({buy['users']} users)")
+              f" ({buy['users']} users)   new item NDCG@10 {run['next_new_item']['ndcg@10']:.4f}"
+              f" ({run['next_new_item']['users']} users)")
     return 0
 
 
