@@ -31,6 +31,10 @@ class ModelConfig:
     # the layer: "transformer" = softmax attention and a feed-forward network; "hstu" = HSTU's
     # gated pointwise (SiLU) attention with a learned bias by the age of each key (model/hstu.py)
     block: str = "transformer"
+    # time features (model/events.py `time_codes`): each event's hour of day, day of week (UTC)
+    # and log-bucketed gap to the user's previous event, embedded and added like its type.
+    # Off in artifacts written before the field (they load and score as they did).
+    time_features: bool = False
 
     @property
     def head_dim(self) -> int:

@@ -14,7 +14,8 @@ needs:
 
 are the serving path's two primitives; `events` is the bundle of what the model reads of each
 event (`EventInputs`, model/events.py: a new event feature is one field there). The reference
-passes, for training, evaluation and the exactness tests, take items and types:
+passes, for training, evaluation and the exactness tests, take items and types (and, with
+`config.time_features`, each event's time code, model/events.py):
 
     forward(items, types)                full pass over left-padded sequences (training)
     encode(items, types)                 full pass that also returns the cache
@@ -43,7 +44,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from kvrec.model.config import ModelConfig
-from kvrec.model.events import EventInputs
+from kvrec.model.events import DAYS, GAP_BUCKETS, HOURS, EventInputs
 from kvrec.model.hstu import HSTUBlock
 from kvrec.model.layers import (
     Dropout,
@@ -229,6 +230,10 @@ class Encoder(nn.Module):
         self.config = config.validate()
         self.item_embedding = nn.Embedding(config.n_items + 1, config.d_model, padding_idx=0)
         self.type_embedding = nn.Embedding(config.n_event_types + 1, config.d_model, padding_idx=0)
+        if config.time_features:  # absent otherwise: older artifacts' weights load unchanged
+            self.gap_embedding = nn.Embedding(GAP_BUCKETS, config.d_model)
+            self.day_embedding = nn.Embedding(DAYS, config.d_model)
+            self.hour_embedding = nn.Embedding(HOURS, config.d_model)
         self.embedding_dropout = Dropout(config.dropout)
         layer = HSTUBlock if config.block == "hstu" else Block
         self.blocks = nn.ModuleList(layer(config) for _ in range(config.n_layers))
@@ -249,7 +254,21 @@ class Encoder(nn.Module):
         """[B, T, d]: every feature of each event, embedded and summed (the one reader of
         `EventInputs`' fields)."""
         x = self.item_embedding(events.items) * math.sqrt(self.config.d_model)
-        return self.embedding_dropout(x + self.type_embedding(events.event_types))
+        x = x + self.type_embedding(events.event_types)
+        if self.config.time_features:
+            x = x + self._embed_times(events.times)
+        return self.embedding_dropout(x)
+
+    def _embed_times(self, times: Tensor | None) -> Tensor:
+        """Hour, day and gap embeddings of time codes (model/events.py); zero at padding."""
+        if times is None:
+            raise ValueError("this model has time features: its inputs need `times`")
+        code = torch.clamp(times - 1, min=0)
+        hour = torch.remainder(code, HOURS)
+        day = torch.remainder(torch.div(code, HOURS, rounding_mode="floor"), DAYS)
+        gap = torch.div(code, HOURS * DAYS, rounding_mode="floor")
+        summed = self.gap_embedding(gap) + self.day_embedding(day) + self.hour_embedding(hour)
+        return summed * (times != 0).unsqueeze(-1).to(summed.dtype)
 
     def item_embeddings(self) -> Tensor:
         """[n_items + 1, d]: the output scoring matrix (tied with the input); row 0 = padding.
@@ -318,15 +337,17 @@ class Encoder(nn.Module):
         hidden, keys, values, _ = self._layers(x, cos, sin, None, mask, age, keep_cache)
         return hidden, keys, values
 
-    def forward(self, items: Tensor, event_types: Tensor) -> Tensor:
+    def forward(self, items: Tensor, event_types: Tensor, times: Tensor | None = None) -> Tensor:
         """Hidden states [B, T, d] of left-padded (0 = pad) sequences; pad rows are garbage."""
-        hidden, _, _ = self._full(EventInputs(items, event_types), keep_cache=False)
+        hidden, _, _ = self._full(EventInputs(items, event_types, times), keep_cache=False)
         return hidden
 
-    def encode(self, items: Tensor, event_types: Tensor) -> tuple[Tensor, KVCache]:
+    def encode(
+        self, items: Tensor, event_types: Tensor, times: Tensor | None = None
+    ) -> tuple[Tensor, KVCache]:
         """User vectors at each row's last event [B, d] and the cache that continues from it;
         a row with no events gets an empty cache (and a meaningless vector)."""
-        return self._encode(EventInputs(items, event_types))
+        return self._encode(EventInputs(items, event_types, times))
 
     def _encode(self, events: EventInputs) -> tuple[Tensor, KVCache]:
         hidden, layer_keys, layer_values = self._full(events, keep_cache=True)
@@ -357,6 +378,7 @@ class Encoder(nn.Module):
         event_types: Tensor,
         counts: Tensor,
         return_attention: bool = False,
+        times: Tensor | None = None,
     ) -> tuple[Tensor, KVCache, Tensor | None]:
         """Advance user b by its `counts[b]` new events `items[b, :counts[b]]` (right-padded,
         1 <= counts[b] <= T <= W) in one pass: user vectors after each new event [B, T, d]
@@ -365,7 +387,7 @@ class Encoder(nn.Module):
         age (index 0 = that event; zero before the user's first event).
 
         A chunked prefill against the rolling cache: equal to `counts[b]` calls of `step`."""
-        new = self._extend(cache, EventInputs(items, event_types), counts, return_attention)
+        new = self._extend(cache, EventInputs(items, event_types, times), counts, return_attention)
         new_cache = KVCache(
             cache.keys.scatter(3, new.index, new.keys),
             cache.values.scatter(3, new.index, new.values),
@@ -468,8 +490,10 @@ class Encoder(nn.Module):
         items: Tensor,
         event_types: Tensor,
         return_attention: bool = False,
+        times: Tensor | None = None,
     ) -> tuple[Tensor, KVCache, Tensor | None]:
-        """Advance every user by one event (items, event_types [B]): `extend` with T = 1.
+        """Advance every user by one event (items, event_types [B], times [B] or None):
+        `extend` with T = 1.
 
         User vectors [B, d], a new cache, and optionally the last layer's attention [B, W]
         averaged over heads, by age: index 0 = this event, 1 = the event before, ...; zero
@@ -480,5 +504,6 @@ class Encoder(nn.Module):
             event_types.view(-1, 1),
             torch.ones_like(cache.positions),
             return_attention,
+            times.view(-1, 1) if times is not None else None,
         )
         return hidden[:, 0], new_cache, attention[:, 0] if attention is not None else None

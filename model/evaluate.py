@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from kvrec.model.datasets import Interaction, dataset_from_args, group_by_user
 from kvrec.model.encoder import Encoder
+from kvrec.model.events import sequence_time_codes
 
 CUTOFFS = (10, 20)
 
@@ -31,6 +32,7 @@ class Split:
     inputs: list[list[int]]
     input_types: list[list[int]]
     targets: list[int]
+    input_times: list[list[int]] = field(default_factory=list)  # time codes (model/events.py)
 
 
 @dataclass
@@ -41,42 +43,44 @@ class Prepared:
     test: Split
     popularity: np.ndarray  # [n_items + 1] counts over training events
     skipped_unknown: int = 0
+    train_times: list[list[int]] = field(default_factory=list)  # time codes (model/events.py)
 
 
 def prepare(
     interactions: list[Interaction], item_index: dict[str, int], type_index: dict[str, int]
 ) -> Prepared:
     """Leave-one-out split. Users with fewer than 3 events only train. Events whose item the
-    vocabulary lacks are dropped and counted (`skipped_unknown`)."""
+    vocabulary lacks are dropped and counted (`skipped_unknown`). Each kept event's time code
+    is made from its time and the kept event before it (`sequence_time_codes`)."""
     n_items = max(item_index.values(), default=0)
-    popularity = np.zeros(n_items + 1, dtype=np.int64)
-    train_items, train_types = [], []
-    validation = Split([], [], [], [])
-    test = Split([], [], [], [])
-    skipped = 0
+    prepared = Prepared([], [], Split([], [], [], []), Split([], [], [], []),
+                        np.zeros(n_items + 1, dtype=np.int64))
     for user, events in group_by_user(interactions).items():
-        items, types = [], []
-        for e in events:
-            if e.item_id in item_index:
-                items.append(item_index[e.item_id])
-                types.append(type_index.get(e.event_type, 0))
-            else:
-                skipped += 1
-        held_out = 2 if len(items) >= 3 else 0
-        train_part = items[: len(items) - held_out]
-        train_items.append(train_part)
-        train_types.append(types[: len(items) - held_out])
-        np.add.at(popularity, train_part, 1)
-        if held_out:
-            validation.users.append(user)
-            validation.inputs.append(items[:-2])
-            validation.input_types.append(types[:-2])
-            validation.targets.append(items[-2])
-            test.users.append(user)
-            test.inputs.append(items[:-1])
-            test.input_types.append(types[:-1])
-            test.targets.append(items[-1])
-    return Prepared(train_items, train_types, validation, test, popularity, skipped)
+        kept = [e for e in events if e.item_id in item_index]
+        prepared.skipped_unknown += len(events) - len(kept)
+        items = [item_index[e.item_id] for e in kept]
+        types = [type_index.get(e.event_type, 0) for e in kept]
+        times = sequence_time_codes([e.ts for e in kept]) if kept else []
+        _add_user(prepared, user, items, types, times)
+    return prepared
+
+
+def _add_user(prepared: Prepared, user: str, items: list[int], types: list[int],
+              times: list[int]) -> None:
+    """One user's events: all but the last two train; those are validation and test targets."""
+    held_out = 2 if len(items) >= 3 else 0
+    end = len(items) - held_out
+    prepared.train_items.append(items[:end])
+    prepared.train_types.append(types[:end])
+    prepared.train_times.append(times[:end])
+    np.add.at(prepared.popularity, items[:end], 1)
+    if held_out:
+        for split, cut in ((prepared.validation, -2), (prepared.test, -1)):
+            split.users.append(user)
+            split.inputs.append(items[:cut])
+            split.input_types.append(types[:cut])
+            split.input_times.append(times[:cut])
+            split.targets.append(items[cut])
 
 
 def left_pad(rows: list[list[int]], max_len: int) -> torch.Tensor:
@@ -120,7 +124,9 @@ def rank_split(
         inputs = [split.inputs[u] for u in chosen]
         items = left_pad(inputs, max_len).to(device)
         types = left_pad([split.input_types[u] for u in chosen], max_len).to(device)
-        vectors = encoder(items, types)[:, -1]
+        times = (left_pad([split.input_times[u] for u in chosen], max_len).to(device)
+                 if encoder.config.time_features else None)
+        vectors = encoder(items, types, times)[:, -1]
         scores = encoder.score(vectors).float()
         targets = torch.tensor([split.targets[u] for u in chosen], device=scores.device)
         ranks[chosen] = rank_targets(scores, inputs, targets)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
+from kvrec.errors import ArtifactError
 from kvrec.model.encoder import Encoder, KVCache
 from kvrec.model.export_command import EXPORT_INPUTS, EXPORT_OUTPUTS, check_out
 
@@ -47,6 +48,8 @@ def export_step(encoder: Encoder, path: str | Path, opset: int = OPSET) -> Path:
 
     With torch.export (`dynamo=True`, ONNX Script): one self-contained file (weights inside),
     the batch and new-event axes symbolic."""
+    if encoder.config.time_features:
+        raise ArtifactError("ONNX export of a model with time features is not supported yet")
     encoder = encoder.eval().cpu()
     example = KVCache.empty(encoder.config, 2)
     example.positions += torch.tensor([0, 7])

@@ -78,7 +78,8 @@ class _Data:
     """What the epochs read: the prepared splits and each training sequence."""
 
     prepared: Prepared
-    sequences: list[tuple[list[int], list[int]]]  # (items, types), at most max_len + 1 each
+    sequences: list[tuple[list[int], list[int], list[int]]]  # (items, types, time codes),
+    # at most max_len + 1 each
     lengths: list[int]  # positions with a target
     last_items: list[int]  # each sequence's last training target
     by_last_item: dict[int, list[int]]  # for same-target contrastive positives
@@ -171,14 +172,16 @@ def _check_max_len(config: ModelConfig, settings: TrainSettings) -> None:
 
 def _training_data(prepared: Prepared, settings: TrainSettings) -> _Data:
     sequences = [
-        (items[-(settings.max_len + 1) :], types[-(settings.max_len + 1) :])
-        for items, types in zip(prepared.train_items, prepared.train_types, strict=True)
+        (items[-(settings.max_len + 1) :], types[-(settings.max_len + 1) :],
+         times[-(settings.max_len + 1) :])
+        for items, types, times in zip(prepared.train_items, prepared.train_types,
+                                       prepared.train_times, strict=True)
         if len(items) >= 2
     ]
-    last_items = [items[-1] for items, _ in sequences]
+    last_items = [items[-1] for items, _, _ in sequences]
     by_last_item = (sequences_by_last_item(last_items)
                     if settings.contrastive_positives == "same-target" else {})
-    return _Data(prepared, sequences, [len(items) - 1 for items, _ in sequences], last_items,
+    return _Data(prepared, sequences, [len(items) - 1 for items, _, _ in sequences], last_items,
                  by_last_item)
 
 
@@ -246,12 +249,13 @@ def _batch_loss(encoder: Encoder, data: _Data, batch: list[int], config: ModelCo
     chosen = [data.sequences[i] for i in batch]
     items = left_pad([s[0][:-1] for s in chosen], settings.max_len).to(device)
     types = left_pad([s[1][:-1] for s in chosen], settings.max_len).to(device)
+    times = _times(chosen, config, settings, device)
     targets = left_pad([s[0][1:] for s in chosen], settings.max_len).to(device)
     real = targets != 0
     seen = seen_items(items)[real] if settings.exclude_seen else None
     if settings.item_noise:  # the inputs only: targets and seen items stay true
         items = replace_items(items, settings.item_noise, config.n_items)
-    hidden = encoder(items, types)
+    hidden = encoder(items, types, times)
     if settings.future_weight or settings.last_target_weight != 1.0:
         distribution, weights = target_distribution(targets, settings)
         loss = training_loss(encoder, hidden[real], distribution[real], settings, seen,
@@ -265,14 +269,23 @@ def _batch_loss(encoder: Encoder, data: _Data, batch: list[int], config: ModelCo
                         same_target_partners(data.last_items, data.by_last_item, batch, rng)]
             other_view = encoder(
                 left_pad([s[0][:-1] for s in partners], settings.max_len).to(device),
-                left_pad([s[1][:-1] for s in partners], settings.max_len).to(device))
+                left_pad([s[1][:-1] for s in partners], settings.max_len).to(device),
+                _times(partners, config, settings, device))
             last = targets[:, -1]
             same = last.view(-1, 1) == last.view(1, -1)
         else:
-            other_view = encoder(items, types)  # other dropout masks
+            other_view = encoder(items, types, times)  # other dropout masks
         loss = loss + settings.contrastive_weight * contrastive_loss(
             hidden[:, -1], other_view[:, -1], settings.contrastive_temperature, same)
     return loss, int(real.sum())
+
+
+def _times(chosen: list, config: ModelConfig, settings: TrainSettings,
+           device: torch.device) -> torch.Tensor | None:
+    """The inputs' time codes, for a model with time features (else None)."""
+    if not config.time_features:
+        return None
+    return left_pad([s[2][:-1] for s in chosen], settings.max_len).to(device)
 
 
 def _validate(fit: _Fit, data: _Data, settings: TrainSettings, device: torch.device,

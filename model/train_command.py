@@ -115,6 +115,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block", default=shape.block, choices=BLOCKS,
                         help="transformer: softmax attention and a feed-forward network; hstu: "
                              "HSTU's gated SiLU attention with a learned bias by key age")
+    parser.add_argument("--time-features", default="off", choices=("on", "off"),
+                        help="on: embed each event's hour, weekday (UTC) and log2 gap to the "
+                             "user's previous event (the csv/movielens formats' times; the "
+                             "sasrec formats' are synthetic). The worker and ONNX export do "
+                             "not serve such models yet")
     parser.add_argument("--similarity", default=shape.similarity, choices=SIMILARITIES,
                         help="dot: score = user vector . item embedding; cosine: both "
                              "L2-normalised, divided by --temperature")
@@ -192,6 +197,7 @@ def shape_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
         "window": args.window, "dropout": args.dropout, "similarity": args.similarity,
         "temperature": args.temperature, "block": args.block,
+        "time_features": args.time_features == "on",
     }
 
 

@@ -675,6 +675,10 @@ BAD_ARGUMENTS = [
     (["retrain", "--model-store", "/tmp/s", "--data", NO_FILE], f"{NO_FILE}: no such file"),
     (["retrain", "--model-store", "/tmp/s", "--format", "synthetic", "--epochs", "1",
       "--warmup-epochs", "2"], "--warmup-epochs must be between 0 and --epochs"),
+    (["retrain", "--model-store", "/tmp/s", "--format", "synthetic", "--time-features", "on"],
+     "--time-features on: the worker does not serve time models yet"),
+    (["train", "--format", "synthetic", "--out", "/tmp/m", "--time-features", "maybe"],
+     "argument --time-features: invalid choice: 'maybe'"),
 ]
 
 

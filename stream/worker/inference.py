@@ -230,6 +230,10 @@ class Recommender:
         the model's). `reuse_cache=False` is the no-cache baseline: every event is its own
         wave entry and re-encodes the user's stored window (same answers, the cost a cache
         saves)."""
+        if artifact.config.time_features:  # the windows do not carry time codes yet
+            raise ArtifactError("the model has time features (time_features in its config.json), "
+                                "which the worker does not serve yet: train it without "
+                                "--time-features")
         self.artifact = artifact
         self.event_types = list(event_types if event_types is not None else artifact.event_types)
         self.type_map = event_type_map(self.event_types, artifact.event_types)

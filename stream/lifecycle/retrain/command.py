@@ -125,6 +125,8 @@ def main(args: argparse.Namespace) -> int:
     setup_logging(args)
     kafka_config = client_config(args)
     settings_from_args(args)  # the training flags, and --data, before torch and Kafka
+    if args.time_features == "on":
+        raise ConfigError("--time-features on: the worker does not serve time models yet")
     if args.data is not None:
         check_dataset_arguments(args)
     from kvrec.model.train import configure_torch
