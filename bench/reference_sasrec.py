@@ -227,6 +227,14 @@ def _epoch(model: ReferenceSASRec, optimizer: torch.optim.Optimizer, sequences: 
     return total
 
 
+def _stop_reason(settings: ReferenceSettings, epochs_since_best: int, train_seconds: float) -> str | None:
+    if epochs_since_best >= settings.patience:
+        return "patience"
+    if settings.time_limit_s and train_seconds >= settings.time_limit_s:
+        return "time limit"
+    return None
+
+
 def train_reference(
     interactions: list[Interaction], settings: ReferenceSettings, log: Any = print
 ) -> dict[str, Any]:
@@ -259,11 +267,8 @@ def train_reference(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         log(f"epoch {epoch} loss {point['loss']:.4f} val NDCG@10 {validation['ndcg@10']:.4f} "
             f"HR@10 {validation['hr@10']:.4f}{' *' if improved else ''} {train_seconds:.0f} s")
-        if epoch - best["epoch"] >= settings.patience:
-            stopped_by = "patience"
-            break
-        if settings.time_limit_s and train_seconds >= settings.time_limit_s:
-            stopped_by = "time limit"
+        if reason := _stop_reason(settings, epoch - best["epoch"], train_seconds):
+            stopped_by = reason
             break
     model.load_state_dict(best_state)
     test = evaluate(model, prepared, "test", settings.max_len)

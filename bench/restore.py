@@ -14,6 +14,7 @@ import json
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,12 @@ def _window(user: int, events: int) -> bytes:
     return window.to_bytes()
 
 
-def _fill(bootstrap: str, topic: str, windows: int, events: int) -> int:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
-                         "compression.type": "lz4"})
+def write_changelog(producer: Producer, topic: str, records: Iterable[ChangelogRecord],
+                    flush_s: float) -> int:
+    """Produce `records` to partition 0 of `topic` as a worker's checkpoints write them (waiting
+    out a full queue); the bytes of their windows."""
     size = 0
-    for user in range(windows):
-        record = ChangelogRecord(f"user-{user}", _window(user, events), user)  # as a checkpoint
+    for record in records:
         size += len(record.window)
         while True:
             try:
@@ -64,9 +65,17 @@ def _fill(bootstrap: str, topic: str, windows: int, events: int) -> int:
             except BufferError:
                 producer.poll(0.1)
         producer.poll(0)
-    if producer.flush(120):
+    if producer.flush(flush_s):
         raise RuntimeError("the changelog could not be written")
     return size
+
+
+def _fill(bootstrap: str, topic: str, windows: int, events: int) -> int:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
+                         "compression.type": "lz4"})
+    records = (ChangelogRecord(f"user-{user}", _window(user, events), user)  # as a checkpoint
+               for user in range(windows))
+    return write_changelog(producer, topic, records, flush_s=120)
 
 
 def measure(bootstrap: str, workdir: Path, windows: int, events: int) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from kvrec.bench.e2e import broker
 from kvrec.bench.machine import machine_info
-from kvrec.bench.restore import _window
+from kvrec.bench.restore import _window, write_changelog
 from kvrec.errors import ConfigError
 from kvrec.flags import integer, number
 from kvrec.model.owned import claim_dir
@@ -78,22 +78,9 @@ def _write(bootstrap: str, topic: str, users: range, input_offset: int, events: 
     templates = [_window(u, events) for u in range(min(_TEMPLATES, len(users)))]
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
                          "compression.type": "lz4"})
-    size = 0
-    for n, user in enumerate(users):
-        record = ChangelogRecord(f"user-{user}", templates[user % len(templates)],
-                                 input_offset + n)
-        size += len(record.window)
-        while True:
-            try:
-                producer.produce(topic, key=record.key, value=record.window, partition=0,
-                                 headers=record.headers)
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
-    if producer.flush(300):
-        raise RuntimeError("the changelog could not be written")
-    return size
+    records = (ChangelogRecord(f"user-{user}", templates[user % len(templates)], input_offset + n)
+               for n, user in enumerate(users))
+    return write_changelog(producer, topic, records, flush_s=300)
 
 
 def _commit(bootstrap: str, group: str, topic: str, offset: int) -> None:

@@ -116,6 +116,10 @@ def rank_split(
 ) -> np.ndarray:
     """The 0-based rank of each user's target (`rank_targets`), in the split's order."""
     encoder.eval()
+    # kvrec's encoder with time features reads each event's time code; any other model ranked
+    # here (bench reference's SASRec) takes items and types only
+    config = getattr(encoder, "config", None)
+    timed = bool(config is not None and config.time_features)
     # users of similar length share a batch, so little of it is padding
     order = sorted(range(len(split.targets)), key=lambda u: len(split.inputs[u]))
     ranks = np.zeros(len(order), dtype=np.int64)
@@ -124,9 +128,11 @@ def rank_split(
         inputs = [split.inputs[u] for u in chosen]
         items = left_pad(inputs, max_len).to(device)
         types = left_pad([split.input_types[u] for u in chosen], max_len).to(device)
-        times = (left_pad([split.input_times[u] for u in chosen], max_len).to(device)
-                 if encoder.config.time_features else None)
-        vectors = encoder(items, types, times)[:, -1]
+        if timed:
+            times = left_pad([split.input_times[u] for u in chosen], max_len).to(device)
+            vectors = encoder(items, types, times)[:, -1]
+        else:
+            vectors = encoder(items, types)[:, -1]
         scores = encoder.score(vectors).float()
         targets = torch.tensor([split.targets[u] for u in chosen], device=scores.device)
         ranks[chosen] = rank_targets(scores, inputs, targets)
